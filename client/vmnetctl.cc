@@ -1,0 +1,392 @@
+// vmnetctl: the operator's command line for vmnetd.
+//
+//   vmnetctl [--server=ADDR] [--output=text|json] COMMAND [ARGS]
+//
+// Exit codes: 0 success, 2 usage error, 3 the server answered with an error
+// (the gRPC code is printed), 4 the server could not be reached.
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "vmnet/v1/vmnet.grpc.pb.h"
+
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitUsage = 2;
+constexpr int kExitServerError = 3;
+constexpr int kExitUnreachable = 4;
+
+constexpr char kUsage[] =
+    R"(vmnetctl: talk to vmnetd, the host-routed VM network agent.
+
+Usage: vmnetctl [--server=ADDR] [--output=text|json] [--timeout=SECONDS] COMMAND [ARGS]
+
+Commands:
+  attach VM_ID --interface IF --ip ADDR [--ip ADDR ...] [--mac MAC] [--validate-only]
+                   Attach a VM (an upsert: the same spec again changes nothing).
+  detach VM_ID [--allow-missing]
+                   Remove what the VM's attach installed.
+  arp [--interface IF] [--vm VM_ID]
+                   The host's ARP table, laid out like `arp -n`.
+  routes [--interface IF] [--vm VM_ID]
+                   The host's main routing table, like `ip route`.
+  watch [--vm VM_ID] [--from-revision N] [--snapshot]
+                   Follow VM changes, one line per event.
+  health           The agent's health (SERVING once its first sync is done).
+
+Options:
+  --server=ADDR    unix:///path or host:port (default unix:///run/vmnetd/vmnetd.sock)
+  --output=FORMAT  text (default) or json, for scripts
+  --timeout=S      deadline of each call in seconds (default 30; watch has none)
+
+Exit codes: 0 success, 2 usage error, 3 server error (the gRPC code is printed),
+4 server unreachable.
+)";
+
+struct Args {
+  std::string server = "unix:///run/vmnetd/vmnetd.sock";
+  std::string output = "text";
+  int timeout_s = 30;
+  std::string command;
+  std::vector<std::string> positional;
+  std::multimap<std::string, std::string> options;  // --name value
+  std::vector<std::string> switches;                // --name
+};
+
+int Usage(const std::string& error) {
+  std::cerr << "vmnetctl: " << error << "\n\nRun 'vmnetctl --help' for usage.\n";
+  return kExitUsage;
+}
+
+bool IsSwitch(const std::string& name) {
+  return name == "validate-only" || name == "allow-missing" || name == "snapshot" ||
+         name == "help";
+}
+
+// Returns an error message, or "" when the arguments parse.
+std::string Parse(int argc, char** argv, Args* args) {
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (!absl::StartsWith(a, "--")) {
+      if (args->command.empty()) {
+        args->command = a;
+      } else {
+        args->positional.push_back(a);
+      }
+      continue;
+    }
+    std::string name = a.substr(2), value;
+    size_t eq = name.find('=');
+    if (eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    } else if (!IsSwitch(name)) {
+      if (i + 1 >= argc) return absl::StrCat("--", name, " needs a value");
+      value = argv[++i];
+    }
+    if (name == "server") {
+      args->server = value;
+    } else if (name == "output") {
+      if (value != "text" && value != "json") return "--output: give text or json";
+      args->output = value;
+    } else if (name == "timeout") {
+      if (!absl::SimpleAtoi(value, &args->timeout_s) || args->timeout_s <= 0) {
+        return "--timeout: give a positive number of seconds";
+      }
+    } else if (IsSwitch(name)) {
+      args->switches.push_back(name);
+    } else {
+      args->options.emplace(name, value);
+    }
+  }
+  return "";
+}
+
+bool Has(const Args& args, const std::string& name) {
+  return std::find(args.switches.begin(), args.switches.end(), name) != args.switches.end();
+}
+
+std::string Option(const Args& args, const std::string& name) {
+  auto it = args.options.find(name);
+  return it == args.options.end() ? "" : it->second;
+}
+
+// Refuses options the command does not take, so a typo is not silently ignored.
+std::string CheckOptions(const Args& args, const std::vector<std::string>& allowed) {
+  for (const auto& [name, value] : args.options) {
+    if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+      return absl::StrCat(args.command, ": unknown option --", name);
+    }
+  }
+  for (const std::string& name : args.switches) {
+    if (name != "help" && std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+      return absl::StrCat(args.command, ": unknown option --", name);
+    }
+  }
+  return "";
+}
+
+int ServerError(const grpc::Status& status) {
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+      (absl::StrContains(status.error_message(), "connect") ||
+       absl::StrContains(status.error_message(), "No such file"))) {
+    std::cerr << "vmnetctl: cannot reach the server: " << status.error_message() << "\n";
+    return kExitUnreachable;
+  }
+  static const char* kNames[] = {
+      "OK",        "CANCELLED",         "UNKNOWN",           "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",       "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  int code = status.error_code();
+  std::cerr << "vmnetctl: " << (code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN") << ": "
+            << status.error_message() << "\n";
+  return kExitServerError;
+}
+
+std::string Json(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
+  return out;
+}
+
+std::string StateName(vmnet::v1::VmState state) {
+  switch (state) {
+    case vmnet::v1::VM_STATE_PENDING:
+      return "pending";
+    case vmnet::v1::VM_STATE_PROGRAMMED:
+      return "programmed";
+    case vmnet::v1::VM_STATE_FAILED:
+      return "failed";
+    default:
+      return "unspecified";
+  }
+}
+
+class Client {
+ public:
+  explicit Client(const Args& args)
+      : args_(args),
+        channel_(grpc::CreateChannel(args.server, grpc::InsecureChannelCredentials())),
+        stub_(vmnet::v1::VmNetwork::NewStub(channel_)) {}
+
+  void Prepare(grpc::ClientContext* context, bool deadline = true) const {
+    if (deadline) {
+      context->set_deadline(std::chrono::system_clock::now() +
+                            std::chrono::seconds(args_.timeout_s));
+    }
+  }
+
+  int Attach() {
+    if (auto e = CheckOptions(args_, {"interface", "ip", "mac", "validate-only"}); !e.empty()) {
+      return Usage(e);
+    }
+    if (args_.positional.size() != 1) return Usage("attach: give exactly one VM_ID");
+    vmnet::v1::AttachVmRequest request;
+    request.set_vm_id(args_.positional[0]);
+    request.set_interface(Option(args_, "interface"));
+    auto [begin, end] = args_.options.equal_range("ip");
+    for (auto it = begin; it != end; ++it) request.add_ip_addresses(it->second);
+    request.set_mac_address(Option(args_, "mac"));
+    request.set_validate_only(Has(args_, "validate-only"));
+    vmnet::v1::AttachVmResponse response;
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::Status status = stub_->AttachVm(&context, request, &response);
+    if (!status.ok()) return ServerError(status);
+    if (args_.output == "json") {
+      std::cout << Json(response) << "\n";
+    } else {
+      const auto& vm = response.vm();
+      std::cout << vm.vm_id() << " " << StateName(vm.state()) << " interface "
+                << vm.interface() << " addresses " << absl::StrJoin(vm.ip_addresses(), ",");
+      if (!vm.message().empty()) std::cout << ": " << vm.message();
+      std::cout << "\n";
+    }
+    return kExitOk;
+  }
+
+  int Detach() {
+    if (auto e = CheckOptions(args_, {"allow-missing"}); !e.empty()) return Usage(e);
+    if (args_.positional.size() != 1) return Usage("detach: give exactly one VM_ID");
+    vmnet::v1::DetachVmRequest request;
+    request.set_vm_id(args_.positional[0]);
+    request.set_allow_missing(Has(args_, "allow-missing"));
+    vmnet::v1::DetachVmResponse response;
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::Status status = stub_->DetachVm(&context, request, &response);
+    if (!status.ok()) return ServerError(status);
+    if (args_.output == "json") {
+      std::cout << "{}\n";
+    } else {
+      std::cout << args_.positional[0] << " detached\n";
+    }
+    return kExitOk;
+  }
+
+  int Arp() {
+    if (auto e = CheckOptions(args_, {"interface", "vm"}); !e.empty()) return Usage(e);
+    std::vector<vmnet::v1::ArpEntry> entries;
+    std::string token;
+    do {
+      vmnet::v1::ListArpRequest request;
+      request.set_interface(Option(args_, "interface"));
+      request.set_vm_id(Option(args_, "vm"));
+      request.set_page_size(1000);
+      request.set_page_token(token);
+      vmnet::v1::ListArpResponse response;
+      grpc::ClientContext context;
+      Prepare(&context);
+      grpc::Status status = stub_->ListArp(&context, request, &response);
+      if (!status.ok()) return ServerError(status);
+      entries.insert(entries.end(), response.entries().begin(), response.entries().end());
+      token = response.next_page_token();
+    } while (!token.empty());
+    if (args_.output == "json") {
+      for (const auto& e : entries) std::cout << Json(e) << "\n";
+      return kExitOk;
+    }
+    // The columns of net-tools' arp -n.
+    std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", "Address", "HWtype",
+                                 "HWaddress", "Flags", "Mask", "Iface");
+    for (const auto& e : entries) {
+      std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", e.ip_address(),
+                                   e.hw_type(), e.hw_address(), e.flags(), e.mask(),
+                                   e.interface());
+    }
+    return kExitOk;
+  }
+
+  int Routes() {
+    if (auto e = CheckOptions(args_, {"interface", "vm"}); !e.empty()) return Usage(e);
+    std::string token;
+    do {
+      vmnet::v1::ListRoutesRequest request;
+      request.set_interface(Option(args_, "interface"));
+      request.set_vm_id(Option(args_, "vm"));
+      request.set_page_size(1000);
+      request.set_page_token(token);
+      vmnet::v1::ListRoutesResponse response;
+      grpc::ClientContext context;
+      Prepare(&context);
+      grpc::Status status = stub_->ListRoutes(&context, request, &response);
+      if (!status.ok()) return ServerError(status);
+      for (const auto& r : response.routes()) {
+        if (args_.output == "json") {
+          std::cout << Json(r) << "\n";
+          continue;
+        }
+        // Laid out as `ip route` prints the main table.
+        std::string line = r.destination();
+        if (absl::EndsWith(line, "/32")) line.resize(line.size() - 3);
+        if (line == "0.0.0.0/0") line = "default";
+        if (r.type() != "unicast") line = absl::StrCat(r.type(), " ", line);
+        if (!r.gateway().empty()) absl::StrAppend(&line, " via ", r.gateway());
+        if (!r.interface().empty()) absl::StrAppend(&line, " dev ", r.interface());
+        if (r.protocol() != "boot") absl::StrAppend(&line, " proto ", r.protocol());
+        if (r.scope() != "global") absl::StrAppend(&line, " scope ", r.scope());
+        if (!r.source().empty()) absl::StrAppend(&line, " src ", r.source());
+        if (r.metric() != 0) absl::StrAppend(&line, " metric ", r.metric());
+        if (!r.vm_id().empty()) absl::StrAppend(&line, "  # vm ", r.vm_id());
+        std::cout << line << "\n";
+      }
+      token = response.next_page_token();
+    } while (!token.empty());
+    return kExitOk;
+  }
+
+  int Watch() {
+    if (auto e = CheckOptions(args_, {"vm", "from-revision", "snapshot"}); !e.empty()) {
+      return Usage(e);
+    }
+    vmnet::v1::WatchRequest request;
+    request.set_vm_id(Option(args_, "vm"));
+    uint64_t from = 0;
+    if (!Option(args_, "from-revision").empty() &&
+        !absl::SimpleAtoi(Option(args_, "from-revision"), &from)) {
+      return Usage("--from-revision: give a revision number");
+    }
+    request.set_from_revision(from);
+    request.set_initial_snapshot(Has(args_, "snapshot"));
+    grpc::ClientContext context;
+    Prepare(&context, /*deadline=*/false);
+    auto reader = stub_->Watch(&context, request);
+    vmnet::v1::WatchEvent event;
+    while (reader->Read(&event)) {
+      if (args_.output == "json") {
+        std::cout << Json(event) << std::endl;
+        continue;
+      }
+      std::string type = vmnet::v1::EventType_Name(event.type());
+      if (absl::StartsWith(type, "EVENT_TYPE_")) type = type.substr(11);
+      std::cout << event.revision() << " " << type;
+      if (event.has_vm()) {
+        std::cout << " " << event.vm().vm_id() << " " << StateName(event.vm().state());
+      }
+      if (!event.detail().empty()) std::cout << " " << event.detail();
+      std::cout << std::endl;
+    }
+    grpc::Status status = reader->Finish();
+    return status.ok() ? kExitOk : ServerError(status);
+  }
+
+  int Health() {
+    if (auto e = CheckOptions(args_, {}); !e.empty()) return Usage(e);
+    auto stub = grpc::health::v1::Health::NewStub(channel_);
+    grpc::health::v1::HealthCheckRequest request;
+    grpc::health::v1::HealthCheckResponse response;
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::Status status = stub->Check(&context, request, &response);
+    if (!status.ok()) return ServerError(status);
+    if (args_.output == "json") {
+      std::cout << Json(response) << "\n";
+    } else {
+      std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(
+                       response.status())
+                << "\n";
+    }
+    return response.status() == grpc::health::v1::HealthCheckResponse::SERVING
+               ? kExitOk
+               : kExitServerError;
+  }
+
+ private:
+  const Args& args_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<vmnet::v1::VmNetwork::Stub> stub_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  if (std::string error = Parse(argc, argv, &args); !error.empty()) return Usage(error);
+  if (Has(args, "help") || args.command == "help") {
+    std::cout << kUsage;
+    return kExitOk;
+  }
+  if (args.command.empty()) return Usage("give a command");
+  Client client(args);
+  if (args.command == "attach") return client.Attach();
+  if (args.command == "detach") return client.Detach();
+  if (args.command == "arp") return client.Arp();
+  if (args.command == "routes") return client.Routes();
+  if (args.command == "watch") return client.Watch();
+  if (args.command == "health") return client.Health();
+  return Usage(absl::StrCat("unknown command \"", args.command, "\""));
+}

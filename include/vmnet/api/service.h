@@ -1,0 +1,80 @@
+// The gRPC face of vmnetd: vmnet.v1.VmNetwork and grpc.health.v1.Health.
+// Handlers are translators: they validate the request, convert it to domain
+// values, call the reconciler or read the kernel, and convert back. No
+// business rules and no kernel writes live here.
+#pragma once
+
+#include <atomic>
+#include <memory>
+
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "vmnet/events/event_log.h"
+#include "vmnet/kernel/kernel.h"
+#include "vmnet/reconciler/reconciler.h"
+#include "vmnet/state/vm_spec.h"
+#include "vmnet/v1/vmnet.grpc.pb.h"
+
+namespace vmnet {
+
+struct ServiceOptions {
+  SpecRules rules;
+  uint8_t route_protocol = 237;
+  // Each Watch stream's queue: a watcher further behind is cut off with
+  // RESOURCE_EXHAUSTED.
+  size_t watch_queue = 4096;
+  size_t max_watchers = 1024;
+};
+
+// absl::Status to grpc::Status: the one place codes are mapped.
+grpc::Status ToGrpc(const absl::Status& status);
+
+class VmNetworkService final : public v1::VmNetwork::CallbackService {
+ public:
+  // `reconciler`, `kernel` (read only: dumps) and `events` must outlive the
+  // service.
+  VmNetworkService(Reconciler* reconciler, kernel::Kernel* kernel, EventLog* events,
+                   ServiceOptions options);
+
+  grpc::ServerUnaryReactor* AttachVm(grpc::CallbackServerContext* context,
+                                     const v1::AttachVmRequest* request,
+                                     v1::AttachVmResponse* response) override;
+  grpc::ServerUnaryReactor* DetachVm(grpc::CallbackServerContext* context,
+                                     const v1::DetachVmRequest* request,
+                                     v1::DetachVmResponse* response) override;
+  grpc::ServerUnaryReactor* ListArp(grpc::CallbackServerContext* context,
+                                    const v1::ListArpRequest* request,
+                                    v1::ListArpResponse* response) override;
+  grpc::ServerUnaryReactor* ListRoutes(grpc::CallbackServerContext* context,
+                                       const v1::ListRoutesRequest* request,
+                                       v1::ListRoutesResponse* response) override;
+  grpc::ServerWriteReactor<v1::WatchEvent>* Watch(
+      grpc::CallbackServerContext* context, const v1::WatchRequest* request) override;
+
+  size_t active_watchers() const { return events_->watcher_count(); }
+
+ private:
+  Reconciler* const reconciler_;
+  kernel::Kernel* const kernel_;
+  EventLog* const events_;
+  const ServiceOptions options_;
+};
+
+// grpc.health.v1.Health built from grpc-proto's health.proto, so that
+// reflection can describe it to grpcurl. The overall service ("") and
+// "vmnet.v1.VmNetwork" report SERVING once the first full sync is done and
+// NOT_SERVING before it and while draining.
+class HealthService final : public grpc::health::v1::Health::CallbackService {
+ public:
+  explicit HealthService(const Reconciler* reconciler) : reconciler_(reconciler) {}
+  void SetDraining() { draining_ = true; }
+
+  grpc::ServerUnaryReactor* Check(grpc::CallbackServerContext* context,
+                                  const grpc::health::v1::HealthCheckRequest* request,
+                                  grpc::health::v1::HealthCheckResponse* response) override;
+
+ private:
+  const Reconciler* const reconciler_;
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace vmnet

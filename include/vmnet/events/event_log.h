@@ -1,0 +1,85 @@
+// The Watch backend: every VM change the reconciler publishes, with a
+// strictly increasing revision, a bounded history for resuming, the current
+// VMs for snapshots, and a bounded queue per watcher.
+//
+// Events are built once as immutable protos and shared by every watcher's
+// queue: a fan-out to many watchers copies pointers, not events.
+//
+// Thread safety: all methods may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "vmnet/reconciler/reconciler.h"
+#include "vmnet/v1/vmnet.pb.h"
+
+namespace vmnet {
+
+using EventPtr = std::shared_ptr<const v1::WatchEvent>;
+
+// The protos of a VM, shared by the API and the event log.
+v1::Vm ToProto(const VmView& vm);
+
+// One watcher's side of the log. The log pushes into it under the log's lock,
+// so Push must be quick and must not call back into the log.
+class Watcher {
+ public:
+  virtual ~Watcher() = default;
+  // Returns false when the watcher's queue is full: the log then drops the
+  // watcher and calls Close with RESOURCE_EXHAUSTED.
+  virtual bool Push(EventPtr event) = 0;
+  // No more events will come, with the reason (OK on shutdown).
+  virtual void Close(absl::Status status) = 0;
+};
+
+class EventLog : public VmObserver {
+ public:
+  EventLog(std::string epoch, size_t history);
+
+  void StartRevisionsAt(uint64_t first) override;
+  uint64_t Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
+
+  // Subscribes `watcher` and, under one lock so nothing is lost or repeated
+  // in between, pushes what it asked for first: the snapshot (every current
+  // VM matching `vm_id`, then a snapshot-end event) and/or the retained
+  // events after `from_revision`. OUT_OF_RANGE when that revision is older
+  // than the retained history; RESOURCE_EXHAUSTED when the backlog alone
+  // does not fit the watcher's queue.
+  absl::Status Subscribe(Watcher* watcher, const std::string& vm_id,
+                         uint64_t from_revision, bool initial_snapshot);
+  // After this returns, the log never touches `watcher` again.
+  void Unsubscribe(Watcher* watcher);
+  // Ends every watcher with OK (shutdown).
+  void CloseAll();
+
+  size_t watcher_count() const;
+  uint64_t revision() const;
+  const std::string& epoch() const { return epoch_; }
+
+ private:
+  struct Subscription {
+    std::string vm_id;  // filter; empty: all
+  };
+  bool Deliver(Watcher* watcher, const Subscription& sub, const EventPtr& event)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::string epoch_;
+  const size_t history_limit_;
+  mutable absl::Mutex mu_;
+  uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
+  // The current VMs by id, as their last event left them.
+  std::map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
+  std::map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace vmnet

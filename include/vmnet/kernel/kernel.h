@@ -1,0 +1,42 @@
+// The seam between vmnet and the host's kernel. The reconciler drives the
+// kernel only through this interface; NetlinkKernel is the real one, and
+// tests slide in an in-memory fake behind the same methods.
+#pragma once
+
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "vmnet/kernel/objects.h"
+
+namespace vmnet::kernel {
+
+class Kernel {
+ public:
+  virtual ~Kernel() = default;
+
+  // A full dump of links, IPv4 addresses, main-table IPv4 routes and IPv4
+  // neighbours including proxy entries. Safe to call from any thread.
+  virtual absl::StatusOr<Snapshot> Dump() = 0;
+
+  // Only the IPv4 proxy entries: the cheap dump that finds their drift
+  // (adding or deleting a proxy entry raises no kernel event). Any thread.
+  virtual absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() = 0;
+
+  // Applies the writes in order, many in flight at once, and returns one
+  // status per write. A create of an object that exists already is an
+  // error (ALREADY_EXISTS): callers decide what may be replaced. A delete of
+  // an object that is already gone is OK. Other failures carry the object
+  // and the errno in the message. Called by one thread at a time.
+  virtual std::vector<absl::Status> Apply(absl::Span<const Write> writes) = 0;
+
+  // Events: a descriptor that becomes readable when ReadEvents has
+  // something, and a non-blocking read of everything pending. ReadEvents
+  // returns RESOURCE_EXHAUSTED when the kernel dropped events (the receive
+  // buffer overflowed): the caller must re-dump. Called by one thread.
+  virtual int event_fd() const = 0;
+  virtual absl::Status ReadEvents(std::vector<Event>* events) = 0;
+};
+
+}  // namespace vmnet::kernel

@@ -1,0 +1,95 @@
+// The real kernel: rtnetlink over raw NETLINK_ROUTE sockets, messages built
+// and parsed with libnl-3.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <linux/netlink.h>
+
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/statusor.h"
+#include "vmnet/kernel/kernel.h"
+
+namespace vmnet::kernel {
+
+// A NETLINK_ROUTE socket: requests matched to replies by sequence number,
+// many requests in flight at once. Not thread-safe.
+class NetlinkSocket {
+ public:
+  // `groups` are RTNLGRP_* multicast groups to join (events); `rcvbuf` is
+  // the receive buffer in bytes (0: a large default).
+  static absl::StatusOr<NetlinkSocket> Open(const std::vector<int>& groups = {},
+                                            int rcvbuf = 0);
+  NetlinkSocket(NetlinkSocket&& other) noexcept;
+  NetlinkSocket& operator=(NetlinkSocket&& other) noexcept;
+  ~NetlinkSocket();
+
+  int fd() const { return fd_; }
+
+  // Sends a dump request (`header` is the family header, e.g. an rtmsg,
+  // followed by `attrs`, pre-encoded attributes) and hands every reply
+  // message to `fn`.
+  absl::Status Dump(uint16_t type, const void* header, size_t header_len,
+                    absl::FunctionRef<void(const nlmsghdr*)> fn,
+                    const std::vector<uint8_t>& attrs = {});
+
+  // Sends each request (as EncodeWrite makes them) with at most `window`
+  // unacknowledged at once and returns each request's errno (0 for OK).
+  std::vector<int> Transact(const std::vector<std::vector<uint8_t>>& requests,
+                            std::vector<std::string>* errors, size_t window);
+
+  // Receives what is pending without blocking: the number of bytes read
+  // into `buffer`, 0 when nothing is. Sets *overflow when the kernel dropped
+  // messages (ENOBUFS).
+  absl::StatusOr<size_t> ReceiveNonBlocking(std::vector<uint8_t>* buffer,
+                                            bool* overflow);
+
+ private:
+  explicit NetlinkSocket(int fd) : fd_(fd) {}
+  absl::Status SendDump(uint16_t type, const void* header, size_t header_len,
+                        const std::vector<uint8_t>& attrs, uint32_t seq);
+  absl::StatusOr<size_t> Receive(std::vector<uint8_t>* buffer);
+
+  int fd_ = -1;
+  uint32_t next_seq_ = 1;
+};
+
+class NetlinkKernel : public Kernel {
+ public:
+  struct Options {
+    // Receive buffer of the event socket; small values force overflows in
+    // tests. 0: a large default.
+    int event_rcvbuf = 0;
+    // Requests in flight at once in Apply.
+    size_t write_window = 512;
+  };
+
+  static absl::StatusOr<std::unique_ptr<NetlinkKernel>> Create(Options options);
+
+  absl::StatusOr<Snapshot> Dump() override;
+  absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() override;
+  std::vector<absl::Status> Apply(absl::Span<const Write> writes) override;
+  int event_fd() const override { return events_.fd(); }
+  absl::Status ReadEvents(std::vector<Event>* events) override;
+
+ private:
+  NetlinkKernel(Options options, NetlinkSocket writes, NetlinkSocket events)
+      : options_(options),
+        writes_(std::move(writes)),
+        events_(std::move(events)) {}
+
+  Options options_;
+  NetlinkSocket writes_;
+  NetlinkSocket events_;
+  std::vector<uint8_t> event_buffer_;
+};
+
+// Errno to absl::Status, once, at the netlink boundary.
+absl::Status ErrnoStatus(int err, absl::string_view what);
+
+}  // namespace vmnet::kernel

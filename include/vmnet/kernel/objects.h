@@ -1,0 +1,150 @@
+// The kernel objects vmnet reads and writes, as small value types. Nothing
+// above the kernel layer sees a netlink message or a libnl object.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "vmnet/net/address.h"
+
+namespace vmnet::kernel {
+
+// 64-bit link counters from the host's point of view (IFLA_STATS64).
+struct LinkStats {
+  uint64_t rx_bytes = 0, tx_bytes = 0;
+  uint64_t rx_packets = 0, tx_packets = 0;
+  uint64_t rx_errors = 0, tx_errors = 0;
+  uint64_t rx_dropped = 0, tx_dropped = 0;
+  bool operator==(const LinkStats&) const = default;
+};
+
+struct Link {
+  int ifindex = 0;
+  std::string name;
+  bool up = false;  // administratively up (IFF_UP)
+  // net.ipv4.conf.<name>.forwarding, when the kernel reported it.
+  std::optional<bool> ipv4_forwarding;
+  MacAddress mac;
+  LinkStats stats;
+
+  bool operator==(const Link&) const = default;
+  std::string ToString() const;
+};
+
+// An address on an interface (RTM_NEWADDR).
+struct Address {
+  int ifindex = 0;
+  IpPrefix prefix;
+  uint8_t scope = 0;   // RT_SCOPE_*
+  uint32_t flags = 0;  // IFA_F_*
+  uint8_t protocol = 0;  // IFA_PROTO; 0 when unset
+
+  bool operator==(const Address&) const = default;
+  std::string ToString() const;
+};
+
+struct Route {
+  IpPrefix destination;
+  int ifindex = 0;  // 0 when the route has no single output link
+  IpAddress gateway;  // family kNone for a direct route
+  IpAddress source;   // preferred source; kNone when unset
+  uint8_t protocol = 0;  // RTPROT_*
+  uint8_t scope = 0;     // RT_SCOPE_*
+  uint8_t type = 1;      // RTN_UNICAST
+  uint32_t table = 254;  // RT_TABLE_MAIN
+  uint32_t metric = 0;
+
+  bool operator==(const Route&) const = default;
+  std::string ToString() const;
+};
+
+// A neighbour entry (ARP/NDP), or a proxy entry when `proxy` is set.
+struct Neighbor {
+  int ifindex = 0;
+  IpAddress address;
+  bool proxy = false;  // NTF_PROXY: a published (proxy) entry
+  std::optional<MacAddress> lladdr;
+  uint16_t state = 0;    // NUD_*; meaningless for proxy entries
+  uint8_t protocol = 0;  // NDA_PROTOCOL; 0 when unset
+
+  bool operator==(const Neighbor&) const = default;
+  std::string ToString() const;
+};
+
+// The kernel state vmnet looks at, from one full dump.
+struct Snapshot {
+  std::vector<Link> links;
+  std::vector<Address> addresses;  // IPv4
+  std::vector<Route> routes;       // IPv4, main table
+  std::vector<Neighbor> neighbors;  // IPv4, proxy entries included
+};
+
+// Kernel writes. Each names its object completely, so that a failure message
+// can say exactly what could not be done.
+struct SetLinkUp {
+  int ifindex = 0;
+  std::string name;  // for messages only
+  bool operator==(const SetLinkUp&) const = default;
+};
+struct SetIpv4Forwarding {
+  int ifindex = 0;
+  std::string name;  // for messages only
+  bool enabled = true;
+  bool operator==(const SetIpv4Forwarding&) const = default;
+};
+struct AddAddress {
+  Address address;
+  bool operator==(const AddAddress&) const = default;
+};
+struct DeleteAddress {
+  Address address;
+  bool operator==(const DeleteAddress&) const = default;
+};
+struct AddRoute {
+  Route route;
+  bool operator==(const AddRoute&) const = default;
+};
+struct DeleteRoute {
+  Route route;
+  bool operator==(const DeleteRoute&) const = default;
+};
+// Creates the entry, or replaces an entry at the same (ifindex, address).
+// Proxy entries are only ever created (replace has no meaning for them).
+struct SetNeighbor {
+  Neighbor neighbor;
+  bool operator==(const SetNeighbor&) const = default;
+};
+struct DeleteNeighbor {
+  Neighbor neighbor;
+  bool operator==(const DeleteNeighbor&) const = default;
+};
+
+using Write = std::variant<SetLinkUp, SetIpv4Forwarding, AddAddress,
+                           DeleteAddress, AddRoute, DeleteRoute, SetNeighbor,
+                           DeleteNeighbor>;
+
+std::string ToString(const Write& write);
+
+// A change the kernel announced (or that a dump found).
+struct LinkEvent {
+  bool deleted = false;
+  Link link;
+};
+struct AddressEvent {
+  bool deleted = false;
+  Address address;
+};
+struct RouteEvent {
+  bool deleted = false;
+  Route route;
+};
+struct NeighborEvent {
+  bool deleted = false;
+  Neighbor neighbor;
+};
+using Event = std::variant<LinkEvent, AddressEvent, RouteEvent, NeighborEvent>;
+
+}  // namespace vmnet::kernel

@@ -1,0 +1,94 @@
+// What the reconciler believes the kernel holds: built from a full dump,
+// kept current by kernel events, by the proxy-entry dumps (proxy entries
+// raise no events) and by the reconciler's own successful writes. Owned by
+// the reconciler thread; not thread-safe.
+#pragma once
+
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "vmnet/kernel/objects.h"
+
+namespace vmnet {
+
+class KernelModel {
+ public:
+  void Reset(kernel::Snapshot snapshot);
+  void Apply(const kernel::Event& event);
+  void ApplyWrite(const kernel::Write& write);
+  // Replaces every proxy entry with the result of a proxy dump. Returns the
+  // addresses whose proxy entries differed.
+  std::vector<IpAddress> ReplaceProxies(const std::vector<kernel::Neighbor>& proxies);
+
+  const kernel::Link* LinkByName(absl::string_view name) const;
+  const kernel::Link* LinkByIndex(int ifindex) const;
+  const kernel::Address* FindAddress(int ifindex, const IpPrefix& prefix) const;
+  // Main-table routes to exactly this prefix.
+  const std::vector<kernel::Route>* RoutesTo(const IpPrefix& prefix) const;
+  const kernel::Neighbor* FindNeighbor(int ifindex, const IpAddress& address,
+                                       bool proxy) const;
+
+  // An address configured on any of the host's links.
+  bool IsLocalAddress(const IpAddress& address) const;
+  // The broadcast address of a subnet the host is connected to.
+  bool IsConnectedBroadcast(const IpAddress& address) const;
+
+  template <typename Fn>
+  void ForEachRoute(Fn&& fn) const {
+    for (const auto& [prefix, routes] : routes_) {
+      for (const kernel::Route& r : routes) fn(r);
+    }
+  }
+  template <typename Fn>
+  void ForEachNeighbor(Fn&& fn) const {
+    for (const auto& [key, n] : neighbors_) fn(n);
+  }
+  template <typename Fn>
+  void ForEachAddress(Fn&& fn) const {
+    for (const auto& [key, a] : addresses_) fn(a);
+  }
+
+ private:
+  struct AddressKey {
+    int ifindex;
+    IpPrefix prefix;
+    bool operator==(const AddressKey&) const = default;
+    template <typename H>
+    friend H AbslHashValue(H h, const AddressKey& k) {
+      return H::combine(std::move(h), k.ifindex, k.prefix);
+    }
+  };
+  struct NeighborKey {
+    int ifindex;
+    IpAddress address;
+    bool proxy;
+    bool operator==(const NeighborKey&) const = default;
+    template <typename H>
+    friend H AbslHashValue(H h, const NeighborKey& k) {
+      return H::combine(std::move(h), k.ifindex, k.address, k.proxy);
+    }
+  };
+
+  void UpsertLink(const kernel::Link& link);
+  void RemoveLink(int ifindex);
+  // What the kernel drops silently when a link goes down or away: its
+  // routes and neighbour entries (proxy entries included); and when it goes
+  // away, its addresses too.
+  void ForgetLinkObjects(int ifindex, bool addresses_too);
+  void AddAddress(const kernel::Address& a);
+  void RemoveAddress(const kernel::Address& a);
+  void AddRoute(const kernel::Route& r);
+  void RemoveRoute(const kernel::Route& r);
+
+  absl::flat_hash_map<int, kernel::Link> links_;
+  absl::flat_hash_map<std::string, int> link_by_name_;
+  absl::flat_hash_map<AddressKey, kernel::Address> addresses_;
+  absl::flat_hash_map<IpAddress, int> local_address_count_;
+  absl::flat_hash_map<IpAddress, int> broadcast_count_;
+  absl::flat_hash_map<IpPrefix, std::vector<kernel::Route>> routes_;
+  absl::flat_hash_map<NeighborKey, kernel::Neighbor> neighbors_;
+};
+
+}  // namespace vmnet

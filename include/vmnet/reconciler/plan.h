@@ -1,0 +1,58 @@
+// The reconciler's decisions as pure functions of (desired spec, kernel
+// model, host config) -> kernel writes. No I/O, so every rule is unit
+// tested over a model built by hand.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "vmnet/kernel/objects.h"
+#include "vmnet/reconciler/kernel_model.h"
+#include "vmnet/state/vm_spec.h"
+
+namespace vmnet {
+
+struct HostConfig {
+  std::vector<std::string> uplinks;
+  IpAddress gateway = *IpAddress::Parse("169.255.30.1");
+  // The rtm_protocol number that marks our routes, proxy entries,
+  // neighbour entries and gateway addresses.
+  uint8_t protocol = 237;
+};
+
+enum class VmState { kPending, kProgrammed, kFailed };
+const char* VmStateName(VmState state);
+
+struct VmPlan {
+  // The writes that bring the kernel to the spec; empty when it is there.
+  std::vector<kernel::Write> writes;
+  // kPending: the link is missing. kFailed: an object we do not own stands
+  // where ours must be (`message` names it); the writes that do not collide
+  // are still planned. kProgrammed otherwise (once the writes succeed).
+  VmState state = VmState::kProgrammed;
+  std::string message;
+};
+
+// What the kernel must hold for `spec`.
+VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& config);
+
+// Removes what we installed for `old_spec` and no longer want: everything
+// when `new_spec` is null (detach), otherwise what the new spec dropped.
+std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new_spec,
+                                       const KernelModel& model,
+                                       const HostConfig& config);
+
+// Forwarding on for every uplink that exists.
+std::vector<kernel::Write> PlanUplinks(const KernelModel& model,
+                                       const HostConfig& config);
+
+// Objects marked with our protocol that belong to no desired VM (left by a
+// VM detached while the agent was down, say). `owner_of_address` maps each
+// desired VM address to its interface name.
+std::vector<kernel::Write> PlanOrphans(
+    const KernelModel& model, const HostConfig& config,
+    const absl::flat_hash_map<IpAddress, std::string>& owner_of_address,
+    const absl::flat_hash_map<std::string, std::string>& vm_of_interface);
+
+}  // namespace vmnet

@@ -1,0 +1,210 @@
+// The one component that owns the kernel. It holds the desired state (made
+// durable before anything is acknowledged), keeps a model of the kernel from
+// dumps and events, and drives the kernel toward the desired state on one
+// thread: requests from the API are posted to that thread and answered from
+// it.
+//
+// Thread safety: Attach, Detach, Vms, FindVm and ready() may be called from
+// any thread. Everything else happens on the reconciler thread.
+#pragma once
+
+#include <sys/eventfd.h>
+
+#include <atomic>
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "vmnet/kernel/kernel.h"
+#include "vmnet/reconciler/kernel_model.h"
+#include "vmnet/reconciler/plan.h"
+#include "vmnet/state/state_store.h"
+
+namespace vmnet {
+
+// A VM as the API reports it.
+struct VmView {
+  VmSpec spec;
+  VmState state = VmState::kPending;
+  std::string message;
+  uint64_t revision = 0;
+};
+
+enum class VmEventType { kAdded, kChanged, kRemoved, kDriftRepaired };
+
+// Receives every VM change, on the reconciler thread, in order. Returns the
+// revision it gave the change.
+class VmObserver {
+ public:
+  virtual ~VmObserver() = default;
+  // Called once before the first Publish: revisions continue from here
+  // (strictly above every revision issued before a restart).
+  virtual void StartRevisionsAt(uint64_t first) = 0;
+  virtual uint64_t Publish(VmEventType type, const VmView& vm,
+                           const std::string& detail) = 0;
+};
+
+struct ReconcilerOptions {
+  HostConfig host;
+  SpecRules rules;
+  // How often proxy entries are dumped to find their drift (they raise no
+  // kernel events).
+  std::chrono::milliseconds proxy_check_interval{500};
+  // How often everything is re-dumped and compared, to catch what events
+  // missed.
+  std::chrono::milliseconds full_resync_interval{std::chrono::minutes(5)};
+  size_t max_vms = 16384;
+};
+
+struct ReconcilerCounters {
+  uint64_t kernel_writes = 0;
+  uint64_t kernel_write_failures = 0;
+  uint64_t full_resyncs = 0;
+  uint64_t event_overflows = 0;
+  uint64_t drift_repairs = 0;
+};
+
+class Reconciler {
+ public:
+  // `kernel`, `store` and `observer` must outlive the reconciler.
+  Reconciler(kernel::Kernel* kernel, StateStore* store, VmObserver* observer,
+             ReconcilerOptions options);
+  ~Reconciler();
+
+  // Loads the desired state, subscribes to kernel events (the kernel does
+  // that when it is created), dumps the kernel, writes only the differences
+  // and starts the reconciler thread. A damaged state file or an unreadable
+  // kernel fails the start.
+  absl::Status Start();
+  // Stops the thread; requests still queued are answered UNAVAILABLE. The
+  // kernel state is left as it is.
+  void Stop();
+
+  // True once the first full sync is done.
+  bool ready() const { return ready_.load(); }
+
+  using AttachDone = std::function<void(absl::StatusOr<VmView>)>;
+  using DetachDone = std::function<void(absl::Status)>;
+  // Records the spec durably, then programs the kernel; `done` runs on the
+  // reconciler thread when the kernel holds the state (or the VM is
+  // pending or failed), or with the error that refused the request.
+  void Attach(VmSpec spec, bool validate_only, std::string request_id, AttachDone done);
+  void Detach(std::string vm_id, bool allow_missing, std::string request_id,
+              DetachDone done);
+
+  std::vector<VmView> Vms() const;
+  std::optional<VmView> FindVm(const std::string& vm_id) const;
+  // Which VM owns an address, or an interface; empty when none.
+  std::string VmOfAddress(const IpAddress& address) const;
+  std::string VmOfInterface(const std::string& interface) const;
+  ReconcilerCounters counters() const;
+
+ private:
+  struct Command {
+    enum class Kind { kAttach, kDetach } kind = Kind::kAttach;
+    VmSpec spec;  // attach: the spec; detach: only vm_id
+    bool validate_only = false;
+    bool allow_missing = false;
+    std::string request_id;
+    AttachDone attach_done;
+    DetachDone detach_done;
+  };
+
+  struct VmRecord {
+    VmSpec spec;
+    VmState state = VmState::kPending;
+    std::string message;
+    uint64_t revision = 0;
+    // Retry with exponential backoff after a failed write.
+    std::chrono::steady_clock::time_point retry_at{};
+    std::chrono::milliseconds backoff{0};
+  };
+
+  // A finished request, answered after the iteration's kernel writes.
+  struct Reply {
+    AttachDone attach_done;
+    DetachDone detach_done;
+    std::string vm_id;
+    absl::Status status;
+  };
+
+  void Run();
+  void Post(Command command);
+  void Wake();
+
+  // One pass of the loop: events, commands, reconcile, replies.
+  void Iterate();
+  void DrainKernelEvents();
+  void CheckProxies();
+  absl::Status FullResync(bool initial);
+  void ProcessCommands(std::deque<Command> commands, std::vector<Reply>* replies);
+  absl::Status CheckAgainstHost(const VmSpec& spec) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status Persist() ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  void ReconcileDirty();
+  void MarkDirtyByAddress(const IpAddress& address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MarkDirtyByEvent(const kernel::Event& event) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MarkAllDirty() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  VmView ViewOf(const VmRecord& record) const;
+  void Publish(VmEventType type, VmRecord* record, const std::string& detail)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PublishOutcome(const std::string& vm_id, VmState old_state,
+                      const std::string& old_message, bool was_programmed,
+                      const std::vector<kernel::Write>& writes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UndoMutations() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SetRecord(const std::string& vm_id, std::optional<VmRecord> record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::chrono::milliseconds NextWakeup() const;
+
+  kernel::Kernel* const kernel_;
+  StateStore* const store_;
+  VmObserver* const observer_;
+  const ReconcilerOptions options_;
+
+  int wake_fd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> ready_{false};
+
+  absl::Mutex queue_mu_;
+  std::deque<Command> queue_ ABSL_GUARDED_BY(queue_mu_);
+
+  // Written only by the reconciler thread (under mu_); read by API threads.
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, VmRecord> vms_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<IpAddress, std::string> vm_of_address_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::string> vm_of_interface_ ABSL_GUARDED_BY(mu_);
+  ReconcilerCounters counters_ ABSL_GUARDED_BY(mu_);
+  uint64_t revision_lease_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Reconciler thread only.
+  KernelModel model_;
+  absl::flat_hash_set<std::string> dirty_;
+  // Specs removed or replaced since the last reconcile: what they
+  // installed must go. Keyed by vm_id; the oldest spec wins.
+  absl::flat_hash_map<std::string, VmSpec> removed_;
+  // VMs whose spec changed in this iteration, with the event to publish
+  // once their kernel state is known.
+  absl::flat_hash_map<std::string, VmEventType> spec_changed_;
+  // What this iteration's commands changed, to undo if it cannot be made
+  // durable.
+  std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
+  bool sweep_orphans_ = false;
+  bool resync_wanted_ = false;
+  std::chrono::steady_clock::time_point next_proxy_check_{};
+  std::chrono::steady_clock::time_point next_full_resync_{};
+  std::chrono::steady_clock::time_point last_resync_{};
+};
+
+}  // namespace vmnet

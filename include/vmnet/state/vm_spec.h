@@ -1,0 +1,48 @@
+// What a caller asks for one VM, validated. Everything that arrives over
+// the network passes through ParseVmSpec before anything else looks at it.
+#pragma once
+
+#include <optional>
+#include <regex>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "vmnet/net/address.h"
+
+namespace vmnet {
+
+struct VmSpec {
+  std::string vm_id;
+  std::string interface;
+  std::vector<IpAddress> addresses;  // sorted, no duplicates
+  std::optional<MacAddress> mac;
+
+  bool operator==(const VmSpec&) const = default;
+};
+
+// The rules that do not depend on the host's current state.
+struct SpecRules {
+  std::regex interface_pattern{"vme[0-9a-f]{1,12}"};
+  IpAddress gateway = *IpAddress::Parse("169.255.30.1");
+  size_t max_addresses = 64;
+};
+
+constexpr size_t kMaxVmIdLength = 64;
+constexpr size_t kMaxInterfaceLength = 15;  // IFNAMSIZ - 1
+
+// Checks one vm_id: 1 to 64 characters of [A-Za-z0-9._-]. INVALID_ARGUMENT
+// naming `field` and the reason otherwise.
+absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field = "vm_id");
+
+// Validates every field and returns the canonical spec, or
+// INVALID_ARGUMENT whose message names the first bad field and the reason.
+absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
+                                   absl::string_view interface,
+                                   absl::Span<const std::string> addresses,
+                                   absl::string_view mac,
+                                   const SpecRules& rules);
+
+}  // namespace vmnet

@@ -1,0 +1,420 @@
+#include "vmnet/api/service.h"
+
+#include <linux/neighbour.h>
+
+#include <algorithm>
+#include <mutex>
+#include <deque>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
+#include "vmnet/kernel/netlink_codec.h"
+
+namespace vmnet {
+namespace {
+
+constexpr int kDefaultPageSize = 100;
+// The kernel's kNudValid (not in the uapi headers): states with a usable
+// link-layer address, which arp -n flags C.
+constexpr uint16_t kNudValid = NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE |
+                               NUD_PROBE | NUD_STALE | NUD_DELAY;
+constexpr int kMaxPageSize = 1000;
+
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context,
+                                const grpc::Status& status) {
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+// Sort keys that order addresses numerically when compared as strings.
+std::string AddressKey(const IpAddress& a) {
+  return absl::StrCat(static_cast<int>(a.family()), ":",
+                      absl::BytesToHexString(absl::string_view(
+                          reinterpret_cast<const char*>(a.bytes()), a.size())));
+}
+
+// Page tokens are opaque to clients: the sort key of the last entry
+// returned, with a prefix naming the list, base64url-encoded.
+std::string EncodeToken(absl::string_view list, absl::string_view key) {
+  return absl::WebSafeBase64Escape(absl::StrCat(list, "|", key));
+}
+
+absl::StatusOr<std::string> DecodeToken(absl::string_view list, absl::string_view token) {
+  std::string raw;
+  std::string prefix = absl::StrCat(list, "|");
+  if (token.size() > 1024 || !absl::WebSafeBase64Unescape(token, &raw) ||
+      !absl::StartsWith(raw, prefix)) {
+    return absl::InvalidArgumentError(
+        "page_token: is not a token this server issued for this list; start "
+        "again with an empty page_token");
+  }
+  return raw.substr(prefix.size());
+}
+
+struct PageRequest {
+  int size;
+  std::string after;  // sort key; empty: from the start
+};
+
+absl::StatusOr<PageRequest> ParsePaging(absl::string_view list, int32_t page_size,
+                                        const std::string& page_token,
+                                        const std::string& interface,
+                                        const std::string& vm_id) {
+  if (page_size < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page_size: ", page_size, " is negative; give 0 for the default (100) or up to 1000"));
+  }
+  if (interface.size() > kMaxInterfaceLength) {
+    return absl::InvalidArgumentError("interface: is longer than 15 bytes");
+  }
+  if (!vm_id.empty()) {
+    if (auto s = ValidateVmId(vm_id); !s.ok()) return s;
+  }
+  PageRequest page{page_size == 0 ? kDefaultPageSize : std::min(page_size, kMaxPageSize),
+                   ""};
+  if (!page_token.empty()) {
+    auto key = DecodeToken(list, page_token);
+    if (!key.ok()) return key.status();
+    page.after = std::move(*key);
+  }
+  return page;
+}
+
+// Sorts keyed entries, skips those up to `after`, and fills one page.
+template <typename Entry, typename Add>
+std::string Paginate(std::vector<std::pair<std::string, Entry>>* entries,
+                     const PageRequest& page, absl::string_view list, Add&& add) {
+  std::sort(entries->begin(), entries->end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  auto it = entries->begin();
+  if (!page.after.empty()) {
+    it = std::upper_bound(entries->begin(), entries->end(), page.after,
+                          [](const std::string& key, const auto& e) { return key < e.first; });
+  }
+  int n = 0;
+  for (; it != entries->end() && n < page.size; ++it, ++n) add(it->second);
+  if (it == entries->end() || n == 0) return "";
+  return EncodeToken(list, std::prev(it)->first);
+}
+
+std::string ArpFlags(const kernel::Neighbor& n) {
+  if (n.proxy) return "MP";
+  std::string flags;
+  if (n.state & kNudValid) flags += "C";
+  if (n.state & NUD_PERMANENT) flags += "M";
+  return flags;
+}
+
+}  // namespace
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  using grpc::StatusCode;
+  StatusCode code;
+  switch (status.code()) {
+    case absl::StatusCode::kOk:
+      return grpc::Status::OK;
+    case absl::StatusCode::kInvalidArgument:
+      code = StatusCode::INVALID_ARGUMENT;
+      break;
+    case absl::StatusCode::kNotFound:
+      code = StatusCode::NOT_FOUND;
+      break;
+    case absl::StatusCode::kAlreadyExists:
+      code = StatusCode::ALREADY_EXISTS;
+      break;
+    case absl::StatusCode::kResourceExhausted:
+      code = StatusCode::RESOURCE_EXHAUSTED;
+      break;
+    case absl::StatusCode::kFailedPrecondition:
+      code = StatusCode::FAILED_PRECONDITION;
+      break;
+    case absl::StatusCode::kOutOfRange:
+      code = StatusCode::OUT_OF_RANGE;
+      break;
+    case absl::StatusCode::kPermissionDenied:
+      code = StatusCode::PERMISSION_DENIED;
+      break;
+    case absl::StatusCode::kUnavailable:
+      code = StatusCode::UNAVAILABLE;
+      break;
+    case absl::StatusCode::kAborted:
+      code = StatusCode::ABORTED;
+      break;
+    case absl::StatusCode::kCancelled:
+      code = StatusCode::CANCELLED;
+      break;
+    case absl::StatusCode::kDeadlineExceeded:
+      code = StatusCode::DEADLINE_EXCEEDED;
+      break;
+    case absl::StatusCode::kUnimplemented:
+      code = StatusCode::UNIMPLEMENTED;
+      break;
+    default:
+      code = StatusCode::INTERNAL;
+      break;
+  }
+  return grpc::Status(code, std::string(status.message()));
+}
+
+VmNetworkService::VmNetworkService(Reconciler* reconciler, kernel::Kernel* kernel,
+                                   EventLog* events, ServiceOptions options)
+    : reconciler_(reconciler), kernel_(kernel), events_(events), options_(std::move(options)) {}
+
+grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext* context,
+                                                     const v1::AttachVmRequest* request,
+                                                     v1::AttachVmResponse* response) {
+  if (request->request_id().size() > 128) {
+    return Reply(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                       "request_id: is longer than 128 bytes"));
+  }
+  std::vector<std::string> addresses(request->ip_addresses().begin(),
+                                     request->ip_addresses().end());
+  auto spec = ParseVmSpec(request->vm_id(), request->interface(), addresses,
+                          request->mac_address(), options_.rules);
+  if (!spec.ok()) return Reply(context, ToGrpc(spec.status()));
+  auto* reactor = context->DefaultReactor();
+  reconciler_->Attach(std::move(*spec), request->validate_only(), request->request_id(),
+                      [reactor, response](absl::StatusOr<VmView> vm) {
+                        if (!vm.ok()) {
+                          reactor->Finish(ToGrpc(vm.status()));
+                          return;
+                        }
+                        *response->mutable_vm() = ToProto(*vm);
+                        reactor->Finish(grpc::Status::OK);
+                      });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext* context,
+                                                     const v1::DetachVmRequest* request,
+                                                     v1::DetachVmResponse*) {
+  if (auto s = ValidateVmId(request->vm_id()); !s.ok()) return Reply(context, ToGrpc(s));
+  if (request->request_id().size() > 128) {
+    return Reply(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                       "request_id: is longer than 128 bytes"));
+  }
+  auto* reactor = context->DefaultReactor();
+  reconciler_->Detach(request->vm_id(), request->allow_missing(), request->request_id(),
+                      [reactor](absl::Status s) { reactor->Finish(ToGrpc(s)); });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
+                                                    const v1::ListArpRequest* request,
+                                                    v1::ListArpResponse* response) {
+  auto page = ParsePaging("arp", request->page_size(), request->page_token(),
+                          request->interface(), request->vm_id());
+  if (!page.ok()) return Reply(context, ToGrpc(page.status()));
+  auto snapshot = kernel_->Dump();
+  if (!snapshot.ok()) return Reply(context, ToGrpc(snapshot.status()));
+  absl::flat_hash_map<int, std::string> names;
+  for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
+
+  std::vector<std::pair<std::string, v1::ArpEntry>> entries;
+  for (const kernel::Neighbor& n : snapshot->neighbors) {
+    // As /proc/net/arp: entries that never need resolution are not shown.
+    if (!n.proxy && (n.state & NUD_NOARP)) continue;
+    v1::ArpEntry e;
+    e.set_ip_address(n.address.ToString());
+    e.set_interface(names[n.ifindex]);
+    e.set_flags(ArpFlags(n));
+    if (n.proxy) {
+      e.set_hw_type("*");
+      e.set_hw_address("*");
+    } else if (n.lladdr && (n.state & kNudValid)) {
+      e.set_hw_type("ether");
+      e.set_hw_address(n.lladdr->ToString());
+    } else {
+      e.set_hw_address("(incomplete)");
+    }
+    // An entry belongs to a VM when it is for one of its addresses, or on
+    // its link.
+    std::string vm = reconciler_->VmOfAddress(n.address);
+    if (vm.empty()) vm = reconciler_->VmOfInterface(e.interface());
+    e.set_vm_id(vm);
+    if (!request->interface().empty() && e.interface() != request->interface()) continue;
+    if (!request->vm_id().empty() && e.vm_id() != request->vm_id()) continue;
+    std::string key = absl::StrCat(e.interface(), "|", AddressKey(n.address), "|",
+                                   n.proxy ? "p" : "n");
+    entries.emplace_back(std::move(key), std::move(e));
+  }
+  response->set_next_page_token(Paginate(&entries, *page, "arp", [&](v1::ArpEntry& e) {
+    *response->add_entries() = std::move(e);
+  }));
+  return Reply(context, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
+    grpc::CallbackServerContext* context, const v1::ListRoutesRequest* request,
+    v1::ListRoutesResponse* response) {
+  auto page = ParsePaging("routes", request->page_size(), request->page_token(),
+                          request->interface(), request->vm_id());
+  if (!page.ok()) return Reply(context, ToGrpc(page.status()));
+  auto snapshot = kernel_->Dump();
+  if (!snapshot.ok()) return Reply(context, ToGrpc(snapshot.status()));
+  absl::flat_hash_map<int, std::string> names;
+  for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
+
+  std::vector<std::pair<std::string, v1::RouteEntry>> entries;
+  for (const kernel::Route& r : snapshot->routes) {
+    v1::RouteEntry e;
+    e.set_destination(r.destination.ToString());
+    e.set_interface(r.ifindex != 0 ? names[r.ifindex] : "");
+    if (r.gateway.family() != IpAddress::Family::kNone) e.set_gateway(r.gateway.ToString());
+    if (r.source.family() != IpAddress::Family::kNone) e.set_source(r.source.ToString());
+    e.set_protocol(r.protocol == options_.route_protocol
+                       ? "vmnet"
+                       : kernel::RouteProtocolName(r.protocol));
+    e.set_scope(kernel::RouteScopeName(r.scope));
+    e.set_table(kernel::RouteTableName(r.table));
+    e.set_type(kernel::RouteTypeName(r.type));
+    e.set_metric(r.metric);
+    std::string vm;
+    if (r.destination.length == r.destination.address.bit_length()) {
+      vm = reconciler_->VmOfAddress(r.destination.address);
+    }
+    if (vm.empty() && !e.interface().empty()) vm = reconciler_->VmOfInterface(e.interface());
+    e.set_vm_id(vm);
+    if (!request->interface().empty() && e.interface() != request->interface()) continue;
+    if (!request->vm_id().empty() && e.vm_id() != request->vm_id()) continue;
+    std::string key = absl::StrFormat("%s/%03d|%s|%010u", AddressKey(r.destination.address),
+                                      r.destination.length, e.interface(), r.metric);
+    entries.emplace_back(std::move(key), std::move(e));
+  }
+  response->set_next_page_token(Paginate(&entries, *page, "routes", [&](v1::RouteEntry& e) {
+    *response->add_routes() = std::move(e);
+  }));
+  return Reply(context, grpc::Status::OK);
+}
+
+namespace {
+
+// One Watch stream: a bounded queue filled by the event log, drained by one
+// write in flight at a time.
+class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
+                           public Watcher {
+ public:
+  WatchReactor(EventLog* log, size_t queue_limit) : log_(log), queue_limit_(queue_limit) {}
+
+  void Begin(const v1::WatchRequest& request) {
+    absl::Status s = log_->Subscribe(this, request.vm_id(), request.from_revision(),
+                                     request.initial_snapshot());
+    if (!s.ok()) {
+      absl::MutexLock lock(&mu_);
+      FinishLocked(ToGrpc(s));
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    subscribed_ = true;
+    MaybeWriteLocked();
+  }
+
+  bool Push(EventPtr event) override {
+    absl::MutexLock lock(&mu_);
+    if (queue_.size() >= queue_limit_) return false;
+    queue_.push_back(std::move(event));
+    MaybeWriteLocked();
+    return true;
+  }
+
+  void Close(absl::Status status) override {
+    absl::MutexLock lock(&mu_);
+    closing_ = true;
+    close_status_ = ToGrpc(status);
+    // A slow watcher is cut off at once; on shutdown, what is queued is sent.
+    if (!status.ok()) queue_.clear();
+    MaybeWriteLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed"));
+      return;
+    }
+    MaybeWriteLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    FinishLocked(grpc::Status::CANCELLED);
+  }
+
+  void OnDone() override {
+    log_->Unsubscribe(this);
+    delete this;
+  }
+
+ private:
+  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return;
+    if (!queue_.empty()) {
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      writing_ = true;
+      StartWrite(current_.get());
+      return;
+    }
+    if (closing_) FinishLocked(close_status_);
+  }
+
+  void FinishLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(std::move(status));
+  }
+
+  EventLog* const log_;
+  const size_t queue_limit_;
+  absl::Mutex mu_;
+  std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
+  EventPtr current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status close_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::WatchEvent>* VmNetworkService::Watch(
+    grpc::CallbackServerContext*, const v1::WatchRequest* request) {
+  auto* reactor = new WatchReactor(events_, options_.watch_queue);
+  if (!request->vm_id().empty()) {
+    if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
+      reactor->Close(s);
+      return reactor;
+    }
+  }
+  if (events_->watcher_count() >= options_.max_watchers) {
+    reactor->Close(absl::ResourceExhaustedError(absl::StrCat(
+        "this agent serves ", options_.max_watchers, " watchers, the limit (--max-watchers)")));
+    return reactor;
+  }
+  reactor->Begin(*request);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* HealthService::Check(
+    grpc::CallbackServerContext* context,
+    const grpc::health::v1::HealthCheckRequest* request,
+    grpc::health::v1::HealthCheckResponse* response) {
+  using grpc::health::v1::HealthCheckResponse;
+  const std::string& service = request->service();
+  if (!service.empty() && service != "vmnet.v1.VmNetwork") {
+    return Reply(context, grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                       "service: unknown; use \"\" or \"vmnet.v1.VmNetwork\""));
+  }
+  bool serving = reconciler_->ready() && !draining_.load();
+  response->set_status(serving ? HealthCheckResponse::SERVING
+                               : HealthCheckResponse::NOT_SERVING);
+  return Reply(context, grpc::Status::OK);
+}
+
+}  // namespace vmnet

@@ -1,0 +1,411 @@
+#include "vmnet/kernel/netlink_codec.h"
+
+#include <linux/if.h>
+#include <linux/if_addr.h>
+#include <linux/if_link.h>
+#include <linux/ip.h>
+#include <linux/neighbour.h>
+#include <linux/rtnetlink.h>
+#include <netlink/attr.h>
+#include <netlink/msg.h>
+#include <netlink/route/route.h>
+#include <netlink/route/rtnl.h>
+#include <sys/socket.h>
+
+#include <cstring>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+
+namespace vmnet::kernel {
+namespace {
+
+// libnl's attribute parser validates lengths against these policies, so a
+// short or oversized attribute from a broken message is rejected, not read.
+struct Policies {
+  nla_policy link[IFLA_MAX + 1] = {};
+  nla_policy addr[IFA_MAX + 1] = {};
+  nla_policy route[RTA_MAX + 1] = {};
+  nla_policy neigh[NDA_MAX + 1] = {};
+
+  Policies() {
+    link[IFLA_IFNAME].type = NLA_STRING;
+    link[IFLA_IFNAME].maxlen = IFNAMSIZ;
+    link[IFLA_AF_SPEC].type = NLA_NESTED;
+    addr[IFA_FLAGS].type = NLA_U32;
+    addr[IFA_PROTO].type = NLA_U8;
+    route[RTA_OIF].type = NLA_U32;
+    route[RTA_TABLE].type = NLA_U32;
+    route[RTA_PRIORITY].type = NLA_U32;
+    neigh[NDA_PROTOCOL].type = NLA_U8;
+  }
+};
+
+const Policies& policies() {
+  static const Policies p;
+  return p;
+}
+
+std::optional<IpAddress> AddressAttr(const nlattr* attr, int family) {
+  if (attr == nullptr) return std::nullopt;
+  if (family == AF_INET && nla_len(attr) == 4) {
+    return IpAddress::FromBytes(IpAddress::Family::kV4, nla_data(attr));
+  }
+  if (family == AF_INET6 && nla_len(attr) == 16) {
+    return IpAddress::FromBytes(IpAddress::Family::kV6, nla_data(attr));
+  }
+  return std::nullopt;
+}
+
+std::optional<MacAddress> MacAttr(const nlattr* attr) {
+  if (attr == nullptr || nla_len(attr) != 6) return std::nullopt;
+  std::array<uint8_t, 6> bytes;
+  std::memcpy(bytes.data(), nla_data(attr), 6);
+  return MacAddress(bytes);
+}
+
+// Reads net.ipv4.conf.<link>.forwarding from IFLA_AF_SPEC/AF_INET/
+// IFLA_INET_CONF, an array of u32 indexed by IPV4_DEVCONF_* - 1.
+std::optional<bool> Ipv4Forwarding(nlattr* af_spec) {
+  if (af_spec == nullptr) return std::nullopt;
+  nlattr* family;
+  int rem;
+  nla_for_each_nested(family, af_spec, rem) {
+    if (nla_type(family) != AF_INET) continue;
+    nlattr* conf[IFLA_INET_MAX + 1] = {};
+    if (nla_parse_nested(conf, IFLA_INET_MAX, family, nullptr) < 0) {
+      return std::nullopt;
+    }
+    nlattr* values = conf[IFLA_INET_CONF];
+    if (values == nullptr ||
+        nla_len(values) < static_cast<int>(IPV4_DEVCONF_FORWARDING * 4)) {
+      return std::nullopt;
+    }
+    uint32_t forwarding;
+    std::memcpy(&forwarding,
+                static_cast<const char*>(nla_data(values)) +
+                    (IPV4_DEVCONF_FORWARDING - 1) * 4,
+                4);
+    return forwarding != 0;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::optional<Link> ParseLink(const nlmsghdr* msg) {
+  if (msg->nlmsg_type != RTM_NEWLINK && msg->nlmsg_type != RTM_DELLINK) {
+    return std::nullopt;
+  }
+  nlattr* tb[IFLA_MAX + 1] = {};
+  auto* hdr = const_cast<nlmsghdr*>(msg);
+  if (nlmsg_parse(hdr, sizeof(ifinfomsg), tb, IFLA_MAX,
+                  const_cast<nla_policy*>(policies().link)) < 0) {
+    return std::nullopt;
+  }
+  auto* ifi = static_cast<const ifinfomsg*>(nlmsg_data(hdr));
+  Link link;
+  link.ifindex = ifi->ifi_index;
+  link.up = (ifi->ifi_flags & IFF_UP) != 0;
+  if (tb[IFLA_IFNAME] != nullptr) {
+    link.name = nla_get_string(tb[IFLA_IFNAME]);
+  }
+  if (auto mac = MacAttr(tb[IFLA_ADDRESS])) link.mac = *mac;
+  if (tb[IFLA_STATS64] != nullptr &&
+      nla_len(tb[IFLA_STATS64]) >= static_cast<int>(sizeof(rtnl_link_stats64))) {
+    rtnl_link_stats64 s;
+    std::memcpy(&s, nla_data(tb[IFLA_STATS64]), sizeof(s));
+    link.stats = {s.rx_bytes,  s.tx_bytes,  s.rx_packets, s.tx_packets,
+                  s.rx_errors, s.tx_errors, s.rx_dropped, s.tx_dropped};
+  }
+  link.ipv4_forwarding = Ipv4Forwarding(tb[IFLA_AF_SPEC]);
+  if (link.ifindex <= 0 || link.name.empty()) return std::nullopt;
+  return link;
+}
+
+std::optional<Address> ParseAddress(const nlmsghdr* msg) {
+  if (msg->nlmsg_type != RTM_NEWADDR && msg->nlmsg_type != RTM_DELADDR) {
+    return std::nullopt;
+  }
+  nlattr* tb[IFA_MAX + 1] = {};
+  auto* hdr = const_cast<nlmsghdr*>(msg);
+  if (nlmsg_parse(hdr, sizeof(ifaddrmsg), tb, IFA_MAX,
+                  const_cast<nla_policy*>(policies().addr)) < 0) {
+    return std::nullopt;
+  }
+  auto* ifa = static_cast<const ifaddrmsg*>(nlmsg_data(hdr));
+  // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
+  // point-to-point links and equal to IFA_LOCAL otherwise.
+  auto local = AddressAttr(tb[IFA_LOCAL] ? tb[IFA_LOCAL] : tb[IFA_ADDRESS],
+                           ifa->ifa_family);
+  if (!local || ifa->ifa_prefixlen > local->bit_length()) return std::nullopt;
+  Address a;
+  a.ifindex = static_cast<int>(ifa->ifa_index);
+  a.prefix = {*local, ifa->ifa_prefixlen};
+  a.scope = ifa->ifa_scope;
+  a.flags = tb[IFA_FLAGS] ? nla_get_u32(tb[IFA_FLAGS]) : ifa->ifa_flags;
+  a.protocol = tb[IFA_PROTO] ? nla_get_u8(tb[IFA_PROTO]) : 0;
+  return a;
+}
+
+std::optional<Route> ParseRoute(const nlmsghdr* msg) {
+  if (msg->nlmsg_type != RTM_NEWROUTE && msg->nlmsg_type != RTM_DELROUTE) {
+    return std::nullopt;
+  }
+  nlattr* tb[RTA_MAX + 1] = {};
+  auto* hdr = const_cast<nlmsghdr*>(msg);
+  if (nlmsg_parse(hdr, sizeof(rtmsg), tb, RTA_MAX,
+                  const_cast<nla_policy*>(policies().route)) < 0) {
+    return std::nullopt;
+  }
+  auto* rtm = static_cast<const rtmsg*>(nlmsg_data(hdr));
+  if (rtm->rtm_family != AF_INET && rtm->rtm_family != AF_INET6) {
+    return std::nullopt;
+  }
+  Route r;
+  IpAddress::Family family = rtm->rtm_family == AF_INET
+                                 ? IpAddress::Family::kV4
+                                 : IpAddress::Family::kV6;
+  std::array<uint8_t, 16> zero{};
+  IpAddress dst = IpAddress::FromBytes(family, zero.data());
+  if (tb[RTA_DST] != nullptr) {
+    auto parsed = AddressAttr(tb[RTA_DST], rtm->rtm_family);
+    if (!parsed) return std::nullopt;
+    dst = *parsed;
+  }
+  if (rtm->rtm_dst_len > dst.bit_length()) return std::nullopt;
+  r.destination = {dst, rtm->rtm_dst_len};
+  if (tb[RTA_OIF]) r.ifindex = static_cast<int>(nla_get_u32(tb[RTA_OIF]));
+  if (auto gw = AddressAttr(tb[RTA_GATEWAY], rtm->rtm_family)) r.gateway = *gw;
+  if (auto src = AddressAttr(tb[RTA_PREFSRC], rtm->rtm_family)) r.source = *src;
+  r.protocol = rtm->rtm_protocol;
+  r.scope = rtm->rtm_scope;
+  r.type = rtm->rtm_type;
+  r.table = tb[RTA_TABLE] ? nla_get_u32(tb[RTA_TABLE]) : rtm->rtm_table;
+  r.metric = tb[RTA_PRIORITY] ? nla_get_u32(tb[RTA_PRIORITY]) : 0;
+  return r;
+}
+
+std::optional<Neighbor> ParseNeighbor(const nlmsghdr* msg) {
+  if (msg->nlmsg_type != RTM_NEWNEIGH && msg->nlmsg_type != RTM_DELNEIGH) {
+    return std::nullopt;
+  }
+  nlattr* tb[NDA_MAX + 1] = {};
+  auto* hdr = const_cast<nlmsghdr*>(msg);
+  if (nlmsg_parse(hdr, sizeof(ndmsg), tb, NDA_MAX,
+                  const_cast<nla_policy*>(policies().neigh)) < 0) {
+    return std::nullopt;
+  }
+  auto* ndm = static_cast<const ndmsg*>(nlmsg_data(hdr));
+  auto dst = AddressAttr(tb[NDA_DST], ndm->ndm_family);
+  if (!dst) return std::nullopt;
+  Neighbor n;
+  n.ifindex = ndm->ndm_ifindex;
+  n.address = *dst;
+  n.proxy = (ndm->ndm_flags & NTF_PROXY) != 0;
+  n.lladdr = MacAttr(tb[NDA_LLADDR]);
+  n.state = ndm->ndm_state;
+  n.protocol = tb[NDA_PROTOCOL] ? nla_get_u8(tb[NDA_PROTOCOL]) : 0;
+  return n;
+}
+
+std::optional<Event> ParseEvent(const nlmsghdr* msg) {
+  switch (msg->nlmsg_type) {
+    case RTM_NEWLINK:
+    case RTM_DELLINK:
+      if (auto link = ParseLink(msg)) {
+        return LinkEvent{msg->nlmsg_type == RTM_DELLINK, std::move(*link)};
+      }
+      break;
+    case RTM_NEWADDR:
+    case RTM_DELADDR:
+      if (auto a = ParseAddress(msg)) {
+        return AddressEvent{msg->nlmsg_type == RTM_DELADDR, *a};
+      }
+      break;
+    case RTM_NEWROUTE:
+    case RTM_DELROUTE:
+      if (auto r = ParseRoute(msg)) {
+        return RouteEvent{msg->nlmsg_type == RTM_DELROUTE, *r};
+      }
+      break;
+    case RTM_NEWNEIGH:
+    case RTM_DELNEIGH:
+      if (auto n = ParseNeighbor(msg)) {
+        return NeighborEvent{msg->nlmsg_type == RTM_DELNEIGH, *n};
+      }
+      break;
+    default:
+      break;
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+struct MsgDeleter {
+  void operator()(nl_msg* m) const { nlmsg_free(m); }
+};
+using Msg = std::unique_ptr<nl_msg, MsgDeleter>;
+
+Msg NewMessage(int type, int flags, const void* header, size_t header_len) {
+  Msg msg(nlmsg_alloc_size(512));
+  nlmsg_hdr(msg.get())->nlmsg_type = static_cast<uint16_t>(type);
+  nlmsg_hdr(msg.get())->nlmsg_flags =
+      static_cast<uint16_t>(flags | NLM_F_REQUEST | NLM_F_ACK);
+  nlmsg_append(msg.get(), const_cast<void*>(header), header_len, NLMSG_ALIGNTO);
+  return msg;
+}
+
+int FamilyOf(const IpAddress& a) { return a.is_v6() ? AF_INET6 : AF_INET; }
+
+void PutAddress(nl_msg* msg, int type, const IpAddress& a) {
+  nla_put(msg, type, static_cast<int>(a.size()), a.bytes());
+}
+
+std::vector<uint8_t> Bytes(const Msg& msg) {
+  nlmsghdr* hdr = nlmsg_hdr(msg.get());
+  auto* p = reinterpret_cast<const uint8_t*>(hdr);
+  return std::vector<uint8_t>(p, p + hdr->nlmsg_len);
+}
+
+Msg EncodeLinkChange(int ifindex, unsigned flags, unsigned change) {
+  ifinfomsg ifi{};
+  ifi.ifi_family = AF_UNSPEC;
+  ifi.ifi_index = ifindex;
+  ifi.ifi_flags = flags;
+  ifi.ifi_change = change;
+  return NewMessage(RTM_NEWLINK, 0, &ifi, sizeof(ifi));
+}
+
+Msg Encode(const SetLinkUp& w) {
+  return EncodeLinkChange(w.ifindex, IFF_UP, IFF_UP);
+}
+
+Msg Encode(const SetIpv4Forwarding& w) {
+  Msg msg = EncodeLinkChange(w.ifindex, 0, 0);
+  nlattr* af_spec = nla_nest_start(msg.get(), IFLA_AF_SPEC);
+  nlattr* inet = nla_nest_start(msg.get(), AF_INET);
+  nlattr* conf = nla_nest_start(msg.get(), IFLA_INET_CONF);
+  nla_put_u32(msg.get(), IPV4_DEVCONF_FORWARDING, w.enabled ? 1 : 0);
+  nla_nest_end(msg.get(), conf);
+  nla_nest_end(msg.get(), inet);
+  nla_nest_end(msg.get(), af_spec);
+  return msg;
+}
+
+Msg EncodeAddress(int type, int flags, const Address& a) {
+  ifaddrmsg ifa{};
+  ifa.ifa_family = static_cast<uint8_t>(FamilyOf(a.prefix.address));
+  ifa.ifa_prefixlen = static_cast<uint8_t>(a.prefix.length);
+  ifa.ifa_scope = a.scope;
+  ifa.ifa_index = static_cast<uint32_t>(a.ifindex);
+  Msg msg = NewMessage(type, flags, &ifa, sizeof(ifa));
+  PutAddress(msg.get(), IFA_LOCAL, a.prefix.address);
+  PutAddress(msg.get(), IFA_ADDRESS, a.prefix.address);
+  if (type == RTM_NEWADDR) {
+    nla_put_u32(msg.get(), IFA_FLAGS, a.flags);
+    if (a.protocol != 0) nla_put_u8(msg.get(), IFA_PROTO, a.protocol);
+  }
+  return msg;
+}
+
+Msg Encode(const AddAddress& w) {
+  return EncodeAddress(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, w.address);
+}
+
+Msg Encode(const DeleteAddress& w) {
+  return EncodeAddress(RTM_DELADDR, 0, w.address);
+}
+
+Msg EncodeRoute(int type, int flags, const Route& r) {
+  rtmsg rtm{};
+  rtm.rtm_family = static_cast<uint8_t>(FamilyOf(r.destination.address));
+  rtm.rtm_dst_len = static_cast<uint8_t>(r.destination.length);
+  rtm.rtm_table = r.table < 256 ? static_cast<uint8_t>(r.table) : uint8_t{RT_TABLE_UNSPEC};
+  rtm.rtm_protocol = r.protocol;
+  rtm.rtm_scope = r.scope;
+  rtm.rtm_type = r.type;
+  Msg msg = NewMessage(type, flags, &rtm, sizeof(rtm));
+  PutAddress(msg.get(), RTA_DST, r.destination.address);
+  nla_put_u32(msg.get(), RTA_TABLE, r.table);
+  if (r.ifindex != 0) nla_put_u32(msg.get(), RTA_OIF, static_cast<uint32_t>(r.ifindex));
+  if (r.gateway.family() != IpAddress::Family::kNone) {
+    PutAddress(msg.get(), RTA_GATEWAY, r.gateway);
+  }
+  if (r.metric != 0) nla_put_u32(msg.get(), RTA_PRIORITY, r.metric);
+  return msg;
+}
+
+Msg Encode(const AddRoute& w) {
+  return EncodeRoute(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, w.route);
+}
+
+// A delete names the protocol too: the kernel then removes the route only if
+// it carries that protocol, so a route someone else put in its place since
+// our last look is never removed by mistake.
+Msg Encode(const DeleteRoute& w) { return EncodeRoute(RTM_DELROUTE, 0, w.route); }
+
+Msg EncodeNeighbor(int type, int flags, const Neighbor& n) {
+  ndmsg ndm{};
+  ndm.ndm_family = static_cast<uint8_t>(FamilyOf(n.address));
+  ndm.ndm_ifindex = n.ifindex;
+  ndm.ndm_state = n.proxy ? NUD_PERMANENT : n.state;
+  ndm.ndm_flags = n.proxy ? NTF_PROXY : 0;
+  Msg msg = NewMessage(type, flags, &ndm, sizeof(ndm));
+  PutAddress(msg.get(), NDA_DST, n.address);
+  if (type == RTM_NEWNEIGH) {
+    if (n.lladdr && !n.proxy) nla_put(msg.get(), NDA_LLADDR, 6, n.lladdr->bytes());
+    if (n.protocol != 0) nla_put_u8(msg.get(), NDA_PROTOCOL, n.protocol);
+  }
+  return msg;
+}
+
+Msg Encode(const SetNeighbor& w) {
+  int flags = NLM_F_CREATE | (w.neighbor.proxy ? NLM_F_EXCL : NLM_F_REPLACE);
+  return EncodeNeighbor(RTM_NEWNEIGH, flags, w.neighbor);
+}
+
+Msg Encode(const DeleteNeighbor& w) {
+  return EncodeNeighbor(RTM_DELNEIGH, 0, w.neighbor);
+}
+
+}  // namespace
+
+std::vector<uint8_t> EncodeWrite(const Write& write) {
+  return std::visit([](const auto& w) { return Bytes(Encode(w)); }, write);
+}
+
+std::string RouteProtocolName(uint8_t protocol) {
+  char buf[64];
+  return rtnl_route_proto2str(protocol, buf, sizeof(buf));
+}
+
+std::string RouteScopeName(uint8_t scope) {
+  switch (scope) {
+    case RT_SCOPE_UNIVERSE:
+      return "global";
+    case RT_SCOPE_SITE:
+      return "site";
+    case RT_SCOPE_LINK:
+      return "link";
+    case RT_SCOPE_HOST:
+      return "host";
+    case RT_SCOPE_NOWHERE:
+      return "nowhere";
+    default:
+      return absl::StrCat(scope);
+  }
+}
+
+std::string RouteTableName(uint32_t table) {
+  char buf[64];
+  return rtnl_route_table2str(static_cast<int>(table), buf, sizeof(buf));
+}
+
+std::string RouteTypeName(uint8_t type) {
+  char buf[64];
+  return nl_rtntype2str(type, buf, sizeof(buf));
+}
+
+}  // namespace vmnet::kernel

@@ -1,0 +1,398 @@
+#include "vmnet/kernel/netlink_kernel.h"
+
+#include <errno.h>
+#include <linux/neighbour.h>
+#include <linux/rtnetlink.h>
+#include <netlink/attr.h>
+#include <netlink/msg.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "vmnet/kernel/netlink_codec.h"
+
+namespace vmnet::kernel {
+namespace {
+
+constexpr int kDefaultRcvbuf = 32 << 20;
+// The kernel sends at most about 32 KiB per datagram on dumps; events and
+// acks are smaller. A larger buffer costs nothing and never truncates.
+constexpr size_t kReceiveBuffer = 256 << 10;
+
+void SetIntOption(int fd, int level, int name, int value) {
+  // Failures leave defaults in place, which still work (slower, or without
+  // extended error messages).
+  setsockopt(fd, level, name, &value, sizeof(value));
+}
+
+// The text of an extended ack (NLMSGERR_ATTR_MSG), when the kernel sent one.
+std::string ExtendedAckMessage(const nlmsghdr* msg) {
+  if (!(msg->nlmsg_flags & NLM_F_ACK_TLVS)) return "";
+  auto* err = static_cast<const nlmsgerr*>(NLMSG_DATA(msg));
+  size_t offset = NLMSG_HDRLEN + sizeof(nlmsgerr);
+  if (!(msg->nlmsg_flags & NLM_F_CAPPED)) offset += err->msg.nlmsg_len - NLMSG_HDRLEN;
+  if (offset >= msg->nlmsg_len) return "";
+  auto* attrs = reinterpret_cast<nlattr*>(
+      const_cast<char*>(reinterpret_cast<const char*>(msg) + offset));
+  nlattr* tb[NLMSGERR_ATTR_MAX + 1] = {};
+  if (nla_parse(tb, NLMSGERR_ATTR_MAX, attrs,
+                static_cast<int>(msg->nlmsg_len - offset), nullptr) < 0 ||
+      tb[NLMSGERR_ATTR_MSG] == nullptr) {
+    return "";
+  }
+  return std::string(static_cast<const char*>(nla_data(tb[NLMSGERR_ATTR_MSG])),
+                     strnlen(static_cast<const char*>(nla_data(tb[NLMSGERR_ATTR_MSG])),
+                             static_cast<size_t>(nla_len(tb[NLMSGERR_ATTR_MSG]))));
+}
+
+}  // namespace
+
+absl::Status ErrnoStatus(int err, absl::string_view what) {
+  std::string message = absl::StrCat(what, ": ", strerror(err), " (errno ", err, ")");
+  switch (err) {
+    case EEXIST:
+      return absl::AlreadyExistsError(message);
+    case ENODEV:
+    case ENOENT:
+    case ESRCH:
+    case EADDRNOTAVAIL:
+      return absl::NotFoundError(message);
+    case EPERM:
+    case EACCES:
+      return absl::PermissionDeniedError(message);
+    case EINVAL:
+    case EOPNOTSUPP:
+    case EAFNOSUPPORT:
+      return absl::InvalidArgumentError(message);
+    case ENOBUFS:
+    case ENOMEM:
+      return absl::ResourceExhaustedError(message);
+    default:
+      return absl::UnavailableError(message);
+  }
+}
+
+absl::StatusOr<NetlinkSocket> NetlinkSocket::Open(const std::vector<int>& groups,
+                                                 int rcvbuf) {
+  int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+  if (fd < 0) return ErrnoStatus(errno, "open netlink socket");
+  NetlinkSocket sock(fd);
+  int size = rcvbuf > 0 ? rcvbuf : kDefaultRcvbuf;
+  // SO_RCVBUFFORCE passes the rmem_max cap with CAP_NET_ADMIN; without it,
+  // SO_RCVBUF gets what the cap allows.
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) != 0) {
+    SetIntOption(fd, SOL_SOCKET, SO_RCVBUF, size);
+  }
+  SetIntOption(fd, SOL_SOCKET, SO_SNDBUF, 4 << 20);
+  SetIntOption(fd, SOL_NETLINK, NETLINK_EXT_ACK, 1);
+  SetIntOption(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
+  // Strict checking makes the kernel apply the filters of dump requests
+  // (table, proxy flag) instead of dumping everything.
+  SetIntOption(fd, SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1);
+  sockaddr_nl addr{};
+  addr.nl_family = AF_NETLINK;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return ErrnoStatus(errno, "bind netlink socket");
+  }
+  for (int group : groups) {
+    if (setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group,
+                   sizeof(group)) != 0) {
+      return ErrnoStatus(errno, absl::StrCat("join netlink group ", group));
+    }
+  }
+  return sock;
+}
+
+NetlinkSocket::NetlinkSocket(NetlinkSocket&& other) noexcept
+    : fd_(other.fd_), next_seq_(other.next_seq_) {
+  other.fd_ = -1;
+}
+
+NetlinkSocket& NetlinkSocket::operator=(NetlinkSocket&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) close(fd_);
+    fd_ = other.fd_;
+    next_seq_ = other.next_seq_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+NetlinkSocket::~NetlinkSocket() {
+  if (fd_ >= 0) close(fd_);
+}
+
+absl::Status NetlinkSocket::SendDump(uint16_t type, const void* header,
+                                     size_t header_len,
+                                     const std::vector<uint8_t>& attrs,
+                                     uint32_t seq) {
+  std::vector<uint8_t> buf(NLMSG_SPACE(header_len) + attrs.size());
+  auto* nlh = reinterpret_cast<nlmsghdr*>(buf.data());
+  nlh->nlmsg_len = static_cast<uint32_t>(buf.size());
+  nlh->nlmsg_type = type;
+  nlh->nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  nlh->nlmsg_seq = seq;
+  std::memcpy(NLMSG_DATA(nlh), header, header_len);
+  if (!attrs.empty()) {
+    std::memcpy(buf.data() + NLMSG_SPACE(header_len), attrs.data(), attrs.size());
+  }
+  if (send(fd_, buf.data(), buf.size(), 0) < 0) {
+    return ErrnoStatus(errno, "send netlink dump request");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> NetlinkSocket::Receive(std::vector<uint8_t>* buffer) {
+  buffer->resize(kReceiveBuffer);
+  while (true) {
+    ssize_t n = recv(fd_, buffer->data(), buffer->size(), 0);
+    if (n >= 0) return static_cast<size_t>(n);
+    if (errno == EINTR) continue;
+    return ErrnoStatus(errno, "receive from netlink");
+  }
+}
+
+absl::Status NetlinkSocket::Dump(uint16_t type, const void* header,
+                                 size_t header_len,
+                                 absl::FunctionRef<void(const nlmsghdr*)> fn,
+                                 const std::vector<uint8_t>& attrs) {
+  uint32_t seq = next_seq_++;
+  if (auto s = SendDump(type, header, header_len, attrs, seq); !s.ok()) return s;
+  std::vector<uint8_t> buffer;
+  while (true) {
+    auto n = Receive(&buffer);
+    if (!n.ok()) return n.status();
+    bool done = false;
+    absl::Status status;
+    ForEachMessage(buffer.data(), *n, [&](const nlmsghdr* msg) {
+      if (done || msg->nlmsg_seq != seq) return;  // stale reply of an old request
+      if (msg->nlmsg_type == NLMSG_DONE) {
+        done = true;
+      } else if (msg->nlmsg_type == NLMSG_ERROR) {
+        auto* err = static_cast<const nlmsgerr*>(NLMSG_DATA(msg));
+        if (err->error != 0) status = ErrnoStatus(-err->error, "netlink dump");
+        done = true;
+      } else if (msg->nlmsg_flags & NLM_F_DUMP_INTR) {
+        // The table changed during the dump; the caller retries.
+        status = absl::AbortedError("netlink dump interrupted by a change");
+      } else {
+        fn(msg);
+      }
+    });
+    if (done) return status;
+  }
+}
+
+std::vector<int> NetlinkSocket::Transact(
+    const std::vector<std::vector<uint8_t>>& requests,
+    std::vector<std::string>* errors, size_t window) {
+  std::vector<int> result(requests.size(), 0);
+  errors->assign(requests.size(), "");
+  const uint32_t first_seq = next_seq_;
+  next_seq_ += static_cast<uint32_t>(requests.size());
+  size_t sent = 0, acked = 0;
+  std::vector<uint8_t> batch;
+  std::vector<uint8_t> buffer;
+  while (acked < requests.size()) {
+    // Fill the window with one sendmsg of many requests.
+    batch.clear();
+    while (sent < requests.size() && sent - acked < window &&
+           batch.size() < (256u << 10)) {
+      size_t offset = batch.size();
+      batch.insert(batch.end(), requests[sent].begin(), requests[sent].end());
+      reinterpret_cast<nlmsghdr*>(batch.data() + offset)->nlmsg_seq =
+          first_seq + static_cast<uint32_t>(sent);
+      ++sent;
+    }
+    if (!batch.empty() && send(fd_, batch.data(), batch.size(), 0) < 0) {
+      int err = errno;
+      for (size_t i = acked; i < requests.size(); ++i) result[i] = err;
+      return result;
+    }
+    auto n = Receive(&buffer);
+    if (!n.ok()) {
+      // Lost acks (ENOBUFS) or a dead socket: what is unacknowledged is
+      // unknown, so report it failed; the reconciler re-reads the kernel.
+      for (size_t i = acked; i < requests.size(); ++i) result[i] = EIO;
+      return result;
+    }
+    ForEachMessage(buffer.data(), *n, [&](const nlmsghdr* msg) {
+      if (msg->nlmsg_type != NLMSG_ERROR) return;
+      uint32_t index = msg->nlmsg_seq - first_seq;
+      if (index >= requests.size()) return;
+      auto* err = static_cast<const nlmsgerr*>(NLMSG_DATA(msg));
+      result[index] = -err->error;
+      if (err->error != 0) (*errors)[index] = ExtendedAckMessage(msg);
+      ++acked;
+    });
+  }
+  return result;
+}
+
+absl::StatusOr<size_t> NetlinkSocket::ReceiveNonBlocking(
+    std::vector<uint8_t>* buffer, bool* overflow) {
+  buffer->resize(kReceiveBuffer);
+  while (true) {
+    ssize_t n = recv(fd_, buffer->data(), buffer->size(), MSG_DONTWAIT);
+    if (n >= 0) return static_cast<size_t>(n);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    if (errno == ENOBUFS) {
+      *overflow = true;
+      continue;
+    }
+    return ErrnoStatus(errno, "receive netlink events");
+  }
+}
+
+absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(
+    Options options) {
+  auto writes = NetlinkSocket::Open();
+  if (!writes.ok()) return writes.status();
+  auto events = NetlinkSocket::Open(
+      {RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE, RTNLGRP_NEIGH},
+      options.event_rcvbuf);
+  if (!events.ok()) return events.status();
+  return std::unique_ptr<NetlinkKernel>(
+      new NetlinkKernel(options, std::move(*writes), std::move(*events)));
+}
+
+namespace {
+
+// Dumps on a socket of their own, so that any thread may dump while the
+// reconciler writes. A dump interrupted by a concurrent change is retried.
+template <typename Header, typename Fn>
+absl::Status DumpWithRetry(uint16_t type, const Header& header, Fn&& fn,
+                           const std::vector<uint8_t>& attrs = {}) {
+  absl::Status status;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    auto sock = NetlinkSocket::Open({}, 4 << 20);
+    if (!sock.ok()) return sock.status();
+    status = sock->Dump(type, &header, sizeof(header), fn, attrs);
+    if (!absl::IsAborted(status)) return status;
+  }
+  return status;
+}
+
+template <typename T>
+std::vector<uint8_t> U32Attr(uint16_t type, uint32_t value) {
+  std::vector<uint8_t> attr(NLA_HDRLEN + 4);
+  auto* nla = reinterpret_cast<nlattr*>(attr.data());
+  nla->nla_len = NLA_HDRLEN + 4;
+  nla->nla_type = type;
+  std::memcpy(attr.data() + NLA_HDRLEN, &value, 4);
+  return attr;
+}
+
+absl::Status DumpProxies(std::vector<Neighbor>* out) {
+  ndmsg ndm{};
+  ndm.ndm_family = AF_INET;
+  ndm.ndm_flags = NTF_PROXY;
+  return DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
+    if (auto n = ParseNeighbor(msg); n && n->proxy) out->push_back(*n);
+  });
+}
+
+}  // namespace
+
+absl::StatusOr<Snapshot> NetlinkKernel::Dump() {
+  Snapshot snap;
+  // Retry the whole dump when the results raced with a change: a clean
+  // snapshot of each table is enough, as events after it are applied on top.
+  ifinfomsg ifi{};
+  ifi.ifi_family = AF_UNSPEC;
+  if (auto s = DumpWithRetry(RTM_GETLINK, ifi, [&](const nlmsghdr* msg) {
+        if (auto l = ParseLink(msg)) snap.links.push_back(std::move(*l));
+      });
+      !s.ok()) {
+    return s;
+  }
+  ifaddrmsg ifa{};
+  ifa.ifa_family = AF_INET;
+  if (auto s = DumpWithRetry(RTM_GETADDR, ifa, [&](const nlmsghdr* msg) {
+        if (auto a = ParseAddress(msg)) snap.addresses.push_back(*a);
+      });
+      !s.ok()) {
+    return s;
+  }
+  rtmsg rtm{};
+  rtm.rtm_family = AF_INET;
+  rtm.rtm_table = RT_TABLE_MAIN;
+  if (auto s = DumpWithRetry(
+          RTM_GETROUTE, rtm,
+          [&](const nlmsghdr* msg) {
+            // Without strict checking the kernel ignores the table filter.
+            if (auto r = ParseRoute(msg); r && r->table == RT_TABLE_MAIN) {
+              snap.routes.push_back(*r);
+            }
+          },
+          U32Attr<uint32_t>(RTA_TABLE, RT_TABLE_MAIN));
+      !s.ok()) {
+    return s;
+  }
+  ndmsg ndm{};
+  ndm.ndm_family = AF_INET;
+  if (auto s = DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
+        if (auto n = ParseNeighbor(msg); n && !n->proxy) snap.neighbors.push_back(*n);
+      });
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = DumpProxies(&snap.neighbors); !s.ok()) return s;
+  return snap;
+}
+
+absl::StatusOr<std::vector<Neighbor>> NetlinkKernel::DumpProxyNeighbors() {
+  std::vector<Neighbor> out;
+  if (auto s = DumpProxies(&out); !s.ok()) return s;
+  return out;
+}
+
+std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
+  std::vector<std::vector<uint8_t>> requests;
+  requests.reserve(writes.size());
+  for (const Write& w : writes) requests.push_back(EncodeWrite(w));
+  std::vector<std::string> ack_messages;
+  std::vector<int> errnos =
+      writes_.Transact(requests, &ack_messages, options_.write_window);
+  std::vector<absl::Status> result;
+  result.reserve(writes.size());
+  for (size_t i = 0; i < writes.size(); ++i) {
+    int err = errnos[i];
+    bool is_delete = std::holds_alternative<DeleteRoute>(writes[i]) ||
+                     std::holds_alternative<DeleteAddress>(writes[i]) ||
+                     std::holds_alternative<DeleteNeighbor>(writes[i]);
+    // Deleting what is already gone is what the caller wanted.
+    if (err == 0 || (is_delete && (err == ESRCH || err == ENOENT ||
+                                   err == EADDRNOTAVAIL))) {
+      result.push_back(absl::OkStatus());
+      continue;
+    }
+    std::string what = ToString(writes[i]);
+    if (!ack_messages[i].empty()) absl::StrAppend(&what, " (", ack_messages[i], ")");
+    result.push_back(ErrnoStatus(err, what));
+  }
+  return result;
+}
+
+absl::Status NetlinkKernel::ReadEvents(std::vector<Event>* events) {
+  bool overflow = false;
+  while (true) {
+    auto n = events_.ReceiveNonBlocking(&event_buffer_, &overflow);
+    if (!n.ok()) return n.status();
+    if (*n == 0) break;
+    ForEachMessage(event_buffer_.data(), *n, [&](const nlmsghdr* msg) {
+      if (auto e = ParseEvent(msg)) events->push_back(std::move(*e));
+    });
+  }
+  if (overflow) {
+    return absl::ResourceExhaustedError(
+        "netlink event socket overflowed (ENOBUFS): events were lost");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace vmnet::kernel

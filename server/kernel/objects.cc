@@ -1,0 +1,85 @@
+#include "vmnet/kernel/objects.h"
+
+#include <linux/neighbour.h>
+
+#include "absl/strings/str_cat.h"
+#include "vmnet/kernel/netlink_codec.h"
+
+namespace vmnet::kernel {
+namespace {
+
+std::string Dev(int ifindex) { return absl::StrCat("dev #", ifindex); }
+
+}  // namespace
+
+std::string Link::ToString() const {
+  return absl::StrCat("link ", name, " (#", ifindex, ", ", up ? "up" : "down",
+                      ")");
+}
+
+std::string Address::ToString() const {
+  return absl::StrCat("address ", prefix.ToString(), " ", Dev(ifindex),
+                      " scope ", RouteScopeName(scope), " proto ",
+                      static_cast<int>(protocol));
+}
+
+std::string Route::ToString() const {
+  std::string s = absl::StrCat("route ", destination.ToString());
+  if (gateway.family() != IpAddress::Family::kNone) {
+    absl::StrAppend(&s, " via ", gateway.ToString());
+  }
+  if (ifindex != 0) absl::StrAppend(&s, " ", Dev(ifindex));
+  absl::StrAppend(&s, " table ", RouteTableName(table), " proto ",
+                  RouteProtocolName(protocol), " scope ", RouteScopeName(scope));
+  if (metric != 0) absl::StrAppend(&s, " metric ", metric);
+  return s;
+}
+
+std::string Neighbor::ToString() const {
+  if (proxy) {
+    return absl::StrCat("proxy neighbour ", address.ToString(), " ",
+                        Dev(ifindex), " proto ", static_cast<int>(protocol));
+  }
+  return absl::StrCat("neighbour ", address.ToString(), " ", Dev(ifindex),
+                      " lladdr ", lladdr ? lladdr->ToString() : "none",
+                      (state & NUD_PERMANENT) ? " permanent" : "", " proto ",
+                      static_cast<int>(protocol));
+}
+
+namespace {
+
+struct WriteNamer {
+  std::string operator()(const SetLinkUp& w) const {
+    return absl::StrCat("set link ", w.name, " (#", w.ifindex, ") up");
+  }
+  std::string operator()(const SetIpv4Forwarding& w) const {
+    return absl::StrCat("set ipv4 forwarding ", w.enabled ? "on" : "off",
+                        " on link ", w.name, " (#", w.ifindex, ")");
+  }
+  std::string operator()(const AddAddress& w) const {
+    return "add " + w.address.ToString();
+  }
+  std::string operator()(const DeleteAddress& w) const {
+    return "delete " + w.address.ToString();
+  }
+  std::string operator()(const AddRoute& w) const {
+    return "add " + w.route.ToString();
+  }
+  std::string operator()(const DeleteRoute& w) const {
+    return "delete " + w.route.ToString();
+  }
+  std::string operator()(const SetNeighbor& w) const {
+    return "set " + w.neighbor.ToString();
+  }
+  std::string operator()(const DeleteNeighbor& w) const {
+    return "delete " + w.neighbor.ToString();
+  }
+};
+
+}  // namespace
+
+std::string ToString(const Write& write) {
+  return std::visit(WriteNamer{}, write);
+}
+
+}  // namespace vmnet::kernel

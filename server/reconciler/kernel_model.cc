@@ -1,0 +1,238 @@
+#include "vmnet/reconciler/kernel_model.h"
+
+#include <linux/rtnetlink.h>
+
+#include <algorithm>
+
+#include "absl/container/flat_hash_set.h"
+
+namespace vmnet {
+
+using kernel::Address;
+using kernel::Link;
+using kernel::Neighbor;
+using kernel::Route;
+
+void KernelModel::Reset(kernel::Snapshot snapshot) {
+  links_.clear();
+  link_by_name_.clear();
+  addresses_.clear();
+  local_address_count_.clear();
+  broadcast_count_.clear();
+  routes_.clear();
+  neighbors_.clear();
+  for (Link& l : snapshot.links) UpsertLink(l);
+  for (const Address& a : snapshot.addresses) AddAddress(a);
+  for (const Route& r : snapshot.routes) AddRoute(r);
+  for (const Neighbor& n : snapshot.neighbors) {
+    neighbors_[{n.ifindex, n.address, n.proxy}] = n;
+  }
+}
+
+void KernelModel::UpsertLink(const Link& link) {
+  auto it = links_.find(link.ifindex);
+  if (it != links_.end()) {
+    if (it->second.name != link.name) link_by_name_.erase(it->second.name);
+    // The kernel flushes a link's routes and neighbours when it goes down,
+    // without an event for the routes.
+    if (it->second.up && !link.up) ForgetLinkObjects(link.ifindex, false);
+  }
+  links_[link.ifindex] = link;
+  link_by_name_[link.name] = link.ifindex;
+}
+
+void KernelModel::RemoveLink(int ifindex) {
+  auto it = links_.find(ifindex);
+  if (it == links_.end()) return;
+  auto name = link_by_name_.find(it->second.name);
+  if (name != link_by_name_.end() && name->second == ifindex) {
+    link_by_name_.erase(name);
+  }
+  links_.erase(it);
+  ForgetLinkObjects(ifindex, true);
+}
+
+void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too) {
+  for (auto it = routes_.begin(); it != routes_.end();) {
+    auto& list = it->second;
+    list.erase(std::remove_if(list.begin(), list.end(),
+                              [&](const Route& r) { return r.ifindex == ifindex; }),
+               list.end());
+    if (list.empty()) {
+      routes_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  absl::erase_if(neighbors_, [&](const auto& kv) { return kv.first.ifindex == ifindex; });
+  if (addresses_too) {
+    std::vector<Address> gone;
+    for (const auto& [key, a] : addresses_) {
+      if (key.ifindex == ifindex) gone.push_back(a);
+    }
+    for (const Address& a : gone) RemoveAddress(a);
+  }
+}
+
+void KernelModel::AddAddress(const Address& a) {
+  auto [it, inserted] = addresses_.insert_or_assign({a.ifindex, a.prefix}, a);
+  if (!inserted) return;
+  ++local_address_count_[a.prefix.address];
+  if (a.prefix.address.is_v4() && a.prefix.length < 31) {
+    ++broadcast_count_[a.prefix.Last()];
+  }
+}
+
+void KernelModel::RemoveAddress(const Address& a) {
+  if (addresses_.erase({a.ifindex, a.prefix}) == 0) return;
+  auto decrement = [](absl::flat_hash_map<IpAddress, int>& counts,
+                      const IpAddress& key) {
+    auto it = counts.find(key);
+    if (it != counts.end() && --it->second <= 0) counts.erase(it);
+  };
+  decrement(local_address_count_, a.prefix.address);
+  if (a.prefix.address.is_v4() && a.prefix.length < 31) {
+    decrement(broadcast_count_, a.prefix.Last());
+  }
+}
+
+void KernelModel::AddRoute(const Route& r) {
+  if (r.table != RT_TABLE_MAIN) return;
+  auto& list = routes_[r.destination];
+  for (Route& existing : list) {
+    if (existing.metric == r.metric && existing.ifindex == r.ifindex) {
+      existing = r;
+      return;
+    }
+  }
+  list.push_back(r);
+}
+
+void KernelModel::RemoveRoute(const Route& r) {
+  auto it = routes_.find(r.destination);
+  if (it == routes_.end()) return;
+  auto& list = it->second;
+  list.erase(std::remove_if(list.begin(), list.end(),
+                            [&](const Route& e) {
+                              return e.metric == r.metric &&
+                                     (r.ifindex == 0 || e.ifindex == r.ifindex) &&
+                                     (r.protocol == 0 || e.protocol == r.protocol);
+                            }),
+             list.end());
+  if (list.empty()) routes_.erase(it);
+}
+
+void KernelModel::Apply(const kernel::Event& event) {
+  if (auto* e = std::get_if<kernel::LinkEvent>(&event)) {
+    if (e->deleted) {
+      RemoveLink(e->link.ifindex);
+    } else {
+      UpsertLink(e->link);
+    }
+  } else if (auto* e = std::get_if<kernel::AddressEvent>(&event)) {
+    if (e->deleted) {
+      RemoveAddress(e->address);
+    } else {
+      AddAddress(e->address);
+    }
+  } else if (auto* e = std::get_if<kernel::RouteEvent>(&event)) {
+    if (e->deleted) {
+      RemoveRoute(e->route);
+    } else {
+      AddRoute(e->route);
+    }
+  } else if (auto* e = std::get_if<kernel::NeighborEvent>(&event)) {
+    NeighborKey key{e->neighbor.ifindex, e->neighbor.address, e->neighbor.proxy};
+    if (e->deleted) {
+      neighbors_.erase(key);
+    } else {
+      neighbors_[key] = e->neighbor;
+    }
+  }
+}
+
+void KernelModel::ApplyWrite(const kernel::Write& write) {
+  if (auto* w = std::get_if<kernel::SetLinkUp>(&write)) {
+    if (auto it = links_.find(w->ifindex); it != links_.end()) it->second.up = true;
+  } else if (auto* w = std::get_if<kernel::SetIpv4Forwarding>(&write)) {
+    if (auto it = links_.find(w->ifindex); it != links_.end()) {
+      it->second.ipv4_forwarding = w->enabled;
+    }
+  } else if (auto* w = std::get_if<kernel::AddAddress>(&write)) {
+    AddAddress(w->address);
+  } else if (auto* w = std::get_if<kernel::DeleteAddress>(&write)) {
+    RemoveAddress(w->address);
+  } else if (auto* w = std::get_if<kernel::AddRoute>(&write)) {
+    AddRoute(w->route);
+  } else if (auto* w = std::get_if<kernel::DeleteRoute>(&write)) {
+    RemoveRoute(w->route);
+  } else if (auto* w = std::get_if<kernel::SetNeighbor>(&write)) {
+    neighbors_[{w->neighbor.ifindex, w->neighbor.address, w->neighbor.proxy}] =
+        w->neighbor;
+  } else if (auto* w = std::get_if<kernel::DeleteNeighbor>(&write)) {
+    neighbors_.erase({w->neighbor.ifindex, w->neighbor.address, w->neighbor.proxy});
+  }
+}
+
+std::vector<IpAddress> KernelModel::ReplaceProxies(
+    const std::vector<Neighbor>& proxies) {
+  absl::flat_hash_map<NeighborKey, Neighbor> fresh;
+  for (const Neighbor& n : proxies) fresh[{n.ifindex, n.address, true}] = n;
+  absl::flat_hash_set<IpAddress> changed;
+  for (auto it = neighbors_.begin(); it != neighbors_.end();) {
+    if (!it->first.proxy) {
+      ++it;
+      continue;
+    }
+    auto f = fresh.find(it->first);
+    if (f == fresh.end() || !(f->second == it->second)) {
+      changed.insert(it->first.address);
+    }
+    if (f == fresh.end()) {
+      neighbors_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  for (auto& [key, n] : fresh) {
+    auto [it, inserted] = neighbors_.insert_or_assign(key, n);
+    if (inserted) changed.insert(key.address);
+  }
+  return {changed.begin(), changed.end()};
+}
+
+const Link* KernelModel::LinkByName(absl::string_view name) const {
+  auto it = link_by_name_.find(name);
+  return it == link_by_name_.end() ? nullptr : LinkByIndex(it->second);
+}
+
+const Link* KernelModel::LinkByIndex(int ifindex) const {
+  auto it = links_.find(ifindex);
+  return it == links_.end() ? nullptr : &it->second;
+}
+
+const Address* KernelModel::FindAddress(int ifindex, const IpPrefix& prefix) const {
+  auto it = addresses_.find(AddressKey{ifindex, prefix});
+  return it == addresses_.end() ? nullptr : &it->second;
+}
+
+const std::vector<Route>* KernelModel::RoutesTo(const IpPrefix& prefix) const {
+  auto it = routes_.find(prefix);
+  return it == routes_.end() ? nullptr : &it->second;
+}
+
+const Neighbor* KernelModel::FindNeighbor(int ifindex, const IpAddress& address,
+                                          bool proxy) const {
+  auto it = neighbors_.find(NeighborKey{ifindex, address, proxy});
+  return it == neighbors_.end() ? nullptr : &it->second;
+}
+
+bool KernelModel::IsLocalAddress(const IpAddress& address) const {
+  return local_address_count_.contains(address);
+}
+
+bool KernelModel::IsConnectedBroadcast(const IpAddress& address) const {
+  return broadcast_count_.contains(address);
+}
+
+}  // namespace vmnet

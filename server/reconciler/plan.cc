@@ -1,0 +1,262 @@
+#include "vmnet/reconciler/plan.h"
+
+#include <linux/if_addr.h>
+#include <linux/neighbour.h>
+#include <linux/rtnetlink.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace vmnet {
+
+using kernel::Address;
+using kernel::Link;
+using kernel::Neighbor;
+using kernel::Route;
+
+const char* VmStateName(VmState state) {
+  switch (state) {
+    case VmState::kPending:
+      return "pending";
+    case VmState::kProgrammed:
+      return "programmed";
+    case VmState::kFailed:
+      return "failed";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// The gateway is a /32 address on each VM link rather than one address on
+// lo: on lo the host would also answer ARP for the gateway on the uplinks,
+// and a proxy entry for it would need a route to the gateway through
+// another link, which a host without a default route lacks. The per-link
+// cost (measured in ../shared/guide/host-routed.md) is paid once per VM.
+Address GatewayAddress(int ifindex, const HostConfig& config) {
+  Address a;
+  a.ifindex = ifindex;
+  a.prefix = IpPrefix::Host(config.gateway);
+  a.scope = RT_SCOPE_LINK;
+  a.flags = IFA_F_NOPREFIXROUTE | IFA_F_PERMANENT;
+  a.protocol = config.protocol;
+  return a;
+}
+
+Route VmRoute(const IpAddress& address, int ifindex, const HostConfig& config) {
+  Route r;
+  r.destination = IpPrefix::Host(address);
+  r.ifindex = ifindex;
+  r.protocol = config.protocol;
+  r.scope = RT_SCOPE_LINK;
+  r.type = RTN_UNICAST;
+  r.table = RT_TABLE_MAIN;
+  return r;
+}
+
+Neighbor ProxyEntry(const IpAddress& address, int ifindex, const HostConfig& config) {
+  Neighbor n;
+  n.ifindex = ifindex;
+  n.address = address;
+  n.proxy = true;
+  n.protocol = config.protocol;
+  return n;
+}
+
+Neighbor VmNeighbor(const IpAddress& address, int ifindex, const MacAddress& mac,
+                    const HostConfig& config) {
+  Neighbor n;
+  n.ifindex = ifindex;
+  n.address = address;
+  n.lladdr = mac;
+  n.state = NUD_PERMANENT;
+  n.protocol = config.protocol;
+  return n;
+}
+
+void Conflict(VmPlan* plan, std::string what) {
+  if (plan->state != VmState::kFailed) {
+    plan->state = VmState::kFailed;
+    plan->message = std::move(what);
+  }
+}
+
+void PlanRoute(const IpAddress& address, const Link& link, const KernelModel& model,
+               const HostConfig& config, VmPlan* plan) {
+  Route want = VmRoute(address, link.ifindex, config);
+  bool present = false;
+  if (const auto* routes = model.RoutesTo(want.destination)) {
+    for (const Route& r : *routes) {
+      if (r.protocol != config.protocol) {
+        Conflict(plan, absl::StrCat(r.ToString(),
+                                    " is not vmnetd's and stands where the "
+                                    "route to the VM must be; remove it"));
+        return;
+      }
+      if (r.ifindex == link.ifindex && r.metric == 0 && r.scope == want.scope &&
+          r.type == want.type && r.gateway.family() == IpAddress::Family::kNone) {
+        present = true;
+      } else {
+        plan->writes.push_back(kernel::DeleteRoute{r});  // ours, but wrong
+      }
+    }
+  }
+  if (!present) plan->writes.push_back(kernel::AddRoute{want});
+}
+
+void PlanNeighbor(const IpAddress& address, const Link& link, const MacAddress& mac,
+                  const KernelModel& model, const HostConfig& config, VmPlan* plan) {
+  Neighbor want = VmNeighbor(address, link.ifindex, mac, config);
+  const Neighbor* have = model.FindNeighbor(link.ifindex, address, false);
+  if (have != nullptr && have->lladdr == want.lladdr &&
+      (have->state & NUD_PERMANENT) && have->protocol == config.protocol) {
+    return;
+  }
+  // A permanent entry someone else set is theirs; a learned (dynamic) entry
+  // is the kernel's cache and is replaced by ours.
+  if (have != nullptr && (have->state & NUD_PERMANENT) &&
+      have->protocol != config.protocol) {
+    Conflict(plan, absl::StrCat(have->ToString(),
+                                " is not vmnetd's and stands where the VM's "
+                                "neighbour entry must be; remove it"));
+    return;
+  }
+  plan->writes.push_back(kernel::SetNeighbor{want});
+}
+
+}  // namespace
+
+VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& config) {
+  VmPlan plan;
+  const Link* link = model.LinkByName(spec.interface);
+  if (link == nullptr) {
+    plan.state = VmState::kPending;
+    plan.message = absl::StrCat("interface ", spec.interface, " does not exist yet");
+    return plan;
+  }
+  if (!link->up) plan.writes.push_back(kernel::SetLinkUp{link->ifindex, link->name});
+  if (link->ipv4_forwarding != true) {
+    plan.writes.push_back(kernel::SetIpv4Forwarding{link->ifindex, link->name, true});
+  }
+  Address gateway = GatewayAddress(link->ifindex, config);
+  // Any gateway address on the link answers the VM, ours or not.
+  if (model.FindAddress(link->ifindex, gateway.prefix) == nullptr) {
+    plan.writes.push_back(kernel::AddAddress{gateway});
+  }
+  for (const IpAddress& address : spec.addresses) {
+    PlanRoute(address, *link, model, config, &plan);
+    for (const std::string& uplink_name : config.uplinks) {
+      const Link* uplink = model.LinkByName(uplink_name);
+      if (uplink == nullptr) continue;
+      // A proxy entry is the same whoever made it: one that exists serves.
+      if (model.FindNeighbor(uplink->ifindex, address, true) == nullptr) {
+        plan.writes.push_back(
+            kernel::SetNeighbor{ProxyEntry(address, uplink->ifindex, config)});
+      }
+    }
+    if (spec.mac) PlanNeighbor(address, *link, *spec.mac, model, config, &plan);
+  }
+  return plan;
+}
+
+std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new_spec,
+                                       const KernelModel& model,
+                                       const HostConfig& config) {
+  std::vector<kernel::Write> writes;
+  const Link* old_link = model.LinkByName(old_spec.interface);
+  bool link_kept = new_spec != nullptr && new_spec->interface == old_spec.interface;
+  bool mac_kept = link_kept && new_spec->mac == old_spec.mac;
+  auto kept = [&](const IpAddress& a) {
+    return new_spec != nullptr &&
+           std::binary_search(new_spec->addresses.begin(), new_spec->addresses.end(), a);
+  };
+  for (const IpAddress& address : old_spec.addresses) {
+    bool address_kept = kept(address);
+    if (const auto* routes = model.RoutesTo(IpPrefix::Host(address))) {
+      for (const Route& r : *routes) {
+        bool ours = r.protocol == config.protocol;
+        bool on_old_link = old_link != nullptr && r.ifindex == old_link->ifindex;
+        if (ours && on_old_link && !(address_kept && link_kept)) {
+          writes.push_back(kernel::DeleteRoute{r});
+        }
+      }
+    }
+    if (!address_kept) {
+      for (const std::string& uplink_name : config.uplinks) {
+        const Link* uplink = model.LinkByName(uplink_name);
+        if (uplink == nullptr) continue;
+        const Neighbor* n = model.FindNeighbor(uplink->ifindex, address, true);
+        if (n != nullptr && n->protocol == config.protocol) {
+          writes.push_back(kernel::DeleteNeighbor{*n});
+        }
+      }
+    }
+    if (old_link != nullptr && old_spec.mac && !(address_kept && mac_kept)) {
+      const Neighbor* n = model.FindNeighbor(old_link->ifindex, address, false);
+      if (n != nullptr && n->protocol == config.protocol) {
+        writes.push_back(kernel::DeleteNeighbor{*n});
+      }
+    }
+  }
+  if (old_link != nullptr && !link_kept) {
+    const Address* gw =
+        model.FindAddress(old_link->ifindex, IpPrefix::Host(config.gateway));
+    if (gw != nullptr && gw->protocol == config.protocol) {
+      writes.push_back(kernel::DeleteAddress{*gw});
+    }
+    // A detached VM's link stops forwarding, so the VM can no longer route
+    // through the host. Links matching --interface-pattern are the agent's
+    // to configure; the link itself and its up/down state are left alone.
+    if (old_link->ipv4_forwarding != false) {
+      writes.push_back(
+          kernel::SetIpv4Forwarding{old_link->ifindex, old_link->name, false});
+    }
+  }
+  return writes;
+}
+
+std::vector<kernel::Write> PlanUplinks(const KernelModel& model,
+                                       const HostConfig& config) {
+  std::vector<kernel::Write> writes;
+  for (const std::string& name : config.uplinks) {
+    const Link* uplink = model.LinkByName(name);
+    if (uplink != nullptr && uplink->ipv4_forwarding != true) {
+      writes.push_back(kernel::SetIpv4Forwarding{uplink->ifindex, uplink->name, true});
+    }
+  }
+  return writes;
+}
+
+std::vector<kernel::Write> PlanOrphans(
+    const KernelModel& model, const HostConfig& config,
+    const absl::flat_hash_map<IpAddress, std::string>& owner_of_address,
+    const absl::flat_hash_map<std::string, std::string>& vm_of_interface) {
+  std::vector<kernel::Write> writes;
+  auto link_name = [&](int ifindex) -> std::string {
+    const Link* l = model.LinkByIndex(ifindex);
+    return l == nullptr ? "" : l->name;
+  };
+  model.ForEachRoute([&](const Route& r) {
+    if (r.protocol != config.protocol) return;
+    auto owner = owner_of_address.find(r.destination.address);
+    bool wanted = r.destination.length == r.destination.address.bit_length() &&
+                  owner != owner_of_address.end() &&
+                  owner->second == link_name(r.ifindex);
+    if (!wanted) writes.push_back(kernel::DeleteRoute{r});
+  });
+  model.ForEachNeighbor([&](const Neighbor& n) {
+    if (n.protocol != config.protocol) return;
+    auto owner = owner_of_address.find(n.address);
+    bool wanted = owner != owner_of_address.end();
+    if (wanted && !n.proxy) wanted = owner->second == link_name(n.ifindex);
+    if (!wanted) writes.push_back(kernel::DeleteNeighbor{n});
+  });
+  model.ForEachAddress([&](const Address& a) {
+    if (a.protocol != config.protocol) return;
+    if (!vm_of_interface.contains(link_name(a.ifindex))) {
+      writes.push_back(kernel::DeleteAddress{a});
+    }
+  });
+  return writes;
+}
+
+}  // namespace vmnet

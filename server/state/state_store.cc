@@ -1,0 +1,189 @@
+#include "vmnet/state/state_store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "server/state/state_file.pb.h"
+
+namespace vmnet {
+namespace {
+
+constexpr char kMagic[8] = {'V', 'M', 'N', 'E', 'T', 'S', 'T', '1'};
+constexpr size_t kHeader = sizeof(kMagic) + 8;  // magic, length, crc32
+// Far above 100,000 VMs with many addresses each; a larger file is damage.
+constexpr uint32_t kMaxPayload = 1u << 30;
+
+absl::Status ErrnoError(absl::string_view what, const std::string& path) {
+  return absl::InternalError(
+      absl::StrCat(what, " ", path, ": ", strerror(errno)));
+}
+
+void PutU32(std::string* out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+
+absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
+  while (!data.empty()) {
+    ssize_t n = write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError("write", path);
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+StateStore::StateStore(std::string dir, int lock_fd)
+    : dir_(std::move(dir)), path_(dir_ + "/state.bin"), lock_fd_(lock_fd) {}
+
+StateStore::StateStore(StateStore&& other) noexcept
+    : dir_(std::move(other.dir_)),
+      path_(std::move(other.path_)),
+      lock_fd_(other.lock_fd_) {
+  other.lock_fd_ = -1;
+}
+
+StateStore::~StateStore() {
+  if (lock_fd_ >= 0) close(lock_fd_);
+}
+
+absl::StatusOr<StateStore> StateStore::Open(const std::string& dir) {
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return ErrnoError("create state directory", dir);
+  }
+  std::string lock_path = dir + "/lock";
+  int fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoError("open", lock_path);
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "state directory ", dir, " is locked by another vmnetd (", lock_path, ")"));
+  }
+  return StateStore(dir, fd);
+}
+
+std::string StateStore::Encode(const StoredState& state) {
+  state::StateFile file;
+  file.set_revision_lease(state.revision_lease);
+  for (const StoredVm& vm : state.vms) {
+    state::VmRecord* r = file.add_vms();
+    r->set_vm_id(vm.spec.vm_id);
+    r->set_interface(vm.spec.interface);
+    for (const IpAddress& a : vm.spec.addresses) r->add_ip_addresses(a.ToString());
+    if (vm.spec.mac) r->set_mac_address(vm.spec.mac->ToString());
+    r->set_revision(vm.revision);
+  }
+  std::string payload = file.SerializeAsString();
+  std::string out(kMagic, sizeof(kMagic));
+  PutU32(&out, static_cast<uint32_t>(payload.size()));
+  PutU32(&out, static_cast<uint32_t>(
+                   crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
+                         static_cast<uInt>(payload.size()))));
+  return out + payload;
+}
+
+absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
+  if (bytes.size() < kHeader || std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
+    return absl::DataLossError("not a vmnetd state file (bad header)");
+  }
+  uint32_t length = GetU32(bytes.data() + 8);
+  uint32_t checksum = GetU32(bytes.data() + 12);
+  if (length > kMaxPayload || bytes.size() - kHeader != length) {
+    return absl::DataLossError("truncated or oversized state file");
+  }
+  absl::string_view payload = bytes.substr(kHeader);
+  if (crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
+            static_cast<uInt>(payload.size())) != checksum) {
+    return absl::DataLossError("state file checksum mismatch");
+  }
+  state::StateFile file;
+  if (!file.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+    return absl::DataLossError("state file does not parse");
+  }
+  StoredState state;
+  state.revision_lease = file.revision_lease();
+  // Records were validated when accepted; validate again, so that a file
+  // edited by hand cannot smuggle in what the API would refuse.
+  SpecRules permissive;
+  permissive.interface_pattern = std::regex(".*");
+  permissive.max_addresses = 1u << 20;
+  for (const state::VmRecord& r : file.vms()) {
+    std::vector<std::string> addresses(r.ip_addresses().begin(),
+                                       r.ip_addresses().end());
+    auto spec = ParseVmSpec(r.vm_id(), r.interface(), addresses,
+                            r.mac_address(), permissive);
+    if (!spec.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("invalid VM record: ", spec.status().message()));
+    }
+    state.vms.push_back({std::move(*spec), r.revision()});
+  }
+  return state;
+}
+
+absl::StatusOr<StoredState> StateStore::Load() const {
+  int fd = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return StoredState{};
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot read state file ", path_, ": ", strerror(errno)));
+  }
+  std::string bytes;
+  char buf[1 << 16];
+  while (true) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      close(fd);
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot read state file ", path_, ": ", strerror(err)));
+    }
+    if (n == 0) break;
+    bytes.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  auto state = Decode(bytes);
+  if (!state.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "state file ", path_, " is damaged: ", state.status().message(),
+        ". Move it aside to start with an empty state (the kernel objects of "
+        "VMs not in the state are then removed)"));
+  }
+  return state;
+}
+
+absl::Status StateStore::Save(const StoredState& state) {
+  std::string tmp = path_ + ".tmp";
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoError("create", tmp);
+  absl::Status s = WriteAll(fd, Encode(state), tmp);
+  if (s.ok() && fsync(fd) != 0) s = ErrnoError("fsync", tmp);
+  close(fd);
+  if (!s.ok()) return s;
+  if (rename(tmp.c_str(), path_.c_str()) != 0) return ErrnoError("rename to", path_);
+  int dir_fd = open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return ErrnoError("open", dir_);
+  int rc = fsync(dir_fd);
+  close(dir_fd);
+  if (rc != 0) return ErrnoError("fsync", dir_);
+  return absl::OkStatus();
+}
+
+}  // namespace vmnet

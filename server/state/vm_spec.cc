@@ -1,0 +1,139 @@
+#include "vmnet/state/vm_spec.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace vmnet {
+namespace {
+
+// Quotes untrusted text for an error message: bounded and printable, so a
+// hostile value cannot flood a log line or a terminal.
+std::string Quote(absl::string_view text) {
+  constexpr size_t kMax = 80;
+  std::string out = "\"";
+  for (size_t i = 0; i < text.size() && i < kMax; ++i) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      absl::StrAppendFormat(&out, "\\x%02x", c);
+    }
+  }
+  if (text.size() > kMax) out += "...";
+  return out + "\"";
+}
+
+absl::Status Invalid(absl::string_view field, absl::string_view value,
+                     absl::string_view reason) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, ": ", Quote(value), " ", reason));
+}
+
+bool IsVmIdChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+         (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+}
+
+absl::StatusOr<IpAddress> ParseVmAddress(absl::string_view field,
+                                         absl::string_view text,
+                                         const SpecRules& rules) {
+  auto address = IpAddress::Parse(text);
+  if (!address) return Invalid(field, text, "is not an IP address");
+  if (address->is_v6()) {
+    return Invalid(field, text,
+                   "is an IPv6 address; only IPv4 is supported yet");
+  }
+  if (address->IsUnspecified()) return Invalid(field, text, "is the unspecified address");
+  if (address->IsMulticast()) return Invalid(field, text, "is a multicast address");
+  if (address->IsLimitedBroadcast()) return Invalid(field, text, "is the broadcast address");
+  if (address->IsLoopback()) return Invalid(field, text, "is a loopback address");
+  if (address->IsLinkLocal()) return Invalid(field, text, "is a link-local address");
+  if ((address->v4_host_order() >> 28) == 0xf) {
+    return Invalid(field, text, "is in the reserved range 240.0.0.0/4");
+  }
+  if (*address == rules.gateway) {
+    return Invalid(field, text, "is the VMs' gateway address");
+  }
+  return *address;
+}
+
+}  // namespace
+
+absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field) {
+  if (vm_id.empty()) return Invalid(field, vm_id, "is empty; give 1 to 64 characters");
+  if (vm_id.size() > kMaxVmIdLength) {
+    return Invalid(field, vm_id,
+                   absl::StrCat("is ", vm_id.size(),
+                                " characters long; the maximum is 64"));
+  }
+  for (char c : vm_id) {
+    if (!IsVmIdChar(c)) {
+      return Invalid(field, vm_id,
+                     "has a character outside [A-Za-z0-9._-]");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
+                                   absl::string_view interface,
+                                   absl::Span<const std::string> addresses,
+                                   absl::string_view mac,
+                                   const SpecRules& rules) {
+  if (auto s = ValidateVmId(vm_id); !s.ok()) return s;
+  VmSpec spec;
+  spec.vm_id = std::string(vm_id);
+
+  if (interface.empty()) return Invalid("interface", interface, "is empty");
+  if (interface.size() > kMaxInterfaceLength) {
+    return Invalid("interface", interface,
+                   absl::StrCat("is ", interface.size(),
+                                " bytes long; Linux allows at most 15"));
+  }
+  if (!std::regex_match(interface.begin(), interface.end(),
+                        rules.interface_pattern)) {
+    return Invalid("interface", interface,
+                   "does not match the agent's --interface-pattern");
+  }
+  spec.interface = std::string(interface);
+
+  if (addresses.empty()) {
+    return absl::InvalidArgumentError(
+        "ip_addresses: is empty; give at least one address");
+  }
+  if (addresses.size() > rules.max_addresses) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ip_addresses: has ", addresses.size(),
+                     " addresses; the limit (--max-addresses-per-vm) is ",
+                     rules.max_addresses));
+  }
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    std::string field = absl::StrCat("ip_addresses[", i, "]");
+    auto address = ParseVmAddress(field, addresses[i], rules);
+    if (!address.ok()) return address.status();
+    if (std::find(spec.addresses.begin(), spec.addresses.end(), *address) !=
+        spec.addresses.end()) {
+      return Invalid(field, addresses[i], "is given twice");
+    }
+    spec.addresses.push_back(*address);
+  }
+  std::sort(spec.addresses.begin(), spec.addresses.end());
+
+  if (!mac.empty()) {
+    auto parsed = MacAddress::Parse(mac);
+    if (!parsed) {
+      return Invalid("mac_address", mac,
+                     "is not a MAC address like aa:bb:cc:dd:ee:ff");
+    }
+    if (parsed->IsZero()) return Invalid("mac_address", mac, "is all zeros");
+    if (parsed->IsMulticast()) {
+      return Invalid("mac_address", mac, "is a multicast MAC; give a unicast one");
+    }
+    spec.mac = *parsed;
+  }
+  return spec;
+}
+
+}  // namespace vmnet

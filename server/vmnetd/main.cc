@@ -1,0 +1,245 @@
+// vmnetd: puts VMs on the network of a Linux host in host-routed mode, as a
+// remote control plane asks over gRPC (vmnet.v1.VmNetwork).
+//
+// Start-up order: flags, the kernel (event subscription first), the
+// desired state, the first full sync, then the gRPC listeners. Shutdown on
+// SIGTERM/SIGINT: health NOT_SERVING, stop accepting RPCs and finish those
+// in flight, end Watch streams, stop the reconciler. The kernel state is
+// left in place, so VMs keep their network while the agent is down.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/match.h"
+#include "absl/strings/strip.h"
+#include "absl/time/time.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "vmnet/api/service.h"
+#include "vmnet/events/event_log.h"
+#include "vmnet/kernel/netlink_kernel.h"
+#include "vmnet/log/log.h"
+#include "vmnet/reconciler/reconciler.h"
+#include "vmnet/state/state_store.h"
+
+ABSL_FLAG(std::string, listen, "unix:///run/vmnetd/vmnetd.sock",
+          "Comma-separated gRPC listen addresses: host:port (e.g. 127.0.0.1:50051, "
+          "[::1]:50051) or unix:///path. A unix socket is created with mode 0660.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port for the Prometheus /metrics endpoint (accepted; served by a "
+          "later release). Empty: no metrics endpoint.");
+ABSL_FLAG(std::string, state_dir, "/var/lib/vmnetd",
+          "Directory of the durable desired state (state.bin) and its lock. "
+          "Requests are acknowledged only once the state is on disk here.");
+ABSL_FLAG(std::string, uplinks, "",
+          "Comma-separated host interfaces on which VM addresses are published "
+          "with proxy ARP. Default: the interfaces that carry the default routes.");
+ABSL_FLAG(std::string, gateway, "169.255.30.1",
+          "The VMs' default gateway, answered by the host on each VM link as a /32 "
+          "address.");
+ABSL_FLAG(std::string, interface_pattern, "vme[0-9a-f]{1,12}",
+          "Regular expression (full match) of the host-side VM links the agent may "
+          "manage. Links matching it are the agent's to configure while attached.");
+ABSL_FLAG(int, route_protocol, 237,
+          "The rtm_protocol number (1-255, not 0-4 or a well-known routing daemon's) "
+          "that marks the routes, proxy entries, neighbour entries and addresses "
+          "this agent installs. Objects without it are never touched.");
+ABSL_FLAG(int, proxy_check_interval_ms, 500,
+          "How often proxy ARP entries are dumped to repair their drift (the kernel "
+          "raises no event for them), in milliseconds.");
+ABSL_FLAG(int, full_resync_interval_s, 300,
+          "How often the whole kernel state is re-read and repaired, in seconds.");
+ABSL_FLAG(int, max_vms, 16384, "The most VMs this host may hold.");
+ABSL_FLAG(int, max_addresses_per_vm, 64, "The most addresses one VM may have.");
+ABSL_FLAG(int, max_watchers, 1024, "The most concurrent Watch streams.");
+ABSL_FLAG(int, watch_queue, 4096,
+          "Events queued per Watch stream; a watcher further behind is ended "
+          "with RESOURCE_EXHAUSTED and may resume.");
+ABSL_FLAG(int, watch_history, 65536, "Events retained for Watch resume.");
+ABSL_FLAG(int, max_request_bytes, 1 << 20, "The largest gRPC request accepted.");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error.");
+
+namespace vmnet {
+namespace {
+
+int Fail(absl::string_view message) {
+  VMNET_LOG(Error) << "event=start_failed error=\"" << message << "\"";
+  return 1;
+}
+
+// The interfaces that carry the host's IPv4 default routes.
+absl::StatusOr<std::vector<std::string>> DefaultRouteLinks(kernel::Kernel& k) {
+  auto snapshot = k.Dump();
+  if (!snapshot.ok()) return snapshot.status();
+  std::vector<std::string> out;
+  for (const kernel::Route& r : snapshot->routes) {
+    if (r.destination.length != 0 || r.ifindex == 0) continue;
+    for (const kernel::Link& l : snapshot->links) {
+      if (l.ifindex == r.ifindex &&
+          std::find(out.begin(), out.end(), l.name) == out.end()) {
+        out.push_back(l.name);
+      }
+    }
+  }
+  return out;
+}
+
+std::string EpochNow() {
+  return absl::FormatTime("%Y%m%dT%H%M%E3SZ", absl::Now(), absl::UTCTimeZone());
+}
+
+int Run() {
+  LogLevel level;
+  if (!ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    return Fail("--log-level: give debug, info, warning or error");
+  }
+  SetLogLevel(level);
+
+  ReconcilerOptions options;
+  auto gateway = IpAddress::Parse(absl::GetFlag(FLAGS_gateway));
+  if (!gateway || !gateway->is_v4() || gateway->IsUnspecified() || gateway->IsMulticast()) {
+    return Fail("--gateway: give a unicast IPv4 address");
+  }
+  options.host.gateway = *gateway;
+  int protocol = absl::GetFlag(FLAGS_route_protocol);
+  if (protocol <= 4 || protocol > 255) {
+    return Fail("--route-protocol: give a number from 5 to 255 (0-4 are the kernel's)");
+  }
+  options.host.protocol = static_cast<uint8_t>(protocol);
+  try {
+    options.rules.interface_pattern = std::regex(absl::GetFlag(FLAGS_interface_pattern));
+  } catch (const std::regex_error& e) {
+    return Fail(absl::StrCat("--interface-pattern: not a regular expression: ", e.what()));
+  }
+  options.rules.gateway = *gateway;
+  options.rules.max_addresses = static_cast<size_t>(absl::GetFlag(FLAGS_max_addresses_per_vm));
+  options.max_vms = static_cast<size_t>(absl::GetFlag(FLAGS_max_vms));
+  options.proxy_check_interval =
+      std::chrono::milliseconds(absl::GetFlag(FLAGS_proxy_check_interval_ms));
+  options.full_resync_interval =
+      std::chrono::seconds(absl::GetFlag(FLAGS_full_resync_interval_s));
+
+  // Subscribing to kernel events comes first: nothing between the dump and
+  // the event stream is lost.
+  auto netlink = kernel::NetlinkKernel::Create({});
+  if (!netlink.ok()) return Fail(netlink.status().message());
+
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_uplinks), ',', absl::SkipWhitespace())) {
+    options.host.uplinks.emplace_back(absl::StripAsciiWhitespace(name));
+  }
+  if (options.host.uplinks.empty()) {
+    auto links = DefaultRouteLinks(**netlink);
+    if (!links.ok()) return Fail(links.status().message());
+    if (links->empty()) {
+      return Fail("--uplinks: not given, and no default route names an interface; "
+                  "give the uplinks explicitly");
+    }
+    options.host.uplinks = *links;
+  }
+
+  auto store = StateStore::Open(absl::GetFlag(FLAGS_state_dir));
+  if (!store.ok()) return Fail(store.status().message());
+
+  EventLog events(EpochNow(), static_cast<size_t>(absl::GetFlag(FLAGS_watch_history)));
+  ServiceOptions service_options;
+  service_options.rules = options.rules;
+  service_options.route_protocol = options.host.protocol;
+  service_options.max_watchers = static_cast<size_t>(absl::GetFlag(FLAGS_max_watchers));
+  service_options.watch_queue = static_cast<size_t>(absl::GetFlag(FLAGS_watch_queue));
+
+  Reconciler reconciler(netlink->get(), &*store, &events, options);
+  // Block the shutdown signals before any thread starts, so that only
+  // sigwait below receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  if (auto s = reconciler.Start(); !s.ok()) return Fail(s.message());
+  VMNET_LOG(Info) << "event=synced vms=" << reconciler.Vms().size()
+                  << " uplinks=" << absl::StrJoin(options.host.uplinks, ",")
+                  << " epoch=" << events.epoch();
+
+  VmNetworkService service(&reconciler, netlink->get(), &events, service_options);
+  HealthService health(&reconciler);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
+  std::vector<std::string> unix_paths;
+  for (absl::string_view address :
+       absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipWhitespace())) {
+    std::string a(absl::StripAsciiWhitespace(address));
+    if (absl::StartsWith(a, "unix://")) {
+      std::string path(absl::StripPrefix(a, "unix://"));
+      unix_paths.push_back(path);
+      auto dir = path.substr(0, path.rfind('/'));
+      if (!dir.empty()) mkdir(dir.c_str(), 0750);
+    }
+    builder.AddListeningPort(a, grpc::InsecureServerCredentials());
+  }
+  builder.RegisterService(&service);
+  builder.RegisterService(&health);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr) {
+    reconciler.Stop();
+    return Fail(absl::StrCat("could not listen on --listen=", absl::GetFlag(FLAGS_listen)));
+  }
+  for (const std::string& path : unix_paths) chmod(path.c_str(), 0660);
+  VMNET_LOG(Info) << "event=serving listen=" << absl::GetFlag(FLAGS_listen);
+
+  int signal = 0;
+  sigwait(&signals, &signal);
+  VMNET_LOG(Info) << "event=stopping signal=" << signal;
+  health.SetDraining();
+  events.CloseAll();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  reconciler.Stop();
+  for (const std::string& path : unix_paths) unlink(path.c_str());
+  VMNET_LOG(Info) << "event=stopped";
+  return 0;
+}
+
+}  // namespace
+}  // namespace vmnet
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "vmnetd: the host-routed VM network agent.\n\n"
+      "Serves vmnet.v1.VmNetwork over gRPC and drives the kernel through netlink so\n"
+      "that each attached VM has its link up, a /32 route per address, a proxy ARP\n"
+      "entry per address on every uplink and its gateway answered on its link.\n\n"
+      "Usage: vmnetd --uplinks=eth0 [--listen=unix:///run/vmnetd/vmnetd.sock] [flags]\n"
+      "Flags may be spelled with dashes or underscores (--state-dir, --state_dir).");
+  absl::FlagsUsageConfig config;
+  config.contains_helpshort_flags = [](absl::string_view f) {
+    return absl::StrContains(f, "vmnetd/");
+  };
+  config.contains_help_flags = config.contains_helpshort_flags;
+  absl::SetFlagsUsageConfig(config);
+  // Flags are documented with dashes (--state-dir); absl spells them with
+  // underscores. Accept both.
+  std::vector<std::string> normalized(argv, argv + argc);
+  std::vector<char*> args;
+  for (std::string& arg : normalized) {
+    if (absl::StartsWith(arg, "--")) {
+      size_t end = std::min(arg.find('='), arg.size());
+      std::replace(arg.begin() + 2, arg.begin() + static_cast<long>(end), '-', '_');
+    }
+    args.push_back(arg.data());
+  }
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  return vmnet::Run();
+}
