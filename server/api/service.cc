@@ -310,6 +310,8 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
     }
     absl::MutexLock lock(&mu_);
     subscribed_ = true;
+    // Headers tell the client the watch is in place before any event.
+    if (!finished_) StartSendInitialMetadata();
     MaybeWriteLocked();
   }
 

@@ -18,6 +18,7 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   link_by_name_.clear();
   addresses_.clear();
   local_address_count_.clear();
+  ipv4_addresses_per_link_.clear();
   broadcast_count_.clear();
   routes_.clear();
   neighbors_.clear();
@@ -78,6 +79,7 @@ void KernelModel::AddAddress(const Address& a) {
   auto [it, inserted] = addresses_.insert_or_assign({a.ifindex, a.prefix}, a);
   if (!inserted) return;
   ++local_address_count_[a.prefix.address];
+  if (a.prefix.address.is_v4()) ++ipv4_addresses_per_link_[a.ifindex];
   if (a.prefix.address.is_v4() && a.prefix.length < 31) {
     ++broadcast_count_[a.prefix.Last()];
   }
@@ -91,6 +93,15 @@ void KernelModel::RemoveAddress(const Address& a) {
     if (it != counts.end() && --it->second <= 0) counts.erase(it);
   };
   decrement(local_address_count_, a.prefix.address);
+  if (a.prefix.address.is_v4()) {
+    auto it = ipv4_addresses_per_link_.find(a.ifindex);
+    if (it != ipv4_addresses_per_link_.end() && --it->second <= 0) {
+      ipv4_addresses_per_link_.erase(it);
+      // The last IPv4 address gone disables IP on the link: the kernel
+      // flushes its routes and neighbour entries, with no route event.
+      ForgetLinkObjects(a.ifindex, false);
+    }
+  }
   if (a.prefix.address.is_v4() && a.prefix.length < 31) {
     decrement(broadcast_count_, a.prefix.Last());
   }

@@ -86,6 +86,7 @@ class KernelModel {
   absl::flat_hash_map<std::string, int> link_by_name_;
   absl::flat_hash_map<AddressKey, kernel::Address> addresses_;
   absl::flat_hash_map<IpAddress, int> local_address_count_;
+  absl::flat_hash_map<int, int> ipv4_addresses_per_link_;
   absl::flat_hash_map<IpAddress, int> broadcast_count_;
   absl::flat_hash_map<IpPrefix, std::vector<kernel::Route>> routes_;
   absl::flat_hash_map<NeighborKey, kernel::Neighbor> neighbors_;

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs what is
+# missing, builds once, runs every test (unit, kernel, end to end), then the
+# slower jobs: the suite again under AddressSanitizer+UndefinedBehaviorSanitizer
+# and the threaded parts under ThreadSanitizer.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --quick    the main build's suite only
+#
+# Kernel and end-to-end tests need root (they create network namespaces and
+# never touch the machine's own); without it they skip and say why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
+jobs=$(nproc)
+
+scripts/install-deps.sh
+
+# Namespaces a killed earlier run left behind: only ours (vmnt-*), and only
+# those whose owning process is gone.
+if [[ $(id -u) -eq 0 ]]; then
+  /usr/bin/python3 tests/e2e/lab.py cleanup || true
+fi
+
+section() { printf '\n==== %s ====\n' "$*"; }
+
+build() {  # build DIR [cmake args...]
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -G Ninja "$@" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+}
+
+section "build"
+build build
+section "tests"
+ctest --test-dir build --output-on-failure -j 1
+
+if ((quick)); then exit 0; fi
+
+section "AddressSanitizer + UndefinedBehaviorSanitizer"
+build build-asan -DVMNET_SANITIZE=address -DCMAKE_BUILD_TYPE=Debug
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-asan --output-on-failure -j 1
+
+section "ThreadSanitizer (the threaded parts: reconciler, event log, gRPC service)"
+build build-tsan -DVMNET_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug
+TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+  ctest --test-dir build-tsan --output-on-failure -j 1 -L 'unit|e2e'

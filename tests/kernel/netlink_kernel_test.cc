@@ -1,0 +1,250 @@
+// NetlinkKernel against the real kernel, in the test's own namespace (see
+// netns_main.cc). What it claims is checked with iproute2, not only with
+// our own dump.
+#include "vmnet/kernel/netlink_kernel.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <linux/if_addr.h>
+#include <linux/neighbour.h>
+#include <linux/rtnetlink.h>
+
+#include <array>
+#include <cstdio>
+#include <memory>
+
+#include "vmnet/reconciler/kernel_model.h"
+
+bool KernelTestsIsolated();
+const std::string& KernelTestsSkipReason();
+
+namespace vmnet::kernel {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr uint8_t kProto = 237;
+
+std::string Sh(const std::string& command) {
+  std::string out;
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((command + " 2>&1").c_str(), "r"), pclose);
+  std::array<char, 4096> buf;
+  while (pipe && fgets(buf.data(), buf.size(), pipe.get()) != nullptr) out += buf.data();
+  return out;
+}
+
+IpAddress Ip(const char* s) { return *IpAddress::Parse(s); }
+
+class NetlinkKernelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!KernelTestsIsolated()) GTEST_SKIP() << KernelTestsSkipReason();
+    Sh("ip link del eth0 2>/dev/null; ip link del vme1a 2>/dev/null");
+    ASSERT_EQ(Sh("ip link add eth0 type veth peer name lan0 && ip link set eth0 up && "
+                 "ip link set lan0 up && ip addr add 198.51.100.1/24 dev eth0 && "
+                 "ip link add vme1a type veth peer name vm0 && ip link set vm0 up"),
+              "");
+    auto k = NetlinkKernel::Create({});
+    ASSERT_TRUE(k.ok()) << k.status();
+    kernel_ = std::move(*k);
+    auto snap = kernel_->Dump();
+    ASSERT_TRUE(snap.ok());
+    for (const Link& l : snap->links) {
+      if (l.name == "eth0") eth0_ = l.ifindex;
+      if (l.name == "vme1a") vme_ = l.ifindex;
+    }
+    ASSERT_NE(eth0_, 0);
+    ASSERT_NE(vme_, 0);
+  }
+
+  void TearDown() override {
+    if (KernelTestsIsolated()) Sh("ip link del eth0 2>/dev/null; ip link del vme1a 2>/dev/null");
+  }
+
+  std::vector<Write> VmWrites() {
+    Route route;
+    route.destination = IpPrefix::Host(Ip("198.51.100.201"));
+    route.ifindex = vme_;
+    route.protocol = kProto;
+    route.scope = RT_SCOPE_LINK;
+    Neighbor proxy;
+    proxy.ifindex = eth0_;
+    proxy.address = Ip("198.51.100.201");
+    proxy.proxy = true;
+    proxy.protocol = kProto;
+    Neighbor neigh;
+    neigh.ifindex = vme_;
+    neigh.address = Ip("198.51.100.201");
+    neigh.lladdr = MacAddress::Parse("02:00:00:00:00:01");
+    neigh.state = NUD_PERMANENT;
+    neigh.protocol = kProto;
+    Address gw;
+    gw.ifindex = vme_;
+    gw.prefix = *IpPrefix::Parse("169.255.30.1/32");
+    gw.scope = RT_SCOPE_LINK;
+    gw.flags = IFA_F_NOPREFIXROUTE;
+    gw.protocol = kProto;
+    return {SetLinkUp{vme_, "vme1a"},
+            SetIpv4Forwarding{vme_, "vme1a", true},
+            SetIpv4Forwarding{eth0_, "eth0", true},
+            AddAddress{gw},
+            AddRoute{route},
+            SetNeighbor{proxy},
+            SetNeighbor{neigh}};
+  }
+
+  void ExpectAllOk(const std::vector<absl::Status>& results) {
+    for (const auto& s : results) EXPECT_TRUE(s.ok()) << s;
+  }
+
+  std::unique_ptr<NetlinkKernel> kernel_;
+  int eth0_ = 0, vme_ = 0;
+};
+
+TEST_F(NetlinkKernelTest, WritesTheHostRoutedRecipe) {
+  ExpectAllOk(kernel_->Apply(VmWrites()));
+  EXPECT_THAT(Sh("ip link show vme1a"), HasSubstr(",UP"));
+  EXPECT_EQ(Sh("cat /proc/sys/net/ipv4/conf/vme1a/forwarding"), "1\n");
+  EXPECT_EQ(Sh("cat /proc/sys/net/ipv4/conf/eth0/forwarding"), "1\n");
+  EXPECT_EQ(Sh("cat /proc/sys/net/ipv4/conf/lan0/forwarding"), "0\n")
+      << "forwarding is set per link, not host-wide";
+  EXPECT_EQ(Sh("ip route show 198.51.100.201/32"),
+            "198.51.100.201 dev vme1a proto 237 scope link \n");
+  EXPECT_EQ(Sh("ip -d neigh show proxy"), "198.51.100.201 dev eth0 proxy proto 237 \n");
+  EXPECT_THAT(Sh("ip neigh show dev vme1a"),
+              HasSubstr("198.51.100.201 lladdr 02:00:00:00:00:01 PERMANENT proto 237"));
+  EXPECT_THAT(Sh("ip addr show dev vme1a"),
+              HasSubstr("inet 169.255.30.1/32 scope link noprefixroute vme1a"));
+  EXPECT_THAT(Sh("arp -n"), HasSubstr("MP"));
+
+  auto snap = kernel_->Dump();
+  ASSERT_TRUE(snap.ok());
+  KernelModel model;
+  model.Reset(*snap);
+  EXPECT_EQ(model.LinkByName("vme1a")->ipv4_forwarding, true);
+  EXPECT_TRUE(model.LinkByName("vme1a")->up);
+  ASSERT_NE(model.FindNeighbor(eth0_, Ip("198.51.100.201"), true), nullptr);
+  EXPECT_EQ(model.FindNeighbor(eth0_, Ip("198.51.100.201"), true)->protocol, kProto);
+  ASSERT_NE(model.RoutesTo(IpPrefix::Host(Ip("198.51.100.201"))), nullptr);
+  // bookworm's iproute2 does not print an address's protocol; our dump of
+  // the kernel does.
+  EXPECT_EQ(model.FindAddress(vme_, *IpPrefix::Parse("169.255.30.1/32"))->protocol, kProto);
+}
+
+TEST_F(NetlinkKernelTest, CreateNeverOverwritesAndDeleteOfNothingIsFine) {
+  Sh("ip route add 198.51.100.201/32 dev eth0 proto static && ip link set vme1a up");
+  Route ours;
+  ours.destination = IpPrefix::Host(Ip("198.51.100.201"));
+  ours.ifindex = vme_;
+  ours.protocol = kProto;
+  ours.scope = RT_SCOPE_LINK;
+  auto results = kernel_->Apply({AddRoute{ours}, DeleteRoute{ours}});
+  EXPECT_EQ(results[0].code(), absl::StatusCode::kAlreadyExists) << results[0];
+  EXPECT_THAT(std::string(results[0].message()), HasSubstr("errno 17"));
+  // Our delete names our protocol: the administrator's route survives it.
+  EXPECT_TRUE(results[1].ok()) << results[1];
+  EXPECT_THAT(Sh("ip route show 198.51.100.201/32"), HasSubstr("proto static"));
+
+  Neighbor gone;
+  gone.ifindex = eth0_;
+  gone.address = Ip("198.51.100.77");
+  gone.proxy = true;
+  Address no_addr;
+  no_addr.ifindex = vme_;
+  no_addr.prefix = *IpPrefix::Parse("169.255.30.1/32");
+  ExpectAllOk(kernel_->Apply({DeleteNeighbor{gone}, DeleteAddress{no_addr}}));
+}
+
+TEST_F(NetlinkKernelTest, FailuresNameTheObjectAndErrno) {
+  Route r;
+  r.destination = IpPrefix::Host(Ip("198.51.100.201"));
+  r.ifindex = 9999;
+  r.protocol = kProto;
+  auto results = kernel_->Apply({AddRoute{r}});
+  ASSERT_FALSE(results[0].ok());
+  EXPECT_THAT(std::string(results[0].message()), HasSubstr("add route 198.51.100.201/32"));
+  EXPECT_THAT(std::string(results[0].message()), HasSubstr("errno"));
+}
+
+TEST_F(NetlinkKernelTest, ManyWritesInFlightAllAcknowledged) {
+  std::vector<Write> writes = {SetLinkUp{vme_, "vme1a"}};
+  for (int i = 1; i <= 2000; ++i) {
+    Route r;
+    r.destination = IpPrefix::Host(IpAddress::V4((198u << 24) | (18u << 16) | i));
+    r.ifindex = vme_;
+    r.protocol = kProto;
+    r.scope = RT_SCOPE_LINK;
+    writes.push_back(AddRoute{r});
+  }
+  ExpectAllOk(kernel_->Apply(writes));
+  EXPECT_EQ(Sh("ip route show proto 237 | wc -l"), "2000\n");
+}
+
+TEST_F(NetlinkKernelTest, EventsReportChangesBySomeoneElse) {
+  ExpectAllOk(kernel_->Apply(VmWrites()));
+  std::vector<Event> drained;
+  ASSERT_TRUE(kernel_->ReadEvents(&drained).ok());
+  Sh("ip route del 198.51.100.201/32");
+  Sh("ip neigh del 198.51.100.201 dev vme1a");
+  std::vector<Event> events;
+  ASSERT_TRUE(kernel_->ReadEvents(&events).ok());
+  bool route_deleted = false, neighbor_deleted = false;
+  for (const Event& e : events) {
+    if (auto* r = std::get_if<RouteEvent>(&e)) {
+      route_deleted |= r->deleted && r->route.destination.address == Ip("198.51.100.201");
+    }
+    if (auto* n = std::get_if<NeighborEvent>(&e)) {
+      neighbor_deleted |= n->deleted && n->neighbor.address == Ip("198.51.100.201");
+    }
+  }
+  EXPECT_TRUE(route_deleted);
+  EXPECT_TRUE(neighbor_deleted);
+}
+
+// The model assumes what the kernel does silently when a link goes down:
+// its routes, neighbour and proxy entries are gone, its addresses stay.
+TEST_F(NetlinkKernelTest, LinkDownFlushesRoutesNeighboursAndProxies) {
+  ExpectAllOk(kernel_->Apply(VmWrites()));
+  Neighbor proxy_on_vme;
+  proxy_on_vme.ifindex = vme_;
+  proxy_on_vme.address = Ip("198.51.100.202");
+  proxy_on_vme.proxy = true;
+  ExpectAllOk(kernel_->Apply({SetNeighbor{proxy_on_vme}}));
+  Sh("ip link set vme1a down");
+  EXPECT_EQ(Sh("ip route show dev vme1a"), "");
+  EXPECT_EQ(Sh("ip neigh show dev vme1a"), "");
+  EXPECT_EQ(Sh("ip neigh show proxy dev vme1a"), "");
+  EXPECT_THAT(Sh("ip addr show dev vme1a"), HasSubstr("169.255.30.1/32"));
+}
+
+TEST_F(NetlinkKernelTest, ProxyEntriesRaiseNoEventsButTheProxyDumpSeesThem) {
+  std::vector<Event> drained;
+  ASSERT_TRUE(kernel_->ReadEvents(&drained).ok());
+  Sh("ip neigh add proxy 198.51.100.210 dev eth0 proto 237");
+  std::vector<Event> events;
+  ASSERT_TRUE(kernel_->ReadEvents(&events).ok());
+  for (const Event& e : events) {
+    if (auto* n = std::get_if<NeighborEvent>(&e)) {
+      EXPECT_FALSE(n->neighbor.proxy);
+    }
+  }
+  auto proxies = kernel_->DumpProxyNeighbors();
+  ASSERT_TRUE(proxies.ok());
+  ASSERT_EQ(proxies->size(), 1u);
+  EXPECT_EQ((*proxies)[0].address, Ip("198.51.100.210"));
+  EXPECT_EQ((*proxies)[0].protocol, kProto);
+}
+
+TEST_F(NetlinkKernelTest, TinyReceiveBufferOverflowIsReported) {
+  auto small = NetlinkKernel::Create({.event_rcvbuf = 1024});
+  ASSERT_TRUE(small.ok());
+  Sh("(for i in $(seq 1 500); do echo route add 198.18.1.$((i % 250 + 1))/32 dev eth0 metric $i; "
+     "done) | ip -batch - >/dev/null");
+  std::vector<Event> events;
+  absl::Status s = (*small)->ReadEvents(&events);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+}
+
+}  // namespace
+}  // namespace vmnet::kernel

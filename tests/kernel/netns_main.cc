@@ -1,0 +1,44 @@
+// The kernel tests run in a network namespace of their own: the process
+// unshares one before any test starts, so everything they create vanishes
+// with the process, on every exit path, crashes included. The machine's own
+// namespace is never touched. Without the privilege to do so, every test is
+// skipped with the reason.
+#include <errno.h>
+#include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/mount.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+
+namespace {
+
+bool g_isolated = false;
+std::string g_reason;
+
+class RequireNamespace : public ::testing::EmptyTestEventListener {};
+
+}  // namespace
+
+bool KernelTestsIsolated() { return g_isolated; }
+const std::string& KernelTestsSkipReason() { return g_reason; }
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  bool listing = ::testing::GTEST_FLAG(list_tests);
+  if (!listing) {
+    if (unshare(CLONE_NEWNET | CLONE_NEWNS) == 0) {
+      // A private mount of /sys so `ip` sees this namespace's devices.
+      mount("", "/", nullptr, MS_REC | MS_PRIVATE, nullptr);
+      umount2("/sys", MNT_DETACH);
+      mount("sysfs", "/sys", "sysfs", 0, nullptr);
+      g_isolated = system("ip link set lo up") == 0;
+      if (!g_isolated) g_reason = "could not bring up lo in the test namespace";
+    } else {
+      g_reason = std::string("no privilege to create a network namespace (") +
+                 std::strerror(errno) + "); run as root to test against the kernel";
+    }
+  }
+  return RUN_ALL_TESTS();
+}

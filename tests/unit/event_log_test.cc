@@ -1,0 +1,109 @@
+#include "vmnet/events/event_log.h"
+
+#include <gtest/gtest.h>
+
+namespace vmnet {
+namespace {
+
+class QueueWatcher : public Watcher {
+ public:
+  explicit QueueWatcher(size_t limit = 100) : limit_(limit) {}
+  bool Push(EventPtr event) override {
+    if (events.size() >= limit_) return false;
+    events.push_back(std::move(event));
+    return true;
+  }
+  void Close(absl::Status status) override { closed = status; }
+  std::vector<EventPtr> events;
+  std::optional<absl::Status> closed;
+
+ private:
+  size_t limit_;
+};
+
+VmView Vm(const std::string& id) {
+  VmView v;
+  v.spec.vm_id = id;
+  v.spec.interface = "vme1";
+  v.state = VmState::kProgrammed;
+  return v;
+}
+
+TEST(EventLogTest, RevisionsIncreaseFromTheLease) {
+  EventLog log("e", 10);
+  log.StartRevisionsAt(1000);
+  EXPECT_EQ(log.Publish(VmEventType::kAdded, Vm("a"), ""), 1000u);
+  EXPECT_EQ(log.Publish(VmEventType::kChanged, Vm("a"), ""), 1001u);
+}
+
+TEST(EventLogTest, SnapshotThenEndThenChanges) {
+  EventLog log("e", 10);
+  log.Publish(VmEventType::kAdded, Vm("a"), "");
+  log.Publish(VmEventType::kAdded, Vm("b"), "");
+  log.Publish(VmEventType::kRemoved, Vm("a"), "");
+  QueueWatcher w;
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
+  ASSERT_EQ(w.events.size(), 2u);
+  EXPECT_EQ(w.events[0]->type(), v1::EVENT_TYPE_SNAPSHOT);
+  EXPECT_EQ(w.events[0]->vm().vm_id(), "b");
+  EXPECT_EQ(w.events[0]->revision(), 2u);
+  EXPECT_EQ(w.events[1]->type(), v1::EVENT_TYPE_SNAPSHOT_END);
+  EXPECT_EQ(w.events[1]->revision(), 3u);
+  EXPECT_FALSE(w.events[1]->has_vm());
+  log.Publish(VmEventType::kChanged, Vm("b"), "");
+  ASSERT_EQ(w.events.size(), 3u);
+  EXPECT_EQ(w.events[2]->revision(), 4u);
+  log.Unsubscribe(&w);
+}
+
+TEST(EventLogTest, ResumeReplaysInOrderAndTooOldIsOutOfRange) {
+  EventLog log("e", 3);
+  for (int i = 0; i < 5; ++i) log.Publish(VmEventType::kChanged, Vm("a"), "");
+  QueueWatcher w;
+  ASSERT_TRUE(log.Subscribe(&w, "", 3, false).ok());
+  ASSERT_EQ(w.events.size(), 2u);
+  EXPECT_EQ(w.events[0]->revision(), 4u);
+  EXPECT_EQ(w.events[1]->revision(), 5u);
+  log.Unsubscribe(&w);
+  QueueWatcher old;
+  EXPECT_EQ(log.Subscribe(&old, "", 1, false).code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST(EventLogTest, FilterByVm) {
+  EventLog log("e", 10);
+  QueueWatcher w;
+  ASSERT_TRUE(log.Subscribe(&w, "b", 0, false).ok());
+  log.Publish(VmEventType::kAdded, Vm("a"), "");
+  log.Publish(VmEventType::kAdded, Vm("b"), "");
+  ASSERT_EQ(w.events.size(), 1u);
+  EXPECT_EQ(w.events[0]->vm().vm_id(), "b");
+  log.Unsubscribe(&w);
+}
+
+TEST(EventLogTest, SlowWatcherIsCutOffWithoutSlowingOthers) {
+  EventLog log("e", 10);
+  QueueWatcher slow(2), fast(100);
+  ASSERT_TRUE(log.Subscribe(&slow, "", 0, false).ok());
+  ASSERT_TRUE(log.Subscribe(&fast, "", 0, false).ok());
+  for (int i = 0; i < 5; ++i) log.Publish(VmEventType::kChanged, Vm("a"), "");
+  ASSERT_TRUE(slow.closed.has_value());
+  EXPECT_EQ(slow.closed->code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(fast.events.size(), 5u);
+  EXPECT_EQ(log.watcher_count(), 1u);
+  log.Unsubscribe(&fast);
+}
+
+TEST(EventLogTest, FanOutSharesOneEvent) {
+  EventLog log("e", 10);
+  std::vector<QueueWatcher> watchers(100);
+  for (auto& w : watchers) ASSERT_TRUE(log.Subscribe(&w, "", 0, false).ok());
+  log.Publish(VmEventType::kAdded, Vm("a"), "");
+  for (auto& w : watchers) {
+    ASSERT_EQ(w.events.size(), 1u);
+    EXPECT_EQ(w.events[0].get(), watchers[0].events[0].get());
+  }
+  for (auto& w : watchers) log.Unsubscribe(&w);
+}
+
+}  // namespace
+}  // namespace vmnet

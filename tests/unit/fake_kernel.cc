@@ -1,0 +1,249 @@
+#include "fake_kernel.h"
+
+#include <errno.h>
+#include <linux/neighbour.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "vmnet/kernel/netlink_kernel.h"
+
+namespace vmnet::testing {
+
+using kernel::Address;
+using kernel::Link;
+using kernel::Neighbor;
+using kernel::Route;
+
+FakeKernel::FakeKernel() { event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
+
+FakeKernel::~FakeKernel() { close(event_fd_); }
+
+void FakeKernel::Emit(kernel::Event event) {
+  events_.push_back(std::move(event));
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
+}
+
+absl::StatusOr<kernel::Snapshot> FakeKernel::Dump() { return State(); }
+
+kernel::Snapshot FakeKernel::State() const {
+  absl::MutexLock lock(&mu_);
+  kernel::Snapshot s;
+  for (const auto& [i, l] : links_) s.links.push_back(l);
+  s.addresses = addresses_;
+  s.routes = routes_;
+  for (const auto& [k, n] : neighbors_) s.neighbors.push_back(n);
+  return s;
+}
+
+absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
+  absl::MutexLock lock(&mu_);
+  std::vector<Neighbor> out;
+  for (const auto& [k, n] : neighbors_) {
+    if (n.proxy) out.push_back(n);
+  }
+  return out;
+}
+
+absl::Status FakeKernel::ReadEvents(std::vector<kernel::Event>* events) {
+  absl::MutexLock lock(&mu_);
+  uint64_t ignored;
+  [[maybe_unused]] ssize_t n = read(event_fd_, &ignored, sizeof(ignored));
+  if (overflow_) {
+    overflow_ = false;
+    events_.clear();
+    return absl::ResourceExhaustedError("fake overflow");
+  }
+  for (auto& e : events_) events->push_back(std::move(e));
+  events_.clear();
+  return absl::OkStatus();
+}
+
+Link* FakeKernel::FindLink(int ifindex) {
+  auto it = links_.find(ifindex);
+  return it == links_.end() ? nullptr : &it->second;
+}
+
+void FakeKernel::FlushLink(int ifindex, bool addresses_too) {
+  // Like the kernel: routes vanish silently; neighbour deletions are events.
+  std::erase_if(routes_, [&](const Route& r) { return r.ifindex == ifindex; });
+  for (auto it = neighbors_.begin(); it != neighbors_.end();) {
+    if (it->second.ifindex == ifindex) {
+      if (!it->second.proxy) Emit(kernel::NeighborEvent{true, it->second});
+      it = neighbors_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (addresses_too) {
+    std::erase_if(addresses_, [&](const Address& a) { return a.ifindex == ifindex; });
+  }
+}
+
+absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
+  if (fail_errno_ != 0) return kernel::ErrnoStatus(fail_errno_, kernel::ToString(write));
+  auto fail = [&](int err) { return kernel::ErrnoStatus(err, kernel::ToString(write)); };
+  if (auto* w = std::get_if<kernel::SetLinkUp>(&write)) {
+    Link* l = FindLink(w->ifindex);
+    if (l == nullptr) return fail(ENODEV);
+    l->up = true;
+    Emit(kernel::LinkEvent{false, *l});
+  } else if (auto* w = std::get_if<kernel::SetIpv4Forwarding>(&write)) {
+    Link* l = FindLink(w->ifindex);
+    if (l == nullptr) return fail(ENODEV);
+    l->ipv4_forwarding = w->enabled;
+    Emit(kernel::LinkEvent{false, *l});
+  } else if (auto* w = std::get_if<kernel::AddAddress>(&write)) {
+    if (FindLink(w->address.ifindex) == nullptr) return fail(ENODEV);
+    for (const Address& a : addresses_) {
+      if (a.ifindex == w->address.ifindex && a.prefix == w->address.prefix) return fail(EEXIST);
+    }
+    addresses_.push_back(w->address);
+    Emit(kernel::AddressEvent{false, w->address});
+  } else if (auto* w = std::get_if<kernel::DeleteAddress>(&write)) {
+    std::erase_if(addresses_, [&](const Address& a) {
+      return a.ifindex == w->address.ifindex && a.prefix == w->address.prefix;
+    });
+    Emit(kernel::AddressEvent{true, w->address});
+  } else if (auto* w = std::get_if<kernel::AddRoute>(&write)) {
+    if (FindLink(w->route.ifindex) == nullptr) return fail(ENODEV);
+    for (const Route& r : routes_) {
+      if (r.destination == w->route.destination && r.metric == w->route.metric) {
+        return fail(EEXIST);
+      }
+    }
+    routes_.push_back(w->route);
+    Emit(kernel::RouteEvent{false, w->route});
+  } else if (auto* w = std::get_if<kernel::DeleteRoute>(&write)) {
+    // As the kernel: a protocol in the request must match.
+    std::erase_if(routes_, [&](const Route& r) {
+      return r.destination == w->route.destination && r.metric == w->route.metric &&
+             (w->route.protocol == 0 || r.protocol == w->route.protocol);
+    });
+    Emit(kernel::RouteEvent{true, w->route});
+  } else if (auto* w = std::get_if<kernel::SetNeighbor>(&write)) {
+    const Neighbor& n = w->neighbor;
+    if (FindLink(n.ifindex) == nullptr) return fail(ENODEV);
+    NeighborKey key{n.ifindex, n.address, n.proxy};
+    if (n.proxy && neighbors_.contains(key)) return fail(EEXIST);
+    neighbors_[key] = n;
+    if (!n.proxy) Emit(kernel::NeighborEvent{false, n});
+  } else if (auto* w = std::get_if<kernel::DeleteNeighbor>(&write)) {
+    const Neighbor& n = w->neighbor;
+    neighbors_.erase({n.ifindex, n.address, n.proxy});
+    if (!n.proxy) Emit(kernel::NeighborEvent{true, n});
+  }
+  ++writes_applied_;
+  return absl::OkStatus();
+}
+
+std::vector<absl::Status> FakeKernel::Apply(absl::Span<const kernel::Write> writes) {
+  absl::MutexLock lock(&mu_);
+  std::vector<absl::Status> out;
+  for (const kernel::Write& w : writes) out.push_back(ApplyOne(w));
+  return out;
+}
+
+int FakeKernel::AddLink(const std::string& name, bool up) {
+  absl::MutexLock lock(&mu_);
+  Link l;
+  l.ifindex = next_ifindex_++;
+  l.name = name;
+  l.up = up;
+  l.ipv4_forwarding = false;
+  links_[l.ifindex] = l;
+  Emit(kernel::LinkEvent{false, l});
+  return l.ifindex;
+}
+
+int FakeKernel::IfIndex(const std::string& name) const {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [i, l] : links_) {
+    if (l.name == name) return i;
+  }
+  return 0;
+}
+
+void FakeKernel::RemoveLink(const std::string& name) {
+  int ifindex = IfIndex(name);
+  absl::MutexLock lock(&mu_);
+  Link* l = FindLink(ifindex);
+  if (l == nullptr) return;
+  Link gone = *l;
+  FlushLink(ifindex, true);
+  links_.erase(ifindex);
+  Emit(kernel::LinkEvent{true, gone});
+}
+
+void FakeKernel::SetLinkUp(const std::string& name, bool up) {
+  int ifindex = IfIndex(name);
+  absl::MutexLock lock(&mu_);
+  Link* l = FindLink(ifindex);
+  if (l == nullptr) return;
+  if (l->up && !up) FlushLink(ifindex, false);
+  l->up = up;
+  Emit(kernel::LinkEvent{false, *l});
+}
+
+void FakeKernel::AddForeignAddress(const std::string& link, const std::string& prefix) {
+  int ifindex = IfIndex(link);
+  absl::MutexLock lock(&mu_);
+  Address a;
+  a.ifindex = ifindex;
+  a.prefix = *IpPrefix::Parse(prefix);
+  addresses_.push_back(a);
+  Emit(kernel::AddressEvent{false, a});
+}
+
+void FakeKernel::AddForeignRoute(const Route& route) {
+  absl::MutexLock lock(&mu_);
+  routes_.push_back(route);
+  Emit(kernel::RouteEvent{false, route});
+}
+
+void FakeKernel::AddForeignNeighbor(const Neighbor& n) {
+  absl::MutexLock lock(&mu_);
+  neighbors_[{n.ifindex, n.address, n.proxy}] = n;
+  if (!n.proxy) Emit(kernel::NeighborEvent{false, n});
+}
+
+void FakeKernel::DeleteRoute(const IpPrefix& destination) {
+  absl::MutexLock lock(&mu_);
+  for (auto it = routes_.begin(); it != routes_.end();) {
+    if (it->destination == destination) {
+      Emit(kernel::RouteEvent{true, *it});
+      it = routes_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void FakeKernel::DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy) {
+  absl::MutexLock lock(&mu_);
+  auto it = neighbors_.find({ifindex, address, proxy});
+  if (it == neighbors_.end()) return;
+  if (!proxy) Emit(kernel::NeighborEvent{true, it->second});
+  neighbors_.erase(it);
+}
+
+void FakeKernel::Overflow() {
+  absl::MutexLock lock(&mu_);
+  overflow_ = true;
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
+}
+
+void FakeKernel::FailWrites(int err) {
+  absl::MutexLock lock(&mu_);
+  fail_errno_ = err;
+}
+
+size_t FakeKernel::writes_applied() const {
+  absl::MutexLock lock(&mu_);
+  return writes_applied_;
+}
+
+}  // namespace vmnet::testing

@@ -1,0 +1,68 @@
+// An in-memory kernel behind the Kernel interface, for fast unit tests of
+// the reconciler's logic. It answers writes the way rtnetlink does (EEXIST
+// on a create of what exists, deletes of what is gone succeed, ENODEV for a
+// missing link), raises events for what the real kernel raises events for
+// (not for proxy entries), and flushes a link's routes and neighbours when
+// it goes down. Tests change it "from outside" to simulate someone else.
+#pragma once
+
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "vmnet/kernel/kernel.h"
+
+namespace vmnet::testing {
+
+class FakeKernel : public kernel::Kernel {
+ public:
+  FakeKernel();
+  ~FakeKernel() override;
+
+  absl::StatusOr<kernel::Snapshot> Dump() override;
+  absl::StatusOr<std::vector<kernel::Neighbor>> DumpProxyNeighbors() override;
+  std::vector<absl::Status> Apply(absl::Span<const kernel::Write> writes) override;
+  int event_fd() const override { return event_fd_; }
+  absl::Status ReadEvents(std::vector<kernel::Event>* events) override;
+
+  // Changes made by "someone else".
+  int AddLink(const std::string& name, bool up = false);
+  void RemoveLink(const std::string& name);
+  void SetLinkUp(const std::string& name, bool up);
+  void AddForeignAddress(const std::string& link, const std::string& prefix);
+  void AddForeignRoute(const kernel::Route& route);
+  void AddForeignNeighbor(const kernel::Neighbor& neighbor);
+  void DeleteRoute(const IpPrefix& destination);
+  void DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy);
+  // Makes the next ReadEvents report an overflow, losing what is queued.
+  void Overflow();
+  // Makes every write fail with this errno (0: succeed again).
+  void FailWrites(int err);
+
+  // Inspection.
+  int IfIndex(const std::string& name) const;
+  kernel::Snapshot State() const;
+  size_t writes_applied() const;
+
+ private:
+  using NeighborKey = std::tuple<int, IpAddress, bool>;
+  void Emit(kernel::Event event) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ApplyOne(const kernel::Write& write) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FlushLink(int ifindex, bool addresses_too) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  kernel::Link* FindLink(int ifindex) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  mutable absl::Mutex mu_;
+  int event_fd_ = -1;
+  int next_ifindex_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<int, kernel::Link> links_ ABSL_GUARDED_BY(mu_);
+  std::vector<kernel::Address> addresses_ ABSL_GUARDED_BY(mu_);
+  std::vector<kernel::Route> routes_ ABSL_GUARDED_BY(mu_);
+  std::map<NeighborKey, kernel::Neighbor> neighbors_ ABSL_GUARDED_BY(mu_);
+  std::vector<kernel::Event> events_ ABSL_GUARDED_BY(mu_);
+  bool overflow_ ABSL_GUARDED_BY(mu_) = false;
+  int fail_errno_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t writes_applied_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace vmnet::testing

@@ -1,0 +1,457 @@
+// The reconciler's behaviour over the fake kernel: what a user of the API
+// would check on the host, without needing privileges.
+#include "vmnet/reconciler/reconciler.h"
+
+#include <errno.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <linux/neighbour.h>
+#include <linux/rtnetlink.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "fake_kernel.h"
+#include "vmnet/events/event_log.h"
+
+namespace vmnet {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::FakeKernel;
+
+constexpr uint8_t kProto = 237;
+
+IpAddress Ip(const char* s) { return *IpAddress::Parse(s); }
+
+// Collects every event the log hands it.
+class RecordingWatcher : public Watcher {
+ public:
+  bool Push(EventPtr event) override {
+    absl::MutexLock lock(&mu_);
+    events_.push_back(std::move(event));
+    return true;
+  }
+  void Close(absl::Status) override {}
+  std::vector<EventPtr> events() const {
+    absl::MutexLock lock(&mu_);
+    return events_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<EventPtr> events_;
+};
+
+class ReconcilerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/vmnet-reconciler-test.XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    uplink_ = kernel_.AddLink("eth0", true);
+    kernel_.AddForeignAddress("eth0", "198.51.100.1/24");
+    options_.host.uplinks = {"eth0"};
+    options_.host.protocol = kProto;
+    options_.proxy_check_interval = std::chrono::milliseconds(20);
+  }
+
+  void TearDown() override {
+    StopAgent();
+    std::filesystem::remove_all(dir_);
+  }
+
+  void StartAgent() {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_.emplace(std::move(*store));
+    events_ = std::make_unique<EventLog>("test", 1000);
+    ASSERT_TRUE(events_->Subscribe(&watcher_, "", 0, false).ok());
+    reconciler_ = std::make_unique<Reconciler>(&kernel_, &*store_, events_.get(), options_);
+    ASSERT_TRUE(reconciler_->Start().ok());
+  }
+
+  void StopAgent() {
+    if (events_) events_->Unsubscribe(&watcher_);
+    reconciler_.reset();
+    store_.reset();
+  }
+
+  absl::StatusOr<VmView> Attach(const std::string& vm_id, const std::string& interface,
+                                std::vector<std::string> addresses,
+                                const std::string& mac = "", bool validate_only = false) {
+    auto spec = ParseVmSpec(vm_id, interface, addresses, mac, options_.rules);
+    if (!spec.ok()) return spec.status();
+    std::promise<absl::StatusOr<VmView>> done;
+    reconciler_->Attach(*spec, validate_only, "",
+                        [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+    return done.get_future().get();
+  }
+
+  absl::Status Detach(const std::string& vm_id, bool allow_missing = false) {
+    std::promise<absl::Status> done;
+    reconciler_->Detach(vm_id, allow_missing, "",
+                        [&](absl::Status s) { done.set_value(std::move(s)); });
+    return done.get_future().get();
+  }
+
+  // Waits for a condition with a deadline (no fixed sleeps).
+  template <typename Pred>
+  bool WaitFor(Pred pred, std::chrono::milliseconds deadline = std::chrono::seconds(5)) {
+    auto until = std::chrono::steady_clock::now() + deadline;
+    while (std::chrono::steady_clock::now() < until) {
+      if (pred()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return pred();
+  }
+
+  VmState StateOf(const std::string& vm_id) {
+    auto vm = reconciler_->FindVm(vm_id);
+    return vm ? vm->state : VmState::kPending;
+  }
+
+  const kernel::Route* FindRoute(const kernel::Snapshot& s, const char* ip) {
+    for (const auto& r : s.routes) {
+      if (r.destination == IpPrefix::Host(Ip(ip))) return &r;
+    }
+    return nullptr;
+  }
+  const kernel::Neighbor* FindNeighbor(const kernel::Snapshot& s, int ifindex,
+                                       const char* ip, bool proxy) {
+    for (const auto& n : s.neighbors) {
+      if (n.ifindex == ifindex && n.address == Ip(ip) && n.proxy == proxy) return &n;
+    }
+    return nullptr;
+  }
+  const kernel::Address* FindAddress(const kernel::Snapshot& s, int ifindex, const char* p) {
+    for (const auto& a : s.addresses) {
+      if (a.ifindex == ifindex && a.prefix == *IpPrefix::Parse(p)) return &a;
+    }
+    return nullptr;
+  }
+  const kernel::Link* FindLink(const kernel::Snapshot& s, int ifindex) {
+    for (const auto& l : s.links) {
+      if (l.ifindex == ifindex) return &l;
+    }
+    return nullptr;
+  }
+  bool HoldsVm(int ifindex, const char* ip) {
+    auto s = kernel_.State();
+    const auto* r = FindRoute(s, ip);
+    const auto* l = FindLink(s, ifindex);
+    return r != nullptr && r->ifindex == ifindex && r->protocol == kProto &&
+           FindNeighbor(s, uplink_, ip, true) != nullptr &&
+           FindAddress(s, ifindex, "169.255.30.1/32") != nullptr && l != nullptr && l->up;
+  }
+  size_t CountEvents(v1::EventType type) {
+    size_t n = 0;
+    for (const auto& e : watcher_.events()) n += e->type() == type;
+    return n;
+  }
+
+  FakeKernel kernel_;
+  std::string dir_;
+  int uplink_ = 0;
+  ReconcilerOptions options_;
+  std::optional<StateStore> store_;
+  std::unique_ptr<EventLog> events_;
+  RecordingWatcher watcher_;
+  std::unique_ptr<Reconciler> reconciler_;
+};
+
+TEST_F(ReconcilerTest, AttachProgramsEveryObjectOfTheRecipe) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01");
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_EQ(vm->state, VmState::kProgrammed);
+
+  auto s = kernel_.State();
+  const auto* link = FindLink(s, vme);
+  EXPECT_TRUE(link->up);
+  EXPECT_EQ(link->ipv4_forwarding, true);
+  EXPECT_EQ(FindLink(s, uplink_)->ipv4_forwarding, true);
+  const auto* route = FindRoute(s, "198.51.100.201");
+  ASSERT_NE(route, nullptr);
+  EXPECT_EQ(route->ifindex, vme);
+  EXPECT_EQ(route->scope, RT_SCOPE_LINK);
+  EXPECT_EQ(route->protocol, kProto);
+  const auto* proxy = FindNeighbor(s, uplink_, "198.51.100.201", true);
+  ASSERT_NE(proxy, nullptr);
+  EXPECT_EQ(proxy->protocol, kProto);
+  const auto* gw = FindAddress(s, vme, "169.255.30.1/32");
+  ASSERT_NE(gw, nullptr);
+  EXPECT_EQ(gw->scope, RT_SCOPE_LINK);
+  const auto* neigh = FindNeighbor(s, vme, "198.51.100.201", false);
+  ASSERT_NE(neigh, nullptr);
+  EXPECT_EQ(neigh->lladdr->ToString(), "02:00:00:00:00:01");
+  EXPECT_TRUE(neigh->state & NUD_PERMANENT);
+  EXPECT_EQ(CountEvents(v1::EVENT_TYPE_VM_ADDED), 1u);
+}
+
+TEST_F(ReconcilerTest, AcknowledgedAttachIsAlreadyOnDisk) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  std::ifstream f(store_->path(), std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  auto state = StateStore::Decode(bytes);
+  ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_EQ(state->vms.size(), 1u);
+  EXPECT_EQ(state->vms[0].spec.vm_id, "vm-1");
+}
+
+TEST_F(ReconcilerTest, SameSpecAgainWritesNothing) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  size_t writes = kernel_.writes_applied();
+  auto again = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->state, VmState::kProgrammed);
+  EXPECT_EQ(kernel_.writes_applied(), writes);
+}
+
+TEST_F(ReconcilerTest, ChangedSpecTouchesOnlyWhatChanged) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "198.51.100.202"}).ok());
+  size_t writes = kernel_.writes_applied();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "198.51.100.203"}).ok());
+  // .202 out (route + proxy), .203 in (route + proxy); .201 untouched.
+  EXPECT_EQ(kernel_.writes_applied(), writes + 4);
+  auto s = kernel_.State();
+  EXPECT_EQ(FindRoute(s, "198.51.100.202"), nullptr);
+  EXPECT_EQ(FindNeighbor(s, uplink_, "198.51.100.202", true), nullptr);
+  EXPECT_TRUE(HoldsVm(vme, "198.51.100.203"));
+  EXPECT_TRUE(HoldsVm(vme, "198.51.100.201"));
+}
+
+TEST_F(ReconcilerTest, DetachRemovesOnlyWhatAttachInstalled) {
+  int vme = kernel_.AddLink("vme1a");
+  kernel::Route foreign_route;
+  foreign_route.destination = *IpPrefix::Parse("203.0.113.0/24");
+  foreign_route.ifindex = uplink_;
+  foreign_route.protocol = RTPROT_STATIC;
+  kernel_.AddForeignRoute(foreign_route);
+  kernel::Neighbor foreign_proxy;
+  foreign_proxy.ifindex = uplink_;
+  foreign_proxy.address = Ip("198.51.100.99");
+  foreign_proxy.proxy = true;
+  kernel_.AddForeignNeighbor(foreign_proxy);
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01").ok());
+  ASSERT_TRUE(Detach("vm-1").ok());
+
+  auto s = kernel_.State();
+  EXPECT_EQ(FindRoute(s, "198.51.100.201"), nullptr);
+  EXPECT_EQ(FindNeighbor(s, uplink_, "198.51.100.201", true), nullptr);
+  EXPECT_EQ(FindNeighbor(s, vme, "198.51.100.201", false), nullptr);
+  EXPECT_EQ(FindAddress(s, vme, "169.255.30.1/32"), nullptr);
+  ASSERT_NE(FindLink(s, vme), nullptr) << "the hypervisor's link must stay";
+  EXPECT_TRUE(FindLink(s, vme)->up) << "the link's up/down state is left alone";
+  EXPECT_EQ(FindLink(s, vme)->ipv4_forwarding, false);
+  EXPECT_NE(FindNeighbor(s, uplink_, "198.51.100.99", true), nullptr);
+  EXPECT_EQ(s.routes.size(), 1u);
+  EXPECT_NE(FindAddress(s, uplink_, "198.51.100.1/24"), nullptr);
+  EXPECT_EQ(CountEvents(v1::EVENT_TYPE_VM_REMOVED), 1u);
+}
+
+TEST_F(ReconcilerTest, DetachUnknownIsNotFoundUnlessAllowed) {
+  StartAgent();
+  EXPECT_EQ(Detach("nope").code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(Detach("nope", true).ok());
+}
+
+TEST_F(ReconcilerTest, PendingUntilTheInterfaceAppearsThenFollowsIt) {
+  StartAgent();
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(vm.ok());
+  EXPECT_EQ(vm->state, VmState::kPending);
+  EXPECT_THAT(vm->message, HasSubstr("vme1a does not exist"));
+
+  int first = kernel_.AddLink("vme1a");
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(first, "198.51.100.201"); }));
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
+
+  kernel_.RemoveLink("vme1a");
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kPending; }));
+
+  int second = kernel_.AddLink("vme1a");
+  ASSERT_NE(first, second);
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(second, "198.51.100.201"); }));
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
+}
+
+TEST_F(ReconcilerTest, DriftIsRepaired) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01").ok());
+
+  kernel_.DeleteRoute(IpPrefix::Host(Ip("198.51.100.201")));
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+  EXPECT_TRUE(WaitFor([&] { return CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED) >= 1; }));
+
+  // Proxy entries raise no event: the periodic proxy dump finds it.
+  kernel_.DeleteNeighbor(uplink_, Ip("198.51.100.201"), true);
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+
+  kernel_.DeleteNeighbor(vme, Ip("198.51.100.201"), false);
+  EXPECT_TRUE(WaitFor([&] {
+    return FindNeighbor(kernel_.State(), vme, "198.51.100.201", false) != nullptr;
+  }));
+
+  // A link set down loses its routes silently; it is set up and refilled.
+  kernel_.SetLinkUp("vme1a", false);
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+  EXPECT_EQ(reconciler_->counters().drift_repairs, CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED));
+}
+
+TEST_F(ReconcilerTest, ForeignObjectInTheWayFailsTheVmUntilItGoes) {
+  kernel_.AddLink("vme1a");
+  kernel::Route foreign;
+  foreign.destination = IpPrefix::Host(Ip("198.51.100.201"));
+  foreign.ifindex = uplink_;
+  foreign.protocol = RTPROT_STATIC;
+  kernel_.AddForeignRoute(foreign);
+  StartAgent();
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(vm.ok());
+  EXPECT_EQ(vm->state, VmState::kFailed);
+  EXPECT_THAT(vm->message, HasSubstr("route 198.51.100.201/32"));
+  EXPECT_THAT(vm->message, HasSubstr("is not vmnetd's"));
+  // Never overwritten:
+  EXPECT_EQ(FindRoute(kernel_.State(), "198.51.100.201")->protocol, RTPROT_STATIC);
+
+  kernel_.DeleteRoute(IpPrefix::Host(Ip("198.51.100.201")));
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
+}
+
+TEST_F(ReconcilerTest, FailedWritesAreRetriedAndSurfaced) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  kernel_.FailWrites(EPERM);
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(vm.ok());
+  EXPECT_EQ(vm->state, VmState::kFailed);
+  EXPECT_THAT(vm->message, HasSubstr("errno 1"));
+  kernel_.FailWrites(0);
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
+  EXPECT_TRUE(HoldsVm(vme, "198.51.100.201"));
+}
+
+TEST_F(ReconcilerTest, RestartWithNothingDriftedWritesNothing) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01").ok());
+  ASSERT_TRUE(Attach("vm-2", "vme2a", {"198.51.100.202"}).ok());
+  StopAgent();
+  size_t writes = kernel_.writes_applied();
+  StartAgent();
+  EXPECT_EQ(kernel_.writes_applied(), writes);
+  EXPECT_EQ(StateOf("vm-1"), VmState::kProgrammed);
+  EXPECT_EQ(StateOf("vm-2"), VmState::kProgrammed);
+}
+
+TEST_F(ReconcilerTest, RestartRemovesOursThatNoVmWantsAndNothingElse) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  StopAgent();
+  // While the agent was down: its state was lost for vm-1 (moved aside by
+  // an operator), and someone added an unmarked route of their own.
+  std::filesystem::remove(dir_ + "/state.bin");
+  kernel::Route theirs;
+  theirs.destination = IpPrefix::Host(Ip("198.51.100.250"));
+  theirs.ifindex = vme;
+  theirs.protocol = RTPROT_STATIC;
+  kernel_.AddForeignRoute(theirs);
+  StartAgent();
+  auto s = kernel_.State();
+  EXPECT_EQ(FindRoute(s, "198.51.100.201"), nullptr);
+  EXPECT_EQ(FindNeighbor(s, uplink_, "198.51.100.201", true), nullptr);
+  EXPECT_EQ(FindAddress(s, vme, "169.255.30.1/32"), nullptr);
+  EXPECT_NE(FindRoute(s, "198.51.100.250"), nullptr);
+}
+
+TEST_F(ReconcilerTest, RefusesWhatCollidesWithOtherVmsOrTheHost) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  size_t writes = kernel_.writes_applied();
+
+  auto taken = Attach("vm-2", "vme2a", {"198.51.100.201"});
+  EXPECT_EQ(taken.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(std::string(taken.status().message()), HasSubstr("held by VM \"vm-1\""));
+  auto link_taken = Attach("vm-2", "vme1a", {"198.51.100.202"});
+  EXPECT_EQ(link_taken.status().code(), absl::StatusCode::kAlreadyExists);
+  auto uplink = Attach("vm-2", "eth0", {"198.51.100.202"});
+  // eth0 fails the default pattern first; with a permissive pattern the
+  // uplink rule speaks.
+  EXPECT_EQ(uplink.status().code(), absl::StatusCode::kInvalidArgument);
+  auto own = Attach("vm-2", "vme2a", {"198.51.100.1"});
+  EXPECT_THAT(std::string(own.status().message()), HasSubstr("host's own"));
+  auto bcast = Attach("vm-2", "vme2a", {"198.51.100.255"});
+  EXPECT_THAT(std::string(bcast.status().message()), HasSubstr("broadcast address of a subnet"));
+  EXPECT_EQ(kernel_.writes_applied(), writes);
+  EXPECT_FALSE(reconciler_->FindVm("vm-2"));
+}
+
+TEST_F(ReconcilerTest, UplinkIsRefusedAsAVmInterface) {
+  options_.rules.interface_pattern = std::regex(".*");
+  StartAgent();
+  auto uplink = Attach("vm-2", "eth0", {"198.51.100.202"});
+  EXPECT_EQ(uplink.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(uplink.status().message()), HasSubstr("is an uplink"));
+}
+
+TEST_F(ReconcilerTest, ValidateOnlyChangesNothing) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  size_t writes = kernel_.writes_applied();
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"}, "", /*validate_only=*/true);
+  ASSERT_TRUE(vm.ok());
+  EXPECT_EQ(kernel_.writes_applied(), writes);
+  EXPECT_FALSE(reconciler_->FindVm("vm-1"));
+}
+
+TEST_F(ReconcilerTest, MaxVmsIsEnforced) {
+  options_.max_vms = 1;
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  auto second = Attach("vm-2", "vme2a", {"198.51.100.202"});
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(second.status().message()), HasSubstr("--max-vms"));
+}
+
+TEST_F(ReconcilerTest, OverflowTriggersAFullResync) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  // The route's deletion event is lost in the overflow; the re-dump finds it.
+  kernel_.DeleteRoute(IpPrefix::Host(Ip("198.51.100.201")));
+  kernel_.Overflow();
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+  EXPECT_EQ(reconciler_->counters().event_overflows, 1u);
+  EXPECT_GE(reconciler_->counters().full_resyncs, 1u);
+}
+
+TEST_F(ReconcilerTest, RevisionsKeepIncreasingAcrossRestarts) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  auto first = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(first.ok());
+  StopAgent();
+  StartAgent();
+  auto second = Attach("vm-1", "vme1a", {"198.51.100.202"});
+  ASSERT_TRUE(second.ok());
+  EXPECT_GT(second->revision, first->revision);
+}
+
+}  // namespace
+}  // namespace vmnet
