@@ -23,6 +23,10 @@ constexpr uint16_t kNudValid = NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE |
                                NUD_PROBE | NUD_STALE | NUD_DELAY;
 constexpr int kMaxPageSize = 1000;
 
+const grpc::Status kStarting(grpc::StatusCode::UNAVAILABLE,
+                             "vmnetd is starting: its first sync with the kernel is not "
+                             "done; retry");
+
 grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context,
                                 const grpc::Status& status) {
   auto* reactor = context->DefaultReactor();
@@ -171,6 +175,7 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
     return Reply(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                        "request_id: is longer than 128 bytes"));
   }
+  if (!reconciler_->ready()) return Reply(context, kStarting);
   std::vector<std::string> addresses(request->ip_addresses().begin(),
                                      request->ip_addresses().end());
   auto spec = ParseVmSpec(request->vm_id(), request->interface(), addresses,
@@ -197,6 +202,7 @@ grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext
     return Reply(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                        "request_id: is longer than 128 bytes"));
   }
+  if (!reconciler_->ready()) return Reply(context, kStarting);
   auto* reactor = context->DefaultReactor();
   reconciler_->Detach(request->vm_id(), request->allow_missing(), request->request_id(),
                       [reactor](absl::Status s) { reactor->Finish(ToGrpc(s)); });
@@ -393,6 +399,10 @@ grpc::ServerWriteReactor<v1::WatchEvent>* VmNetworkService::Watch(
       reactor->Close(s);
       return reactor;
     }
+  }
+  if (!reconciler_->ready()) {
+    reactor->Close(absl::UnavailableError(kStarting.error_message()));
+    return reactor;
   }
   if (events_->watcher_count() >= options_.max_watchers) {
     reactor->Close(absl::ResourceExhaustedError(absl::StrCat(

@@ -68,6 +68,10 @@ ABSL_FLAG(int, watch_queue, 4096,
           "with RESOURCE_EXHAUSTED and may resume.");
 ABSL_FLAG(int, watch_history, 65536, "Events retained for Watch resume.");
 ABSL_FLAG(int, max_request_bytes, 1 << 20, "The largest gRPC request accepted.");
+ABSL_FLAG(int, netlink_rcvbuf, 0,
+          "Receive buffer of the kernel event socket in bytes; 0: 32 MiB. A buffer "
+          "too small for a burst of events overflows, which the agent survives by "
+          "re-reading the kernel (tests use a tiny one to prove it).");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error.");
 
 namespace vmnet {
@@ -132,7 +136,9 @@ int Run() {
 
   // Subscribing to kernel events comes first: nothing between the dump and
   // the event stream is lost.
-  auto netlink = kernel::NetlinkKernel::Create({});
+  kernel::NetlinkKernel::Options netlink_options;
+  netlink_options.event_rcvbuf = absl::GetFlag(FLAGS_netlink_rcvbuf);
+  auto netlink = kernel::NetlinkKernel::Create(netlink_options);
   if (!netlink.ok()) return Fail(netlink.status().message());
 
   for (absl::string_view name :
@@ -168,11 +174,6 @@ int Run() {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  if (auto s = reconciler.Start(); !s.ok()) return Fail(s.message());
-  VMNET_LOG(Info) << "event=synced vms=" << reconciler.Vms().size()
-                  << " uplinks=" << absl::StrJoin(options.host.uplinks, ",")
-                  << " epoch=" << events.epoch();
-
   VmNetworkService service(&reconciler, netlink->get(), &events, service_options);
   HealthService health(&reconciler);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -198,7 +199,17 @@ int Run() {
     return Fail(absl::StrCat("could not listen on --listen=", absl::GetFlag(FLAGS_listen)));
   }
   for (const std::string& path : unix_paths) chmod(path.c_str(), 0660);
-  VMNET_LOG(Info) << "event=serving listen=" << absl::GetFlag(FLAGS_listen);
+  VMNET_LOG(Info) << "event=listening listen=" << absl::GetFlag(FLAGS_listen);
+
+  // Health says NOT_SERVING and mutations answer UNAVAILABLE until the
+  // first full sync with the kernel is done.
+  if (auto s = reconciler.Start(); !s.ok()) {
+    server->Shutdown(std::chrono::system_clock::now());
+    return Fail(s.message());
+  }
+  VMNET_LOG(Info) << "event=synced vms=" << reconciler.Vms().size()
+                  << " uplinks=" << absl::StrJoin(options.host.uplinks, ",")
+                  << " epoch=" << events.epoch();
 
   int signal = 0;
   sigwait(&signals, &signal);
