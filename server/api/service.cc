@@ -27,12 +27,23 @@ const grpc::Status kStarting(grpc::StatusCode::UNAVAILABLE,
                              "vmnetd is starting: its first sync with the kernel is not "
                              "done; retry");
 
-grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context,
-                                const grpc::Status& status) {
-  auto* reactor = context->DefaultReactor();
+}  // namespace
+
+void VmNetworkService::Finish(grpc::ServerUnaryReactor* reactor, const char* method,
+                              const grpc::Status& status) const {
+  if (stats_ != nullptr) stats_->Record(method, status.error_code());
   reactor->Finish(status);
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::Reply(grpc::CallbackServerContext* context,
+                                                  const char* method,
+                                                  const grpc::Status& status) const {
+  auto* reactor = context->DefaultReactor();
+  Finish(reactor, method, status);
   return reactor;
 }
+
+namespace {
 
 // Sort keys that order addresses numerically when compared as strings.
 std::string AddressKey(const IpAddress& a) {
@@ -165,31 +176,36 @@ grpc::Status ToGrpc(const absl::Status& status) {
 }
 
 VmNetworkService::VmNetworkService(Reconciler* reconciler, kernel::Kernel* kernel,
-                                   EventLog* events, ServiceOptions options)
-    : reconciler_(reconciler), kernel_(kernel), events_(events), options_(std::move(options)) {}
+                                   EventLog* events, RequestStats* stats,
+                                   ServiceOptions options)
+    : reconciler_(reconciler),
+      kernel_(kernel),
+      events_(events),
+      stats_(stats),
+      options_(std::move(options)) {}
 
 grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext* context,
                                                      const v1::AttachVmRequest* request,
                                                      v1::AttachVmResponse* response) {
   if (request->request_id().size() > 128) {
-    return Reply(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+    return Reply(context, "AttachVm", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                        "request_id: is longer than 128 bytes"));
   }
-  if (!reconciler_->ready()) return Reply(context, kStarting);
+  if (!reconciler_->ready()) return Reply(context, "AttachVm", kStarting);
   std::vector<std::string> addresses(request->ip_addresses().begin(),
                                      request->ip_addresses().end());
   auto spec = ParseVmSpec(request->vm_id(), request->interface(), addresses,
                           request->mac_address(), options_.rules);
-  if (!spec.ok()) return Reply(context, ToGrpc(spec.status()));
+  if (!spec.ok()) return Reply(context, "AttachVm", ToGrpc(spec.status()));
   auto* reactor = context->DefaultReactor();
   reconciler_->Attach(std::move(*spec), request->validate_only(), request->request_id(),
-                      [reactor, response](absl::StatusOr<VmView> vm) {
+                      [this, reactor, response](absl::StatusOr<VmView> vm) {
                         if (!vm.ok()) {
-                          reactor->Finish(ToGrpc(vm.status()));
+                          Finish(reactor, "AttachVm", ToGrpc(vm.status()));
                           return;
                         }
                         *response->mutable_vm() = ToProto(*vm);
-                        reactor->Finish(grpc::Status::OK);
+                        Finish(reactor, "AttachVm", grpc::Status::OK);
                       });
   return reactor;
 }
@@ -197,15 +213,15 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext* context,
                                                      const v1::DetachVmRequest* request,
                                                      v1::DetachVmResponse*) {
-  if (auto s = ValidateVmId(request->vm_id()); !s.ok()) return Reply(context, ToGrpc(s));
+  if (auto s = ValidateVmId(request->vm_id()); !s.ok()) return Reply(context, "DetachVm", ToGrpc(s));
   if (request->request_id().size() > 128) {
-    return Reply(context, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+    return Reply(context, "DetachVm", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                        "request_id: is longer than 128 bytes"));
   }
-  if (!reconciler_->ready()) return Reply(context, kStarting);
+  if (!reconciler_->ready()) return Reply(context, "DetachVm", kStarting);
   auto* reactor = context->DefaultReactor();
   reconciler_->Detach(request->vm_id(), request->allow_missing(), request->request_id(),
-                      [reactor](absl::Status s) { reactor->Finish(ToGrpc(s)); });
+                      [this, reactor](absl::Status s) { Finish(reactor, "DetachVm", ToGrpc(s)); });
   return reactor;
 }
 
@@ -214,9 +230,9 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
                                                     v1::ListArpResponse* response) {
   auto page = ParsePaging("arp", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
-  if (!page.ok()) return Reply(context, ToGrpc(page.status()));
+  if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
   auto snapshot = kernel_->Dump();
-  if (!snapshot.ok()) return Reply(context, ToGrpc(snapshot.status()));
+  if (!snapshot.ok()) return Reply(context, "ListArp", ToGrpc(snapshot.status()));
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
 
@@ -251,7 +267,7 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
   response->set_next_page_token(Paginate(&entries, *page, "arp", [&](v1::ArpEntry& e) {
     *response->add_entries() = std::move(e);
   }));
-  return Reply(context, grpc::Status::OK);
+  return Reply(context, "ListArp", grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
@@ -259,9 +275,9 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
     v1::ListRoutesResponse* response) {
   auto page = ParsePaging("routes", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
-  if (!page.ok()) return Reply(context, ToGrpc(page.status()));
+  if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
   auto snapshot = kernel_->Dump();
-  if (!snapshot.ok()) return Reply(context, ToGrpc(snapshot.status()));
+  if (!snapshot.ok()) return Reply(context, "ListRoutes", ToGrpc(snapshot.status()));
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
 
@@ -294,7 +310,7 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
   response->set_next_page_token(Paginate(&entries, *page, "routes", [&](v1::RouteEntry& e) {
     *response->add_routes() = std::move(e);
   }));
-  return Reply(context, grpc::Status::OK);
+  return Reply(context, "ListRoutes", grpc::Status::OK);
 }
 
 namespace {
@@ -304,7 +320,8 @@ namespace {
 class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
                            public Watcher {
  public:
-  WatchReactor(EventLog* log, size_t queue_limit) : log_(log), queue_limit_(queue_limit) {}
+  WatchReactor(EventLog* log, RequestStats* stats, size_t queue_limit)
+      : log_(log), stats_(stats), queue_limit_(queue_limit) {}
 
   void Begin(const v1::WatchRequest& request) {
     absl::Status s = log_->Subscribe(this, request.vm_id(), request.from_revision(),
@@ -374,10 +391,12 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   void FinishLocked(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_) return;
     finished_ = true;
+    if (stats_ != nullptr) stats_->Record("Watch", status.error_code());
     Finish(std::move(status));
   }
 
   EventLog* const log_;
+  RequestStats* const stats_;
   const size_t queue_limit_;
   absl::Mutex mu_;
   std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
@@ -393,7 +412,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
 
 grpc::ServerWriteReactor<v1::WatchEvent>* VmNetworkService::Watch(
     grpc::CallbackServerContext*, const v1::WatchRequest* request) {
-  auto* reactor = new WatchReactor(events_, options_.watch_queue);
+  auto* reactor = new WatchReactor(events_, stats_, options_.watch_queue);
   if (!request->vm_id().empty()) {
     if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
       reactor->Close(s);
@@ -420,13 +439,17 @@ grpc::ServerUnaryReactor* HealthService::Check(
   using grpc::health::v1::HealthCheckResponse;
   const std::string& service = request->service();
   if (!service.empty() && service != "vmnet.v1.VmNetwork") {
-    return Reply(context, grpc::Status(grpc::StatusCode::NOT_FOUND,
-                                       "service: unknown; use \"\" or \"vmnet.v1.VmNetwork\""));
+    auto* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                 "service: unknown; use \"\" or \"vmnet.v1.VmNetwork\""));
+    return reactor;
   }
   bool serving = reconciler_->ready() && !draining_.load();
   response->set_status(serving ? HealthCheckResponse::SERVING
                                : HealthCheckResponse::NOT_SERVING);
-  return Reply(context, grpc::Status::OK);
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
 }  // namespace vmnet

@@ -298,18 +298,26 @@ absl::Status DumpProxies(std::vector<Neighbor>* out) {
 
 }  // namespace
 
-absl::StatusOr<Snapshot> NetlinkKernel::Dump() {
-  Snapshot snap;
-  // Retry the whole dump when the results raced with a change: a clean
-  // snapshot of each table is enough, as events after it are applied on top.
+absl::StatusOr<std::vector<Link>> NetlinkKernel::DumpLinks() {
+  std::vector<Link> links;
   ifinfomsg ifi{};
   ifi.ifi_family = AF_UNSPEC;
   if (auto s = DumpWithRetry(RTM_GETLINK, ifi, [&](const nlmsghdr* msg) {
-        if (auto l = ParseLink(msg)) snap.links.push_back(std::move(*l));
+        if (auto l = ParseLink(msg)) links.push_back(std::move(*l));
       });
       !s.ok()) {
     return s;
   }
+  return links;
+}
+
+absl::StatusOr<Snapshot> NetlinkKernel::Dump() {
+  Snapshot snap;
+  // Each table is dumped cleanly (retried when a change interrupts it);
+  // events that follow are applied on top by the caller.
+  auto links = DumpLinks();
+  if (!links.ok()) return links.status();
+  snap.links = std::move(*links);
   ifaddrmsg ifa{};
   ifa.ifa_family = AF_INET;
   if (auto s = DumpWithRetry(RTM_GETADDR, ifa, [&](const nlmsghdr* msg) {

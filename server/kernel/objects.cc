@@ -82,4 +82,38 @@ std::string ToString(const Write& write) {
   return std::visit(WriteNamer{}, write);
 }
 
+ObjectKind KindOf(const Write& write) {
+  if (std::holds_alternative<SetLinkUp>(write) ||
+      std::holds_alternative<SetIpv4Forwarding>(write)) {
+    return ObjectKind::kLink;
+  }
+  if (std::holds_alternative<AddAddress>(write) ||
+      std::holds_alternative<DeleteAddress>(write)) {
+    return ObjectKind::kAddress;
+  }
+  if (std::holds_alternative<AddRoute>(write) || std::holds_alternative<DeleteRoute>(write)) {
+    return ObjectKind::kRoute;
+  }
+  const Neighbor& n = std::holds_alternative<SetNeighbor>(write)
+                          ? std::get<SetNeighbor>(write).neighbor
+                          : std::get<DeleteNeighbor>(write).neighbor;
+  return n.proxy ? ObjectKind::kProxyNeighbor : ObjectKind::kNeighbor;
+}
+
+const char* ObjectKindName(ObjectKind kind) {
+  switch (kind) {
+    case ObjectKind::kLink:
+      return "link";
+    case ObjectKind::kAddress:
+      return "address";
+    case ObjectKind::kRoute:
+      return "route";
+    case ObjectKind::kProxyNeighbor:
+      return "proxy_neighbor";
+    case ObjectKind::kNeighbor:
+      return "neighbor";
+  }
+  return "unknown";
+}
+
 }  // namespace vmnet::kernel

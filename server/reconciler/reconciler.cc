@@ -502,6 +502,7 @@ void Reconciler::Publish(VmEventType type, VmRecord* record, const std::string& 
 }
 
 void Reconciler::ReconcileDirty() {
+  auto started = Clock::now();
   // Phase 1: remove what replaced or detached specs installed, so that the
   // plans below see the kernel without it.
   std::vector<kernel::Write> removals;
@@ -525,12 +526,16 @@ void Reconciler::ReconcileDirty() {
   removed_.clear();
   sweep_orphans_ = false;
   uint64_t failures = 0;
+  std::array<uint64_t, kernel::kObjectKinds> ok_by_kind{}, failed_by_kind{};
   if (!removals.empty()) {
     std::vector<absl::Status> results = kernel_->Apply(removals);
     for (size_t i = 0; i < removals.size(); ++i) {
+      int kind = static_cast<int>(kernel::KindOf(removals[i]));
       if (results[i].ok()) {
+        ++ok_by_kind[kind];
         model_.ApplyWrite(removals[i]);
       } else {
+        ++failed_by_kind[kind];
         ++failures;
         VMNET_LOG(Warning) << "event=kernel_write_failed error=\"" << results[i].message()
                      << "\"";
@@ -561,9 +566,12 @@ void Reconciler::ReconcileDirty() {
   std::vector<absl::Status> results;
   if (!writes.empty()) results = kernel_->Apply(writes);
   for (size_t i = 0; i < writes.size(); ++i) {
+    int kind = static_cast<int>(kernel::KindOf(writes[i]));
     if (results[i].ok()) {
+      ++ok_by_kind[kind];
       model_.ApplyWrite(writes[i]);
     } else {
+      ++failed_by_kind[kind];
       ++failures;
       // The model disagreed with the kernel: re-read it soon.
       if (absl::IsAlreadyExists(results[i]) || absl::IsNotFound(results[i])) {
@@ -575,6 +583,10 @@ void Reconciler::ReconcileDirty() {
   absl::MutexLock lock(&mu_);
   counters_.kernel_writes += removals.size() + writes.size();
   counters_.kernel_write_failures += failures;
+  for (int k = 0; k < kernel::kObjectKinds; ++k) {
+    counters_.writes_ok[k] += ok_by_kind[k];
+    counters_.writes_failed[k] += failed_by_kind[k];
+  }
   auto now = Clock::now();
   for (Planned& p : planned) {
     auto it = vms_.find(p.vm_id);
@@ -613,6 +625,17 @@ void Reconciler::ReconcileDirty() {
     if (it != vms_.end()) Publish(type, &it->second, "spec changed");
   }
   spec_changed_.clear();
+  if (!planned.empty() || !removals.empty()) {
+    double seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    ++counters_.reconcile_passes;
+    counters_.reconcile_seconds_sum += seconds;
+    for (size_t b = 0; b < kReconcileBuckets.size(); ++b) {
+      if (seconds <= kReconcileBuckets[b]) {
+        ++counters_.reconcile_buckets[b];
+        break;
+      }
+    }
+  }
 }
 
 void Reconciler::PublishOutcome(const std::string& vm_id, VmState old_state,
@@ -628,6 +651,9 @@ void Reconciler::PublishOutcome(const std::string& vm_id, VmState old_state,
   }
   if (was_programmed && r.state == VmState::kProgrammed && !writes.empty()) {
     ++counters_.drift_repairs;
+    for (const kernel::Write& w : writes) {
+      ++counters_.objects_repaired[static_cast<int>(kernel::KindOf(w))];
+    }
     std::string detail = absl::StrCat("repaired: ", WritesText(writes));
     VMNET_LOG(Info) << "event=drift_repaired vm_id=" << vm_id << " detail=\"" << detail << "\"";
     Publish(VmEventType::kDriftRepaired, &r, detail);

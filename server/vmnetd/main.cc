@@ -26,10 +26,13 @@
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
+#include "prometheus/exposer.h"
+#include "systemd/sd-daemon.h"
 #include "vmnet/api/service.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/netlink_kernel.h"
 #include "vmnet/log/log.h"
+#include "vmnet/metrics/metrics.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/state_store.h"
 
@@ -37,8 +40,11 @@ ABSL_FLAG(std::string, listen, "unix:///run/vmnetd/vmnetd.sock",
           "Comma-separated gRPC listen addresses: host:port (e.g. 127.0.0.1:50051, "
           "[::1]:50051) or unix:///path. A unix socket is created with mode 0660.");
 ABSL_FLAG(std::string, metrics_listen, "",
-          "host:port for the Prometheus /metrics endpoint (accepted; served by a "
-          "later release). Empty: no metrics endpoint.");
+          "host:port for the Prometheus /metrics endpoint (e.g. 127.0.0.1:9447). "
+          "Empty: no metrics endpoint.");
+ABSL_FLAG(std::string, health_listen, "",
+          "host:port of a plaintext port that serves only grpc.health.v1.Health, for "
+          "probes that cannot present a client certificate (Kubernetes). Empty: none.");
 ABSL_FLAG(std::string, state_dir, "/var/lib/vmnetd",
           "Directory of the durable desired state (state.bin) and its lock. "
           "Requests are acknowledged only once the state is on disk here.");
@@ -174,8 +180,11 @@ int Run() {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  VmNetworkService service(&reconciler, netlink->get(), &events, service_options);
+  RequestStats request_stats;
+  VmNetworkService service(&reconciler, netlink->get(), &events, &request_stats,
+                           service_options);
   HealthService health(&reconciler);
+  HealthService probe_health(&reconciler);  // a service serves one server
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
@@ -201,6 +210,33 @@ int Run() {
   for (const std::string& path : unix_paths) chmod(path.c_str(), 0660);
   VMNET_LOG(Info) << "event=listening listen=" << absl::GetFlag(FLAGS_listen);
 
+  std::unique_ptr<grpc::Server> health_server;
+  if (std::string a = absl::GetFlag(FLAGS_health_listen); !a.empty()) {
+    grpc::ServerBuilder health_builder;
+    health_builder.AddListeningPort(a, grpc::InsecureServerCredentials());
+    health_builder.RegisterService(&probe_health);
+    health_server = health_builder.BuildAndStart();
+    if (health_server == nullptr) {
+      server->Shutdown(std::chrono::system_clock::now());
+      return Fail(absl::StrCat("could not listen on --health-listen=", a));
+    }
+  }
+
+  MetricsCollector collector(&reconciler, netlink->get(), &events, &request_stats,
+                             VMNET_VERSION);
+  std::unique_ptr<prometheus::Exposer> exposer;
+  if (std::string a = absl::GetFlag(FLAGS_metrics_listen); !a.empty()) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(a, /*num_threads=*/2);
+    } catch (const std::exception& e) {
+      server->Shutdown(std::chrono::system_clock::now());
+      return Fail(absl::StrCat("could not listen on --metrics-listen=", a, ": ", e.what()));
+    }
+    // Shared ownership is the Exposer's API; the collector outlives it.
+    exposer->RegisterCollectable(
+        std::shared_ptr<prometheus::Collectable>(&collector, [](auto*) {}));
+  }
+
   // Health says NOT_SERVING and mutations answer UNAVAILABLE until the
   // first full sync with the kernel is done.
   if (auto s = reconciler.Start(); !s.ok()) {
@@ -210,13 +246,19 @@ int Run() {
   VMNET_LOG(Info) << "event=synced vms=" << reconciler.Vms().size()
                   << " uplinks=" << absl::StrJoin(options.host.uplinks, ",")
                   << " epoch=" << events.epoch();
+  // Without systemd (no NOTIFY_SOCKET) this does nothing.
+  sd_notify(0, "READY=1");
 
   int signal = 0;
   sigwait(&signals, &signal);
   VMNET_LOG(Info) << "event=stopping signal=" << signal;
+  sd_notify(0, "STOPPING=1");
   health.SetDraining();
+  probe_health.SetDraining();
   events.CloseAll();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  if (health_server) health_server->Shutdown();
+  exposer.reset();
   reconciler.Stop();
   for (const std::string& path : unix_paths) unlink(path.c_str());
   VMNET_LOG(Info) << "event=stopped";
@@ -228,7 +270,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "vmnetd: the host-routed VM network agent.\n\n"
+      "the host-routed VM network agent.\n\n"
       "Serves vmnet.v1.VmNetwork over gRPC and drives the kernel through netlink so\n"
       "that each attached VM has its link up, a /32 route per address, a proxy ARP\n"
       "entry per address on every uplink and its gateway answered on its link.\n\n"

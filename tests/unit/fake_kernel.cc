@@ -38,6 +38,14 @@ kernel::Snapshot FakeKernel::State() const {
   return s;
 }
 
+absl::StatusOr<std::vector<Link>> FakeKernel::DumpLinks() { return State().links; }
+
+void FakeKernel::SetStats(const std::string& name, const kernel::LinkStats& stats) {
+  int ifindex = IfIndex(name);
+  absl::MutexLock lock(&mu_);
+  if (Link* l = FindLink(ifindex)) l->stats = stats;
+}
+
 absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
   absl::MutexLock lock(&mu_);
   std::vector<Neighbor> out;

@@ -21,7 +21,10 @@ class FakeKernel : public kernel::Kernel {
   ~FakeKernel() override;
 
   absl::StatusOr<kernel::Snapshot> Dump() override;
+  absl::StatusOr<std::vector<kernel::Link>> DumpLinks() override;
   absl::StatusOr<std::vector<kernel::Neighbor>> DumpProxyNeighbors() override;
+  // Sets a link's counters (host's view).
+  void SetStats(const std::string& name, const kernel::LinkStats& stats);
   std::vector<absl::Status> Apply(absl::Span<const kernel::Write> writes) override;
   int event_fd() const override { return event_fd_; }
   absl::Status ReadEvents(std::vector<kernel::Event>* events) override;

@@ -10,6 +10,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/kernel.h"
+#include "vmnet/metrics/metrics.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/vm_spec.h"
 #include "vmnet/v1/vmnet.grpc.pb.h"
@@ -30,10 +31,10 @@ grpc::Status ToGrpc(const absl::Status& status);
 
 class VmNetworkService final : public v1::VmNetwork::CallbackService {
  public:
-  // `reconciler`, `kernel` (read only: dumps) and `events` must outlive the
-  // service.
+  // `reconciler`, `kernel` (read only: dumps), `events` and `stats` (may be
+  // null) must outlive the service.
   VmNetworkService(Reconciler* reconciler, kernel::Kernel* kernel, EventLog* events,
-                   ServiceOptions options);
+                   RequestStats* stats, ServiceOptions options);
 
   grpc::ServerUnaryReactor* AttachVm(grpc::CallbackServerContext* context,
                                      const v1::AttachVmRequest* request,
@@ -53,9 +54,16 @@ class VmNetworkService final : public v1::VmNetwork::CallbackService {
   size_t active_watchers() const { return events_->watcher_count(); }
 
  private:
+  // Finishes a unary call and counts it.
+  void Finish(grpc::ServerUnaryReactor* reactor, const char* method,
+              const grpc::Status& status) const;
+  grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const char* method,
+                                  const grpc::Status& status) const;
+
   Reconciler* const reconciler_;
   kernel::Kernel* const kernel_;
   EventLog* const events_;
+  RequestStats* const stats_;
   const ServiceOptions options_;
 };
 

@@ -20,6 +20,10 @@ class Kernel {
   // neighbours including proxy entries. Safe to call from any thread.
   virtual absl::StatusOr<Snapshot> Dump() = 0;
 
+  // Only the links, with their 64-bit counters: what a metrics scrape
+  // reads. Any thread.
+  virtual absl::StatusOr<std::vector<Link>> DumpLinks() = 0;
+
   // Only the IPv4 proxy entries: the cheap dump that finds their drift
   // (adding or deleting a proxy entry raises no kernel event). Any thread.
   virtual absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() = 0;

@@ -72,6 +72,7 @@ class NetlinkKernel : public Kernel {
   static absl::StatusOr<std::unique_ptr<NetlinkKernel>> Create(Options options);
 
   absl::StatusOr<Snapshot> Dump() override;
+  absl::StatusOr<std::vector<Link>> DumpLinks() override;
   absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() override;
   std::vector<absl::Status> Apply(absl::Span<const Write> writes) override;
   int event_fd() const override { return events_.fd(); }

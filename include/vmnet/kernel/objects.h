@@ -128,6 +128,13 @@ using Write = std::variant<SetLinkUp, SetIpv4Forwarding, AddAddress,
 
 std::string ToString(const Write& write);
 
+// What a write is about, for metrics: link, address, route, proxy_neighbor,
+// neighbor.
+enum class ObjectKind { kLink = 0, kAddress, kRoute, kProxyNeighbor, kNeighbor };
+constexpr int kObjectKinds = 5;
+ObjectKind KindOf(const Write& write);
+const char* ObjectKindName(ObjectKind kind);
+
 // A change the kernel announced (or that a dump found).
 struct LinkEvent {
   bool deleted = false;

@@ -10,6 +10,7 @@
 
 #include <sys/eventfd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -66,12 +67,24 @@ struct ReconcilerOptions {
   size_t max_vms = 16384;
 };
 
+// Upper bounds (seconds) of the reconcile-duration histogram's buckets.
+inline constexpr std::array<double, 14> kReconcileBuckets = {
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+
 struct ReconcilerCounters {
   uint64_t kernel_writes = 0;
   uint64_t kernel_write_failures = 0;
   uint64_t full_resyncs = 0;
   uint64_t event_overflows = 0;
-  uint64_t drift_repairs = 0;
+  uint64_t drift_repairs = 0;  // events: one per VM repaired
+  // By kernel::ObjectKind.
+  std::array<uint64_t, kernel::kObjectKinds> writes_ok{};
+  std::array<uint64_t, kernel::kObjectKinds> writes_failed{};
+  std::array<uint64_t, kernel::kObjectKinds> objects_repaired{};
+  // Passes that had work, and their duration.
+  uint64_t reconcile_passes = 0;
+  double reconcile_seconds_sum = 0;
+  std::array<uint64_t, kReconcileBuckets.size()> reconcile_buckets{};  // not cumulative
 };
 
 class Reconciler {

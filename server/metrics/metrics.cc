@@ -1,0 +1,242 @@
+#include "vmnet/metrics/metrics.h"
+
+#include <limits>
+
+#include "absl/container/flat_hash_map.h"
+#include "prometheus/client_metric.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/metric_type.h"
+
+namespace vmnet {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+void RequestStats::Record(const std::string& method, int code) {
+  absl::MutexLock lock(&mu_);
+  ++counts_[{method, code}];
+}
+
+std::map<std::pair<std::string, int>, uint64_t> RequestStats::Snapshot() const {
+  absl::MutexLock lock(&mu_);
+  return counts_;
+}
+
+namespace {
+
+const char* GrpcCodeName(int code) {
+  static const char* kNames[] = {
+      "OK",           "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",     "ALREADY_EXISTS",    "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",    "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",       "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  return code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN";
+}
+
+MetricFamily Family(std::string name, std::string help, MetricType type) {
+  MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+ClientMetric Sample(std::vector<ClientMetric::Label> labels, double value,
+                    MetricType type) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  if (type == MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  return m;
+}
+
+}  // namespace
+
+MetricsCollector::MetricsCollector(const Reconciler* reconciler, kernel::Kernel* kernel,
+                                   const EventLog* events, const RequestStats* requests,
+                                   std::string version)
+    : reconciler_(reconciler),
+      kernel_(kernel),
+      events_(events),
+      requests_(requests),
+      version_(std::move(version)) {}
+
+std::vector<MetricFamily> MetricsCollector::Collect() const {
+  std::vector<MetricFamily> out;
+  CollectVms(&out);
+  CollectAgent(&out);
+  return out;
+}
+
+void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
+  std::vector<VmView> vms = reconciler_->Vms();
+  absl::flat_hash_map<std::string, kernel::LinkStats> stats;
+  // One dump for every managed link. If it fails, the traffic series are
+  // left out of this scrape (they go stale) rather than reported as zero.
+  if (auto links = kernel_->DumpLinks(); links.ok()) {
+    for (kernel::Link& l : *links) stats.emplace(std::move(l.name), l.stats);
+  }
+
+  struct Counter {
+    const char* name;
+    const char* help;
+    uint64_t kernel::LinkStats::*field;  // the host link's field
+  };
+  // The VM's point of view: the host link's transmit is the VM's receive.
+  static const Counter kCounters[] = {
+      {"vmnet_vm_receive_bytes_total",
+       "Bytes the VM received (transmitted by its host-side link).",
+       &kernel::LinkStats::tx_bytes},
+      {"vmnet_vm_transmit_bytes_total",
+       "Bytes the VM transmitted (received by its host-side link).",
+       &kernel::LinkStats::rx_bytes},
+      {"vmnet_vm_receive_packets_total",
+       "Packets the VM received (transmitted by its host-side link).",
+       &kernel::LinkStats::tx_packets},
+      {"vmnet_vm_transmit_packets_total",
+       "Packets the VM transmitted (received by its host-side link).",
+       &kernel::LinkStats::rx_packets},
+      {"vmnet_vm_receive_errors_total",
+       "Errors on the way to the VM (transmit errors of its host-side link).",
+       &kernel::LinkStats::tx_errors},
+      {"vmnet_vm_transmit_errors_total",
+       "Errors on the way from the VM (receive errors of its host-side link).",
+       &kernel::LinkStats::rx_errors},
+      {"vmnet_vm_receive_dropped_total",
+       "Packets to the VM dropped (transmit drops of its host-side link).",
+       &kernel::LinkStats::tx_dropped},
+      {"vmnet_vm_transmit_dropped_total",
+       "Packets from the VM dropped (receive drops of its host-side link).",
+       &kernel::LinkStats::rx_dropped},
+  };
+  for (const Counter& c : kCounters) {
+    // A recreated link starts its counters from zero: Prometheus sees a
+    // counter reset, as it should.
+    MetricFamily f = Family(c.name, c.help, MetricType::Counter);
+    for (const VmView& vm : vms) {
+      auto it = stats.find(vm.spec.interface);
+      if (it == stats.end()) continue;  // no link: no traffic series
+      f.metric.push_back(Sample({{"vm_id", vm.spec.vm_id}, {"interface", vm.spec.interface}},
+                                static_cast<double>(it->second.*(c.field)),
+                                MetricType::Counter));
+    }
+    out->push_back(std::move(f));
+  }
+
+  MetricFamily info = Family("vmnet_vm_info",
+                             "Attributes of each attached VM; the value is always 1.",
+                             MetricType::Gauge);
+  MetricFamily state = Family(
+      "vmnet_vm_state", "1 for the VM's current state (pending, programmed, failed), 0 otherwise.",
+      MetricType::Gauge);
+  for (const VmView& vm : vms) {
+    info.metric.push_back(Sample({{"vm_id", vm.spec.vm_id},
+                                  {"interface", vm.spec.interface},
+                                  {"mac_address", vm.spec.mac ? vm.spec.mac->ToString() : ""}},
+                                 1, MetricType::Gauge));
+    for (VmState s : {VmState::kPending, VmState::kProgrammed, VmState::kFailed}) {
+      state.metric.push_back(Sample({{"vm_id", vm.spec.vm_id},
+                                     {"interface", vm.spec.interface},
+                                     {"state", VmStateName(s)}},
+                                    vm.state == s ? 1 : 0, MetricType::Gauge));
+    }
+  }
+  out->push_back(std::move(info));
+  out->push_back(std::move(state));
+
+  MetricFamily by_state =
+      Family("vmnet_vms", "Attached VMs by state.", MetricType::Gauge);
+  for (VmState s : {VmState::kPending, VmState::kProgrammed, VmState::kFailed}) {
+    size_t n = 0;
+    for (const VmView& vm : vms) n += vm.state == s;
+    by_state.metric.push_back(
+        Sample({{"state", VmStateName(s)}}, static_cast<double>(n), MetricType::Gauge));
+  }
+  out->push_back(std::move(by_state));
+}
+
+void MetricsCollector::CollectAgent(std::vector<MetricFamily>* out) const {
+  ReconcilerCounters c = reconciler_->counters();
+
+  MetricFamily passes = Family("vmnet_reconcile_passes_total",
+                               "Reconcile passes that had work to do.", MetricType::Counter);
+  passes.metric.push_back(Sample({}, static_cast<double>(c.reconcile_passes),
+                                 MetricType::Counter));
+  out->push_back(std::move(passes));
+
+  MetricFamily duration =
+      Family("vmnet_reconcile_duration_seconds",
+             "Duration of reconcile passes (plan, kernel writes, bookkeeping).",
+             MetricType::Histogram);
+  ClientMetric h;
+  uint64_t cumulative = 0;
+  for (size_t b = 0; b < kReconcileBuckets.size(); ++b) {
+    cumulative += c.reconcile_buckets[b];
+    h.histogram.bucket.push_back({cumulative, kReconcileBuckets[b]});
+  }
+  h.histogram.bucket.push_back({c.reconcile_passes, std::numeric_limits<double>::infinity()});
+  h.histogram.sample_count = c.reconcile_passes;
+  h.histogram.sample_sum = c.reconcile_seconds_sum;
+  duration.metric.push_back(std::move(h));
+  out->push_back(std::move(duration));
+
+  MetricFamily writes = Family("vmnet_kernel_writes_total",
+                               "Kernel writes by object kind and result.",
+                               MetricType::Counter);
+  MetricFamily repairs = Family("vmnet_drift_repairs_total",
+                                "Objects changed by someone else and put back, by kind.",
+                                MetricType::Counter);
+  for (int k = 0; k < kernel::kObjectKinds; ++k) {
+    const char* object = kernel::ObjectKindName(static_cast<kernel::ObjectKind>(k));
+    writes.metric.push_back(Sample({{"object", object}, {"result", "ok"}},
+                                   static_cast<double>(c.writes_ok[k]), MetricType::Counter));
+    writes.metric.push_back(Sample({{"object", object}, {"result", "error"}},
+                                   static_cast<double>(c.writes_failed[k]),
+                                   MetricType::Counter));
+    repairs.metric.push_back(Sample({{"object", object}},
+                                    static_cast<double>(c.objects_repaired[k]),
+                                    MetricType::Counter));
+  }
+  out->push_back(std::move(writes));
+  out->push_back(std::move(repairs));
+
+  MetricFamily overflows =
+      Family("vmnet_netlink_overflows_total",
+             "Kernel event socket overflows (events lost; each triggers a full resync).",
+             MetricType::Counter);
+  overflows.metric.push_back(
+      Sample({}, static_cast<double>(c.event_overflows), MetricType::Counter));
+  out->push_back(std::move(overflows));
+  MetricFamily resyncs = Family("vmnet_full_resyncs_total",
+                                "Full re-reads of the kernel after the first sync.",
+                                MetricType::Counter);
+  resyncs.metric.push_back(Sample({}, static_cast<double>(c.full_resyncs), MetricType::Counter));
+  out->push_back(std::move(resyncs));
+
+  MetricFamily requests = Family("vmnet_grpc_requests_total",
+                                 "Finished gRPC requests by method and status code.",
+                                 MetricType::Counter);
+  for (const auto& [key, count] : requests_->Snapshot()) {
+    requests.metric.push_back(Sample({{"method", key.first}, {"code", GrpcCodeName(key.second)}},
+                                     static_cast<double>(count), MetricType::Counter));
+  }
+  out->push_back(std::move(requests));
+
+  MetricFamily watchers =
+      Family("vmnet_watchers", "Active Watch streams.", MetricType::Gauge);
+  watchers.metric.push_back(
+      Sample({}, static_cast<double>(events_->watcher_count()), MetricType::Gauge));
+  out->push_back(std::move(watchers));
+
+  MetricFamily build = Family("vmnet_build_info", "The agent's version; the value is 1.",
+                              MetricType::Gauge);
+  build.metric.push_back(Sample({{"version", version_}}, 1, MetricType::Gauge));
+  out->push_back(std::move(build));
+}
+
+}  // namespace vmnet

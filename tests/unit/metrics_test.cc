@@ -1,0 +1,129 @@
+#include "vmnet/metrics/metrics.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <future>
+
+#include "fake_kernel.h"
+#include "prometheus/text_serializer.h"
+
+namespace vmnet {
+namespace {
+
+using testing::FakeKernel;
+
+class MetricsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/vmnet-metrics-test.XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    kernel_.AddLink("eth0", true);
+    kernel_.AddLink("vme1a");
+    options_.host.uplinks = {"eth0"};
+    store_.emplace(std::move(*StateStore::Open(dir_)));
+    reconciler_ = std::make_unique<Reconciler>(&kernel_, &*store_, &events_, options_);
+    ASSERT_TRUE(reconciler_->Start().ok());
+    collector_ = std::make_unique<MetricsCollector>(reconciler_.get(), &kernel_, &events_,
+                                                    &requests_, "test");
+  }
+  void TearDown() override {
+    reconciler_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  void Attach(const std::string& vm, const std::string& interface, const std::string& ip) {
+    std::promise<absl::StatusOr<VmView>> done;
+    reconciler_->Attach(*ParseVmSpec(vm, interface, {ip}, "", options_.rules), false, "",
+                        [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+    ASSERT_TRUE(done.get_future().get().ok());
+  }
+  void Detach(const std::string& vm) {
+    std::promise<absl::Status> done;
+    reconciler_->Detach(vm, false, "", [&](absl::Status s) { done.set_value(s); });
+    ASSERT_TRUE(done.get_future().get().ok());
+  }
+
+  // The value of the series with these labels, or -1 when it is absent.
+  double Value(const std::string& family, const std::map<std::string, std::string>& labels) {
+    for (const auto& f : collector_->Collect()) {
+      if (f.name != family) continue;
+      for (const auto& m : f.metric) {
+        bool match = true;
+        for (const auto& [k, v] : labels) {
+          bool found = false;
+          for (const auto& l : m.label) found |= l.name == k && l.value == v;
+          match &= found;
+        }
+        if (match) return f.type == prometheus::MetricType::Counter ? m.counter.value
+                                                                     : m.gauge.value;
+      }
+    }
+    return -1;
+  }
+
+  std::string dir_;
+  FakeKernel kernel_;
+  ReconcilerOptions options_;
+  std::optional<StateStore> store_;
+  EventLog events_{"test", 100};
+  RequestStats requests_;
+  std::unique_ptr<Reconciler> reconciler_;
+  std::unique_ptr<MetricsCollector> collector_;
+};
+
+TEST_F(MetricsTest, CountersAreTheLinkStatisticsFromTheVmsPointOfView) {
+  Attach("vm-1", "vme1a", "198.51.100.201");
+  kernel::LinkStats s;
+  s.rx_bytes = 1000;  // the host link received: the VM transmitted
+  s.tx_bytes = 5000;  // the host link transmitted: the VM received
+  s.rx_packets = 10;
+  s.tx_packets = 50;
+  s.rx_dropped = 3;
+  s.tx_errors = 2;
+  kernel_.SetStats("vme1a", s);
+  std::map<std::string, std::string> vm = {{"vm_id", "vm-1"}, {"interface", "vme1a"}};
+  EXPECT_EQ(Value("vmnet_vm_receive_bytes_total", vm), 5000);
+  EXPECT_EQ(Value("vmnet_vm_transmit_bytes_total", vm), 1000);
+  EXPECT_EQ(Value("vmnet_vm_receive_packets_total", vm), 50);
+  EXPECT_EQ(Value("vmnet_vm_transmit_packets_total", vm), 10);
+  EXPECT_EQ(Value("vmnet_vm_transmit_dropped_total", vm), 3);
+  EXPECT_EQ(Value("vmnet_vm_receive_errors_total", vm), 2);
+  EXPECT_EQ(Value("vmnet_vm_info", vm), 1);
+  EXPECT_EQ(Value("vmnet_vm_state", {{"vm_id", "vm-1"}, {"state", "programmed"}}), 1);
+  EXPECT_EQ(Value("vmnet_vm_state", {{"vm_id", "vm-1"}, {"state", "pending"}}), 0);
+  EXPECT_EQ(Value("vmnet_vms", {{"state", "programmed"}}), 1);
+  EXPECT_GT(Value("vmnet_kernel_writes_total", {{"object", "route"}, {"result", "ok"}}), 0);
+}
+
+TEST_F(MetricsTest, DetachedVmSeriesDisappear) {
+  Attach("vm-1", "vme1a", "198.51.100.201");
+  EXPECT_GE(Value("vmnet_vm_receive_bytes_total", {{"vm_id", "vm-1"}}), 0);
+  Detach("vm-1");
+  EXPECT_EQ(Value("vmnet_vm_receive_bytes_total", {{"vm_id", "vm-1"}}), -1);
+  EXPECT_EQ(Value("vmnet_vm_info", {{"vm_id", "vm-1"}}), -1);
+}
+
+TEST_F(MetricsTest, PendingVmHasStateButNoTrafficSeries) {
+  Attach("vm-2", "vme2b", "198.51.100.202");
+  EXPECT_EQ(Value("vmnet_vm_receive_bytes_total", {{"vm_id", "vm-2"}}), -1);
+  EXPECT_EQ(Value("vmnet_vm_state", {{"vm_id", "vm-2"}, {"state", "pending"}}), 1);
+}
+
+TEST_F(MetricsTest, TextExpositionHasHelpAndNoTimestamps) {
+  Attach("vm-1", "vme1a", "198.51.100.201");
+  requests_.Record("AttachVm", 0);
+  std::string text = prometheus::TextSerializer().Serialize(collector_->Collect());
+  EXPECT_NE(text.find("# HELP vmnet_vm_receive_bytes_total Bytes the VM received"),
+            std::string::npos);
+  EXPECT_NE(text.find("vmnet_grpc_requests_total{method=\"AttachVm\",code=\"OK\"} 1"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("vmnet_reconcile_duration_seconds_bucket{le=\"+Inf\"}"),
+            std::string::npos);
+  // A sample line is "name{labels} value" with no third (timestamp) field.
+  EXPECT_EQ(text.find("} 1 "), std::string::npos);
+}
+
+}  // namespace
+}  // namespace vmnet
