@@ -222,8 +222,9 @@ int Run() {
     }
   }
 
-  MetricsCollector collector(&reconciler, netlink->get(), &events, &request_stats,
-                             VMNET_VERSION);
+  // The Exposer holds collectables by weak_ptr: this one lives until exit.
+  auto collector = std::make_shared<MetricsCollector>(&reconciler, netlink->get(), &events,
+                                                      &request_stats, VMNET_VERSION);
   std::unique_ptr<prometheus::Exposer> exposer;
   if (std::string a = absl::GetFlag(FLAGS_metrics_listen); !a.empty()) {
     try {
@@ -232,9 +233,7 @@ int Run() {
       server->Shutdown(std::chrono::system_clock::now());
       return Fail(absl::StrCat("could not listen on --metrics-listen=", a, ": ", e.what()));
     }
-    // Shared ownership is the Exposer's API; the collector outlives it.
-    exposer->RegisterCollectable(
-        std::shared_ptr<prometheus::Collectable>(&collector, [](auto*) {}));
+    exposer->RegisterCollectable(collector);
   }
 
   // Health says NOT_SERVING and mutations answer UNAVAILABLE until the
