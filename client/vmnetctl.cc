@@ -36,6 +36,9 @@ Commands:
                    Attach a VM (an upsert: the same spec again changes nothing).
   detach VM_ID [--allow-missing]
                    Remove what the VM's attach installed.
+  get VM_ID        One VM: its spec, state and message.
+  list [--state pending|programmed|failed]
+                   The attached VMs, one line each, with their state.
   arp [--interface IF] [--vm VM_ID]
                    The host's ARP table, laid out like `arp -n`.
   routes [--interface IF] [--vm VM_ID]
@@ -238,6 +241,81 @@ class Client {
     return kExitOk;
   }
 
+  static void PrintVm(const vmnet::v1::Vm& vm) {
+    std::cout << absl::StrFormat("%-24s %-11s %-15s %-34s %s\n", vm.vm_id(),
+                                 StateName(vm.state()), vm.interface(),
+                                 absl::StrJoin(vm.ip_addresses(), ","), vm.message());
+  }
+  static void PrintVmHeader() {
+    std::cout << absl::StrFormat("%-24s %-11s %-15s %-34s %s\n", "VM", "STATE", "INTERFACE",
+                                 "ADDRESSES", "MESSAGE");
+  }
+
+  int Get() {
+    if (auto e = CheckOptions(args_, {}); !e.empty()) return Usage(e);
+    if (args_.positional.size() != 1) return Usage("get: give exactly one VM_ID");
+    vmnet::v1::GetVmRequest request;
+    request.set_vm_id(args_.positional[0]);
+    vmnet::v1::GetVmResponse response;
+    grpc::ClientContext context;
+    Prepare(&context);
+    grpc::Status status = stub_->GetVm(&context, request, &response);
+    if (!status.ok()) return ServerError(status);
+    if (args_.output == "json") {
+      std::cout << Json(response.vm()) << "\n";
+      return kExitOk;
+    }
+    const auto& vm = response.vm();
+    std::cout << "vm_id:       " << vm.vm_id() << "\n"
+              << "state:       " << StateName(vm.state()) << "\n"
+              << "interface:   " << vm.interface() << "\n"
+              << "addresses:   " << absl::StrJoin(vm.ip_addresses(), ", ") << "\n"
+              << "mac_address: " << (vm.mac_address().empty() ? "-" : vm.mac_address()) << "\n"
+              << "revision:    " << vm.revision() << "\n";
+    if (!vm.message().empty()) std::cout << "message:     " << vm.message() << "\n";
+    return kExitOk;
+  }
+
+  int List() {
+    if (auto e = CheckOptions(args_, {"state"}); !e.empty()) return Usage(e);
+    vmnet::v1::VmState state = vmnet::v1::VM_STATE_UNSPECIFIED;
+    if (std::string s = Option(args_, "state"); !s.empty()) {
+      if (s == "pending") {
+        state = vmnet::v1::VM_STATE_PENDING;
+      } else if (s == "programmed") {
+        state = vmnet::v1::VM_STATE_PROGRAMMED;
+      } else if (s == "failed") {
+        state = vmnet::v1::VM_STATE_FAILED;
+      } else {
+        return Usage("--state: give pending, programmed or failed");
+      }
+    }
+    std::string token;
+    bool first_page = true;
+    do {
+      vmnet::v1::ListVmsRequest request;
+      request.set_state(state);
+      request.set_page_size(1000);
+      request.set_page_token(token);
+      vmnet::v1::ListVmsResponse response;
+      grpc::ClientContext context;
+      Prepare(&context);
+      grpc::Status status = stub_->ListVms(&context, request, &response);
+      if (!status.ok()) return ServerError(status);
+      if (first_page && args_.output == "text") PrintVmHeader();
+      first_page = false;
+      for (const auto& vm : response.vms()) {
+        if (args_.output == "json") {
+          std::cout << Json(vm) << "\n";
+        } else {
+          PrintVm(vm);
+        }
+      }
+      token = response.next_page_token();
+    } while (!token.empty());
+    return kExitOk;
+  }
+
   int Arp() {
     if (auto e = CheckOptions(args_, {"interface", "vm"}); !e.empty()) return Usage(e);
     std::vector<vmnet::v1::ArpEntry> entries;
@@ -384,6 +462,8 @@ int main(int argc, char** argv) {
   Client client(args);
   if (args.command == "attach") return client.Attach();
   if (args.command == "detach") return client.Detach();
+  if (args.command == "get") return client.Get();
+  if (args.command == "list") return client.List();
   if (args.command == "arp") return client.Arp();
   if (args.command == "routes") return client.Routes();
   if (args.command == "watch") return client.Watch();

@@ -225,6 +225,47 @@ grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext
   return reactor;
 }
 
+grpc::ServerUnaryReactor* VmNetworkService::GetVm(grpc::CallbackServerContext* context,
+                                                  const v1::GetVmRequest* request,
+                                                  v1::GetVmResponse* response) {
+  if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
+    return Reply(context, "GetVm", ToGrpc(s));
+  }
+  auto vm = reconciler_->FindVm(request->vm_id());
+  if (!vm) {
+    return Reply(context, "GetVm",
+                 grpc::Status(grpc::StatusCode::NOT_FOUND,
+                              absl::StrCat("vm_id: no VM \"", request->vm_id(),
+                                           "\" is attached")));
+  }
+  *response->mutable_vm() = ToProto(*vm);
+  return Reply(context, "GetVm", grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext* context,
+                                                    const v1::ListVmsRequest* request,
+                                                    v1::ListVmsResponse* response) {
+  auto page = ParsePaging("vms", request->page_size(), request->page_token(), "", "");
+  if (!page.ok()) return Reply(context, "ListVms", ToGrpc(page.status()));
+  if (!v1::VmState_IsValid(request->state())) {
+    return Reply(context, "ListVms",
+                 grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              absl::StrCat("state: ", request->state(), " is not a VmState")));
+  }
+  std::vector<std::pair<std::string, v1::Vm>> entries;
+  for (const VmView& vm : reconciler_->Vms()) {
+    v1::Vm proto = ToProto(vm);
+    if (request->state() != v1::VM_STATE_UNSPECIFIED && proto.state() != request->state()) {
+      continue;
+    }
+    entries.emplace_back(vm.spec.vm_id, std::move(proto));
+  }
+  response->set_next_page_token(Paginate(&entries, *page, "vms", [&](v1::Vm& vm) {
+    *response->add_vms() = std::move(vm);
+  }));
+  return Reply(context, "ListVms", grpc::Status::OK);
+}
+
 grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
                                                     const v1::ListArpRequest* request,
                                                     v1::ListArpResponse* response) {

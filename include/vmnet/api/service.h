@@ -42,6 +42,12 @@ class VmNetworkService final : public v1::VmNetwork::CallbackService {
   grpc::ServerUnaryReactor* DetachVm(grpc::CallbackServerContext* context,
                                      const v1::DetachVmRequest* request,
                                      v1::DetachVmResponse* response) override;
+  grpc::ServerUnaryReactor* GetVm(grpc::CallbackServerContext* context,
+                                  const v1::GetVmRequest* request,
+                                  v1::GetVmResponse* response) override;
+  grpc::ServerUnaryReactor* ListVms(grpc::CallbackServerContext* context,
+                                    const v1::ListVmsRequest* request,
+                                    v1::ListVmsResponse* response) override;
   grpc::ServerUnaryReactor* ListArp(grpc::CallbackServerContext* context,
                                     const v1::ListArpRequest* request,
                                     v1::ListArpResponse* response) override;
