@@ -35,6 +35,12 @@ void VmNetworkService::Finish(grpc::ServerUnaryReactor* reactor, const char* met
   reactor->Finish(status);
 }
 
+grpc::Status VmNetworkService::Authorize(const grpc::CallbackServerContext& context,
+                                         const char* method) const {
+  if (options_.authorizer == nullptr) return grpc::Status::OK;
+  return options_.authorizer->Check(context, absl::StrCat("/vmnet.v1.VmNetwork/", method));
+}
+
 grpc::ServerUnaryReactor* VmNetworkService::Reply(grpc::CallbackServerContext* context,
                                                   const char* method,
                                                   const grpc::Status& status) const {
@@ -187,6 +193,9 @@ VmNetworkService::VmNetworkService(Reconciler* reconciler, kernel::Kernel* kerne
 grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext* context,
                                                      const v1::AttachVmRequest* request,
                                                      v1::AttachVmResponse* response) {
+  if (auto denied = Authorize(*context, "AttachVm"); !denied.ok()) {
+    return Reply(context, "AttachVm", denied);
+  }
   if (request->request_id().size() > 128) {
     return Reply(context, "AttachVm", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                        "request_id: is longer than 128 bytes"));
@@ -213,6 +222,9 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext* context,
                                                      const v1::DetachVmRequest* request,
                                                      v1::DetachVmResponse*) {
+  if (auto denied = Authorize(*context, "DetachVm"); !denied.ok()) {
+    return Reply(context, "DetachVm", denied);
+  }
   if (auto s = ValidateVmId(request->vm_id()); !s.ok()) return Reply(context, "DetachVm", ToGrpc(s));
   if (request->request_id().size() > 128) {
     return Reply(context, "DetachVm", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -228,6 +240,9 @@ grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* VmNetworkService::GetVm(grpc::CallbackServerContext* context,
                                                   const v1::GetVmRequest* request,
                                                   v1::GetVmResponse* response) {
+  if (auto denied = Authorize(*context, "GetVm"); !denied.ok()) {
+    return Reply(context, "GetVm", denied);
+  }
   if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
     return Reply(context, "GetVm", ToGrpc(s));
   }
@@ -245,6 +260,9 @@ grpc::ServerUnaryReactor* VmNetworkService::GetVm(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext* context,
                                                     const v1::ListVmsRequest* request,
                                                     v1::ListVmsResponse* response) {
+  if (auto denied = Authorize(*context, "ListVms"); !denied.ok()) {
+    return Reply(context, "ListVms", denied);
+  }
   auto page = ParsePaging("vms", request->page_size(), request->page_token(), "", "");
   if (!page.ok()) return Reply(context, "ListVms", ToGrpc(page.status()));
   if (!v1::VmState_IsValid(request->state())) {
@@ -269,6 +287,9 @@ grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
                                                     const v1::ListArpRequest* request,
                                                     v1::ListArpResponse* response) {
+  if (auto denied = Authorize(*context, "ListArp"); !denied.ok()) {
+    return Reply(context, "ListArp", denied);
+  }
   auto page = ParsePaging("arp", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
   if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
@@ -314,6 +335,9 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
     grpc::CallbackServerContext* context, const v1::ListRoutesRequest* request,
     v1::ListRoutesResponse* response) {
+  if (auto denied = Authorize(*context, "ListRoutes"); !denied.ok()) {
+    return Reply(context, "ListRoutes", denied);
+  }
   auto page = ParsePaging("routes", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
   if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
@@ -452,8 +476,12 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
 }  // namespace
 
 grpc::ServerWriteReactor<v1::WatchEvent>* VmNetworkService::Watch(
-    grpc::CallbackServerContext*, const v1::WatchRequest* request) {
+    grpc::CallbackServerContext* context, const v1::WatchRequest* request) {
   auto* reactor = new WatchReactor(events_, stats_, options_.watch_queue);
+  if (auto denied = Authorize(*context, "Watch"); !denied.ok()) {
+    reactor->Close(absl::PermissionDeniedError(denied.error_message()));
+    return reactor;
+  }
   if (!request->vm_id().empty()) {
     if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
       reactor->Close(s);

@@ -96,8 +96,18 @@ void Reconciler::Post(Command command) {
   }
   {
     absl::MutexLock lock(&queue_mu_);
-    queue_.push_back(std::move(command));
+    if (queue_.size() < options_.max_pending_requests) {
+      queue_.push_back(std::move(command));
+      command.attach_done = nullptr;
+      command.detach_done = nullptr;
+    }
   }
+  // Refused outside the lock: the callback may take its time.
+  absl::Status full = absl::ResourceExhaustedError(absl::StrCat(
+      "vmnetd has ", options_.max_pending_requests,
+      " requests queued, the limit (--max-pending-requests); retry with backoff"));
+  if (command.attach_done) command.attach_done(full);
+  if (command.detach_done) command.detach_done(full);
   Wake();
 }
 

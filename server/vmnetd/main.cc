@@ -28,6 +28,7 @@
 #include "grpcpp/grpcpp.h"
 #include "prometheus/exposer.h"
 #include "systemd/sd-daemon.h"
+#include "vmnet/api/servers.h"
 #include "vmnet/api/service.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/netlink_kernel.h"
@@ -74,6 +75,30 @@ ABSL_FLAG(int, watch_queue, 4096,
           "with RESOURCE_EXHAUSTED and may resume.");
 ABSL_FLAG(int, watch_history, 65536, "Events retained for Watch resume.");
 ABSL_FLAG(int, max_request_bytes, 1 << 20, "The largest gRPC request accepted.");
+ABSL_FLAG(int, max_concurrent_streams, 100, "Concurrent calls per client connection.");
+ABSL_FLAG(int, max_pending_requests, 10000,
+          "Attach and detach requests queued for the reconciler at once; more are "
+          "refused with RESOURCE_EXHAUSTED (a flood cannot grow memory without bound).");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain served on non-loopback --listen addresses. Rotated "
+          "files are picked up without a restart.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle that client certificates must chain to; clients without a "
+          "valid certificate are refused.");
+ABSL_FLAG(std::string, authz_policy, "",
+          "gRPC authorization policy (JSON: allow_rules, deny_rules; source.principals "
+          "match the client certificate's URI SAN, then DNS SAN, then subject; "
+          "request.paths like /vmnet.v1.VmNetwork/ListRoutes). Applies to TLS "
+          "callers; reloaded when the file changes. Anything not allowed is "
+          "PERMISSION_DENIED.");
+ABSL_FLAG(int, tls_refresh_s, 10,
+          "How often the TLS files and --authz-policy are checked for changes, in "
+          "seconds.");
+ABSL_FLAG(bool, insecure, false,
+          "Allow plaintext on non-loopback --listen addresses. Never in production.");
+ABSL_FLAG(std::string, socket_group, "",
+          "Group that owns the unix sockets (mode 0660); empty: the agent's group.");
 ABSL_FLAG(int, netlink_rcvbuf, 0,
           "Receive buffer of the kernel event socket in bytes; 0: 32 MiB. A buffer "
           "too small for a burst of events overflows, which the agent survives by "
@@ -139,6 +164,7 @@ int Run() {
       std::chrono::milliseconds(absl::GetFlag(FLAGS_proxy_check_interval_ms));
   options.full_resync_interval =
       std::chrono::seconds(absl::GetFlag(FLAGS_full_resync_interval_s));
+  options.max_pending_requests = static_cast<size_t>(absl::GetFlag(FLAGS_max_pending_requests));
 
   // Subscribing to kernel events comes first: nothing between the dump and
   // the event stream is lost.
@@ -181,46 +207,27 @@ int Run() {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   RequestStats request_stats;
-  VmNetworkService service(&reconciler, netlink->get(), &events, &request_stats,
-                           service_options);
-  HealthService health(&reconciler);
-  HealthService probe_health(&reconciler);  // a service serves one server
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
-  std::vector<std::string> unix_paths;
-  for (absl::string_view address :
+  ListenerConfig listen;
+  for (absl::string_view a :
        absl::StrSplit(absl::GetFlag(FLAGS_listen), ',', absl::SkipWhitespace())) {
-    std::string a(absl::StripAsciiWhitespace(address));
-    if (absl::StartsWith(a, "unix://")) {
-      std::string path(absl::StripPrefix(a, "unix://"));
-      unix_paths.push_back(path);
-      auto dir = path.substr(0, path.rfind('/'));
-      if (!dir.empty()) mkdir(dir.c_str(), 0750);
-    }
-    builder.AddListeningPort(a, grpc::InsecureServerCredentials());
+    listen.addresses.emplace_back(absl::StripAsciiWhitespace(a));
   }
-  builder.RegisterService(&service);
-  builder.RegisterService(&health);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) {
-    reconciler.Stop();
-    return Fail(absl::StrCat("could not listen on --listen=", absl::GetFlag(FLAGS_listen)));
-  }
-  for (const std::string& path : unix_paths) chmod(path.c_str(), 0660);
-  VMNET_LOG(Info) << "event=listening listen=" << absl::GetFlag(FLAGS_listen);
-
-  std::unique_ptr<grpc::Server> health_server;
-  if (std::string a = absl::GetFlag(FLAGS_health_listen); !a.empty()) {
-    grpc::ServerBuilder health_builder;
-    health_builder.AddListeningPort(a, grpc::InsecureServerCredentials());
-    health_builder.RegisterService(&probe_health);
-    health_server = health_builder.BuildAndStart();
-    if (health_server == nullptr) {
-      server->Shutdown(std::chrono::system_clock::now());
-      return Fail(absl::StrCat("could not listen on --health-listen=", a));
-    }
-  }
+  listen.health_address = absl::GetFlag(FLAGS_health_listen);
+  listen.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  listen.tls_key = absl::GetFlag(FLAGS_tls_key);
+  listen.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  listen.authz_policy = absl::GetFlag(FLAGS_authz_policy);
+  listen.insecure = absl::GetFlag(FLAGS_insecure);
+  listen.socket_group = absl::GetFlag(FLAGS_socket_group);
+  listen.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  listen.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  listen.tls_refresh_seconds = static_cast<unsigned>(std::max(1, absl::GetFlag(FLAGS_tls_refresh_s)));
+  auto servers = ApiServers::Start(listen, &reconciler, netlink->get(), &events,
+                                   &request_stats, service_options);
+  if (!servers.ok()) return Fail(servers.status().message());
+  VMNET_LOG(Info) << "event=listening listen=" << absl::GetFlag(FLAGS_listen)
+                  << " health_listen=" << listen.health_address;
 
   // The Exposer holds collectables by weak_ptr: this one lives until exit.
   auto collector = std::make_shared<MetricsCollector>(&reconciler, netlink->get(), &events,
@@ -230,7 +237,6 @@ int Run() {
     try {
       exposer = std::make_unique<prometheus::Exposer>(a, /*num_threads=*/2);
     } catch (const std::exception& e) {
-      server->Shutdown(std::chrono::system_clock::now());
       return Fail(absl::StrCat("could not listen on --metrics-listen=", a, ": ", e.what()));
     }
     exposer->RegisterCollectable(collector);
@@ -238,10 +244,7 @@ int Run() {
 
   // Health says NOT_SERVING and mutations answer UNAVAILABLE until the
   // first full sync with the kernel is done.
-  if (auto s = reconciler.Start(); !s.ok()) {
-    server->Shutdown(std::chrono::system_clock::now());
-    return Fail(s.message());
-  }
+  if (auto s = reconciler.Start(); !s.ok()) return Fail(s.message());
   VMNET_LOG(Info) << "event=synced vms=" << reconciler.Vms().size()
                   << " uplinks=" << absl::StrJoin(options.host.uplinks, ",")
                   << " epoch=" << events.epoch();
@@ -252,14 +255,11 @@ int Run() {
   sigwait(&signals, &signal);
   VMNET_LOG(Info) << "event=stopping signal=" << signal;
   sd_notify(0, "STOPPING=1");
-  health.SetDraining();
-  probe_health.SetDraining();
+  (*servers)->SetDraining();
   events.CloseAll();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  if (health_server) health_server->Shutdown();
+  (*servers)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
   exposer.reset();
   reconciler.Stop();
-  for (const std::string& path : unix_paths) unlink(path.c_str());
   VMNET_LOG(Info) << "event=stopped";
   return 0;
 }

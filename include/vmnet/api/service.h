@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "vmnet/api/authz.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/kernel.h"
 #include "vmnet/metrics/metrics.h"
@@ -24,6 +25,8 @@ struct ServiceOptions {
   // RESOURCE_EXHAUSTED.
   size_t watch_queue = 4096;
   size_t max_watchers = 1024;
+  // When set, every call must be allowed by it (TLS listeners).
+  Authorizer* authorizer = nullptr;
 };
 
 // absl::Status to grpc::Status: the one place codes are mapped.
@@ -60,6 +63,9 @@ class VmNetworkService final : public v1::VmNetwork::CallbackService {
   size_t active_watchers() const { return events_->watcher_count(); }
 
  private:
+  // OK when no authorizer is configured or it allows the caller.
+  grpc::Status Authorize(const grpc::CallbackServerContext& context,
+                         const char* method) const;
   // Finishes a unary call and counts it.
   void Finish(grpc::ServerUnaryReactor* reactor, const char* method,
               const grpc::Status& status) const;

@@ -65,6 +65,8 @@ struct ReconcilerOptions {
   // missed.
   std::chrono::milliseconds full_resync_interval{std::chrono::minutes(5)};
   size_t max_vms = 16384;
+  // Requests queued for the reconciler thread at once; more are refused.
+  size_t max_pending_requests = 10000;
 };
 
 // Upper bounds (seconds) of the reconcile-duration histogram's buckets.
