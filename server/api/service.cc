@@ -6,7 +6,10 @@
 #include <mutex>
 #include <deque>
 
+#include "absl/container/btree_map.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/match.h"
@@ -58,28 +61,37 @@ std::string AddressKey(const IpAddress& a) {
                           reinterpret_cast<const char*>(a.bytes()), a.size())));
 }
 
-// Page tokens are opaque to clients: the sort key of the last entry
-// returned, with a prefix naming the list, base64url-encoded.
-std::string EncodeToken(absl::string_view list, absl::string_view key) {
-  return absl::WebSafeBase64Escape(absl::StrCat(list, "|", key));
+struct PageRequest {
+  int size;
+  uint64_t snapshot = 0;  // the listing's snapshot, 0: none
+  std::string after;      // sort key; empty: from the start
+};
+
+// Page tokens are opaque to clients: the list's name, the snapshot the
+// listing reads from, and the sort key of the last entry returned,
+// base64url-encoded.
+std::string EncodeToken(absl::string_view list, uint64_t snapshot, absl::string_view key) {
+  return absl::WebSafeBase64Escape(absl::StrCat(list, "|", snapshot, "|", key));
 }
 
-absl::StatusOr<std::string> DecodeToken(absl::string_view list, absl::string_view token) {
+absl::Status DecodeToken(absl::string_view list, absl::string_view token, PageRequest* page) {
+  auto invalid = absl::InvalidArgumentError(
+      "page_token: is not a token this server issued for this list; start "
+      "again with an empty page_token");
   std::string raw;
   std::string prefix = absl::StrCat(list, "|");
   if (token.size() > 1024 || !absl::WebSafeBase64Unescape(token, &raw) ||
       !absl::StartsWith(raw, prefix)) {
-    return absl::InvalidArgumentError(
-        "page_token: is not a token this server issued for this list; start "
-        "again with an empty page_token");
+    return invalid;
   }
-  return raw.substr(prefix.size());
+  absl::string_view rest = absl::string_view(raw).substr(prefix.size());
+  size_t bar = rest.find('|');
+  if (bar == absl::string_view::npos || !absl::SimpleAtoi(rest.substr(0, bar), &page->snapshot)) {
+    return invalid;
+  }
+  page->after = std::string(rest.substr(bar + 1));
+  return absl::OkStatus();
 }
-
-struct PageRequest {
-  int size;
-  std::string after;  // sort key; empty: from the start
-};
 
 absl::StatusOr<PageRequest> ParsePaging(absl::string_view list, int32_t page_size,
                                         const std::string& page_token,
@@ -95,22 +107,69 @@ absl::StatusOr<PageRequest> ParsePaging(absl::string_view list, int32_t page_siz
   if (!vm_id.empty()) {
     if (auto s = ValidateVmId(vm_id); !s.ok()) return s;
   }
-  PageRequest page{page_size == 0 ? kDefaultPageSize : std::min(page_size, kMaxPageSize),
-                   ""};
+  PageRequest page;
+  page.size = page_size == 0 ? kDefaultPageSize : std::min(page_size, kMaxPageSize);
   if (!page_token.empty()) {
-    auto key = DecodeToken(list, page_token);
-    if (!key.ok()) return key.status();
-    page.after = std::move(*key);
+    if (auto s = DecodeToken(list, page_token, &page); !s.ok()) return s;
   }
   return page;
 }
 
-// Sorts keyed entries, skips those up to `after`, and fills one page.
-template <typename Entry, typename Add>
-std::string Paginate(std::vector<std::pair<std::string, Entry>>* entries,
-                     const PageRequest& page, absl::string_view list, Add&& add) {
-  std::sort(entries->begin(), entries->end(),
+template <typename Entry>
+using Sorted = std::shared_ptr<const std::vector<std::pair<std::string, Entry>>>;
+
+template <typename Entry>
+Sorted<Entry> SortEntries(std::vector<std::pair<std::string, Entry>> entries) {
+  std::sort(entries.begin(), entries.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
+  return std::make_shared<const std::vector<std::pair<std::string, Entry>>>(
+      std::move(entries));
+}
+
+// The later pages of a listing are served from the snapshot its first page
+// read: walking every page costs one kernel dump, and the pages come from
+// one consistent table. A snapshot lives a minute; a token whose snapshot
+// has expired continues from a fresh read after its last key.
+template <typename Entry>
+class SnapshotCache {
+ public:
+  uint64_t Put(const std::string& filters, Sorted<Entry> entries) {
+    absl::MutexLock lock(&mu_);
+    Expire();
+    if (snapshots_.size() >= kMaxSnapshots) snapshots_.erase(snapshots_.begin());
+    uint64_t id = ++last_id_;
+    snapshots_[id] = {filters, std::move(entries), absl::Now()};
+    return id;
+  }
+  Sorted<Entry> Get(uint64_t id, const std::string& filters) {
+    absl::MutexLock lock(&mu_);
+    Expire();
+    auto it = snapshots_.find(id);
+    if (it == snapshots_.end() || it->second.filters != filters) return nullptr;
+    return it->second.entries;
+  }
+
+ private:
+  static constexpr size_t kMaxSnapshots = 16;
+  struct Snapshot {
+    std::string filters;
+    Sorted<Entry> entries;
+    absl::Time created;
+  };
+  void Expire() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    absl::Time oldest = absl::Now() - absl::Minutes(1);
+    absl::erase_if(snapshots_, [&](const auto& kv) { return kv.second.created < oldest; });
+  }
+  absl::Mutex mu_;
+  uint64_t last_id_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::btree_map<uint64_t, Snapshot> snapshots_ ABSL_GUARDED_BY(mu_);
+};
+
+// Fills one page from sorted entries, after `page.after`; returns the next
+// page's token, empty at the end.
+template <typename Entry, typename Add>
+std::string Paginate(const Sorted<Entry>& entries, const PageRequest& page,
+                     absl::string_view list, uint64_t snapshot, Add&& add) {
   auto it = entries->begin();
   if (!page.after.empty()) {
     it = std::upper_bound(entries->begin(), entries->end(), page.after,
@@ -119,7 +178,7 @@ std::string Paginate(std::vector<std::pair<std::string, Entry>>* entries,
   int n = 0;
   for (; it != entries->end() && n < page.size; ++it, ++n) add(it->second);
   if (it == entries->end() || n == 0) return "";
-  return EncodeToken(list, std::prev(it)->first);
+  return EncodeToken(list, snapshot, std::prev(it)->first);
 }
 
 std::string ArpFlags(const kernel::Neighbor& n) {
@@ -131,6 +190,12 @@ std::string ArpFlags(const kernel::Neighbor& n) {
 }
 
 }  // namespace
+
+struct VmNetworkService::ListCaches {
+  SnapshotCache<v1::ArpEntry> arp;
+  SnapshotCache<v1::RouteEntry> routes;
+  SnapshotCache<v1::Vm> vms;
+};
 
 grpc::Status ToGrpc(const absl::Status& status) {
   using grpc::StatusCode;
@@ -188,7 +253,10 @@ VmNetworkService::VmNetworkService(Reconciler* reconciler, kernel::Kernel* kerne
       kernel_(kernel),
       events_(events),
       stats_(stats),
-      options_(std::move(options)) {}
+      options_(std::move(options)),
+      caches_(std::make_unique<ListCaches>()) {}
+
+VmNetworkService::~VmNetworkService() = default;
 
 grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext* context,
                                                      const v1::AttachVmRequest* request,
@@ -270,31 +338,32 @@ grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext*
                  grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                               absl::StrCat("state: ", request->state(), " is not a VmState")));
   }
-  std::vector<std::pair<std::string, v1::Vm>> entries;
-  for (const VmView& vm : reconciler_->Vms()) {
-    v1::Vm proto = ToProto(vm);
-    if (request->state() != v1::VM_STATE_UNSPECIFIED && proto.state() != request->state()) {
-      continue;
+  std::string filters = absl::StrCat(request->state());
+  uint64_t snapshot = page->snapshot;
+  Sorted<v1::Vm> entries = snapshot != 0 ? caches_->vms.Get(snapshot, filters) : nullptr;
+  if (entries == nullptr) {
+    std::vector<std::pair<std::string, v1::Vm>> read;
+    for (const VmView& vm : reconciler_->Vms()) {
+      v1::Vm proto = ToProto(vm);
+      if (request->state() != v1::VM_STATE_UNSPECIFIED && proto.state() != request->state()) {
+        continue;
+      }
+      read.emplace_back(vm.spec.vm_id, std::move(proto));
     }
-    entries.emplace_back(vm.spec.vm_id, std::move(proto));
+    entries = SortEntries(std::move(read));
+    snapshot = static_cast<int>(entries->size()) > page->size
+                   ? caches_->vms.Put(filters, entries)
+                   : 0;
   }
-  response->set_next_page_token(Paginate(&entries, *page, "vms", [&](v1::Vm& vm) {
-    *response->add_vms() = std::move(vm);
-  }));
+  response->set_next_page_token(Paginate(entries, *page, "vms", snapshot,
+                                         [&](const v1::Vm& vm) { *response->add_vms() = vm; }));
   return Reply(context, "ListVms", grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
-                                                    const v1::ListArpRequest* request,
-                                                    v1::ListArpResponse* response) {
-  if (auto denied = Authorize(*context, "ListArp"); !denied.ok()) {
-    return Reply(context, "ListArp", denied);
-  }
-  auto page = ParsePaging("arp", request->page_size(), request->page_token(),
-                          request->interface(), request->vm_id());
-  if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
-  auto snapshot = kernel_->Dump();
-  if (!snapshot.ok()) return Reply(context, "ListArp", ToGrpc(snapshot.status()));
+absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> VmNetworkService::ReadArp(
+    const v1::ListArpRequest& request) const {
+  auto snapshot = kernel_->Dump(kernel::DumpSelection::Only(true, false, false, true, true));
+  if (!snapshot.ok()) return snapshot.status();
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
 
@@ -320,29 +389,19 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
     std::string vm = reconciler_->VmOfAddress(n.address);
     if (vm.empty()) vm = reconciler_->VmOfInterface(e.interface());
     e.set_vm_id(vm);
-    if (!request->interface().empty() && e.interface() != request->interface()) continue;
-    if (!request->vm_id().empty() && e.vm_id() != request->vm_id()) continue;
+    if (!request.interface().empty() && e.interface() != request.interface()) continue;
+    if (!request.vm_id().empty() && e.vm_id() != request.vm_id()) continue;
     std::string key = absl::StrCat(e.interface(), "|", AddressKey(n.address), "|",
                                    n.proxy ? "p" : "n");
     entries.emplace_back(std::move(key), std::move(e));
   }
-  response->set_next_page_token(Paginate(&entries, *page, "arp", [&](v1::ArpEntry& e) {
-    *response->add_entries() = std::move(e);
-  }));
-  return Reply(context, "ListArp", grpc::Status::OK);
+  return entries;
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
-    grpc::CallbackServerContext* context, const v1::ListRoutesRequest* request,
-    v1::ListRoutesResponse* response) {
-  if (auto denied = Authorize(*context, "ListRoutes"); !denied.ok()) {
-    return Reply(context, "ListRoutes", denied);
-  }
-  auto page = ParsePaging("routes", request->page_size(), request->page_token(),
-                          request->interface(), request->vm_id());
-  if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
-  auto snapshot = kernel_->Dump();
-  if (!snapshot.ok()) return Reply(context, "ListRoutes", ToGrpc(snapshot.status()));
+absl::StatusOr<std::vector<std::pair<std::string, v1::RouteEntry>>>
+VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
+  auto snapshot = kernel_->Dump(kernel::DumpSelection::Only(true, false, true, false, false));
+  if (!snapshot.ok()) return snapshot.status();
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
 
@@ -366,15 +425,66 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
     }
     if (vm.empty() && !e.interface().empty()) vm = reconciler_->VmOfInterface(e.interface());
     e.set_vm_id(vm);
-    if (!request->interface().empty() && e.interface() != request->interface()) continue;
-    if (!request->vm_id().empty() && e.vm_id() != request->vm_id()) continue;
+    if (!request.interface().empty() && e.interface() != request.interface()) continue;
+    if (!request.vm_id().empty() && e.vm_id() != request.vm_id()) continue;
     std::string key = absl::StrFormat("%s/%03d|%s|%010u", AddressKey(r.destination.address),
                                       r.destination.length, e.interface(), r.metric);
     entries.emplace_back(std::move(key), std::move(e));
   }
-  response->set_next_page_token(Paginate(&entries, *page, "routes", [&](v1::RouteEntry& e) {
-    *response->add_routes() = std::move(e);
-  }));
+  return entries;
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
+                                                    const v1::ListArpRequest* request,
+                                                    v1::ListArpResponse* response) {
+  if (auto denied = Authorize(*context, "ListArp"); !denied.ok()) {
+    return Reply(context, "ListArp", denied);
+  }
+  auto page = ParsePaging("arp", request->page_size(), request->page_token(),
+                          request->interface(), request->vm_id());
+  if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
+  std::string filters = absl::StrCat(request->interface(), "|", request->vm_id());
+  uint64_t snapshot = page->snapshot;
+  Sorted<v1::ArpEntry> entries =
+      snapshot != 0 ? caches_->arp.Get(snapshot, filters) : nullptr;
+  if (entries == nullptr) {
+    auto read = ReadArp(*request);
+    if (!read.ok()) return Reply(context, "ListArp", ToGrpc(read.status()));
+    entries = SortEntries(std::move(*read));
+    snapshot = static_cast<int>(entries->size()) > page->size
+                   ? caches_->arp.Put(filters, entries)
+                   : 0;
+  }
+  response->set_next_page_token(
+      Paginate(entries, *page, "arp", snapshot,
+               [&](const v1::ArpEntry& e) { *response->add_entries() = e; }));
+  return Reply(context, "ListArp", grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
+    grpc::CallbackServerContext* context, const v1::ListRoutesRequest* request,
+    v1::ListRoutesResponse* response) {
+  if (auto denied = Authorize(*context, "ListRoutes"); !denied.ok()) {
+    return Reply(context, "ListRoutes", denied);
+  }
+  auto page = ParsePaging("routes", request->page_size(), request->page_token(),
+                          request->interface(), request->vm_id());
+  if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
+  std::string filters = absl::StrCat(request->interface(), "|", request->vm_id());
+  uint64_t snapshot = page->snapshot;
+  Sorted<v1::RouteEntry> entries =
+      snapshot != 0 ? caches_->routes.Get(snapshot, filters) : nullptr;
+  if (entries == nullptr) {
+    auto read = ReadRoutes(*request);
+    if (!read.ok()) return Reply(context, "ListRoutes", ToGrpc(read.status()));
+    entries = SortEntries(std::move(*read));
+    snapshot = static_cast<int>(entries->size()) > page->size
+                   ? caches_->routes.Put(filters, entries)
+                   : 0;
+  }
+  response->set_next_page_token(
+      Paginate(entries, *page, "routes", snapshot,
+               [&](const v1::RouteEntry& e) { *response->add_routes() = e; }));
   return Reply(context, "ListRoutes", grpc::Status::OK);
 }
 

@@ -277,7 +277,6 @@ absl::Status DumpWithRetry(uint16_t type, const Header& header, Fn&& fn,
   return status;
 }
 
-template <typename T>
 std::vector<uint8_t> U32Attr(uint16_t type, uint32_t value) {
   std::vector<uint8_t> attr(NLA_HDRLEN + 4);
   auto* nla = reinterpret_cast<nlattr*>(attr.data());
@@ -311,45 +310,55 @@ absl::StatusOr<std::vector<Link>> NetlinkKernel::DumpLinks() {
   return links;
 }
 
-absl::StatusOr<Snapshot> NetlinkKernel::Dump() {
+absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
   Snapshot snap;
   // Each table is dumped cleanly (retried when a change interrupts it);
   // events that follow are applied on top by the caller.
-  auto links = DumpLinks();
-  if (!links.ok()) return links.status();
-  snap.links = std::move(*links);
-  ifaddrmsg ifa{};
-  ifa.ifa_family = AF_INET;
-  if (auto s = DumpWithRetry(RTM_GETADDR, ifa, [&](const nlmsghdr* msg) {
-        if (auto a = ParseAddress(msg)) snap.addresses.push_back(*a);
-      });
-      !s.ok()) {
-    return s;
+  if (what.links) {
+    auto links = DumpLinks();
+    if (!links.ok()) return links.status();
+    snap.links = std::move(*links);
   }
-  rtmsg rtm{};
-  rtm.rtm_family = AF_INET;
-  rtm.rtm_table = RT_TABLE_MAIN;
-  if (auto s = DumpWithRetry(
-          RTM_GETROUTE, rtm,
-          [&](const nlmsghdr* msg) {
-            // Without strict checking the kernel ignores the table filter.
-            if (auto r = ParseRoute(msg); r && r->table == RT_TABLE_MAIN) {
-              snap.routes.push_back(*r);
-            }
-          },
-          U32Attr<uint32_t>(RTA_TABLE, RT_TABLE_MAIN));
-      !s.ok()) {
-    return s;
+  if (what.addresses) {
+    ifaddrmsg ifa{};
+    ifa.ifa_family = AF_INET;
+    if (auto s = DumpWithRetry(RTM_GETADDR, ifa, [&](const nlmsghdr* msg) {
+          if (auto a = ParseAddress(msg)) snap.addresses.push_back(*a);
+        });
+        !s.ok()) {
+      return s;
+    }
   }
-  ndmsg ndm{};
-  ndm.ndm_family = AF_INET;
-  if (auto s = DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
-        if (auto n = ParseNeighbor(msg); n && !n->proxy) snap.neighbors.push_back(*n);
-      });
-      !s.ok()) {
-    return s;
+  if (what.routes) {
+    rtmsg rtm{};
+    rtm.rtm_family = AF_INET;
+    rtm.rtm_table = RT_TABLE_MAIN;
+    if (auto s = DumpWithRetry(
+            RTM_GETROUTE, rtm,
+            [&](const nlmsghdr* msg) {
+              // Without strict checking the kernel ignores the table filter.
+              if (auto r = ParseRoute(msg); r && r->table == RT_TABLE_MAIN) {
+                snap.routes.push_back(*r);
+              }
+            },
+            U32Attr(RTA_TABLE, RT_TABLE_MAIN));
+        !s.ok()) {
+      return s;
+    }
   }
-  if (auto s = DumpProxies(&snap.neighbors); !s.ok()) return s;
+  if (what.neighbors) {
+    ndmsg ndm{};
+    ndm.ndm_family = AF_INET;
+    if (auto s = DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
+          if (auto n = ParseNeighbor(msg); n && !n->proxy) snap.neighbors.push_back(*n);
+        });
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (what.proxies) {
+    if (auto s = DumpProxies(&snap.neighbors); !s.ok()) return s;
+  }
   return snap;
 }
 

@@ -26,7 +26,16 @@ void FakeKernel::Emit(kernel::Event event) {
   [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
 }
 
-absl::StatusOr<kernel::Snapshot> FakeKernel::Dump() { return State(); }
+absl::StatusOr<kernel::Snapshot> FakeKernel::Dump(const kernel::DumpSelection& what) {
+  kernel::Snapshot s = State();
+  if (!what.links) s.links.clear();
+  if (!what.addresses) s.addresses.clear();
+  if (!what.routes) s.routes.clear();
+  std::erase_if(s.neighbors, [&](const kernel::Neighbor& n) {
+    return n.proxy ? !what.proxies : !what.neighbors;
+  });
+  return s;
+}
 
 kernel::Snapshot FakeKernel::State() const {
   absl::MutexLock lock(&mu_);

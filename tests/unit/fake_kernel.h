@@ -20,7 +20,8 @@ class FakeKernel : public kernel::Kernel {
   FakeKernel();
   ~FakeKernel() override;
 
-  absl::StatusOr<kernel::Snapshot> Dump() override;
+  using Kernel::Dump;
+  absl::StatusOr<kernel::Snapshot> Dump(const kernel::DumpSelection& what) override;
   absl::StatusOr<std::vector<kernel::Link>> DumpLinks() override;
   absl::StatusOr<std::vector<kernel::Neighbor>> DumpProxyNeighbors() override;
   // Sets a link's counters (host's view).

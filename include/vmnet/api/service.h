@@ -38,6 +38,7 @@ class VmNetworkService final : public v1::VmNetwork::CallbackService {
   // null) must outlive the service.
   VmNetworkService(Reconciler* reconciler, kernel::Kernel* kernel, EventLog* events,
                    RequestStats* stats, ServiceOptions options);
+  ~VmNetworkService() override;
 
   grpc::ServerUnaryReactor* AttachVm(grpc::CallbackServerContext* context,
                                      const v1::AttachVmRequest* request,
@@ -72,11 +73,21 @@ class VmNetworkService final : public v1::VmNetwork::CallbackService {
   grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const char* method,
                                   const grpc::Status& status) const;
 
+  // The kernel's tables as list entries, keyed by their sort keys, filtered
+  // by the request.
+  absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> ReadArp(
+      const v1::ListArpRequest& request) const;
+  absl::StatusOr<std::vector<std::pair<std::string, v1::RouteEntry>>> ReadRoutes(
+      const v1::ListRoutesRequest& request) const;
+
+  struct ListCaches;  // snapshots of listings being paged through
+
   Reconciler* const reconciler_;
   kernel::Kernel* const kernel_;
   EventLog* const events_;
   RequestStats* const stats_;
   const ServiceOptions options_;
+  std::unique_ptr<ListCaches> caches_;
 };
 
 // grpc.health.v1.Health built from grpc-proto's health.proto, so that

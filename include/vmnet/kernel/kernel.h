@@ -16,9 +16,10 @@ class Kernel {
  public:
   virtual ~Kernel() = default;
 
-  // A full dump of links, IPv4 addresses, main-table IPv4 routes and IPv4
-  // neighbours including proxy entries. Safe to call from any thread.
-  virtual absl::StatusOr<Snapshot> Dump() = 0;
+  // A dump of the selected tables: links, IPv4 addresses, main-table IPv4
+  // routes, IPv4 neighbours and proxy entries. Safe to call from any thread.
+  virtual absl::StatusOr<Snapshot> Dump(const DumpSelection& what) = 0;
+  absl::StatusOr<Snapshot> Dump() { return Dump(DumpSelection::All()); }
 
   // Only the links, with their 64-bit counters: what a metrics scrape
   // reads. Any thread.

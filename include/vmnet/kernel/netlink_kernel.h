@@ -71,7 +71,8 @@ class NetlinkKernel : public Kernel {
 
   static absl::StatusOr<std::unique_ptr<NetlinkKernel>> Create(Options options);
 
-  absl::StatusOr<Snapshot> Dump() override;
+  using Kernel::Dump;
+  absl::StatusOr<Snapshot> Dump(const DumpSelection& what) override;
   absl::StatusOr<std::vector<Link>> DumpLinks() override;
   absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() override;
   std::vector<absl::Status> Apply(absl::Span<const Write> writes) override;

@@ -82,6 +82,21 @@ struct Snapshot {
   std::vector<Neighbor> neighbors;  // IPv4, proxy entries included
 };
 
+// Which tables a dump reads.
+struct DumpSelection {
+  bool links = true;
+  bool addresses = true;
+  bool routes = true;
+  bool neighbors = true;  // ordinary IPv4 neighbour entries
+  bool proxies = true;    // IPv4 proxy entries
+
+  static DumpSelection All() { return {}; }
+  static DumpSelection Only(bool links, bool addresses, bool routes, bool neighbors,
+                            bool proxies) {
+    return {links, addresses, routes, neighbors, proxies};
+  }
+};
+
 // Kernel writes. Each names its object completely, so that a failure message
 // can say exactly what could not be done.
 struct SetLinkUp {
