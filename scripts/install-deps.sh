@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 (bookworm) packages vmnet builds and tests with.
 # Idempotent: installs only what is missing, and runs `apt-get update` first when it must install.
+# Packages that ship a service (prometheus, prometheus-node-exporter) are installed without
+# starting it: the tests start their own servers, inside their namespaces.
 set -euo pipefail
 
 packages=(
@@ -8,9 +10,10 @@ packages=(
   cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libnl-3-dev libnl-route-3-dev prometheus-cpp-dev libsystemd-dev
-  # tests and benchmarks
-  libgtest-dev libgmock-dev libbenchmark-dev
-  iproute2 net-tools iputils-ping python3 python3-grpcio python3-protobuf
+  # tests, fuzzing and benchmarks
+  libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
+  iproute2 net-tools iputils-ping curl openssl python3 python3-grpcio python3-protobuf
+  python3-yaml prometheus prometheus-node-exporter
 )
 
 missing=()
@@ -31,5 +34,13 @@ fi
 
 echo "install-deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
+# Refuse service starts during the install (Debian's policy-rc.d convention), unless the
+# machine already has its own policy.
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
