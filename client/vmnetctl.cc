@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -146,14 +147,10 @@ int ServerError(const grpc::Status& status) {
     std::cerr << "vmnetctl: cannot reach the server: " << status.error_message() << "\n";
     return kExitUnreachable;
   }
-  static const char* kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",           "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",       "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  int code = status.error_code();
-  std::cerr << "vmnetctl: " << (code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN") << ": "
+  // gRPC's status codes have absl's numbers and names.
+  std::cerr << "vmnetctl: "
+            << absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))
+            << ": "
             << status.error_message() << "\n";
   return kExitServerError;
 }
