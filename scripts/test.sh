@@ -49,3 +49,6 @@ section "ThreadSanitizer (the threaded parts: reconciler, event log, gRPC servic
 build build-tsan -DVMNET_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build-tsan --output-on-failure -j 1 -L 'unit|e2e'
+
+section "libFuzzer: request validation, netlink parsing, state file (${FUZZ_SECONDS:-60} s each)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-60}"

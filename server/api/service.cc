@@ -264,18 +264,19 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
   if (auto denied = Authorize(*context, "AttachVm"); !denied.ok()) {
     return Reply(context, "AttachVm", denied);
   }
-  if (request->request_id().size() > 128) {
-    return Reply(context, "AttachVm", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                       "request_id: is longer than 128 bytes"));
+  if (auto s = ValidateRequestId(request->request_id()); !s.ok()) {
+    return Reply(context, "AttachVm", ToGrpc(s));
   }
   if (!reconciler_->ready()) return Reply(context, "AttachVm", kStarting);
   std::vector<std::string> addresses(request->ip_addresses().begin(),
                                      request->ip_addresses().end());
+  std::vector<size_t> request_index;
   auto spec = ParseVmSpec(request->vm_id(), request->interface(), addresses,
-                          request->mac_address(), options_.rules);
+                          request->mac_address(), options_.rules, &request_index);
   if (!spec.ok()) return Reply(context, "AttachVm", ToGrpc(spec.status()));
   auto* reactor = context->DefaultReactor();
-  reconciler_->Attach(std::move(*spec), request->validate_only(), request->request_id(),
+  reconciler_->Attach(std::move(*spec), std::move(request_index), request->validate_only(),
+                      request->request_id(),
                       [this, reactor, response](absl::StatusOr<VmView> vm) {
                         if (!vm.ok()) {
                           Finish(reactor, "AttachVm", ToGrpc(vm.status()));
@@ -294,9 +295,8 @@ grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext
     return Reply(context, "DetachVm", denied);
   }
   if (auto s = ValidateVmId(request->vm_id()); !s.ok()) return Reply(context, "DetachVm", ToGrpc(s));
-  if (request->request_id().size() > 128) {
-    return Reply(context, "DetachVm", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                       "request_id: is longer than 128 bytes"));
+  if (auto s = ValidateRequestId(request->request_id()); !s.ok()) {
+    return Reply(context, "DetachVm", ToGrpc(s));
   }
   if (!reconciler_->ready()) return Reply(context, "DetachVm", kStarting);
   auto* reactor = context->DefaultReactor();

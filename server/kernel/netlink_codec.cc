@@ -107,6 +107,7 @@ std::optional<Link> ParseLink(const nlmsghdr* msg) {
   Link link;
   link.ifindex = ifi->ifi_index;
   link.up = (ifi->ifi_flags & IFF_UP) != 0;
+  link.loopback = (ifi->ifi_flags & IFF_LOOPBACK) != 0;
   if (tb[IFLA_IFNAME] != nullptr) {
     link.name = nla_get_string(tb[IFLA_IFNAME]);
   }

@@ -25,7 +25,10 @@ IpAddress IpAddress::FromBytes(Family family, const void* bytes) {
 std::optional<IpAddress> IpAddress::Parse(absl::string_view text) {
   // inet_pton needs a NUL-terminated string; bound the copy so hostile input
   // cannot make us allocate much.
-  if (text.empty() || text.size() > INET6_ADDRSTRLEN) return std::nullopt;
+  if (text.empty() || text.size() > INET6_ADDRSTRLEN ||
+      text.find('\0') != absl::string_view::npos) {
+    return std::nullopt;
+  }
   std::string s(text);
   IpAddress a;
   if (inet_pton(AF_INET, s.c_str(), a.bytes_.data()) == 1) {
@@ -137,11 +140,10 @@ std::optional<MacAddress> MacAddress::Parse(absl::string_view text) {
   // Exactly six two-digit hex groups separated by ':' or '-'.
   if (text.size() != 17) return std::nullopt;
   std::array<uint8_t, 6> bytes{};
+  const char separator = text[2];
+  if (separator != ':' && separator != '-') return std::nullopt;
   for (int i = 0; i < 6; ++i) {
-    if (i > 0) {
-      char sep = text[i * 3 - 1];
-      if (sep != ':' && sep != '-') return std::nullopt;
-    }
+    if (i > 0 && text[i * 3 - 1] != separator) return std::nullopt;
     uint8_t value = 0;
     for (int j = 0; j < 2; ++j) {
       char c = text[i * 3 + j];

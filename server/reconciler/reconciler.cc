@@ -111,11 +111,12 @@ void Reconciler::Post(Command command) {
   Wake();
 }
 
-void Reconciler::Attach(VmSpec spec, bool validate_only, std::string request_id,
-                        AttachDone done) {
+void Reconciler::Attach(VmSpec spec, std::vector<size_t> request_index, bool validate_only,
+                        std::string request_id, AttachDone done) {
   Command c;
   c.kind = Command::Kind::kAttach;
   c.spec = std::move(spec);
+  c.request_index = std::move(request_index);
   c.validate_only = validate_only;
   c.request_id = std::move(request_id);
   c.attach_done = std::move(done);
@@ -343,23 +344,28 @@ absl::Status Reconciler::FullResync(bool initial) {
   return absl::OkStatus();
 }
 
-absl::Status Reconciler::CheckAgainstHost(const VmSpec& spec) const {
+absl::Status Reconciler::CheckAgainstHost(const VmSpec& spec,
+                                          const std::vector<size_t>& request_index) const {
   for (const std::string& uplink : options_.host.uplinks) {
     if (spec.interface == uplink) {
       return absl::InvalidArgumentError(absl::StrCat(
           "interface: \"", spec.interface, "\" is an uplink of this host (--uplinks)"));
     }
   }
+  if (const kernel::Link* link = model_.LinkByName(spec.interface); link && link->loopback) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "interface: \"", spec.interface, "\" is a loopback interface, not a VM's link"));
+  }
   for (size_t i = 0; i < spec.addresses.size(); ++i) {
     const IpAddress& a = spec.addresses[i];
     if (model_.IsLocalAddress(a)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("ip_addresses: \"", a.ToString(),
+          absl::StrCat(AddressField(request_index, i), ": \"", a.ToString(),
                        "\" is one of the host's own addresses"));
     }
     if (model_.IsConnectedBroadcast(a)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "ip_addresses: \"", a.ToString(),
+          AddressField(request_index, i), ": \"", a.ToString(),
           "\" is the broadcast address of a subnet the host is connected to"));
     }
   }
@@ -409,11 +415,12 @@ void Reconciler::ProcessCommands(std::deque<Command> commands,
       auto it = vm_of_address_.find(spec.addresses[i]);
       if (it != vm_of_address_.end() && it->second != vm_id) {
         status = absl::AlreadyExistsError(
-            absl::StrCat("ip_addresses: \"", spec.addresses[i].ToString(),
-                         "\" is held by VM \"", it->second, "\""));
+            absl::StrCat(AddressField(c.request_index, i), ": \"",
+                         spec.addresses[i].ToString(), "\" is held by VM \"", it->second,
+                         "\""));
       }
     }
-    if (status.ok()) status = CheckAgainstHost(spec);
+    if (status.ok()) status = CheckAgainstHost(spec, c.request_index);
     if (status.ok() && existing == vms_.end() && vms_.size() >= options_.max_vms) {
       status = absl::ResourceExhaustedError(absl::StrCat(
           "this host holds ", vms_.size(), " VMs, the limit (--max-vms)"));

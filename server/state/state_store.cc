@@ -8,6 +8,7 @@
 #include <zlib.h>
 
 #include <cstring>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "server/state/state_file.pb.h"
@@ -123,7 +124,13 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
   SpecRules permissive;
   permissive.interface_pattern = std::regex(".*");
   permissive.max_addresses = 1u << 20;
+  std::set<std::string> vm_ids, interfaces;
+  std::set<IpAddress> addresses_seen;
   for (const state::VmRecord& r : file.vms()) {
+    if (!vm_ids.insert(r.vm_id()).second || !interfaces.insert(r.interface()).second) {
+      return absl::DataLossError(
+          absl::StrCat("VM \"", r.vm_id(), "\" or its interface appears twice"));
+    }
     std::vector<std::string> addresses(r.ip_addresses().begin(),
                                        r.ip_addresses().end());
     auto spec = ParseVmSpec(r.vm_id(), r.interface(), addresses,
@@ -131,6 +138,12 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
     if (!spec.ok()) {
       return absl::DataLossError(
           absl::StrCat("invalid VM record: ", spec.status().message()));
+    }
+    for (const IpAddress& a : spec->addresses) {
+      if (!addresses_seen.insert(a).second) {
+        return absl::DataLossError(
+            absl::StrCat("address ", a.ToString(), " belongs to two VMs"));
+      }
     }
     state.vms.push_back({std::move(*spec), r.revision()});
   }

@@ -77,11 +77,30 @@ absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field) {
   return absl::OkStatus();
 }
 
+std::string AddressField(const std::vector<size_t>& request_index, size_t position) {
+  size_t index = position < request_index.size() ? request_index[position] : position;
+  return absl::StrCat("ip_addresses[", index, "]");
+}
+
+absl::Status ValidateRequestId(absl::string_view request_id) {
+  if (request_id.size() > 128) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request_id: is ", request_id.size(), " bytes long; the maximum is 128"));
+  }
+  for (char c : request_id) {
+    if (c < 0x20 || c > 0x7e) {
+      return Invalid("request_id", request_id, "has a character outside printable ASCII");
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
                                    absl::string_view interface,
                                    absl::Span<const std::string> addresses,
                                    absl::string_view mac,
-                                   const SpecRules& rules) {
+                                   const SpecRules& rules,
+                                   std::vector<size_t>* request_index) {
   if (auto s = ValidateVmId(vm_id); !s.ok()) return s;
   VmSpec spec;
   spec.vm_id = std::string(vm_id);
@@ -91,6 +110,15 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
     return Invalid("interface", interface,
                    absl::StrCat("is ", interface.size(),
                                 " bytes long; Linux allows at most 15"));
+  }
+  // What Linux accepts as a link name (dev_valid_name), whatever the pattern.
+  if (interface == "." || interface == "..") {
+    return Invalid("interface", interface, "is not a name Linux allows for a link");
+  }
+  for (char c : interface) {
+    if (c == '/' || c == ':' || c <= 0x20 || c >= 0x7f) {
+      return Invalid("interface", interface, "has a character Linux does not allow in a link name");
+    }
   }
   if (!std::regex_match(interface.begin(), interface.end(),
                         rules.interface_pattern)) {
@@ -119,7 +147,15 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
     }
     spec.addresses.push_back(*address);
   }
-  std::sort(spec.addresses.begin(), spec.addresses.end());
+  std::vector<size_t> order(spec.addresses.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return spec.addresses[a] < spec.addresses[b]; });
+  std::vector<IpAddress> sorted;
+  sorted.reserve(order.size());
+  for (size_t i : order) sorted.push_back(spec.addresses[i]);
+  spec.addresses = std::move(sorted);
+  if (request_index != nullptr) *request_index = std::move(order);
 
   if (!mac.empty()) {
     auto parsed = MacAddress::Parse(mac);

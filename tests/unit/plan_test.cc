@@ -17,8 +17,16 @@ class PlanTest : public ::testing::Test {
   void SetUp() override {
     config_.uplinks = {"eth0"};
     kernel::Snapshot s;
-    s.links.push_back({1, "eth0", true, true, {}, {}});
-    s.links.push_back({7, "vme1a", false, false, {}, {}});
+    kernel::Link uplink;
+    uplink.ifindex = 1;
+    uplink.name = "eth0";
+    uplink.up = true;
+    uplink.ipv4_forwarding = true;
+    kernel::Link vme;
+    vme.ifindex = 7;
+    vme.name = "vme1a";
+    vme.ipv4_forwarding = false;
+    s.links = {uplink, vme};
     model_.Reset(s);
     spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01", SpecRules{});
   }

@@ -85,3 +85,35 @@ TEST(VmSpecLimitTest, TooManyAddressesNamesTheLimit) {
 
 }  // namespace
 }  // namespace vmnet
+
+namespace vmnet {
+namespace {
+
+TEST(VmSpecHostileTest, NulAndLinuxInvalidNamesAreRefused) {
+  SpecRules anything;
+  anything.interface_pattern = std::regex(".*");
+  std::string nul_address("198.51.100.53\0junk", 18);
+  EXPECT_FALSE(ParseVmSpec("vm-1", "vme1a", {nul_address}, "", anything).ok());
+  for (const std::string& name : std::vector<std::string>{"a/b", "a b", "a:b", ".", "..", std::string("vme1a\0", 6)}) {
+    EXPECT_FALSE(ParseVmSpec("vm-1", name, {"198.51.100.5"}, "", anything).ok()) << name;
+  }
+}
+
+TEST(VmSpecHostileTest, RequestIndexNamesTheFieldTheCallerSent) {
+  std::vector<size_t> index;
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.9", "198.51.100.1"}, "", SpecRules{},
+                          &index);
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->addresses[0].ToString(), "198.51.100.1");
+  EXPECT_EQ(AddressField(index, 0), "ip_addresses[1]");
+  EXPECT_EQ(AddressField(index, 1), "ip_addresses[0]");
+}
+
+TEST(VmSpecHostileTest, RequestIdMustBePrintable) {
+  EXPECT_TRUE(ValidateRequestId("req-42 retry 1").ok());
+  EXPECT_FALSE(ValidateRequestId("r1\nts=2000 level=error event=forged").ok());
+  EXPECT_FALSE(ValidateRequestId(std::string(129, 'a')).ok());
+}
+
+}  // namespace
+}  // namespace vmnet

@@ -28,10 +28,15 @@ std::optional<Event> ParseEvent(const nlmsghdr* msg);
 template <typename Fn>
 void ForEachMessage(const void* data, size_t length, Fn&& fn) {
   auto* msg = static_cast<const nlmsghdr*>(data);
-  int remaining = static_cast<int>(length);
-  while (NLMSG_OK(msg, remaining)) {
+  size_t remaining = length;
+  // NLMSG_OK, spelled out with unsigned arithmetic.
+  while (remaining >= sizeof(nlmsghdr) && msg->nlmsg_len >= sizeof(nlmsghdr) &&
+         msg->nlmsg_len <= remaining) {
     fn(msg);
-    msg = NLMSG_NEXT(msg, remaining);
+    size_t step = NLMSG_ALIGN(msg->nlmsg_len);
+    if (step >= remaining) break;
+    remaining -= step;
+    msg = reinterpret_cast<const nlmsghdr*>(reinterpret_cast<const char*>(msg) + step);
   }
 }
 

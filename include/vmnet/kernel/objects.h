@@ -25,6 +25,7 @@ struct Link {
   int ifindex = 0;
   std::string name;
   bool up = false;  // administratively up (IFF_UP)
+  bool loopback = false;  // IFF_LOOPBACK
   // net.ipv4.conf.<name>.forwarding, when the kernel reported it.
   std::optional<bool> ipv4_forwarding;
   MacAddress mac;

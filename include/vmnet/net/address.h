@@ -21,7 +21,8 @@ class IpAddress {
   IpAddress() = default;
   static IpAddress V4(uint32_t host_order);
   static IpAddress FromBytes(Family family, const void* bytes);
-  // Accepts the canonical text forms only ("198.51.100.7", "2001:db8::1").
+  // Accepts the standard text forms (inet_pton's: "198.51.100.7",
+  // "2001:db8::1"); no surrounding space, no NUL, no prefix length.
   static std::optional<IpAddress> Parse(absl::string_view text);
 
   Family family() const { return family_; }
@@ -78,7 +79,8 @@ class MacAddress {
  public:
   MacAddress() = default;
   explicit MacAddress(const std::array<uint8_t, 6>& bytes) : bytes_(bytes) {}
-  // Accepts "aa:bb:cc:dd:ee:ff" (either case) and "aa-bb-cc-dd-ee-ff".
+  // Accepts "aa:bb:cc:dd:ee:ff" (either case) and "aa-bb-cc-dd-ee-ff"; one
+  // separator throughout.
   static std::optional<MacAddress> Parse(absl::string_view text);
 
   const uint8_t* bytes() const { return bytes_.data(); }

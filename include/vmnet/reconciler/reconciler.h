@@ -113,7 +113,13 @@ class Reconciler {
   // Records the spec durably, then programs the kernel; `done` runs on the
   // reconciler thread when the kernel holds the state (or the VM is
   // pending or failed), or with the error that refused the request.
-  void Attach(VmSpec spec, bool validate_only, std::string request_id, AttachDone done);
+  // `request_index` maps each (sorted) address of the spec to its index in
+  // the request, for error messages; empty: the sorted order.
+  void Attach(VmSpec spec, std::vector<size_t> request_index, bool validate_only,
+              std::string request_id, AttachDone done);
+  void Attach(VmSpec spec, bool validate_only, std::string request_id, AttachDone done) {
+    Attach(std::move(spec), {}, validate_only, std::move(request_id), std::move(done));
+  }
   void Detach(std::string vm_id, bool allow_missing, std::string request_id,
               DetachDone done);
 
@@ -128,6 +134,7 @@ class Reconciler {
   struct Command {
     enum class Kind { kAttach, kDetach } kind = Kind::kAttach;
     VmSpec spec;  // attach: the spec; detach: only vm_id
+    std::vector<size_t> request_index;
     bool validate_only = false;
     bool allow_missing = false;
     std::string request_id;
@@ -163,7 +170,8 @@ class Reconciler {
   void CheckProxies();
   absl::Status FullResync(bool initial);
   void ProcessCommands(std::deque<Command> commands, std::vector<Reply>* replies);
-  absl::Status CheckAgainstHost(const VmSpec& spec) const
+  absl::Status CheckAgainstHost(const VmSpec& spec,
+                                const std::vector<size_t>& request_index) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::Status Persist() ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void ReconcileDirty();

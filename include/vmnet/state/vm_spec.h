@@ -37,12 +37,22 @@ constexpr size_t kMaxInterfaceLength = 15;  // IFNAMSIZ - 1
 // naming `field` and the reason otherwise.
 absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field = "vm_id");
 
-// Validates every field and returns the canonical spec, or
-// INVALID_ARGUMENT whose message names the first bad field and the reason.
+// Validates every field and returns the canonical spec (addresses sorted),
+// or INVALID_ARGUMENT whose message names the first bad field and the
+// reason. `request_index`, when given, receives for each sorted address its
+// index in the request, so later errors can name the field the caller sent.
 absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
                                    absl::string_view interface,
                                    absl::Span<const std::string> addresses,
                                    absl::string_view mac,
-                                   const SpecRules& rules);
+                                   const SpecRules& rules,
+                                   std::vector<size_t>* request_index = nullptr);
+
+// "ip_addresses[i]" for the address at sorted position `position`.
+std::string AddressField(const std::vector<size_t>& request_index, size_t position);
+
+// Printable ASCII only, at most 128 bytes: what a request_id may be, so
+// that it can go into a log line as it is.
+absl::Status ValidateRequestId(absl::string_view request_id);
 
 }  // namespace vmnet
