@@ -172,7 +172,7 @@ absl::StatusOr<std::unique_ptr<Authorizer>> Authorizer::FromFile(const std::stri
 
 void Authorizer::MaybeReload() {
   {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     auto now = std::chrono::steady_clock::now();
     if (now < next_check_) return;
     next_check_ = now + refresh_;
@@ -183,7 +183,7 @@ void Authorizer::MaybeReload() {
                        << " error=\"" << text.status().message() << "\" keeping=previous";
     return;
   }
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   if (*text == version_) return;
   auto policy = AuthzPolicy::Parse(*text);
   if (!policy.ok()) {
@@ -218,7 +218,7 @@ grpc::Status Authorizer::Check(const grpc::CallbackServerContext& context,
   MaybeReload();
   std::shared_ptr<const AuthzPolicy> policy;
   {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     policy = policy_;
   }
   std::vector<std::string> identities;

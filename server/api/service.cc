@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/match.h"
-#include "absl/synchronization/mutex.h"
+#include "vmnet/base/mutex.h"
 #include "vmnet/kernel/netlink_codec.h"
 
 namespace vmnet {
@@ -134,7 +134,7 @@ template <typename Entry>
 class SnapshotCache {
  public:
   uint64_t Put(const std::string& filters, Sorted<Entry> entries) {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     Expire();
     if (snapshots_.size() >= kMaxSnapshots) snapshots_.erase(snapshots_.begin());
     uint64_t id = ++last_id_;
@@ -142,7 +142,7 @@ class SnapshotCache {
     return id;
   }
   Sorted<Entry> Get(uint64_t id, const std::string& filters) {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     Expire();
     auto it = snapshots_.find(id);
     if (it == snapshots_.end() || it->second.filters != filters) return nullptr;
@@ -160,7 +160,7 @@ class SnapshotCache {
     absl::Time oldest = absl::Now() - absl::Minutes(1);
     absl::erase_if(snapshots_, [&](const auto& kv) { return kv.second.created < oldest; });
   }
-  absl::Mutex mu_;
+  vmnet::Mutex mu_;
   uint64_t last_id_ ABSL_GUARDED_BY(mu_) = 0;
   absl::btree_map<uint64_t, Snapshot> snapshots_ ABSL_GUARDED_BY(mu_);
 };
@@ -502,11 +502,11 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
     absl::Status s = log_->Subscribe(this, request.vm_id(), request.from_revision(),
                                      request.initial_snapshot());
     if (!s.ok()) {
-      absl::MutexLock lock(&mu_);
+      vmnet::MutexLock lock(&mu_);
       FinishLocked(ToGrpc(s));
       return;
     }
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     subscribed_ = true;
     // Headers tell the client the watch is in place before any event.
     if (!finished_) StartSendInitialMetadata();
@@ -514,7 +514,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   }
 
   bool Push(EventPtr event) override {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     if (queue_.size() >= queue_limit_) return false;
     queue_.push_back(std::move(event));
     MaybeWriteLocked();
@@ -522,7 +522,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   }
 
   void Close(absl::Status status) override {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     closing_ = true;
     close_status_ = ToGrpc(status);
     // A slow watcher is cut off at once; on shutdown, what is queued is sent.
@@ -531,7 +531,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   }
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     writing_ = false;
     if (!ok) {
       FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed"));
@@ -541,7 +541,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   }
 
   void OnCancel() override {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     FinishLocked(grpc::Status::CANCELLED);
   }
 
@@ -573,7 +573,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   EventLog* const log_;
   RequestStats* const stats_;
   const size_t queue_limit_;
-  absl::Mutex mu_;
+  vmnet::Mutex mu_;
   std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
   EventPtr current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;

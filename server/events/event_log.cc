@@ -49,13 +49,13 @@ EventLog::EventLog(std::string epoch, size_t history)
     : epoch_(std::move(epoch)), history_limit_(history) {}
 
 void EventLog::StartRevisionsAt(uint64_t first) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   if (first > revision_ + 1) revision_ = first - 1;
 }
 
 uint64_t EventLog::Publish(VmEventType type, const VmView& vm,
                            const std::string& detail) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   auto event = std::make_shared<v1::WatchEvent>();
   event->set_revision(++revision_);
   event->set_epoch(epoch_);
@@ -93,7 +93,7 @@ bool EventLog::Deliver(Watcher* watcher, const Subscription& sub,
 
 absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
                                  uint64_t from_revision, bool initial_snapshot) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("vmnetd is shutting down; retry");
   Subscription sub{vm_id};
   if (from_revision != 0) {
@@ -142,24 +142,24 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
 }
 
 void EventLog::Unsubscribe(Watcher* watcher) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   watchers_.erase(watcher);
 }
 
 void EventLog::CloseAll() {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   closed_ = true;
   for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
   watchers_.clear();
 }
 
 size_t EventLog::watcher_count() const {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   return watchers_.size();
 }
 
 uint64_t EventLog::revision() const {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   return revision_;
 }
 

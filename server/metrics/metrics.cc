@@ -15,12 +15,12 @@ using prometheus::MetricFamily;
 using prometheus::MetricType;
 
 void RequestStats::Record(const std::string& method, int code) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   ++counts_[{method, code}];
 }
 
 std::map<std::pair<std::string, int>, uint64_t> RequestStats::Snapshot() const {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   return counts_;
 }
 

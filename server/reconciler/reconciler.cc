@@ -47,7 +47,7 @@ absl::Status Reconciler::Start() {
   auto stored = store_->Load();
   if (!stored.ok()) return stored.status();
   {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     for (StoredVm& vm : stored->vms) {
       VmRecord record;
       record.revision = vm.revision;
@@ -71,7 +71,7 @@ void Reconciler::Stop() {
   // Answer what never reached the thread.
   std::deque<Command> left;
   {
-    absl::MutexLock lock(&queue_mu_);
+    vmnet::MutexLock lock(&queue_mu_);
     left.swap(queue_);
   }
   for (Command& c : left) {
@@ -95,7 +95,7 @@ void Reconciler::Post(Command command) {
     return;
   }
   {
-    absl::MutexLock lock(&queue_mu_);
+    vmnet::MutexLock lock(&queue_mu_);
     if (queue_.size() < options_.max_pending_requests) {
       queue_.push_back(std::move(command));
       command.attach_done = nullptr;
@@ -139,7 +139,7 @@ VmView Reconciler::ViewOf(const VmRecord& r) const {
 }
 
 std::vector<VmView> Reconciler::Vms() const {
-  absl::ReaderMutexLock lock(&mu_);
+  vmnet::ReaderMutexLock lock(&mu_);
   std::vector<VmView> out;
   out.reserve(vms_.size());
   for (const auto& [id, r] : vms_) out.push_back(ViewOf(r));
@@ -147,26 +147,26 @@ std::vector<VmView> Reconciler::Vms() const {
 }
 
 std::optional<VmView> Reconciler::FindVm(const std::string& vm_id) const {
-  absl::ReaderMutexLock lock(&mu_);
+  vmnet::ReaderMutexLock lock(&mu_);
   auto it = vms_.find(vm_id);
   if (it == vms_.end()) return std::nullopt;
   return ViewOf(it->second);
 }
 
 std::string Reconciler::VmOfAddress(const IpAddress& address) const {
-  absl::ReaderMutexLock lock(&mu_);
+  vmnet::ReaderMutexLock lock(&mu_);
   auto it = vm_of_address_.find(address);
   return it == vm_of_address_.end() ? "" : it->second;
 }
 
 std::string Reconciler::VmOfInterface(const std::string& interface) const {
-  absl::ReaderMutexLock lock(&mu_);
+  vmnet::ReaderMutexLock lock(&mu_);
   auto it = vm_of_interface_.find(interface);
   return it == vm_of_interface_.end() ? "" : it->second;
 }
 
 ReconcilerCounters Reconciler::counters() const {
-  absl::ReaderMutexLock lock(&mu_);
+  vmnet::ReaderMutexLock lock(&mu_);
   return counters_;
 }
 
@@ -189,7 +189,7 @@ void Reconciler::Run() {
 milliseconds Reconciler::NextWakeup() const {
   auto now = Clock::now();
   auto next = std::min(next_proxy_check_, next_full_resync_);
-  absl::ReaderMutexLock lock(&mu_);
+  vmnet::ReaderMutexLock lock(&mu_);
   for (const auto& [id, r] : vms_) {
     if (r.state == VmState::kFailed) next = std::min(next, r.retry_at);
   }
@@ -220,13 +220,13 @@ void Reconciler::Iterate() {
 
   std::deque<Command> commands;
   {
-    absl::MutexLock lock(&queue_mu_);
+    vmnet::MutexLock lock(&queue_mu_);
     commands.swap(queue_);
   }
   std::vector<Reply> replies;
   ProcessCommands(std::move(commands), &replies);
   {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     for (auto& [id, r] : vms_) {
       if (r.state == VmState::kFailed && r.retry_at <= now) dirty_.insert(id);
     }
@@ -255,7 +255,7 @@ void Reconciler::Iterate() {
 void Reconciler::DrainKernelEvents() {
   std::vector<kernel::Event> events;
   absl::Status s = kernel_->ReadEvents(&events);
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   for (const kernel::Event& e : events) {
     model_.Apply(e);
     MarkDirtyByEvent(e);
@@ -318,7 +318,7 @@ void Reconciler::CheckProxies() {
     return;
   }
   std::vector<IpAddress> changed = model_.ReplaceProxies(*proxies);
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   for (const IpAddress& a : changed) MarkDirtyByAddress(a);
 }
 
@@ -335,7 +335,7 @@ absl::Status Reconciler::FullResync(bool initial) {
   model_.Reset(std::move(*snapshot));
   resync_wanted_ = false;
   {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     if (!initial) ++counters_.full_resyncs;
     MarkAllDirty();
   }
@@ -374,7 +374,7 @@ absl::Status Reconciler::CheckAgainstHost(const VmSpec& spec,
 
 void Reconciler::ProcessCommands(std::deque<Command> commands,
                                  std::vector<Reply>* replies) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   undo_.clear();
   std::vector<std::pair<std::string, VmView>> removed_views;
   std::vector<size_t> mutating;  // replies that wait on persistence
@@ -524,7 +524,7 @@ void Reconciler::ReconcileDirty() {
   // plans below see the kernel without it.
   std::vector<kernel::Write> removals;
   {
-    absl::ReaderMutexLock lock(&mu_);
+    vmnet::ReaderMutexLock lock(&mu_);
     for (const auto& [vm_id, old_spec] : removed_) {
       auto it = vms_.find(vm_id);
       const VmSpec* now = it == vms_.end() ? nullptr : &it->second.spec;
@@ -569,7 +569,7 @@ void Reconciler::ReconcileDirty() {
   std::vector<Planned> planned;
   std::vector<kernel::Write> writes = PlanUplinks(model_, options_.host);
   {
-    absl::ReaderMutexLock lock(&mu_);
+    vmnet::ReaderMutexLock lock(&mu_);
     for (const std::string& vm_id : dirty_) {
       auto it = vms_.find(vm_id);
       if (it == vms_.end()) continue;
@@ -597,7 +597,7 @@ void Reconciler::ReconcileDirty() {
     }
   }
 
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   counters_.kernel_writes += removals.size() + writes.size();
   counters_.kernel_write_failures += failures;
   for (int k = 0; k < kernel::kObjectKinds; ++k) {

@@ -38,7 +38,7 @@ absl::StatusOr<kernel::Snapshot> FakeKernel::Dump(const kernel::DumpSelection& w
 }
 
 kernel::Snapshot FakeKernel::State() const {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   kernel::Snapshot s;
   for (const auto& [i, l] : links_) s.links.push_back(l);
   s.addresses = addresses_;
@@ -51,12 +51,12 @@ absl::StatusOr<std::vector<Link>> FakeKernel::DumpLinks() { return State().links
 
 void FakeKernel::SetStats(const std::string& name, const kernel::LinkStats& stats) {
   int ifindex = IfIndex(name);
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   if (Link* l = FindLink(ifindex)) l->stats = stats;
 }
 
 absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   std::vector<Neighbor> out;
   for (const auto& [k, n] : neighbors_) {
     if (n.proxy) out.push_back(n);
@@ -65,7 +65,7 @@ absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
 }
 
 absl::Status FakeKernel::ReadEvents(std::vector<kernel::Event>* events) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   uint64_t ignored;
   [[maybe_unused]] ssize_t n = read(event_fd_, &ignored, sizeof(ignored));
   if (overflow_) {
@@ -157,14 +157,14 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
 }
 
 std::vector<absl::Status> FakeKernel::Apply(absl::Span<const kernel::Write> writes) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   std::vector<absl::Status> out;
   for (const kernel::Write& w : writes) out.push_back(ApplyOne(w));
   return out;
 }
 
 int FakeKernel::AddLink(const std::string& name, bool up) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   Link l;
   l.ifindex = next_ifindex_++;
   l.name = name;
@@ -176,7 +176,7 @@ int FakeKernel::AddLink(const std::string& name, bool up) {
 }
 
 int FakeKernel::IfIndex(const std::string& name) const {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   for (const auto& [i, l] : links_) {
     if (l.name == name) return i;
   }
@@ -185,7 +185,7 @@ int FakeKernel::IfIndex(const std::string& name) const {
 
 void FakeKernel::RemoveLink(const std::string& name) {
   int ifindex = IfIndex(name);
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   Link* l = FindLink(ifindex);
   if (l == nullptr) return;
   Link gone = *l;
@@ -196,7 +196,7 @@ void FakeKernel::RemoveLink(const std::string& name) {
 
 void FakeKernel::SetLinkUp(const std::string& name, bool up) {
   int ifindex = IfIndex(name);
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   Link* l = FindLink(ifindex);
   if (l == nullptr) return;
   if (l->up && !up) FlushLink(ifindex, false);
@@ -206,7 +206,7 @@ void FakeKernel::SetLinkUp(const std::string& name, bool up) {
 
 void FakeKernel::AddForeignAddress(const std::string& link, const std::string& prefix) {
   int ifindex = IfIndex(link);
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   Address a;
   a.ifindex = ifindex;
   a.prefix = *IpPrefix::Parse(prefix);
@@ -215,19 +215,19 @@ void FakeKernel::AddForeignAddress(const std::string& link, const std::string& p
 }
 
 void FakeKernel::AddForeignRoute(const Route& route) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   routes_.push_back(route);
   Emit(kernel::RouteEvent{false, route});
 }
 
 void FakeKernel::AddForeignNeighbor(const Neighbor& n) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   neighbors_[{n.ifindex, n.address, n.proxy}] = n;
   if (!n.proxy) Emit(kernel::NeighborEvent{false, n});
 }
 
 void FakeKernel::DeleteRoute(const IpPrefix& destination) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   for (auto it = routes_.begin(); it != routes_.end();) {
     if (it->destination == destination) {
       Emit(kernel::RouteEvent{true, *it});
@@ -239,7 +239,7 @@ void FakeKernel::DeleteRoute(const IpPrefix& destination) {
 }
 
 void FakeKernel::DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   auto it = neighbors_.find({ifindex, address, proxy});
   if (it == neighbors_.end()) return;
   if (!proxy) Emit(kernel::NeighborEvent{true, it->second});
@@ -247,19 +247,19 @@ void FakeKernel::DeleteNeighbor(int ifindex, const IpAddress& address, bool prox
 }
 
 void FakeKernel::Overflow() {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   overflow_ = true;
   uint64_t one = 1;
   [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
 }
 
 void FakeKernel::FailWrites(int err) {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   fail_errno_ = err;
 }
 
 size_t FakeKernel::writes_applied() const {
-  absl::MutexLock lock(&mu_);
+  vmnet::MutexLock lock(&mu_);
   return writes_applied_;
 }
 

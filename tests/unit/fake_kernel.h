@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
+#include "vmnet/base/mutex.h"
 #include "vmnet/kernel/kernel.h"
 
 namespace vmnet::testing {
@@ -56,7 +56,7 @@ class FakeKernel : public kernel::Kernel {
   void FlushLink(int ifindex, bool addresses_too) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   kernel::Link* FindLink(int ifindex) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  mutable absl::Mutex mu_;
+  mutable vmnet::Mutex mu_;
   int event_fd_ = -1;
   int next_ifindex_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<int, kernel::Link> links_ ABSL_GUARDED_BY(mu_);

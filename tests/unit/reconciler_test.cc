@@ -31,18 +31,18 @@ IpAddress Ip(const char* s) { return *IpAddress::Parse(s); }
 class RecordingWatcher : public Watcher {
  public:
   bool Push(EventPtr event) override {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     events_.push_back(std::move(event));
     return true;
   }
   void Close(absl::Status) override {}
   std::vector<EventPtr> events() const {
-    absl::MutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     return events_;
   }
 
  private:
-  mutable absl::Mutex mu_;
+  mutable vmnet::Mutex mu_;
   std::vector<EventPtr> events_;
 };
 

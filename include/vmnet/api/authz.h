@@ -33,7 +33,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "vmnet/base/mutex.h"
 #include "grpcpp/grpcpp.h"
 
 namespace vmnet {
@@ -75,7 +75,7 @@ class Authorizer {
 
   const std::string path_;
   const std::chrono::seconds refresh_;
-  absl::Mutex mu_;
+  vmnet::Mutex mu_;
   std::shared_ptr<const AuthzPolicy> policy_ ABSL_GUARDED_BY(mu_);
   std::string version_ ABSL_GUARDED_BY(mu_);  // the file's content last loaded
   std::chrono::steady_clock::time_point next_check_ ABSL_GUARDED_BY(mu_);

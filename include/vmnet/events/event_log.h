@@ -17,7 +17,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "vmnet/base/mutex.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/v1/vmnet.pb.h"
 
@@ -73,7 +73,7 @@ class EventLog : public VmObserver {
 
   const std::string epoch_;
   const size_t history_limit_;
-  mutable absl::Mutex mu_;
+  mutable vmnet::Mutex mu_;
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
   // The current VMs by id, as their last event left them.

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
+#include "vmnet/base/mutex.h"
 #include "prometheus/collectable.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/kernel.h"
@@ -38,7 +38,7 @@ class RequestStats {
   std::map<std::pair<std::string, int>, uint64_t> Snapshot() const;
 
  private:
-  mutable absl::Mutex mu_;
+  mutable vmnet::Mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> counts_ ABSL_GUARDED_BY(mu_);
 };
 

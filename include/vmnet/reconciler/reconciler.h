@@ -25,7 +25,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "vmnet/base/mutex.h"
 #include "vmnet/kernel/kernel.h"
 #include "vmnet/reconciler/kernel_model.h"
 #include "vmnet/reconciler/plan.h"
@@ -200,11 +200,11 @@ class Reconciler {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> ready_{false};
 
-  absl::Mutex queue_mu_;
+  vmnet::Mutex queue_mu_;
   std::deque<Command> queue_ ABSL_GUARDED_BY(queue_mu_);
 
   // Written only by the reconciler thread (under mu_); read by API threads.
-  mutable absl::Mutex mu_;
+  mutable vmnet::Mutex mu_;
   absl::flat_hash_map<std::string, VmRecord> vms_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<IpAddress, std::string> vm_of_address_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::string> vm_of_interface_ ABSL_GUARDED_BY(mu_);
