@@ -515,10 +515,16 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
 
   bool Push(EventPtr event) override {
     vmnet::MutexLock lock(&mu_);
-    if (queue_.size() >= queue_limit_) return false;
+    if (queue_.size() - backlog_ >= queue_limit_) return false;
     queue_.push_back(std::move(event));
     MaybeWriteLocked();
     return true;
+  }
+
+  void PushBacklog(EventPtr event) override {
+    vmnet::MutexLock lock(&mu_);
+    queue_.push_back(std::move(event));
+    ++backlog_;  // called only before any live event is queued
   }
 
   void Close(absl::Status status) override {
@@ -526,7 +532,10 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
     closing_ = true;
     close_status_ = ToGrpc(status);
     // A slow watcher is cut off at once; on shutdown, what is queued is sent.
-    if (!status.ok()) queue_.clear();
+    if (!status.ok()) {
+      queue_.clear();
+      backlog_ = 0;
+    }
     MaybeWriteLocked();
   }
 
@@ -556,6 +565,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
     if (!queue_.empty()) {
       current_ = std::move(queue_.front());
       queue_.pop_front();
+      if (backlog_ > 0) --backlog_;
       writing_ = true;
       StartWrite(current_.get());
       return;
@@ -575,6 +585,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   const size_t queue_limit_;
   vmnet::Mutex mu_;
   std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
+  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;  // snapshot/replay events at the front
   EventPtr current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;

@@ -85,6 +85,16 @@ uint64_t EventLog::Publish(VmEventType type, const VmView& vm,
   return revision_;
 }
 
+void EventLog::Seed(const VmView& vm) {
+  vmnet::MutexLock lock(&mu_);
+  auto event = std::make_shared<v1::WatchEvent>();
+  event->set_revision(vm.revision);
+  event->set_epoch(epoch_);
+  event->set_type(v1::EVENT_TYPE_SNAPSHOT);
+  *event->mutable_vm() = ToProto(vm);
+  current_[vm.spec.vm_id] = std::move(event);
+}
+
 bool EventLog::Deliver(Watcher* watcher, const Subscription& sub,
                        const EventPtr& event) {
   if (!sub.vm_id.empty() && event->vm().vm_id() != sub.vm_id) return true;
@@ -109,11 +119,6 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
           "oldest ", oldest, "); re-list with initial_snapshot"));
     }
   }
-  auto too_slow = [] {
-    return absl::ResourceExhaustedError(
-        "the backlog does not fit the watcher's queue; re-list with "
-        "initial_snapshot");
-  };
   if (initial_snapshot) {
     for (const auto& [id, last] : current_) {
       if (!vm_id.empty() && id != vm_id) continue;
@@ -122,19 +127,19 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
       event->set_epoch(epoch_);
       event->set_type(v1::EVENT_TYPE_SNAPSHOT);
       *event->mutable_vm() = last->vm();
-      if (!watcher->Push(std::move(event))) return too_slow();
+      watcher->PushBacklog(std::move(event));
     }
     auto end = std::make_shared<v1::WatchEvent>();
     end->set_revision(revision_);
     end->set_epoch(epoch_);
     end->set_type(v1::EVENT_TYPE_SNAPSHOT_END);
-    if (!watcher->Push(std::move(end))) return too_slow();
+    watcher->PushBacklog(std::move(end));
   }
   if (from_revision != 0) {
     for (const EventPtr& e : history_) {
-      if (e->revision() > from_revision && !Deliver(watcher, sub, e)) {
-        return too_slow();
-      }
+      if (e->revision() <= from_revision) continue;
+      if (!sub.vm_id.empty() && e->vm().vm_id() != sub.vm_id) continue;
+      watcher->PushBacklog(e);
     }
   }
   watchers_[watcher] = std::move(sub);

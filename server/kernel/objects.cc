@@ -30,7 +30,7 @@ std::string Route::ToString() const {
   }
   if (ifindex != 0) absl::StrAppend(&s, " ", Dev(ifindex));
   absl::StrAppend(&s, " table ", RouteTableName(table), " proto ",
-                  RouteProtocolName(protocol), " scope ", RouteScopeName(scope));
+                  static_cast<int>(protocol), " scope ", RouteScopeName(scope));
   if (metric != 0) absl::StrAppend(&s, " metric ", metric);
   return s;
 }

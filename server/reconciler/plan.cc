@@ -153,7 +153,14 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
             kernel::SetNeighbor{ProxyEntry(address, uplink->ifindex, config)});
       }
     }
-    if (spec.mac) PlanNeighbor(address, *link, *spec.mac, model, config, &plan);
+    if (spec.mac) {
+      PlanNeighbor(address, *link, *spec.mac, model, config, &plan);
+    } else if (const Neighbor* n = model.FindNeighbor(link->ifindex, address, false);
+               n != nullptr && n->protocol == config.protocol) {
+      // Ours from when the spec had a MAC (a restart may come between the
+      // durable spec change and its kernel write): it goes.
+      plan.writes.push_back(kernel::DeleteNeighbor{*n});
+    }
   }
   return plan;
 }
@@ -228,7 +235,7 @@ std::vector<kernel::Write> PlanUplinks(const KernelModel& model,
 
 std::vector<kernel::Write> PlanOrphans(
     const KernelModel& model, const HostConfig& config,
-    const absl::flat_hash_map<IpAddress, std::string>& owner_of_address,
+    const absl::flat_hash_map<IpAddress, AddressOwner>& owner_of_address,
     const absl::flat_hash_map<std::string, std::string>& vm_of_interface) {
   std::vector<kernel::Write> writes;
   auto link_name = [&](int ifindex) -> std::string {
@@ -240,14 +247,16 @@ std::vector<kernel::Write> PlanOrphans(
     auto owner = owner_of_address.find(r.destination.address);
     bool wanted = r.destination.length == r.destination.address.bit_length() &&
                   owner != owner_of_address.end() &&
-                  owner->second == link_name(r.ifindex);
+                  owner->second.interface == link_name(r.ifindex);
     if (!wanted) writes.push_back(kernel::DeleteRoute{r});
   });
   model.ForEachNeighbor([&](const Neighbor& n) {
     if (n.protocol != config.protocol) return;
     auto owner = owner_of_address.find(n.address);
     bool wanted = owner != owner_of_address.end();
-    if (wanted && !n.proxy) wanted = owner->second == link_name(n.ifindex);
+    if (wanted && !n.proxy) {
+      wanted = owner->second.has_mac && owner->second.interface == link_name(n.ifindex);
+    }
     if (!wanted) writes.push_back(kernel::DeleteNeighbor{n});
   });
   model.ForEachAddress([&](const Address& a) {

@@ -59,6 +59,10 @@ absl::Status Reconciler::Start() {
   }
   observer_->StartRevisionsAt(std::max<uint64_t>(stored->revision_lease, 1));
   if (auto s = FullResync(/*initial=*/true); !s.ok()) return s;
+  {
+    vmnet::ReaderMutexLock lock(&mu_);
+    for (const auto& [id, r] : vms_) observer_->Seed(ViewOf(r));
+  }
   ready_ = true;
   thread_ = std::thread([this] { Run(); });
   return absl::OkStatus();
@@ -340,7 +344,13 @@ absl::Status Reconciler::FullResync(bool initial) {
     MarkAllDirty();
   }
   sweep_orphans_ = true;
-  if (initial) ReconcileDirty();
+  if (initial) {
+    // The first sync finds each VM's state; it is not a change to announce
+    // (watchers of the new epoch start with a snapshot).
+    initial_sync_ = true;
+    ReconcileDirty();
+    initial_sync_ = false;
+  }
   return absl::OkStatus();
 }
 
@@ -532,9 +542,11 @@ void Reconciler::ReconcileDirty() {
       removals.insert(removals.end(), w.begin(), w.end());
     }
     if (sweep_orphans_) {
-      absl::flat_hash_map<IpAddress, std::string> owner;
+      absl::flat_hash_map<IpAddress, AddressOwner> owner;
       for (const auto& [vm_id, r] : vms_) {
-        for (const IpAddress& a : r.spec.addresses) owner[a] = r.spec.interface;
+        for (const IpAddress& a : r.spec.addresses) {
+          owner[a] = {r.spec.interface, r.spec.mac.has_value()};
+        }
       }
       auto w = PlanOrphans(model_, options_.host, owner, vm_of_interface_);
       removals.insert(removals.end(), w.begin(), w.end());
@@ -676,6 +688,7 @@ void Reconciler::PublishOutcome(const std::string& vm_id, VmState old_state,
     Publish(VmEventType::kDriftRepaired, &r, detail);
     return;
   }
+  if (initial_sync_) return;
   if (r.state != old_state || r.message != old_message) {
     std::string detail = absl::StrCat(VmStateName(old_state), " -> ",
                                       VmStateName(r.state));

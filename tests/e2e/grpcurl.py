@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 
 import grpc
 from google.protobuf import (descriptor, descriptor_pb2, descriptor_pool, json_format,
@@ -123,6 +124,19 @@ class Stream:
     def cancel(self):
         self._call.cancel()
 
+    def wait_for_headers(self, timeout=DEFAULT_TIMEOUT):
+        """Waits until the server sent the response headers (initial metadata) or ended the
+        call; True then, False after `timeout` seconds. A server that sends its headers once
+        the stream is set up (vmnetd's Watch) lets a client know it misses no later message."""
+        done = threading.Event()
+
+        def wait():
+            self._call.initial_metadata()  # blocks; returns too when the call ends
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(timeout)
+
     def __enter__(self):
         return self
 
@@ -133,10 +147,11 @@ class Stream:
 class Client:
     """A reflection-driven client for one server, e.g. Client("unix:///run/vmnetd.sock")."""
 
-    def __init__(self, target, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, target, timeout=DEFAULT_TIMEOUT, options=()):
+        """`options`: gRPC channel arguments, e.g. [("grpc.http2.bdp_probe", 0)]."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=list(options))
         self._pool = descriptor_pool.DescriptorPool()
         self._loaded_files = set()
 

@@ -21,8 +21,10 @@ Run as root with /usr/bin/python3 (it has python3-grpcio). Commands:
 """
 
 import atexit
+import contextlib
 import ctypes
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -238,6 +240,8 @@ class Lab:
         if self.daemon is not None:
             self.daemon.close()
             self.daemon = None
+        if self.host in self._namespaces:
+            self._delete_links(self.host)
         for ns in reversed(self._namespaces):
             result = run_command("ip", "netns", "delete", ns, check=False)
             if result.returncode != 0:
@@ -246,6 +250,32 @@ class Lab:
         self._namespaces.clear()
         if self in _live_labs:
             _live_labs.remove(self)
+
+    def _delete_links(self, ns):
+        """Deletes every link of namespace `ns` but lo (veth peers elsewhere go with them).
+
+        Done before the namespace is deleted: the kernel tears down the links of a deleted
+        namespace in the background, and many of them hold up link handling on the whole
+        machine (measured: a namespace deleted with 60 veth pairs up delayed the carrier, and
+        so the IPv6 autoconfiguration, of the next lab's links by 48 s; deleted first, by 0)."""
+        try:
+            names, going = [], {"lo"}
+            for link in self.ip_json(ns, "link", "show"):
+                if link["ifname"] in going:
+                    continue
+                names.append(link["ifname"])
+                going.add(link["ifname"])
+                if "link_netnsid" not in link:  # a veth peer in the same namespace goes too
+                    going.add(link.get("link"))
+            if names:
+                result = subprocess.run(["ip", "-force", "-n", ns, "-batch", "-"],
+                                        input="".join(f"link del {name}\n" for name in names),
+                                        capture_output=True, text=True, timeout=60)
+                if result.returncode != 0:
+                    print(f"lab: deleting the links of {ns}: {result.stderr.strip()}",
+                          file=sys.stderr)
+        except (LabError, subprocess.TimeoutExpired, ValueError) as e:
+            print(f"lab: could not delete the links of {ns}: {e}", file=sys.stderr)
 
     def _add_namespace(self, ns):
         if os.geteuid() != 0:
@@ -305,6 +335,48 @@ class Lab:
         result = self.run(ns, "ping", *args, address, check=False, timeout=limit)
         return result.returncode == 0
 
+    def ip_batch(self, ns, lines, timeout=COMMAND_TIMEOUT):
+        """Runs iproute2 commands (lines without the leading "ip") with `ip -n ns -batch -`,
+        one process for all of them; raises LabError naming the failing line."""
+        result = subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n",
+                                capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise LabError(f"`ip -n {ns} -batch` failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()}")
+
+    def ipv6_settled(self, ns=None):
+        """True when IPv6 autoconfiguration is over on every link of namespace `ns` (the host by
+        default) that has a carrier, so that the kernel announces nothing more on its own.
+
+        A link that gets a carrier is handled by the kernel's linkwatch, which is shared by the
+        whole machine and rate limited, so it can come seconds later on a busy machine: only
+        then the operstate becomes UP and the link gets its IPv6 link-local address, tentative
+        until duplicate address detection ends a second or two later, when the kernel announces
+        the address and its route again."""
+        return not self.ipv6_unsettled(ns)
+
+    def ipv6_unsettled(self, ns=None):
+        """The links that keep ipv6_settled() false, each with why."""
+        unsettled = []
+        for link in self.ip_json(ns or self.host, "addr", "show"):
+            if link["ifname"] == "lo" or "LOWER_UP" not in link["flags"]:
+                continue  # no carrier: nothing configured, nothing to wait for
+            if link.get("operstate") != "UP":
+                unsettled.append(f"{link['ifname']}: carrier not processed yet (operstate "
+                                 f"{link.get('operstate')})")
+            tentative = [a["local"] for a in link.get("addr_info", []) if a.get("tentative")]
+            if tentative:
+                unsettled.append(f"{link['ifname']}: {', '.join(tentative)} tentative")
+        return unsettled
+
+    def start_ping(self, ns, address, count, interval=0.2):
+        """A ping from namespace `ns` running in the background; see Pinger."""
+        return Pinger(ns, address, count, interval)
+
+    def monitor(self, ns=None, objects=("route", "neigh", "address", "link")):
+        """`ip monitor OBJECTS` running in namespace `ns` (the host by default); see IpMonitor."""
+        return IpMonitor(self, ns or self.host, objects)
+
     def ip_json(self, ns, *args):
         """`ip -j -n ns ARGS...`, parsed."""
         out = run_command("ip", "-j", "-n", ns, *args).stdout.strip()
@@ -363,6 +435,164 @@ class Lab:
         return self.daemon
 
 
+class Pinger:
+    """`ping -n -i INTERVAL -c COUNT ADDRESS` running in a namespace in the background.
+
+    replies counts the echo replies so far (ping prints one line each); wait() returns ping's
+    summary as (transmitted, received)."""
+
+    def __init__(self, ns, address, count, interval):
+        self.command = ["ip", "netns", "exec", ns, "ping", "-n", "-i", str(interval),
+                        "-c", str(count), address]
+        self.timeout = count * interval + 10
+        self.output = []
+        self.replies = 0
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, preexec_fn=_die_with_parent)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.output.append(line.rstrip("\n"))
+            if re.match(r"\d+ bytes from ", line):
+                self.replies += 1
+
+    def running(self):
+        return self.process.poll() is None
+
+    def wait(self):
+        """Waits for ping to finish; returns (transmitted, received) from its summary line."""
+        try:
+            self.process.wait(self.timeout)
+        finally:
+            self.close()
+        text = "\n".join(self.output)
+        match = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+        if not match:
+            raise LabError(f"`{' '.join(self.command)}` printed no summary:\n{text}")
+        return int(match.group(1)), int(match.group(2))
+
+    def summary(self):
+        """ping's statistics line, e.g. "40 packets transmitted, 40 received, 0% packet loss"."""
+        return next((line for line in self.output if "packets transmitted" in line), "")
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(DAEMON_STOP_TIMEOUT)
+        self._thread.join(timeout=5)
+        self.process.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class IpMonitor:
+    """`ip -ts monitor OBJECTS` in a namespace, its lines collected by a thread; a context manager.
+
+    mark() puts a marker in the stream (a blackhole route to 203.0.113.25x added and deleted
+    again, which nothing else in the lab makes) and waits until the monitor printed it, so a test
+    can delimit a window of lines without sleeping: mark(), act, mark(), lines_between()."""
+
+    MARKER_PREFIX = "203.0.113.25"
+
+    def __init__(self, lab, ns, objects):
+        if "route" not in objects:
+            raise ValueError("IpMonitor needs `route` among its objects: its markers are routes")
+        self.lab = lab
+        self.ns = ns
+        self.lines = []  # as printed, without ip's timestamp
+        self.times = []  # ip's timestamp of each line (when it read the notification), seconds
+        self._markers = 0
+        self._cond = threading.Condition()
+        self.process = subprocess.Popen(["ip", "-n", ns, "-ts", "monitor", *objects],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=_die_with_parent)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        try:
+            self.mark()  # also proves the monitor is subscribed
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self):
+        for raw in self.process.stdout:
+            # "[2026-11-24T10:25:52.773816] 198.51.100.10 dev eth0 lladdr ... STALE"
+            match = re.match(r"^\[([^]]*)\]\s*(.*)$", raw.rstrip("\n"))
+            stamp, line = match.groups() if match else (None, raw.rstrip("\n"))
+            seconds = datetime.datetime.fromisoformat(stamp).timestamp() if stamp else None
+            with self._cond:
+                self.lines.append(line)
+                self.times.append(seconds)
+                self._cond.notify_all()
+
+    def wait_for_line(self, pattern, start=0, timeout=COMMAND_TIMEOUT):
+        """The index of the first line from index `start` on that matches regular expression
+        `pattern`, waiting up to `timeout` seconds for it; None if none came."""
+        regex = re.compile(pattern)
+
+        def find():
+            return next((i for i in range(start, len(self.lines)) if regex.search(self.lines[i])),
+                        None)
+
+        with self._cond:
+            return self._cond.wait_for(find, timeout)
+
+    def mark(self, timeout=COMMAND_TIMEOUT):
+        """Adds and deletes a marker route; returns the index in `lines` just after the line of
+        its deletion. Raises LabError when the monitor does not print it within `timeout`."""
+        if self._markers >= 5:
+            raise LabError("IpMonitor.mark(): at most 5 markers per monitor")
+        self._markers += 1
+        route = f"{self.MARKER_PREFIX}{self._markers}/32"
+        self.lab.run(self.ns, "ip", "route", "add", "blackhole", route)
+        self.lab.run(self.ns, "ip", "route", "del", "blackhole", route)
+        deleted = re.compile(rf"^Deleted blackhole {re.escape(route[:-3])}\b")
+
+        def index_after_marker():
+            return next((i + 1 for i, line in enumerate(self.lines) if deleted.match(line)), None)
+
+        with self._cond:
+            index = self._cond.wait_for(index_after_marker, timeout)
+        if index is None:
+            raise LabError(f"`ip monitor` in {self.ns} did not show marker {route} within "
+                           f"{timeout} s; it printed: {self.lines}")
+        return index
+
+    def lines_between(self, start, end, since=None):
+        """The lines printed between two mark() calls that returned `start` and `end`, without
+        the markers' own lines. With `since` (a time.time() value), each line is prefixed with
+        the seconds from then to ip's timestamp of it, e.g. "+0.412s 198.51.100.10 dev ..."."""
+        with self._cond:
+            window = [(stamp, line) for stamp, line in zip(self.times[start:end],
+                                                           self.lines[start:end])
+                      if self.MARKER_PREFIX not in line]
+        if since is None:
+            return [line for _, line in window]
+        return [(f"{stamp - since:+.3f}s " if stamp is not None else "        ") + line
+                for stamp, line in window]
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(DAEMON_STOP_TIMEOUT)
+        self._thread.join(timeout=5)
+        self.process.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class Daemon:
     """vmnetd running in a namespace, listening on a unix socket in a fresh temp directory."""
 
@@ -373,6 +603,7 @@ class Daemon:
         self.workdir = None
         self.process = None
         self._log_file = None
+        self._log_start = 0  # offset in the log where the current (or last) start began
 
     @property
     def socket_path(self):
@@ -402,6 +633,7 @@ class Daemon:
         if self.workdir is None:
             self.workdir = tempfile.mkdtemp(prefix=f"{NAMESPACE_PREFIX}{os.getpid()}-")
         self._log_file = open(self.log_path, "ab")
+        self._log_start = self._log_file.tell()
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                         stdout=self._log_file, stderr=subprocess.STDOUT,
                                         preexec_fn=_die_with_parent)
@@ -421,13 +653,47 @@ class Daemon:
         """The status name grpc.health.v1.Health/Check answers, or the error code's name."""
         return health_status(self.target, service)
 
-    def log(self):
-        """The daemon's stdout and stderr so far."""
+    def log(self, this_start_only=False):
+        """The daemon's stdout and stderr so far; with `this_start_only`, only what the current
+        (or last) start wrote, not what earlier runs on the same state directory wrote."""
         try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start if this_start_only else 0)
+                return f.read().decode(errors="replace")
         except OSError as e:
             return f"(no log: {e})"
+
+    def metrics(self):
+        """The daemon's Prometheus metrics, {'name{labels}': value}, fetched with curl inside
+        its namespace; it must run with --metrics-listen=HOST:PORT."""
+        listen = next((flag.split("=", 1)[1] for flag in self.extra_flags
+                       if re.match(r"--metrics[-_]listen=", flag)), None)
+        if listen is None:
+            raise DaemonError("vmnetd was started without --metrics-listen")
+        text = run_command("ip", "netns", "exec", self.ns, "curl", "-sS", "--max-time", "5",
+                           f"http://{listen}/metrics").stdout
+        return parse_metrics(text)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Freezes the daemon (SIGSTOP) for the `with` block and lets it go on (SIGCONT) after,
+        as a long scheduling stall would: the kernel keeps queueing events to its sockets."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def kill(self):
+        """SIGKILL (kill -9), as a crash or the OOM killer would; returns the exit status.
+        start() runs it again on the same state directory, socket path and log."""
+        if self.process is None:
+            return None
+        self.process.kill()
+        self.process.wait(DAEMON_STOP_TIMEOUT)
+        self._log_file.close()
+        status, self.process = self.process.returncode, None
+        return status
 
     def stop(self, timeout=DAEMON_STOP_TIMEOUT):
         """SIGTERM, then SIGKILL after `timeout`; returns the exit status (negative: signal),
@@ -453,6 +719,22 @@ class Daemon:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+def parse_metrics(text):
+    """Prometheus text format -> {'name{labels}': value}, comments left out."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            samples[series] = float(value)
+    return samples
+
+
+def metric_total(samples, name):
+    """The sum of every series of metric `name` (all label values) in parse_metrics output."""
+    return sum(value for series, value in samples.items()
+               if series == name or series.startswith(name + "{"))
 
 
 _health_classes = None

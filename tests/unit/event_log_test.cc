@@ -13,6 +13,7 @@ class QueueWatcher : public Watcher {
     events.push_back(std::move(event));
     return true;
   }
+  void PushBacklog(EventPtr event) override { events.push_back(std::move(event)); }
   void Close(absl::Status status) override { closed = status; }
   std::vector<EventPtr> events;
   std::optional<absl::Status> closed;
@@ -91,6 +92,20 @@ TEST(EventLogTest, SlowWatcherIsCutOffWithoutSlowingOthers) {
   EXPECT_EQ(fast.events.size(), 5u);
   EXPECT_EQ(log.watcher_count(), 1u);
   log.Unsubscribe(&fast);
+}
+
+TEST(EventLogTest, CutOffWatcherCanResumeWhateverItsQueueSize) {
+  EventLog log("e", 100);
+  QueueWatcher slow(2);
+  ASSERT_TRUE(log.Subscribe(&slow, "", 0, false).ok());
+  for (int i = 0; i < 10; ++i) log.Publish(VmEventType::kChanged, Vm("a"), "");
+  ASSERT_TRUE(slow.closed.has_value());
+  uint64_t last_seen = slow.events.back()->revision();
+  QueueWatcher resumed(2);
+  ASSERT_TRUE(log.Subscribe(&resumed, "", last_seen, false).ok());
+  ASSERT_EQ(resumed.events.size(), 10 - last_seen);
+  EXPECT_EQ(resumed.events.back()->revision(), 10u);
+  log.Unsubscribe(&resumed);
 }
 
 TEST(EventLogTest, FanOutSharesOneEvent) {

@@ -111,12 +111,23 @@ TEST_F(PlanTest, RemovalTouchesOnlyOurs) {
 
 TEST_F(PlanTest, OrphansAreOursAndUnwanted) {
   Hold(PlanVm(spec_, model_, config_).writes);
-  absl::flat_hash_map<IpAddress, std::string> owners;
+  absl::flat_hash_map<IpAddress, AddressOwner> owners;
   absl::flat_hash_map<std::string, std::string> interfaces;
   EXPECT_EQ(PlanOrphans(model_, config_, owners, interfaces).size(), 4u);
-  owners[Ip("198.51.100.201")] = "vme1a";
+  owners[Ip("198.51.100.201")] = {"vme1a", /*has_mac=*/true};
   interfaces["vme1a"] = "vm-1";
   EXPECT_TRUE(PlanOrphans(model_, config_, owners, interfaces).empty());
+  // The spec lost its MAC: our permanent neighbour entry is no longer wanted.
+  owners[Ip("198.51.100.201")].has_mac = false;
+  EXPECT_EQ(PlanOrphans(model_, config_, owners, interfaces).size(), 1u);
+}
+
+TEST_F(PlanTest, OurNeighbourEntryGoesWhenTheSpecHasNoMac) {
+  Hold(PlanVm(spec_, model_, config_).writes);
+  spec_.mac.reset();
+  VmPlan plan = PlanVm(spec_, model_, config_);
+  ASSERT_EQ(plan.writes.size(), 1u);
+  EXPECT_TRUE(std::holds_alternative<kernel::DeleteNeighbor>(plan.writes[0]));
 }
 
 }  // namespace

@@ -35,6 +35,7 @@ class RecordingWatcher : public Watcher {
     events_.push_back(std::move(event));
     return true;
   }
+  void PushBacklog(EventPtr event) override { Push(std::move(event)); }
   void Close(absl::Status) override {}
   std::vector<EventPtr> events() const {
     vmnet::MutexLock lock(&mu_);

@@ -33,9 +33,14 @@ v1::Vm ToProto(const VmView& vm);
 class Watcher {
  public:
   virtual ~Watcher() = default;
-  // Returns false when the watcher's queue is full: the log then drops the
-  // watcher and calls Close with RESOURCE_EXHAUSTED.
+  // A live event. Returns false when the watcher's queue is full: the log
+  // then drops the watcher and calls Close with RESOURCE_EXHAUSTED.
   virtual bool Push(EventPtr event) = 0;
+  // The snapshot and the replay at subscription: always taken. They are
+  // bounded by the VM count and the retained history, and must fit whatever
+  // the live queue's size, or a watcher cut off for being slow could never
+  // resume.
+  virtual void PushBacklog(EventPtr event) = 0;
   // No more events will come, with the reason (OK on shutdown).
   virtual void Close(absl::Status status) = 0;
 };
@@ -46,13 +51,13 @@ class EventLog : public VmObserver {
 
   void StartRevisionsAt(uint64_t first) override;
   uint64_t Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
+  void Seed(const VmView& vm) override;
 
   // Subscribes `watcher` and, under one lock so nothing is lost or repeated
   // in between, pushes what it asked for first: the snapshot (every current
   // VM matching `vm_id`, then a snapshot-end event) and/or the retained
   // events after `from_revision`. OUT_OF_RANGE when that revision is older
-  // than the retained history; RESOURCE_EXHAUSTED when the backlog alone
-  // does not fit the watcher's queue.
+  // than the retained history.
   absl::Status Subscribe(Watcher* watcher, const std::string& vm_id,
                          uint64_t from_revision, bool initial_snapshot);
   // After this returns, the log never touches `watcher` again.

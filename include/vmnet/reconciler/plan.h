@@ -47,12 +47,18 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
 std::vector<kernel::Write> PlanUplinks(const KernelModel& model,
                                        const HostConfig& config);
 
+// Where a desired VM address lives.
+struct AddressOwner {
+  std::string interface;
+  bool has_mac = false;  // the VM's spec asks for a permanent neighbour entry
+};
+
 // Objects marked with our protocol that belong to no desired VM (left by a
 // VM detached while the agent was down, say). `owner_of_address` maps each
-// desired VM address to its interface name.
+// desired VM address to its owner.
 std::vector<kernel::Write> PlanOrphans(
     const KernelModel& model, const HostConfig& config,
-    const absl::flat_hash_map<IpAddress, std::string>& owner_of_address,
+    const absl::flat_hash_map<IpAddress, AddressOwner>& owner_of_address,
     const absl::flat_hash_map<std::string, std::string>& vm_of_interface);
 
 }  // namespace vmnet

@@ -51,6 +51,9 @@ class VmObserver {
   // Called once before the first Publish: revisions continue from here
   // (strictly above every revision issued before a restart).
   virtual void StartRevisionsAt(uint64_t first) = 0;
+  // A VM as the first sync after a start found it, with the revision of its
+  // last change: known to snapshots, not announced as a change.
+  virtual void Seed(const VmView& vm) = 0;
   virtual uint64_t Publish(VmEventType type, const VmView& vm,
                            const std::string& detail) = 0;
 };
@@ -224,6 +227,7 @@ class Reconciler {
   // durable.
   std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
   bool sweep_orphans_ = false;
+  bool initial_sync_ = false;
   bool resync_wanted_ = false;
   std::chrono::steady_clock::time_point next_proxy_check_{};
   std::chrono::steady_clock::time_point next_full_resync_{};
