@@ -670,7 +670,7 @@ class Daemon:
                        if re.match(r"--metrics[-_]listen=", flag)), None)
         if listen is None:
             raise DaemonError("vmnetd was started without --metrics-listen")
-        text = run_command("ip", "netns", "exec", self.ns, "curl", "-sS", "--max-time", "5",
+        text = run_command("ip", "netns", "exec", self.ns, "curl", "-sS", "--max-time", "30",
                            f"http://{listen}/metrics").stdout
         return parse_metrics(text)
 
