@@ -1,0 +1,409 @@
+// vmnet_attach_storm: attaches VMs 0..count-1 of the lab (bench_common.h)
+// with --concurrency AttachVm calls in flight over --channels connections,
+// and measures the wall time from the first call to the last answer. Every
+// answer must be OK with state PROGRAMMED (AttachVm returns when the kernel
+// holds the state, and only once the desired state is on disk).
+//
+// With --watchers=W, W Watch streams (each on its own connection) are opened
+// and in place (response headers received) before the first attach; each
+// must see a VM_ADDED event for every attached VM with strictly consecutive
+// revisions. A watcher ended with RESOURCE_EXHAUSTED (it fell behind) resumes
+// from the last revision it saw; resumes are counted and reported.
+//
+// Prints one JSON object on stdout; exit status 0 when every attach was
+// programmed and every watcher saw every event, 1 otherwise.
+#include <sys/resource.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <iostream>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "bench_common.h"
+#include "vmnet/v1/vmnet.grpc.pb.h"
+
+ABSL_FLAG(std::string, target, "", "vmnetd's gRPC address, e.g. unix:///tmp/x/vmnetd.sock");
+ABSL_FLAG(int, count, 1000, "VMs to attach: lab VMs 0..count-1.");
+ABSL_FLAG(int, concurrency, 256, "AttachVm calls in flight at once.");
+ABSL_FLAG(int, channels, 4, "Connections the attach calls are spread over.");
+ABSL_FLAG(int, watchers, 0, "Watch streams following the storm, one connection each.");
+ABSL_FLAG(double, timeout_s, 300, "Give up on the storm after this many seconds.");
+ABSL_FLAG(double, watch_timeout_s, 60,
+          "After the last attach answered, how long the watchers may take to see every event.");
+
+namespace vmnet::bench {
+namespace {
+
+using v1::AttachVmRequest;
+using v1::AttachVmResponse;
+using v1::VmNetwork;
+using v1::WatchEvent;
+
+// Counts, guarded by one mutex; the calls are few enough (one lock per
+// answer) that this costs nothing next to the RPC.
+struct Outcome {
+  std::mutex mu;
+  std::condition_variable done_cv;
+  int answered = 0;
+  int programmed = 0;
+  std::map<std::string, int64_t> failures;  // gRPC code or VM state -> count
+  std::string first_failure;
+  double last_answer = 0;
+};
+
+// Keeps `concurrency` AttachVm calls in flight; each answer starts the next.
+class Storm {
+ public:
+  Storm(std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs, int count, double timeout_s)
+      : stubs_(stubs), count_(count), timeout_s_(timeout_s) {}
+
+  void Start(int concurrency) {
+    for (int i = 0; i < concurrency; ++i) StartNext();
+  }
+
+  // Waits until every call answered or `deadline` passed; true when all did.
+  bool Wait(double deadline) {
+    std::unique_lock lock(outcome_.mu);
+    while (outcome_.answered < count_) {
+      if (Now() >= deadline) return false;
+      outcome_.done_cv.wait_for(lock, std::chrono::milliseconds(50));
+    }
+    return true;
+  }
+
+  Outcome& outcome() { return outcome_; }
+
+ private:
+  struct Call {
+    grpc::ClientContext context;
+    AttachVmRequest request;
+    AttachVmResponse response;
+  };
+
+  void StartNext() {
+    int i = next_.fetch_add(1);
+    if (i >= count_) return;
+    auto* call = new Call;
+    call->request.set_vm_id(VmId(i));
+    call->request.set_interface(Interface(i));
+    call->request.add_ip_addresses(Address(i));
+    call->context.set_deadline(std::chrono::system_clock::now() +
+                               std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
+    auto& stub = (*stubs_)[static_cast<size_t>(i) % stubs_->size()];
+    stub->async()->AttachVm(&call->context, &call->request, &call->response,
+                            [this, call](grpc::Status status) {
+                              Record(*call, status);
+                              delete call;
+                              StartNext();
+                            });
+  }
+
+  void Record(const Call& call, const grpc::Status& status) {
+    std::lock_guard lock(outcome_.mu);
+    std::string failure;
+    if (!status.ok()) {
+      failure = absl::StrCat("grpc_code_", status.error_code());
+      if (outcome_.first_failure.empty()) {
+        outcome_.first_failure = absl::StrCat(call.request.vm_id(), ": ", status.error_message());
+      }
+    } else if (call.response.vm().state() != v1::VM_STATE_PROGRAMMED) {
+      failure = v1::VmState_Name(call.response.vm().state());
+      if (outcome_.first_failure.empty()) {
+        outcome_.first_failure =
+            absl::StrCat(call.request.vm_id(), ": ", call.response.vm().message());
+      }
+    }
+    if (failure.empty()) {
+      ++outcome_.programmed;
+    } else {
+      ++outcome_.failures[failure];
+    }
+    ++outcome_.answered;
+    outcome_.last_answer = Now();
+    if (outcome_.answered == count_) outcome_.done_cv.notify_all();
+  }
+
+  std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs_;
+  const int count_;
+  const double timeout_s_;
+  std::atomic<int> next_{0};
+  Outcome outcome_;
+};
+
+// One watcher: a Watch stream (resumed after RESOURCE_EXHAUSTED) and what
+// it has seen of the storm.
+class Watcher {
+ public:
+  Watcher(std::shared_ptr<grpc::Channel> channel, int count)
+      : stub_(VmNetwork::NewStub(channel)), count_(count), seen_(static_cast<size_t>(count)) {}
+
+  void Start() { Open(0); }
+
+  // True once the first stream's response headers arrived: the watch is in
+  // place and misses no later change.
+  bool WaitInPlace(double deadline) {
+    std::unique_lock lock(mu_);
+    while (!in_place_ && !ended_) {
+      if (Now() >= deadline) return false;
+      cv_.wait_for(lock, std::chrono::milliseconds(20));
+    }
+    return in_place_;
+  }
+
+  bool WaitComplete(double deadline) {
+    std::unique_lock lock(mu_);
+    while (added_ < count_ && !ended_) {
+      if (Now() >= deadline) return false;
+      cv_.wait_for(lock, std::chrono::milliseconds(20));
+    }
+    return added_ >= count_;
+  }
+
+  // Cancels the stream and waits for it to end.
+  void Stop() {
+    Stream* current;
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+      current = live_;
+    }
+    // Outside the lock: cancelling may run OnDone on this thread. Streams
+    // are owned by the watcher, so `current` outlives its OnDone.
+    if (current != nullptr) current->Cancel();
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, std::chrono::seconds(10), [&] { return live_ == nullptr; });
+  }
+
+  int added() const { return added_; }
+  int duplicates() const { return duplicates_; }
+  int gaps() const { return gaps_; }
+  int resumes() const { return resumes_; }
+  int64_t other_events() const { return other_events_; }
+  double complete_at() const { return complete_at_; }
+  std::string end_status() const { return end_status_; }
+
+ private:
+  class Stream : public grpc::ClientReadReactor<WatchEvent> {
+   public:
+    Stream(Watcher* owner, uint64_t from_revision) : owner_(owner) {
+      request_.set_from_revision(from_revision);
+    }
+    void Begin(VmNetwork::Stub* stub) {
+      stub->async()->Watch(&context_, &request_, this);
+      StartRead(&event_);
+      StartCall();
+    }
+    void Cancel() { context_.TryCancel(); }
+    void OnReadInitialMetadataDone(bool ok) override { owner_->OnInPlace(ok); }
+    void OnReadDone(bool ok) override {
+      if (!ok) return;  // OnDone follows
+      owner_->OnEvent(event_);
+      StartRead(&event_);
+    }
+    void OnDone(const grpc::Status& status) override { owner_->OnStreamDone(status); }
+
+   private:
+    Watcher* owner_;
+    grpc::ClientContext context_;
+    v1::WatchRequest request_;
+    WatchEvent event_;
+  };
+
+  // Called without mu_ held: starting a call may run its callbacks inline.
+  void Open(uint64_t from_revision) {
+    Stream* stream;
+    {
+      std::lock_guard lock(mu_);
+      streams_.push_back(std::make_unique<Stream>(this, from_revision));
+      stream = live_ = streams_.back().get();
+    }
+    stream->Begin(stub_.get());
+  }
+
+  void OnInPlace(bool ok) {
+    std::lock_guard lock(mu_);
+    if (ok) in_place_ = true;
+    cv_.notify_all();
+  }
+
+  void OnEvent(const WatchEvent& e) {
+    std::lock_guard lock(mu_);
+    if (last_revision_ != 0 && e.revision() != last_revision_ + 1) ++gaps_;
+    if (e.revision() > last_revision_) last_revision_ = e.revision();
+    if (e.type() != v1::EVENT_TYPE_VM_ADDED) {
+      ++other_events_;
+      return;
+    }
+    int index = -1;
+    const std::string& id = e.vm().vm_id();
+    if (id.rfind("bench-", 0) == 0) index = std::atoi(id.c_str() + 6);
+    if (index < 0 || index >= count_) {
+      ++other_events_;
+      return;
+    }
+    if (seen_[static_cast<size_t>(index)]) {
+      ++duplicates_;
+      return;
+    }
+    seen_[static_cast<size_t>(index)] = true;
+    if (++added_ == count_) {
+      complete_at_ = Now();
+      cv_.notify_all();
+    }
+  }
+
+  void OnStreamDone(const grpc::Status& status) {
+    uint64_t resume_from;
+    {
+      std::lock_guard lock(mu_);
+      live_ = nullptr;
+      bool fell_behind = status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+      if (stopping_ || !fell_behind || resumes_ >= 100) {
+        end_status_ = absl::StrCat(status.error_code(), " ", status.error_message());
+        ended_ = true;
+        cv_.notify_all();
+        return;
+      }
+      ++resumes_;
+      resume_from = last_revision_;
+    }
+    Open(resume_from);  // fell behind: resume after the last event seen
+  }
+
+  std::unique_ptr<VmNetwork::Stub> stub_;
+  const int count_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<Stream>> streams_;  // every stream opened, ended or not
+  Stream* live_ = nullptr;                         // the one not ended yet
+  bool in_place_ = false;
+  bool ended_ = false;
+  bool stopping_ = false;
+  uint64_t last_revision_ = 0;
+  std::vector<bool> seen_;
+  int added_ = 0;
+  int duplicates_ = 0;
+  int gaps_ = 0;
+  int resumes_ = 0;
+  int64_t other_events_ = 0;
+  double complete_at_ = 0;
+  std::string end_status_;
+};
+
+double CpuSeconds() {
+  rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+}
+
+int Main() {
+  const std::string target = absl::GetFlag(FLAGS_target);
+  const int count = absl::GetFlag(FLAGS_count);
+  const int watcher_count = absl::GetFlag(FLAGS_watchers);
+  if (target.empty() || count <= 0 || count > kMaxVms) {
+    std::cerr << "vmnet_attach_storm: give --target and --count (1.." << kMaxVms << ")\n";
+    return 2;
+  }
+  JsonObject result;
+  result.Add("count", count)
+      .Add("concurrency", absl::GetFlag(FLAGS_concurrency))
+      .Add("channels", absl::GetFlag(FLAGS_channels))
+      .Add("watchers", watcher_count);
+
+  std::vector<std::unique_ptr<VmNetwork::Stub>> stubs;
+  for (int i = 0; i < std::max(1, absl::GetFlag(FLAGS_channels)); ++i) {
+    auto channel = Connect(target, i);
+    if (!WaitConnected(*channel, 10)) {
+      std::cerr << "vmnet_attach_storm: cannot connect to " << target << "\n";
+      return 1;
+    }
+    stubs.push_back(VmNetwork::NewStub(channel));
+  }
+
+  std::vector<std::unique_ptr<Watcher>> watchers;
+  for (int i = 0; i < watcher_count; ++i) {
+    watchers.push_back(std::make_unique<Watcher>(Connect(target, 1000 + i), count));
+    watchers.back()->Start();
+  }
+  for (auto& w : watchers) {
+    if (!w->WaitInPlace(Now() + 30)) {
+      std::cerr << "vmnet_attach_storm: a Watch stream did not start: " << w->end_status()
+                << "\n";
+      for (auto& x : watchers) x->Stop();
+      return 1;
+    }
+  }
+
+  double cpu_before = CpuSeconds();
+  double start = Now();
+  Storm storm(&stubs, count, absl::GetFlag(FLAGS_timeout_s));
+  storm.Start(std::max(1, absl::GetFlag(FLAGS_concurrency)));
+  bool finished = storm.Wait(start + absl::GetFlag(FLAGS_timeout_s) + 5);
+  Outcome& o = storm.outcome();
+  double wall;
+  {
+    std::lock_guard lock(o.mu);
+    wall = (finished ? o.last_answer : Now()) - start;
+    result.Add("finished", finished)
+        .Add("answered", o.answered)
+        .Add("programmed", o.programmed)
+        .Add("failures", o.failures)
+        .Add("first_failure", o.first_failure)
+        .Add("wall_s", wall)
+        .Add("attaches_per_s", o.answered / std::max(wall, 1e-9));
+  }
+  bool ok = finished && o.programmed == count;
+
+  if (!watchers.empty()) {
+    double deadline = Now() + absl::GetFlag(FLAGS_watch_timeout_s);
+    int complete = 0, gaps = 0, duplicates = 0, resumes = 0;
+    int64_t other = 0;
+    double last_complete = 0;
+    int min_added = count;
+    std::string failed_status;
+    for (auto& w : watchers) {
+      if (w->WaitComplete(deadline)) {
+        ++complete;
+        last_complete = std::max(last_complete, w->complete_at());
+      } else if (failed_status.empty()) {
+        failed_status = w->end_status();
+      }
+    }
+    for (auto& w : watchers) w->Stop();
+    for (auto& w : watchers) {
+      gaps += w->gaps();
+      duplicates += w->duplicates();
+      resumes += w->resumes();
+      other += w->other_events();
+      min_added = std::min(min_added, w->added());
+    }
+    result.Add("watchers_complete", complete)
+        .Add("watcher_min_events", min_added)
+        .Add("watch_revision_gaps", gaps)
+        .Add("watch_duplicates", duplicates)
+        .Add("watch_resumes", resumes)
+        .Add("watch_other_events", other)
+        .Add("watch_first_failure", failed_status)
+        .Add("watch_all_seen_s", complete == watcher_count ? last_complete - start : -1.0);
+    ok = ok && complete == watcher_count && gaps == 0 && duplicates == 0;
+  }
+  result.Add("client_cpu_s", CpuSeconds() - cpu_before).Add("ok", ok);
+  std::cout << result.ToString() << std::endl;
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace vmnet::bench
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "attaches lab VMs over gRPC with many calls in flight and prints the wall time (JSON)");
+  absl::ParseCommandLine(argc, argv);
+  return vmnet::bench::Main();
+}

@@ -1,0 +1,1170 @@
+#!/usr/bin/python3
+"""vmnet benchmarks: vmnetd and the kernel's own tools side by side, in a namespace lab.
+
+    bench/run.sh [--vms N] [--quick] [--json FILE] [--profile DIR | --heaptrack DIR]
+                 [--agent-flags '--flag=value ...']
+
+A "host" is a network namespace with an uplink veth (eth0) to a namespace of its own standing
+for computer X, and N tap devices vme0, vme1, ... created with `ip -batch`. Host b gets the
+baseline `ip -batch`; host d the same batch VM by VM (for information); host c a vmnetd whose
+attach storm is followed by 100 Watch streams; host a a vmnetd for everything else. Rows,
+each with its baseline in the same run:
+
+  attach storm    N AttachVm calls, 256 in flight over 4 connections (durable state on the
+                  local disk), until all answered PROGRAMMED  vs  `ip -batch` installing the
+                  same objects: link up, gateway 169.255.30.1/32 per link, /32 route, proxy
+                  entry on eth0
+  restart         process start to health SERVING with N VMs, and zero kernel writes
+                  (vmnet_kernel_writes_total and `ip monitor`)  vs  `ip` dumping the routes,
+                  proxy entries and addresses
+  drift repair    200 routes deleted one at a time over rtnetlink: delete to re-added, p50/p99
+  /metrics        scrape time  vs  prometheus-node-exporter (netdev collector only) in host a
+  memory          (RSS with N VMs - RSS empty) / N, after the storm and at its high-water mark
+  Watch fan-out   attach storm time with 100 watchers / without; every watcher sees every event
+  ListRoutes/Arp  every page of 1000  vs  `ip route show` / `ip neigh show proxy`
+
+Fairness: the kernel's neighbour and proxy tables are shared by all namespaces (the proxy
+table has 16 hash buckets), so one host's N proxy entries slow down another host's inserts and
+dumps. Each host is therefore built just before its phase, and removed (its teardown waited
+for) before the next is built; one agent runs at a time. Each host namespace sets
+net.ipv4.ip_forward=1 before its links exist, as a routing host does, so new links forward and
+both sides install exactly the four objects per VM named above.
+
+Addresses: VMs get /32s in 198.18.0.0/15 and no traffic is ever sent to them; the uplink uses
+198.51.100.0/24; the gateway is 169.255.30.1. The root namespace is never changed. Every
+namespace and process is removed on every exit path (normal end, exception, SIGINT, SIGTERM,
+the overall --time-limit), and the kernel's teardown of the lab is waited for.
+
+--profile DIR writes perf reports per phase (DWARF call graphs of vmnetd, and the whole
+machine); --heaptrack DIR runs host a's vmnetd under heaptrack. Both perturb the numbers: use
+separate runs. The binaries are copied at start, so a rebuild during the run changes nothing.
+
+Exit status: 0 when every measurement ran and its checks held (targets met or not: the table
+says), 1 when a check failed (an attach not programmed, a watcher missing events, a route not
+repaired, a kernel object count off, a kernel write on restart), 2 on usage or environment
+errors, 77 when the lab cannot be built here (not root, no namespaces). Run as root with
+Debian's /usr/bin/python3. The numbers are noisy on a small shared machine; compare the ratios
+of one run.
+"""
+
+import argparse
+import atexit
+import ctypes
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "vmbench-"
+UPLINK = "eth0"
+HOST_ADDRESS = "198.51.100.1/24"
+X_ADDRESS = "198.51.100.10/24"
+GATEWAY = "169.255.30.1"
+PROTOCOL = 237
+CONTROL_PROTOCOL = 238            # routes of the drift-repair control, never vmnetd's
+METRICS = "127.0.0.1:9447"        # vmnetd's /metrics, on each host namespace's loopback
+NODE_EXPORTER = "127.0.0.1:9100"  # prometheus-node-exporter, in host a
+SKIPPED = 77  # exit status when the lab cannot be built here (CTest SKIP_RETURN_CODE)
+TOOLS = ("vmnet_attach_storm", "vmnet_list_pages", "vmnet_wait_serving", "vmnet_drift_repair")
+
+
+class BenchError(Exception):
+    """A check failed or a command did not do what it should; the message says which."""
+
+
+class TimeLimit(BaseException):
+    """The overall time limit passed (SIGALRM); unwinds through every `finally`."""
+
+
+class Terminated(BaseException):
+    """SIGINT or SIGTERM; unwinds through every `finally`."""
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent():
+    """In a child before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run(*cmd, timeout=60, check=True, input=None):
+    """Runs a command; returns the CompletedProcess, raising BenchError when it fails."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"`{' '.join(cmd)}` did not finish within {timeout} s") from e
+    if check and result.returncode != 0:
+        raise BenchError(f"`{' '.join(cmd)}` failed ({result.returncode}): "
+                         f"{(result.stderr or result.stdout).strip()[:2000]}")
+    return result
+
+
+def run_json(*cmd, timeout=60):
+    """Runs one of the bench programs and parses the JSON line it prints (also when it exits 1:
+    the JSON says what failed)."""
+    result = run(*cmd, timeout=timeout, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise BenchError(f"`{' '.join(cmd)}` printed no result ({result.returncode}): "
+                         f"{result.stderr.strip()[:2000]}")
+    return json.loads(lines[-1])
+
+
+def timed(*cmd, timeout=60, cpu=None):
+    """Wall time of a command run to completion, its output discarded. With `cpu` (a list),
+    appends the CPU seconds (user + system) the command used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            timeout=timeout)
+    elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise BenchError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[:2000]}")
+    if cpu is not None:
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return elapsed
+
+
+# -- the lab ----------------------------------------------------------------------------------
+
+def interface(i):
+    return f"vme{i:x}"
+
+
+def vm_address(i):
+    """VM i's address in 198.18.0.0/15 (bench_common.h has the same scheme)."""
+    a = (198 << 24) + (18 << 16) + 1 + i
+    return f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}"
+
+
+class Lab:
+    """Namespaces named vmbench-<pid>-<host>-{host,x}; removed by close() on every exit path."""
+
+    def __init__(self):
+        self.prefix = f"{PREFIX}{os.getpid()}-"
+        self.namespaces = []
+        self.processes = []  # Popen objects to stop before the namespaces go
+        self.wrapped_pids = []
+
+    def host(self, name):
+        return f"{self.prefix}{name}-host"
+
+    def add_host(self, name, vms):
+        """A host namespace with an uplink to its own X and `vms` tap devices, all DOWN but
+        the uplink. Returns the time it took."""
+        start = time.monotonic()
+        host, x = self.host(name), f"{self.prefix}{name}-x"
+        for ns in (host, x):
+            run("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        # Before any link exists, so every link inherits it (conf/default).
+        run("ip", "netns", "exec", host, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        run("ip", "-n", host, "link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK,
+            "netns", x)
+        run("ip", "-n", host, "addr", "add", HOST_ADDRESS, "dev", UPLINK)
+        run("ip", "-n", x, "addr", "add", X_ADDRESS, "dev", UPLINK)
+        run("ip", "-n", host, "link", "set", UPLINK, "up")
+        run("ip", "-n", x, "link", "set", UPLINK, "up")
+        batch = "".join(f"tuntap add dev {interface(i)} mode tap\n" for i in range(vms))
+        run("ip", "-n", host, "-batch", "-", input=batch, timeout=120 + vms * 0.02)
+        return time.monotonic() - start
+
+    def remove_host(self, name):
+        for ns in (self.host(name), f"{self.prefix}{name}-x"):
+            run("ip", "netns", "delete", ns, timeout=60)
+            self.namespaces.remove(ns)
+
+    def spawn(self, cmd, **kwargs):
+        """A background process that the lab stops in close()."""
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                   **kwargs)
+        self.processes.append(process)
+        return process
+
+    def close(self):
+        for pid in self.wrapped_pids:  # vmnetd under a profiler: the profiler's child
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for process in self.processes:
+            stop_process(process)
+        self.processes.clear()
+        for ns in reversed(self.namespaces):
+            result = run("ip", "netns", "delete", ns, check=False, timeout=60)
+            if result.returncode != 0:
+                log(f"could not delete namespace {ns}: {result.stderr.strip()}")
+        self.namespaces.clear()
+
+
+def stop_process(process, timeout=15):
+    """SIGTERM, then SIGKILL; returns the time SIGTERM took to end it."""
+    if process.poll() is not None:
+        return 0.0
+    start = time.monotonic()
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log(f"pid {process.pid} did not stop within {timeout} s of SIGTERM; killing it")
+        process.kill()
+        process.wait(10)
+    return time.monotonic() - start
+
+
+def _stale(name):
+    """True for a vmbench-<pid>-... name whose benchmark process no longer runs."""
+    m = re.match(rf"{PREFIX}(\d+)-", name)
+    return bool(m) and not os.path.exists(f"/proc/{m.group(1)}")
+
+
+def cleanup_stale():
+    """Removes the namespaces and work directories of benchmark runs killed with SIGKILL."""
+    for line in run("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if _stale(name):
+            run("ip", "netns", "delete", name, check=False)
+            log(f"removed stale namespace {name}")
+    for name in filter(_stale, os.listdir(tempfile.gettempdir())):
+        shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+        log(f"removed stale directory {name}")
+
+
+def netns_cleanup_running():
+    """True while a kernel worker is tearing down deleted network namespaces (its name then
+    ends in "+netns"). Deleting a namespace returns at once; the kernel frees its links,
+    routes and neighbours afterwards, for tens of seconds with 10,000 links, on the CPUs
+    the next measurement needs."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read()
+        except OSError:
+            continue
+        if comm.startswith("kworker") and "+netns" in comm:
+            return True
+    return False
+
+
+def wait_netns_cleanup(limit):
+    """Waits (at most `limit` seconds) until no namespace teardown has been seen for 1.5 s;
+    returns the seconds waited."""
+    start = time.monotonic()
+    quiet_since = start
+    while time.monotonic() - start < limit:
+        if netns_cleanup_running():
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= 1.5:
+            break
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+def count_kernel_objects(ns):
+    """vmnetd's objects in namespace `ns`: (routes, proxy entries, gateway addresses)."""
+    routes = run("ip", "-n", ns, "route", "show", "table", "main", "proto", str(PROTOCOL),
+                 timeout=60).stdout.count("\n")
+    proxies = run("ip", "-n", ns, "neigh", "show", "proxy", timeout=60).stdout.count("\n")
+    addresses = run("ip", "-n", ns, "-4", "-o", "addr", "show", timeout=60).stdout.count(
+        f" {GATEWAY}/32 ")
+    return routes, proxies, addresses
+
+
+# -- vmnetd -----------------------------------------------------------------------------------
+
+class Agent:
+    """vmnetd in a host namespace, its socket, state and log in a directory of its own."""
+
+    def __init__(self, lab, ns, binary, tools, workdir, extra_flags=()):
+        self.lab, self.ns, self.binary, self.tools = lab, ns, binary, tools
+        self.extra_flags = list(extra_flags)
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.socket = os.path.join(workdir, "vmnetd.sock")
+        self.target = f"unix://{self.socket}"
+        self.process = None  # what was spawned: vmnetd, or the wrapper that runs it
+        self.pid = None      # vmnetd's own pid
+
+    def command(self, wrapper):
+        return ["ip", "netns", "exec", self.ns, *wrapper, self.binary, f"--listen={self.target}",
+                f"--state-dir={os.path.join(self.workdir, 'state')}", f"--uplinks={UPLINK}",
+                f"--metrics-listen={METRICS}", f"--route-protocol={PROTOCOL}",
+                *self.extra_flags]
+
+    def start(self, timeout=300, wrapper=()):
+        """Starts vmnetd, under `wrapper` (a profiler command) when given; returns the seconds
+        from process start to health SERVING, measured by vmnet_wait_serving, which polls
+        every 5 ms and is started first."""
+        waiter = subprocess.Popen(
+            [self.tools["vmnet_wait_serving"], f"--socket={self.socket}",
+             f"--timeout_s={timeout}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, preexec_fn=_die_with_parent)
+        time.sleep(0.05)  # let the waiter reach its polling loop
+        log_file = open(os.path.join(self.workdir, "vmnetd.log"), "ab")
+        started = time.monotonic()
+        self.process = self.lab.spawn(self.command(wrapper), stdout=log_file,
+                                      stderr=subprocess.STDOUT)
+        log_file.close()
+        self.pid = self.process.pid if not wrapper else None
+        try:
+            out, err = waiter.communicate(timeout=timeout + 10)
+        except subprocess.TimeoutExpired:
+            waiter.kill()
+            out, err = waiter.communicate()
+        if waiter.returncode != 0 or self.process.poll() is not None:
+            raise BenchError(f"vmnetd in {self.ns} did not become SERVING: {err.strip()}\n"
+                             f"log tail:\n{self.log_tail()}")
+        if self.pid is None:
+            self.pid = find_descendant(self.process.pid, os.path.basename(self.binary))
+            self.lab.wrapped_pids.append(self.pid)
+        return json.loads(out.strip().splitlines()[-1])["serving_at"] - started
+
+    def stop(self):
+        """SIGTERM to vmnetd; waits for it (and its wrapper, which may then write its data
+        for minutes) to exit. Returns the seconds vmnetd took to exit."""
+        if self.process is None:
+            return 0.0
+        if self.pid == self.process.pid:
+            took = stop_process(self.process)
+        else:
+            start = time.monotonic()
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                while os.path.exists(f"/proc/{self.pid}") and time.monotonic() - start < 15:
+                    time.sleep(0.02)
+            except ProcessLookupError:
+                pass
+            took = time.monotonic() - start
+            try:
+                self.process.wait(600)
+            except subprocess.TimeoutExpired:
+                stop_process(self.process)
+        self.lab.processes.remove(self.process)
+        self.process = self.pid = None
+        return took
+
+    def log_tail(self, lines=20):
+        try:
+            with open(os.path.join(self.workdir, "vmnetd.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def rss_kib(self):
+        with open(f"/proc/{self.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+    def thread_cpu_seconds(self):
+        """{tid: (thread name, CPU seconds)} of vmnetd's threads."""
+        out = {}
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    head, tail = f.read().rsplit(")", 1)
+            except OSError:
+                continue
+            fields = tail.split()
+            out[tid] = (head.split("(", 1)[1],
+                        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return out
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def scrape(self):
+        """(seconds, bytes) of one GET /metrics, timed by curl."""
+        return curl_time(self.ns, f"http://{METRICS}/metrics")
+
+    def metric(self, name):
+        """{labels: value} of every series of metric `name` in one scrape."""
+        body = run("ip", "netns", "exec", self.ns, "curl", "-sf", f"http://{METRICS}/metrics",
+                   timeout=60).stdout
+        series = {}
+        for line in body.splitlines():
+            m = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
+            if m:
+                series[m.group(1) or ""] = float(m.group(2))
+        return series
+
+    def metric_sum(self, name):
+        return sum(self.metric(name).values())
+
+
+def find_descendant(pid, comm):
+    """The pid of the first process named `comm` below `pid` (breadth first)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, tail = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        children.setdefault(int(tail.split()[1]), []).append((int(entry), head.split("(", 1)[1]))
+    queue = [pid]
+    while queue:
+        for child, name in children.get(queue.pop(0), []):
+            if name == comm[:15]:
+                return child
+            queue.append(child)
+    raise BenchError(f"no process {comm} below pid {pid}")
+
+
+def curl_time(ns, url):
+    out = run("ip", "netns", "exec", ns, "curl", "-s", "-o", "/dev/null", "-w",
+              "%{http_code} %{size_download} %{time_total}", url, timeout=60).stdout.split()
+    if out[0] != "200":
+        raise BenchError(f"GET {url} in {ns} answered {out[0]}")
+    return float(out[2]), int(out[1])
+
+
+# -- profiling (optional) ---------------------------------------------------------------------
+
+class Profiler:
+    """With --profile DIR: `perf record` around each phase, and reports in DIR/<phase>.txt:
+    self time by library and symbol, inclusive time (self and callees) by symbol, time by
+    thread name.
+
+    A phase with a running vmnetd (pid given) records that process with DWARF call graphs, so
+    that inclusive costs through vmnetd's functions are right although Debian's libraries
+    have no frame pointers. A phase without one (the `ip` baselines) records the whole system
+    with frame-pointer call graphs (right for the kernel) and reports the processes named
+    `comm`. A restart runs vmnetd under `perf record` (wrapper()) from its first instruction."""
+
+    def __init__(self, lab, directory):
+        self.lab, self.directory = lab, directory
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def phase(self, name, pid=None, comm=None):
+        return _ProfiledPhase(self, name, pid, comm)
+
+    def data_path(self, name):
+        return os.path.join(self.directory, f"{name}.perf.data")
+
+    def wrapper(self, name):
+        """The command prefix that runs a program under perf record for phase `name`."""
+        if not self.directory:
+            return []
+        return ["perf", "record", "-q", "-o", self.data_path(name), "-F", "499",
+                "--call-graph", "dwarf,16384", "--"]
+
+    PROCESS_SECTIONS = (
+        ("self time by library and symbol",
+         ["--no-children", "--sort", "dso,symbol", "--percent-limit", "0.5"]),
+        ("inclusive time (self and callees) by symbol",
+         ["--children", "--sort", "symbol", "--percent-limit", "2"]),
+        ("time by thread name", ["--no-children", "--sort", "comm", "--percent-limit", "0.5"]))
+    SYSTEM_SECTIONS = (
+        ("whole machine: time by thread name",
+         ["--no-children", "--sort", "comm", "--percent-limit", "1"]),
+        ("whole machine: self time by thread name and symbol",
+         ["--no-children", "--sort", "comm,symbol", "--percent-limit", "0.7"]))
+
+    def report(self, name, select=(), sections=PROCESS_SECTIONS, data_suffix="", append=False,
+               keep=False):
+        """Writes (or with `append` adds to) DIR/<name>.txt from <name><data_suffix>.perf.data,
+        which is then deleted unless `keep`."""
+        path = os.path.join(self.directory, f"{name}.txt")
+        data = self.data_path(name + data_suffix)
+        with open(path, "a" if append else "w") as out:
+            for title, options in sections:
+                out.write(f"===== {name}: {title}; {' '.join(select) or 'all samples'} =====\n")
+                result = run("perf", "report", "-i", data, "--stdio", "--no-inline", "-g",
+                             "none", *select, *options, timeout=900, check=False)
+                out.write(tidy_report(result.stdout) if result.returncode == 0
+                          else result.stderr)
+                out.write("\n")
+        if not keep:
+            os.remove(data)  # large; the report is what is kept
+        log(f"profile of {name}: {path}")
+
+
+def tidy_report(text, width=220):
+    """perf report --stdio without its comment lines, column padding and empty IPC columns."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        line = re.sub(r"\s+-\s+-\s*$", "", line)
+        lines.append(re.sub(r" {3,}", "  ", line)[:width])
+    return "\n".join(lines) + "\n"
+
+
+class _ProfiledPhase:
+    def __init__(self, profiler, name, pid, comm):
+        self.profiler, self.name, self.pid, self.comm = profiler, name, pid, comm
+        self.processes = []
+
+    def _record(self, data, target):
+        self.processes.append(self.profiler.lab.spawn(
+            ["perf", "record", "-q", "-o", data] + target,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def __enter__(self):
+        if not self.profiler.directory:
+            return self
+        data = self.profiler.data_path(self.name)
+        if self.pid:
+            self._record(data, ["-p", str(self.pid), "-F", "499", "--call-graph", "dwarf,16384"])
+            # Also the whole machine, lightly: kernel work the process causes may run in
+            # kernel threads (link events are handled by a kworker).
+            self._record(self.profiler.data_path(self.name + ".system"), ["-a", "-F", "199", "-g"])
+        else:
+            self._record(data, ["-a", "-F", "499", "-g"])
+        time.sleep(1.0)  # perf needs a moment before it samples
+        return self
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            self.profiler.lab.processes.remove(process)
+        if not self.processes or exc[0] is not None:
+            return
+        if self.pid:
+            self.profiler.report(self.name)
+            self.profiler.report(self.name, sections=Profiler.SYSTEM_SECTIONS,
+                                 data_suffix=".system", append=True)
+        else:
+            self.profiler.report(self.name, ["--comm", self.comm] if self.comm else [],
+                                 keep=True)
+            self.profiler.report(self.name, sections=Profiler.SYSTEM_SECTIONS, append=True)
+
+
+class HeapProfiler:
+    """With --heaptrack DIR: vmnetd of host a runs under heaptrack for the storm (its first
+    start) and from its last restart to the end (scrapes, lists, drift repair); the
+    allocation sites holding the most memory at the peak are written to DIR/<name>.txt."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def wrapper(self, name):
+        if not self.directory:
+            return []
+        return ["heaptrack", "-o", os.path.join(self.directory, name)]
+
+    def report(self, name):
+        if not self.directory:
+            return
+        data = [f for f in os.listdir(self.directory)
+                if f.startswith(name + ".") and not f.endswith(".txt")]
+        if not data:
+            log(f"heaptrack wrote no data for {name}")
+            return
+        path = os.path.join(self.directory, f"{name}.txt")
+        result = run("heaptrack_print", "-f", os.path.join(self.directory, data[0]), "-p", "1",
+                     "-a", "0", "-T", "0", "-n", "15", "-s", "3", timeout=900, check=False)
+        with open(path, "w") as out:
+            out.write(result.stdout if result.returncode == 0 else result.stderr)
+        log(f"heap profile of {name}: {path}")
+
+
+# -- the measurements -------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, lab, binaries, workdir):
+        self.args, self.lab, self.workdir = args, lab, workdir
+        self.vmnetd = binaries["vmnetd"]
+        self.tools = binaries
+        self.n = args.vms
+        self.results = {"vms": self.n, "quick": args.quick}
+        self.failures = []
+        self.completed = False
+        self.profiler = Profiler(lab, args.profile)
+        self.heap = HeapProfiler(args.heaptrack)
+
+    def check(self, ok, message):
+        if not ok:
+            self.failures.append(message)
+            log(f"CHECK FAILED: {message}")
+
+    def check_objects(self, ns, who):
+        routes, proxies, addresses = count_kernel_objects(ns)
+        self.check(routes == self.n and proxies == self.n and addresses == self.n,
+                   f"{who}: {routes} routes, {proxies} proxy entries, {addresses} gateway "
+                   f"addresses in {ns}; want {self.n} each")
+
+    def baseline_attach(self, ns, order, key):
+        """`ip -batch` installing the objects vmnetd installs for N VMs. order "kind": all links
+        up, then all gateway addresses, routes, proxy entries (the fastest order found: a link
+        coming up makes the kernel walk every neighbour and proxy entry, so bringing links up
+        before any proxy entry exists avoids a quadratic cost). order "vm": VM by VM, the order
+        in which VMs arrive on a host (shown for information)."""
+        per_vm = []
+        for i in range(self.n):
+            dev, address = interface(i), vm_address(i)
+            per_vm.append([f"link set dev {dev} up",
+                           # iproute2 6.1 cannot mark an address with a protocol (vmnetd
+                           # does: one attribute more, the same kernel work).
+                           f"addr add {GATEWAY}/32 dev {dev} scope link noprefixroute",
+                           f"route add {address}/32 dev {dev} scope link proto {PROTOCOL}",
+                           f"neigh add proxy {address} dev {UPLINK} proto {PROTOCOL}"])
+        if order == "kind":
+            lines = [vm[k] for k in range(4) for vm in per_vm]
+        else:
+            lines = [line for vm in per_vm for line in vm]
+        path = os.path.join(self.workdir, f"attach-{order}.batch")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        cpu = []
+        with self.profiler.phase(key, comm="ip"):
+            seconds = timed("ip", "-n", ns, "-batch", path, timeout=120 + self.n * 0.05, cpu=cpu)
+        self.check_objects(ns, f"ip -batch ({order} order)")
+        self.results[f"{key}_s"] = seconds
+        self.results[f"{key}_cpu_s"] = cpu[0]
+        log(f"ip -batch ({order} order) installed {4 * self.n} objects in {seconds:.3f} s "
+            f"(CPU {cpu[0]:.2f} s)")
+
+    def storm(self, agent, watchers, key, before_scrape=None):
+        """One attach storm of N VMs; `before_scrape` runs after it and before /metrics is
+        read (a scrape leaves its memory in the agent's RSS)."""
+        passes = 0 if self.heap.directory else agent.metric_sum("vmnet_reconcile_passes_total")
+        cpu = agent.cpu_seconds()
+        threads = agent.thread_cpu_seconds()
+        with self.profiler.phase(key, pid=agent.pid):
+            result = run_json(self.tools["vmnet_attach_storm"], f"--target={agent.target}",
+                              f"--count={self.n}", "--concurrency=256", "--channels=4",
+                              f"--watchers={watchers}", "--timeout_s=400",
+                              timeout=480 + self.n * 0.01)
+        result["agent_cpu_s"] = agent.cpu_seconds() - cpu
+        # Per thread: the reconciler is the busiest "vmnetd" thread (the main thread waits).
+        after = agent.thread_cpu_seconds()
+        if before_scrape:
+            before_scrape()
+        if not self.heap.directory:  # a scrape would be the heap profile's peak
+            result["reconcile_passes"] = (agent.metric_sum("vmnet_reconcile_passes_total") -
+                                          passes)
+            result["kernel_writes"] = agent.metric_sum("vmnet_kernel_writes_total")
+        by_name = {}
+        for tid, (name, seconds) in after.items():
+            by_name.setdefault(name, []).append(seconds - threads.get(tid, (name, 0.0))[1])
+        result["thread_cpu_s"] = {
+            name: round(max(v) if name == "vmnetd" else sum(v), 3)
+            for name, v in by_name.items() if max(v) >= 0.01}
+        self.results[key] = result
+        self.check(result["ok"], f"{key}: {json.dumps(result)[:600]}")
+        log(f"{key}: {self.n} attaches in {result['wall_s']:.3f} s "
+            f"(agent CPU {result['agent_cpu_s']:.2f} s, client CPU {result['client_cpu_s']:.2f} s)"
+            + (f", {result.get('watchers_complete')}/{watchers} watchers saw every event"
+               if watchers else ""))
+        return result
+
+    def attach_and_memory(self, agent):
+        agent.start(wrapper=self.heap.wrapper("storm"))
+        time.sleep(1.0)
+        self.results["memory"] = {"rss_empty_kib": agent.rss_kib()}
+
+        def settle_and_note_rss():
+            time.sleep(2.0)
+            self.note_rss(agent, "after_storm")
+
+        self.storm(agent, 0, "storm", before_scrape=settle_and_note_rss)
+        self.check_objects(agent.ns, "vmnetd")
+        self.results["stop_s"] = agent.stop()
+        self.heap.report("storm")
+
+    def note_rss(self, agent, when):
+        """Records vmnetd's RSS now, and (RSS - RSS empty) / N."""
+        memory = self.results["memory"]
+        memory[f"rss_{when}_kib"] = rss = agent.rss_kib()
+        memory[f"per_vm_{when}_kib"] = (rss - memory["rss_empty_kib"]) / self.n
+        log(f"RSS {rss} KiB {when.replace('_', ' ')}: "
+            f"{memory[f'per_vm_{when}_kib']:.2f} KiB per VM over the empty agent's "
+            f"{memory['rss_empty_kib']} KiB")
+
+    def watch_fanout(self, agent):
+        agent.start()
+        self.storm(agent, 100, "storm_watched")
+        agent.stop()
+
+    def restart(self, agent, repeats):
+        """Restarts of the stopped agent with N VMs on a kernel that holds them all: each
+        timed to SERVING, each checked for zero kernel writes. Each is paired with an `ip`
+        dump of the same routes, proxy entries and addresses, run just before it while no
+        agent runs."""
+        if self.profiler.directory:  # an extra restart under perf, not timed
+            agent.start(wrapper=self.profiler.wrapper("restart"))
+            time.sleep(1.0)
+            agent.stop()
+            self.profiler.report("restart")
+        path = os.path.join(self.workdir, "dump.batch")
+        with open(path, "w") as f:
+            f.write("route show table main\nneigh show proxy\naddr show\n")
+        times, dump, writes, monitor_lines = [], [], [], []
+        for r in range(repeats):
+            dump.append(timed("ip", "-4", "-n", agent.ns, "-batch", path, timeout=120))
+            monitor_path = os.path.join(self.workdir, f"monitor-{r}.txt")
+            with open(monitor_path, "w") as out:
+                monitor = self.lab.spawn(["ip", "-n", agent.ns, "monitor", "route", "neigh",
+                                          "address"], stdout=out, stderr=subprocess.STDOUT)
+            time.sleep(0.3)
+            last = r + 1 == repeats
+            times.append(agent.start(wrapper=self.heap.wrapper("after_restart") if last else []))
+            time.sleep(1.0)  # writes right after SERVING count too
+            series = agent.metric("vmnet_kernel_writes_total")
+            writes.append(sum(series.values()))
+            if writes[-1]:
+                log(f"restart {r} wrote to the kernel: "
+                    f"{ {k: v for k, v in series.items() if v} }; log tail:\n"
+                    f"{agent.log_tail(10)}")
+            stop_process(monitor)
+            self.lab.processes.remove(monitor)
+            with open(monitor_path) as f:
+                # ip monitor's own complaint about the uplink's peer in another namespace
+                # is not a change.
+                monitor_lines.append([line.rstrip() for line in f if line.strip() and
+                                      not line.startswith("Error: Peer netns reference")])
+            if not last:
+                agent.stop()
+        changes = sum(len(lines) for lines in monitor_lines)
+        self.check(max(writes) == 0 and changes == 0,
+                   f"restart wrote to the kernel: vmnet_kernel_writes_total {writes}, "
+                   f"ip monitor lines {[lines[:5] for lines in monitor_lines]}")
+        self.results["restart"] = {"times_s": times, "median_s": statistics.median(times),
+                                   "kernel_writes": writes, "monitor_lines": changes,
+                                   "baseline_times_s": dump,
+                                   "baseline_median_s": statistics.median(dump)}
+        log(f"restart to SERVING {times} s, writes {writes}, ip monitor lines {changes}; "
+            f"ip dump {dump} s")
+
+    def scrape(self, agent, repeats):
+        ours, theirs, sizes = [], [], {}
+        exporter = None
+        if shutil.which("prometheus-node-exporter"):
+            log_file = open(os.path.join(self.workdir, "node-exporter.log"), "wb")
+            exporter = self.lab.spawn(
+                ["ip", "netns", "exec", agent.ns, "prometheus-node-exporter",
+                 "--collector.disable-defaults", "--collector.netdev",
+                 f"--web.listen-address={NODE_EXPORTER}"], stdout=log_file,
+                stderr=subprocess.STDOUT)
+            log_file.close()
+            deadline = time.monotonic() + 20
+            while run("ip", "netns", "exec", agent.ns, "curl", "-sf", "-o", "/dev/null",
+                      f"http://{NODE_EXPORTER}/metrics", check=False).returncode != 0:
+                if time.monotonic() > deadline or exporter.poll() is not None:
+                    raise BenchError("prometheus-node-exporter did not start")
+                time.sleep(0.2)
+        else:
+            log("prometheus-node-exporter is not installed: the scrape row has no baseline")
+        try:
+            with self.profiler.phase("scrape", pid=agent.pid):
+                agent.scrape()  # warm-up
+                if exporter:
+                    curl_time(agent.ns, f"http://{NODE_EXPORTER}/metrics")
+                for _ in range(repeats):
+                    seconds, sizes["vmnetd_bytes"] = agent.scrape()
+                    ours.append(seconds)
+                    if exporter:
+                        seconds, sizes["node_exporter_bytes"] = curl_time(
+                            agent.ns, f"http://{NODE_EXPORTER}/metrics")
+                        theirs.append(seconds)
+        finally:
+            if exporter:
+                stop_process(exporter)
+                self.lab.processes.remove(exporter)
+        self.results["scrape"] = {"times_s": ours, "median_s": statistics.median(ours),
+                                  "baseline_times_s": theirs,
+                                  "baseline_median_s": statistics.median(theirs) if theirs else None,
+                                  **sizes}
+        log(f"scrape vmnetd {ours} s, node-exporter {theirs} s, {sizes}")
+
+    def lists(self, agent, repeats):
+        for what, baseline in (("routes", ["route", "show"]),
+                               ("arp", ["neigh", "show", "proxy"])):
+            with self.profiler.phase(f"list_{what}", pid=agent.pid):
+                result = run_json(self.tools["vmnet_list_pages"], f"--target={agent.target}",
+                                  f"--what={what}", "--page_size=1000", f"--repeat={repeats}",
+                                  timeout=600)
+            self.check(result["entries"] >= self.n,
+                       f"List{what}: {result['entries']} entries, want at least {self.n}")
+            times = [timed("ip", "-n", agent.ns, *baseline, timeout=120)
+                     for _ in range(max(3, repeats))]
+            result["baseline_times_s"] = times
+            result["baseline_median_s"] = statistics.median(times)
+            self.results[f"list_{what}"] = result
+            log(f"List{what}: {result['entries']} entries in {result['pages']} pages, "
+                f"{result['times_s']} s; ip {' '.join(baseline)} {times} s")
+
+    def drift(self, agent, count):
+        with self.profiler.phase("drift", pid=agent.pid):
+            result = run_json("ip", "netns", "exec", agent.ns, self.tools["vmnet_drift_repair"],
+                              f"--count={count}", f"--route_protocol={PROTOCOL}",
+                              "--timeout_ms=5000", "--gap_ms=20", timeout=60 + count * 6)
+        self.results["drift"] = result
+        self.check(result["missed"] == 0 and result["delete_failures"] == 0,
+                   f"drift repair: {result['missed']} routes not repaired within 5 s, "
+                   f"{result['delete_failures']} deletes failed")
+        time.sleep(0.5)
+        self.check_objects(agent.ns, "vmnetd after drift repair")
+        log(f"drift repair p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+            f"max {result['max_ms']:.2f} ms over {result['repaired']} repairs")
+        self.drift_control(agent.ns, count)
+
+    def drift_control(self, ns, count):
+        """The floor of drift repair on this machine at this moment: the same deletes of
+        routes that are not vmnetd's (protocol CONTROL_PROTOCOL, addresses 198.19.254.0/23),
+        each re-added by a minimal repairer (vmnet_drift_repair --repairer), while vmnetd
+        keeps running beside it."""
+        routes = [f"198.19.{254 + k // 256}.{k % 256}/32 dev {interface(k % self.n)} "
+                  f"scope link proto {CONTROL_PROTOCOL}" for k in range(min(count, 512))]
+        run("ip", "-n", ns, "-batch", "-", input="".join(f"route add {r}\n" for r in routes))
+        repairer = self.lab.spawn(["ip", "netns", "exec", ns, self.tools["vmnet_drift_repair"],
+                                   "--repairer", f"--route_protocol={CONTROL_PROTOCOL}"])
+        try:
+            time.sleep(0.3)
+            result = run_json("ip", "netns", "exec", ns, self.tools["vmnet_drift_repair"],
+                              f"--count={len(routes)}", f"--route_protocol={CONTROL_PROTOCOL}",
+                              "--timeout_ms=5000", "--gap_ms=20", timeout=60 + count * 6)
+        finally:
+            stop_process(repairer)
+            self.lab.processes.remove(repairer)
+            run("ip", "-n", ns, "-batch", "-", check=False,
+                input="".join(f"route del {r}\n" for r in routes))
+        self.results["drift_control"] = result
+        log(f"control repairer p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+            f"max {result['max_ms']:.2f} ms over {result['repaired']} repairs")
+
+    def idle(self, agent, seconds):
+        cpu = agent.cpu_seconds()
+        time.sleep(seconds)
+        self.results["idle_cpu_percent"] = 100 * (agent.cpu_seconds() - cpu) / seconds
+        log(f"idle with {self.n} VMs: {self.results['idle_cpu_percent']:.1f}% of a core")
+
+    def run(self):
+        """The phases, in an order that keeps them from disturbing each other. The kernel's
+        neighbour and proxy tables are shared by all namespaces (the proxy table has 16 hash
+        buckets), so a host's 10,000 proxy entries slow down every other host's inserts: each
+        host is built just before its phase, and every host but a is removed (and its
+        teardown waited for) before the next one is built. One agent runs at a time."""
+        quick = self.args.quick
+        self.results["load_average_at_start"] = os.getloadavg()
+        self.results["lab_build_s"] = {}
+
+        def build(name):
+            took = self.lab.add_host(name, self.n)
+            self.results["lab_build_s"][name] = took
+            log(f"host {name}: {self.n} tap devices in {took:.1f} s")
+            return self.lab.host(name)
+
+        def remove(name):
+            self.lab.remove_host(name)
+            log(f"host {name} removed; the kernel tore it down in "
+                f"{wait_netns_cleanup(240):.1f} s")
+
+        self.baseline_attach(build("b"), "kind", "attach_baseline")
+        remove("b")
+        self.baseline_attach(build("d"), "vm", "attach_baseline_vm_order")
+        remove("d")
+        agent_c = Agent(self.lab, build("c"), self.vmnetd, self.tools,
+                        os.path.join(self.workdir, "agent-c"), self.args.agent_flags)
+        self.watch_fanout(agent_c)
+        remove("c")
+        agent_a = Agent(self.lab, build("a"), self.vmnetd, self.tools,
+                        os.path.join(self.workdir, "agent-a"), self.args.agent_flags)
+        self.attach_and_memory(agent_a)
+        self.restart(agent_a, 1 if quick else 3)
+        self.note_rss(agent_a, "after_restart")
+        self.scrape(agent_a, 2 if quick else 5)
+        self.note_rss(agent_a, "after_scrapes")
+        self.lists(agent_a, 1 if quick else 3)
+        self.note_rss(agent_a, "after_lists")
+        self.drift(agent_a, 20 if quick else 200)
+        self.idle(agent_a, 1.0 if quick else 5.0)
+        self.note_rss(agent_a, "at_end")
+        agent_a.stop()
+        self.heap.report("after_restart")
+        self.results["load_average_at_end"] = os.getloadavg()
+        self.completed = True
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def table(r):
+    n = r["vms"]
+    rows = []
+
+    def ratio(ours, theirs):
+        return ours / theirs if theirs else None
+
+    def add(what, ours, baseline, value, target, met):
+        rows.append((what, ours, baseline, "-" if value is None else f"{value:.2f}", target,
+                     "n/a" if met is None else ("yes" if met else "NO")))
+
+    s = r["storm"]
+    v = ratio(s["wall_s"], r["attach_baseline_s"])
+    add(f"attach storm, {n} VMs (wall s)", f"{s['wall_s']:.3f}",
+        f"{r['attach_baseline_s']:.3f} (ip -batch)", v, "ratio <= 1.0", v <= 1.0)
+    v = ratio(s["wall_s"], r["attach_baseline_vm_order_s"])
+    add("  (information: vs ip -batch VM by VM)", f"{s['wall_s']:.3f}",
+        f"{r['attach_baseline_vm_order_s']:.3f}", v, "-", None)
+    v = ratio(s["agent_cpu_s"], r["attach_baseline_cpu_s"])
+    add("  (information: CPU s, vmnetd vs ip)", f"{s['agent_cpu_s']:.3f}",
+        f"{r['attach_baseline_cpu_s']:.3f}", v, "-", None)
+    rs = r["restart"]
+    v = ratio(rs["median_s"], rs["baseline_median_s"])
+    writes = max(rs["kernel_writes"])
+    add(f"restart with {n} VMs (to SERVING, s)",
+        f"{rs['median_s']:.3f}, {writes:.0f} writes", f"{rs['baseline_median_s']:.3f}", v,
+        "ratio <= 1.5, 0 writes", v <= 1.5 and writes == 0 and rs["monitor_lines"] == 0)
+    d = r["drift"]
+    c = r.get("drift_control")
+    add(f"drift repair, {d['repaired']} deletes (ms)", f"p50 {d['p50_ms']:.2f} / p99 {d['p99_ms']:.2f}",
+        f"none (floor: p50 {c['p50_ms']:.2f} / p99 {c['p99_ms']:.2f})" if c else "none", None,
+        "p99 <= 10 ms", d["missed"] == 0 and 0 <= d["p99_ms"] <= 10)
+    sc = r["scrape"]
+    v = ratio(sc["median_s"], sc["baseline_median_s"])
+    add(f"/metrics scrape, {n} VMs (s)", f"{sc['median_s']:.4f}",
+        f"{sc['baseline_median_s']:.4f}" if sc["baseline_median_s"] else "not installed", v,
+        "ratio <= 1.0", None if v is None else v <= 1.0)
+    m = r["memory"]
+    add("memory per VM, after the storm (KiB)", f"{m['per_vm_after_storm_kib']:.2f}", "none",
+        None, "<= 2 KiB", m["per_vm_after_storm_kib"] <= 2.0)
+    high = max(v for k, v in m.items() if k.startswith("per_vm_"))
+    add("memory per VM, high-water (KiB)", f"{high:.2f}", "none", None, "<= 2 KiB",
+        high <= 2.0)
+    w = r["storm_watched"]
+    v = ratio(w["wall_s"], s["wall_s"])
+    all_seen = w.get("watchers_complete") == w["watchers"] and w.get("watch_revision_gaps") == 0
+    add(f"Watch fan-out, {w['watchers']} watchers (storm s)",
+        f"{w['wall_s']:.3f} with / {s['wall_s']:.3f} without; "
+        f"{w.get('watchers_complete')}/{w['watchers']} saw all", "none", v,
+        "<= 1.10, every event", v <= 1.10 and all_seen)
+    for key, name, base in (("list_routes", "ListRoutes", "ip route show"),
+                            ("list_arp", "ListArp", "ip neigh show proxy")):
+        lr = r[key]
+        v = ratio(lr["median_s"], lr["baseline_median_s"])
+        add(f"{name}, {lr['entries']} entries, pages of 1000 (s)", f"{lr['median_s']:.4f}",
+            f"{lr['baseline_median_s']:.4f} ({base})", v, "ratio <= 2.0", v <= 2.0)
+
+    headers = ("what", "ours", "baseline", "ratio", "target", "met?")
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(headers)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(row)) + " |")
+    return "\n".join(lines)
+
+
+def details(r):
+    s, w, m, rs = r["storm"], r["storm_watched"], r["memory"], r["restart"]
+    return "\n".join([
+        f"storm: {s['attaches_per_s']:.0f} attaches/s, vmnetd CPU {s['agent_cpu_s']:.2f} s "
+        f"(busiest threads {s.get('thread_cpu_s')}), client CPU {s['client_cpu_s']:.2f} s, "
+        f"kernel writes {s.get('kernel_writes', 0):.0f}, reconcile passes "
+        f"{s.get('reconcile_passes', 0):.0f}; ip -batch CPU {r.get('attach_baseline_cpu_s', 0):.2f} s "
+        f"(VM order {r.get('attach_baseline_vm_order_cpu_s', 0):.2f} s)",
+        f"storm with watchers: vmnetd CPU {w['agent_cpu_s']:.2f} s, client CPU "
+        f"{w['client_cpu_s']:.2f} s (the 100 watchers run in the client), resumes "
+        f"{w.get('watch_resumes')}, revision gaps {w.get('watch_revision_gaps')}, last watcher "
+        f"complete {w.get('watch_all_seen_s', -1):.3f} s after the storm began",
+        "memory: RSS " + ", ".join(f"{v} KiB {k[4:-4].replace('_', ' ')}"
+                                   for k, v in m.items() if k.startswith("rss_")),
+        f"restart: {', '.join(f'{t:.3f}' for t in rs['times_s'])} s; ip dump "
+        f"{', '.join(f'{t:.3f}' for t in rs['baseline_times_s'])} s; kernel writes "
+        f"{rs['kernel_writes']}, ip monitor lines {rs['monitor_lines']}; SIGTERM to exit "
+        f"{r.get('stop_s', 0):.3f} s",
+        f"scrape: vmnetd {r['scrape'].get('vmnetd_bytes')} bytes, node-exporter "
+        f"{r['scrape'].get('node_exporter_bytes')} bytes",
+        f"drift: p90 {r['drift']['p90_ms']:.2f} ms, max {r['drift']['max_ms']:.2f} ms; the floor "
+        f"(a minimal netlink repairer on routes not vmnetd's, same deletes): p90 "
+        f"{r.get('drift_control', {}).get('p90_ms', -1):.2f} ms, max "
+        f"{r.get('drift_control', {}).get('max_ms', -1):.2f} ms",
+        f"idle with {r['vms']} VMs: vmnetd uses {r.get('idle_cpu_percent', 0):.1f}% of a core",
+        "machine: " + ", ".join(f"{k} {v}" for k, v in r.get("machine", {}).items()),
+        f"load average (1, 5, 15 min) at start {r.get('load_average_at_start')}, at end "
+        f"{r.get('load_average_at_end')}; {os.cpu_count()} CPUs",
+    ])
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def find_binaries(args, workdir):
+    """Copies vmnetd and the bench programs into `workdir`, so that a rebuild during the run
+    cannot swap them; waits up to 2 minutes for a binary that is briefly missing."""
+    wanted = {"vmnetd": args.vmnetd}
+    wanted.update({tool: os.path.join(args.bin_dir, tool) for tool in TOOLS})
+    copies = {}
+    for name, path in wanted.items():
+        deadline = time.monotonic() + 120
+        while not os.access(path, os.X_OK):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{path} does not exist: build it (cmake --build build "
+                                 f"--target vmnetd vmnet_bench) or point --vmnetd/--bin-dir "
+                                 f"at it")
+            log(f"waiting for {path} (a build may be running)")
+            time.sleep(5)
+        copies[name] = os.path.join(workdir, name)
+        for attempt in range(10):
+            try:
+                shutil.copy2(path, copies[name])
+                break
+            except OSError:  # replaced while copying
+                time.sleep(2)
+        else:
+            raise BenchError(f"could not copy {path}")
+    return copies
+
+
+def machine_description(args, vmnetd):
+    """What the numbers were measured on and with."""
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), "unknown")
+    with open(vmnetd, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    commit = run("git", "-C", REPO, "rev-parse", "--short", "HEAD", check=False).stdout.strip()
+    dirty = run("git", "-C", REPO, "status", "--short", "--untracked-files=no",
+                check=False).stdout.count("\n")
+    return {"nproc": os.cpu_count(), "kernel": os.uname().release, "cpu": model,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "state_dir_fs": run("stat", "-f", "-c", "%T", tempfile.gettempdir(),
+                                check=False).stdout.strip(),
+            "iproute2": run("ip", "-V", check=False).stdout.strip(),
+            "vmnetd": args.vmnetd, "vmnetd_sha256": digest,
+            "git": f"{commit}{f' (+{dirty} modified files)' if dirty else ''}"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vms", type=int, default=10000, help="VMs per host (default 10000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions, for a smoke run (use with --vms 100)")
+    parser.add_argument("--json", help="also write every number measured to this file")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="perf record each phase and write the top functions to DIR "
+                             "(perturbs the numbers: profile in a separate run)")
+    parser.add_argument("--heaptrack", metavar="DIR",
+                        help="run host a's vmnetd under heaptrack and write where its memory "
+                             "goes to DIR (perturbs the numbers: use a separate run)")
+    parser.add_argument("--agent-flags", default="",
+                        help="extra vmnetd flags, space-separated, e.g. "
+                             "'--proxy-check-interval-ms=5000' (for experiments)")
+    parser.add_argument("--vmnetd", default=os.environ.get("VMNETD") or
+                        os.path.join(REPO, "build", "server", "vmnetd"),
+                        help="the agent (default $VMNETD or build/server/vmnetd)")
+    parser.add_argument("--bin-dir", default=os.environ.get("VMNET_BENCH_BIN") or
+                        os.path.join(REPO, "build", "bench"),
+                        help="the vmnet_* bench programs (default $VMNET_BENCH_BIN or "
+                             "build/bench)")
+    parser.add_argument("--time-limit", type=int,
+                        help="seconds before the run gives up and cleans up (default 13 min, "
+                             "25 min with --profile)")
+    parser.add_argument("--report", metavar="FILE",
+                        help="print the table of an earlier run's --json FILE and exit")
+    args = parser.parse_args()
+    args.agent_flags = args.agent_flags.split()
+    if args.report:
+        with open(args.report) as f:
+            results = json.load(f)
+        print(table(results))
+        print()
+        print(details(results))
+        return 0
+    if args.time_limit is None:
+        args.time_limit = 1500 if args.profile or args.heaptrack else 780
+    if not 1 <= args.vms <= 100000:
+        parser.error("--vms: give 1 to 100000")
+    if args.profile and args.heaptrack:
+        parser.error("--profile and --heaptrack: one at a time")
+    if os.geteuid() != 0:
+        print("bench: skipped: run as root (it creates network namespaces)", file=sys.stderr)
+        return SKIPPED
+    probe = f"{PREFIX}{os.getpid()}-probe"
+    result = run("ip", "netns", "add", probe, check=False)
+    if result.returncode != 0:
+        print(f"bench: skipped: cannot create network namespaces here: {result.stderr.strip()}",
+              file=sys.stderr)
+        return SKIPPED
+    run("ip", "netns", "delete", probe, check=False)
+
+    def on_signal(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    def on_alarm(signum, frame):
+        raise TimeLimit(f"the benchmark did not finish within --time-limit={args.time_limit} s")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(args.time_limit)
+
+    began = time.monotonic()
+    cleanup_stale()
+    waited = wait_netns_cleanup(180)
+    if waited > 2:
+        log(f"waited {waited:.0f} s for the kernel to finish tearing down earlier namespaces")
+    workdir = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    lab = Lab()
+    atexit.register(lab.close)
+    bench = None
+    status = 1
+    try:
+        binaries = find_binaries(args, workdir)
+        bench = Bench(args, lab, binaries, workdir)
+        bench.results["machine"] = machine_description(args, binaries["vmnetd"])
+        bench.run()
+        status = 0 if not bench.failures else 1
+    except BenchError as e:
+        log(f"ERROR: {e}")
+        status = 2 if bench is None else 1
+    except (TimeLimit, Terminated) as e:
+        log(f"STOPPED: {e}")
+        status = 1
+    finally:
+        signal.alarm(0)
+        log("cleaning up the lab")
+        lab.close()
+        if bench is not None:
+            # Waited for here, so that what runs next does not pay for it.
+            bench.results["teardown_s"] = wait_netns_cleanup(240)
+            log(f"the kernel tore the lab down in {bench.results['teardown_s']:.0f} s")
+        if status == 0 and not os.environ.get("VMNET_BENCH_KEEP_LOGS"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"logs kept in {workdir} (the next run removes it)")
+    elapsed = time.monotonic() - began
+    if bench is not None:
+        results = bench.results
+        results["elapsed_s"] = elapsed
+        results["failures"] = bench.failures
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        if bench.completed:
+            print(table(results))
+            print()
+            print(details(results))
+        for failure in bench.failures:
+            print(f"FAILED CHECK: {failure}")
+    print(f"benchmark finished in {elapsed:.0f} s with status {status}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
