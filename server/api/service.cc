@@ -507,7 +507,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
       return;
     }
     vmnet::MutexLock lock(&mu_);
-    subscribed_ = true;
     // Headers tell the client the watch is in place before any event.
     if (!finished_) StartSendInitialMetadata();
     MaybeWriteLocked();
@@ -590,7 +589,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  bool subscribed_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status close_status_ ABSL_GUARDED_BY(mu_);
 };
 
