@@ -435,7 +435,25 @@ class Lab:
         return self.daemon
 
 
-class Pinger:
+class _BackgroundCommand:
+    """A command whose output a thread collects (self.process, self._thread); stopped by
+    close() and by leaving its `with` block."""
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(DAEMON_STOP_TIMEOUT)
+        self._thread.join(timeout=5)
+        self.process.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Pinger(_BackgroundCommand):
     """`ping -n -i INTERVAL -c COUNT ADDRESS` running in a namespace in the background.
 
     replies counts the echo replies so far (ping prints one line each); wait() returns ping's
@@ -478,21 +496,9 @@ class Pinger:
         """ping's statistics line, e.g. "40 packets transmitted, 40 received, 0% packet loss"."""
         return next((line for line in self.output if "packets transmitted" in line), "")
 
-    def close(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(DAEMON_STOP_TIMEOUT)
-        self._thread.join(timeout=5)
-        self.process.stdout.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
-class IpMonitor:
+class IpMonitor(_BackgroundCommand):
     """`ip -ts monitor OBJECTS` in a namespace, its lines collected by a thread; a context manager.
 
     mark() puts a marker in the stream (a blackhole route to 203.0.113.25x added and deleted
@@ -579,18 +585,6 @@ class IpMonitor:
         return [(f"{stamp - since:+.3f}s " if stamp is not None else "        ") + line
                 for stamp, line in window]
 
-    def close(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(DAEMON_STOP_TIMEOUT)
-        self._thread.join(timeout=5)
-        self.process.stdout.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class Daemon:
