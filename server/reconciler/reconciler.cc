@@ -24,6 +24,10 @@ constexpr milliseconds kMinResyncGap{1000};
 // rarely and a restart still starts above every revision ever issued.
 constexpr uint64_t kRevisionLease = 1 << 20;
 
+absl::Status ShuttingDown() {
+  return absl::UnavailableError("vmnetd is shutting down; retry");
+}
+
 std::string WritesText(const std::vector<kernel::Write>& writes) {
   return absl::StrJoin(writes, "; ", [](std::string* out, const kernel::Write& w) {
     out->append(kernel::ToString(w));
@@ -78,11 +82,12 @@ void Reconciler::Stop() {
     vmnet::MutexLock lock(&queue_mu_);
     left.swap(queue_);
   }
-  for (Command& c : left) {
-    absl::Status unavailable = absl::UnavailableError("vmnetd is shutting down; retry");
-    if (c.attach_done) c.attach_done(unavailable);
-    if (c.detach_done) c.detach_done(unavailable);
-  }
+  for (Command& c : left) Refuse(c, ShuttingDown());
+}
+
+void Reconciler::Refuse(Command& command, const absl::Status& status) {
+  if (command.attach_done) command.attach_done(status);
+  if (command.detach_done) command.detach_done(status);
 }
 
 void Reconciler::Wake() {
@@ -93,9 +98,7 @@ void Reconciler::Wake() {
 
 void Reconciler::Post(Command command) {
   if (stopping_.load()) {
-    absl::Status unavailable = absl::UnavailableError("vmnetd is shutting down; retry");
-    if (command.attach_done) command.attach_done(unavailable);
-    if (command.detach_done) command.detach_done(unavailable);
+    Refuse(command, ShuttingDown());
     return;
   }
   {
@@ -106,12 +109,12 @@ void Reconciler::Post(Command command) {
       command.detach_done = nullptr;
     }
   }
-  // Refused outside the lock: the callback may take its time.
-  absl::Status full = absl::ResourceExhaustedError(absl::StrCat(
-      "vmnetd has ", options_.max_pending_requests,
-      " requests queued, the limit (--max-pending-requests); retry with backoff"));
-  if (command.attach_done) command.attach_done(full);
-  if (command.detach_done) command.detach_done(full);
+  // Refused outside the lock: the callback may take its time. (A queued
+  // command's callbacks were moved out, so this answers nothing then.)
+  Refuse(command, absl::ResourceExhaustedError(absl::StrCat(
+                      "vmnetd has ", options_.max_pending_requests,
+                      " requests queued, the limit (--max-pending-requests); retry with "
+                      "backoff")));
   Wake();
 }
 

@@ -165,6 +165,8 @@ class Reconciler {
 
   void Run();
   void Post(Command command);
+  // Answers a command that will not be processed.
+  static void Refuse(Command& command, const absl::Status& status);
   void Wake();
 
   // One pass of the loop: events, commands, reconcile, replies.
