@@ -115,7 +115,9 @@ int Fail(absl::string_view message) {
 
 // The interfaces that carry the host's IPv4 default routes.
 absl::StatusOr<std::vector<std::string>> DefaultRouteLinks(kernel::Kernel& k) {
-  auto snapshot = k.Dump();
+  auto snapshot = k.Dump(kernel::DumpSelection::Only(/*links=*/true, /*addresses=*/false,
+                                                     /*routes=*/true, /*neighbors=*/false,
+                                                     /*proxies=*/false));
   if (!snapshot.ok()) return snapshot.status();
   std::vector<std::string> out;
   for (const kernel::Route& r : snapshot->routes) {
