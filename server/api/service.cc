@@ -181,6 +181,25 @@ std::string Paginate(const Sorted<Entry>& entries, const PageRequest& page,
   return EncodeToken(list, snapshot, std::prev(it)->first);
 }
 
+// One page of a listing: from the snapshot the page token names when it is
+// still cached, otherwise from a fresh `read()` (a StatusOr of keyed
+// entries), cached when it spans more than one page. Returns the next
+// page's token.
+template <typename Entry, typename Read, typename Add>
+absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache, const PageRequest& page,
+                                      absl::string_view list, const std::string& filters,
+                                      Read&& read, Add&& add) {
+  uint64_t snapshot = page.snapshot;
+  Sorted<Entry> entries = snapshot != 0 ? cache.Get(snapshot, filters) : nullptr;
+  if (entries == nullptr) {
+    auto fresh = read();
+    if (!fresh.ok()) return fresh.status();
+    entries = SortEntries(std::move(*fresh));
+    snapshot = static_cast<int>(entries->size()) > page.size ? cache.Put(filters, entries) : 0;
+  }
+  return Paginate(entries, page, list, snapshot, std::forward<Add>(add));
+}
+
 std::string ArpFlags(const kernel::Neighbor& n) {
   if (n.proxy) return "MP";
   std::string flags;
@@ -338,25 +357,22 @@ grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext*
                  grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                               absl::StrCat("state: ", request->state(), " is not a VmState")));
   }
-  std::string filters = absl::StrCat(request->state());
-  uint64_t snapshot = page->snapshot;
-  Sorted<v1::Vm> entries = snapshot != 0 ? caches_->vms.Get(snapshot, filters) : nullptr;
-  if (entries == nullptr) {
-    std::vector<std::pair<std::string, v1::Vm>> read;
-    for (const VmView& vm : reconciler_->Vms()) {
-      v1::Vm proto = ToProto(vm);
-      if (request->state() != v1::VM_STATE_UNSPECIFIED && proto.state() != request->state()) {
-        continue;
-      }
-      read.emplace_back(vm.spec.vm_id, std::move(proto));
-    }
-    entries = SortEntries(std::move(read));
-    snapshot = static_cast<int>(entries->size()) > page->size
-                   ? caches_->vms.Put(filters, entries)
-                   : 0;
-  }
-  response->set_next_page_token(Paginate(entries, *page, "vms", snapshot,
-                                         [&](const v1::Vm& vm) { *response->add_vms() = vm; }));
+  auto token = ServePage(
+      caches_->vms, *page, "vms", absl::StrCat(request->state()),
+      [&]() -> absl::StatusOr<std::vector<std::pair<std::string, v1::Vm>>> {
+        std::vector<std::pair<std::string, v1::Vm>> read;
+        for (const VmView& vm : reconciler_->Vms()) {
+          v1::Vm proto = ToProto(vm);
+          if (request->state() != v1::VM_STATE_UNSPECIFIED &&
+              proto.state() != request->state()) {
+            continue;
+          }
+          read.emplace_back(vm.spec.vm_id, std::move(proto));
+        }
+        return read;
+      },
+      [&](const v1::Vm& vm) { *response->add_vms() = vm; });
+  response->set_next_page_token(*token);  // reading the VMs cannot fail
   return Reply(context, "ListVms", grpc::Status::OK);
 }
 
@@ -443,21 +459,12 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
   auto page = ParsePaging("arp", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
   if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
-  std::string filters = absl::StrCat(request->interface(), "|", request->vm_id());
-  uint64_t snapshot = page->snapshot;
-  Sorted<v1::ArpEntry> entries =
-      snapshot != 0 ? caches_->arp.Get(snapshot, filters) : nullptr;
-  if (entries == nullptr) {
-    auto read = ReadArp(*request);
-    if (!read.ok()) return Reply(context, "ListArp", ToGrpc(read.status()));
-    entries = SortEntries(std::move(*read));
-    snapshot = static_cast<int>(entries->size()) > page->size
-                   ? caches_->arp.Put(filters, entries)
-                   : 0;
-  }
-  response->set_next_page_token(
-      Paginate(entries, *page, "arp", snapshot,
-               [&](const v1::ArpEntry& e) { *response->add_entries() = e; }));
+  auto token = ServePage(caches_->arp, *page, "arp",
+                         absl::StrCat(request->interface(), "|", request->vm_id()),
+                         [&] { return ReadArp(*request); },
+                         [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
+  if (!token.ok()) return Reply(context, "ListArp", ToGrpc(token.status()));
+  response->set_next_page_token(*token);
   return Reply(context, "ListArp", grpc::Status::OK);
 }
 
@@ -470,21 +477,12 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
   auto page = ParsePaging("routes", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
   if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
-  std::string filters = absl::StrCat(request->interface(), "|", request->vm_id());
-  uint64_t snapshot = page->snapshot;
-  Sorted<v1::RouteEntry> entries =
-      snapshot != 0 ? caches_->routes.Get(snapshot, filters) : nullptr;
-  if (entries == nullptr) {
-    auto read = ReadRoutes(*request);
-    if (!read.ok()) return Reply(context, "ListRoutes", ToGrpc(read.status()));
-    entries = SortEntries(std::move(*read));
-    snapshot = static_cast<int>(entries->size()) > page->size
-                   ? caches_->routes.Put(filters, entries)
-                   : 0;
-  }
-  response->set_next_page_token(
-      Paginate(entries, *page, "routes", snapshot,
-               [&](const v1::RouteEntry& e) { *response->add_routes() = e; }));
+  auto token = ServePage(caches_->routes, *page, "routes",
+                         absl::StrCat(request->interface(), "|", request->vm_id()),
+                         [&] { return ReadRoutes(*request); },
+                         [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
+  if (!token.ok()) return Reply(context, "ListRoutes", ToGrpc(token.status()));
+  response->set_next_page_token(*token);
   return Reply(context, "ListRoutes", grpc::Status::OK);
 }
 
