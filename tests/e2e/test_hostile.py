@@ -846,8 +846,10 @@ class HostileInputTest(HostileTestCase):
 
     def test_watch(self):
         revision = int(self.api.call("GetVm", {"vm_id": "vm-1"}).vm.revision)
-        with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
-            end = next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
+        def snapshot_end():
+            with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
+                return next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
+        end = self.while_watchers_end(snapshot_end)
         current = int(end["revision"])
         rows = [Row(f"with a {what}", "Watch", {"vm_id": vm_id, "initial_snapshot": True},
                     names=("vm_id",)) for what, vm_id in _bad_vm_ids()]
@@ -926,6 +928,24 @@ class LimitsTest(HostileTestCase):
                     f"--max-request-bytes={max_request_bytes}",
                     f"--watch-history={watch_history}")
 
+    def while_watchers_end(self, open_stream):
+        """open_stream() retried for up to 5 s while it is refused for --max-watchers: the
+        Watches an earlier test cancelled end asynchronously in the agent."""
+        def attempt():
+            try:
+                return open_stream()
+            except grpcurl.RpcError as error:
+                if error.code != EXHAUSTED or "--max-watchers" not in error.details:
+                    raise
+                return None
+        result = lab.wait_until(attempt, 5)
+        self.assertIsNotNone(result, "a Watch was still refused for --max-watchers 5 s after "
+                                     "the earlier tests cancelled theirs")
+        return result
+
+    def watch_after_snapshot(self):
+        return self.while_watchers_end(super().watch_after_snapshot)
+
     def test_max_vms(self):
         vm1, vm2, vm3 = (self.lab.vms[i] for i in (1, 2, 3))
         self.addCleanup(self.specs.clear)
@@ -984,8 +1004,10 @@ class LimitsTest(HostileTestCase):
         for _ in range(self.watch_history):  # two events each: more than the history holds
             self.rpc("AttachVm", vm_request(vm3))
             self.rpc("DetachVm", {"vm_id": vm3.vm_id})
-        with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
-            end = next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
+        def snapshot_end():
+            with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
+                return next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
+        end = self.while_watchers_end(snapshot_end)
         oldest = int(end["revision"]) - self.watch_history + 1
         self.run_rows([
             Row(f"from revision 1 (--watch-history={self.watch_history}, revision now "
