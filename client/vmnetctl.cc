@@ -6,6 +6,7 @@
 // (the gRPC code is printed), 4 the server could not be reached.
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,10 +41,12 @@ Commands:
   get VM_ID        One VM: its spec, state and message.
   list [--state pending|programmed|failed]
                    The attached VMs, one line each, with their state.
-  arp [--interface IF] [--vm VM_ID]
-                   The host's ARP table, laid out like `arp -n`.
-  routes [--interface IF] [--vm VM_ID]
-                   The host's main routing table, like `ip route`.
+  arp [--interface IF] [--vm VM_ID] [--family ipv4|ipv6|all]
+                   The host's neighbour table: IPv4 (the default) laid out like
+                   `arp -n`, IPv6 like `ip -6 neigh` (proxy entries included).
+  routes [--interface IF] [--vm VM_ID] [--family ipv4|ipv6|all]
+                   The host's main routing table, like `ip route` (IPv4 by
+                   default, as `ip route`; ipv6 as `ip -6 route`).
   watch [--vm VM_ID] [--from-revision N] [--snapshot]
                    Follow VM changes, one line per event.
   health           The agent's health (SERVING once its first sync is done).
@@ -123,6 +126,15 @@ bool Has(const Args& args, const std::string& name) {
 std::string Option(const Args& args, const std::string& name) {
   auto it = args.options.find(name);
   return it == args.options.end() ? "" : it->second;
+}
+
+// --family: ipv4 (the default, as `arp -n` and `ip route`), ipv6 or all.
+std::optional<vmnet::v1::AddressFamily> FamilyOption(const Args& args) {
+  std::string family = Option(args, "family");
+  if (family.empty() || family == "ipv4") return vmnet::v1::ADDRESS_FAMILY_IPV4;
+  if (family == "ipv6") return vmnet::v1::ADDRESS_FAMILY_IPV6;
+  if (family == "all") return vmnet::v1::ADDRESS_FAMILY_UNSPECIFIED;
+  return std::nullopt;
 }
 
 // Refuses options the command does not take, so a typo is not silently ignored.
@@ -314,13 +326,16 @@ class Client {
   }
 
   int Arp() {
-    if (auto e = CheckOptions(args_, {"interface", "vm"}); !e.empty()) return Usage(e);
+    if (auto e = CheckOptions(args_, {"interface", "vm", "family"}); !e.empty()) return Usage(e);
     std::vector<vmnet::v1::ArpEntry> entries;
+    auto family = FamilyOption(args_);
+    if (!family) return Usage("arp: --family: give ipv4, ipv6 or all");
     std::string token;
     do {
       vmnet::v1::ListArpRequest request;
       request.set_interface(Option(args_, "interface"));
       request.set_vm_id(Option(args_, "vm"));
+      request.set_family(*family);
       request.set_page_size(1000);
       request.set_page_token(token);
       vmnet::v1::ListArpResponse response;
@@ -335,24 +350,42 @@ class Client {
       for (const auto& e : entries) std::cout << Json(e) << "\n";
       return kExitOk;
     }
-    // The columns of net-tools' arp -n.
-    std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", "Address", "HWtype",
-                                 "HWaddress", "Flags", "Mask", "Iface");
+    if (*family == vmnet::v1::ADDRESS_FAMILY_IPV4) {
+      // The columns of net-tools' arp -n.
+      std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", "Address", "HWtype",
+                                   "HWaddress", "Flags", "Mask", "Iface");
+      for (const auto& e : entries) {
+        std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", e.ip_address(),
+                                     e.hw_type(), e.hw_address(), e.flags(), e.mask(),
+                                     e.interface());
+      }
+      return kExitOk;
+    }
+    // As `ip neigh` and `ip neigh show proxy` print them.
     for (const auto& e : entries) {
-      std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", e.ip_address(),
-                                   e.hw_type(), e.hw_address(), e.flags(), e.mask(),
-                                   e.interface());
+      std::string line = absl::StrCat(e.ip_address(), " dev ", e.interface());
+      if (e.proxy()) {
+        absl::StrAppend(&line, " proxy");
+      } else {
+        if (!e.lladdr().empty()) absl::StrAppend(&line, " lladdr ", e.lladdr());
+        absl::StrAppend(&line, " ", e.state());
+      }
+      if (!e.vm_id().empty()) absl::StrAppend(&line, "  # vm ", e.vm_id());
+      std::cout << line << "\n";
     }
     return kExitOk;
   }
 
   int Routes() {
-    if (auto e = CheckOptions(args_, {"interface", "vm"}); !e.empty()) return Usage(e);
+    if (auto e = CheckOptions(args_, {"interface", "vm", "family"}); !e.empty()) return Usage(e);
+    auto family = FamilyOption(args_);
+    if (!family) return Usage("routes: --family: give ipv4, ipv6 or all");
     std::string token;
     do {
       vmnet::v1::ListRoutesRequest request;
       request.set_interface(Option(args_, "interface"));
       request.set_vm_id(Option(args_, "vm"));
+      request.set_family(*family);
       request.set_page_size(1000);
       request.set_page_token(token);
       vmnet::v1::ListRoutesResponse response;
@@ -367,8 +400,12 @@ class Client {
         }
         // Laid out as `ip route` prints the main table.
         std::string line = r.destination();
-        if (absl::EndsWith(line, "/32")) line.resize(line.size() - 3);
-        if (line == "0.0.0.0/0") line = "default";
+        if (absl::EndsWith(line, "/32") && line.find(':') == std::string::npos) {
+          line.resize(line.size() - 3);
+        } else if (absl::EndsWith(line, "/128")) {
+          line.resize(line.size() - 4);
+        }
+        if (line == "0.0.0.0/0" || line == "::/0") line = "default";
         if (r.type() != "unicast") line = absl::StrCat(r.type(), " ", line);
         if (!r.gateway().empty()) absl::StrAppend(&line, " via ", r.gateway());
         if (!r.interface().empty()) absl::StrAppend(&line, " dev ", r.interface());

@@ -200,6 +200,36 @@ absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache, const PageReq
   return Paginate(entries, page, list, snapshot, std::forward<Add>(add));
 }
 
+// The state as `ip neigh` names it.
+std::string NeighborStateName(uint16_t state) {
+  static constexpr std::pair<uint16_t, const char*> kNames[] = {
+      {NUD_INCOMPLETE, "INCOMPLETE"}, {NUD_REACHABLE, "REACHABLE"}, {NUD_STALE, "STALE"},
+      {NUD_DELAY, "DELAY"},           {NUD_PROBE, "PROBE"},         {NUD_FAILED, "FAILED"},
+      {NUD_NOARP, "NOARP"},           {NUD_PERMANENT, "PERMANENT"}};
+  std::string out;
+  for (const auto& [bit, name] : kNames) {
+    if (state & bit) absl::StrAppend(&out, out.empty() ? "" : ",", name);
+  }
+  return out.empty() ? "NONE" : out;
+}
+
+absl::Status CheckFamily(v1::AddressFamily family) {
+  if (!v1::AddressFamily_IsValid(family)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("family: ", static_cast<int>(family), " is not an AddressFamily"));
+  }
+  return absl::OkStatus();
+}
+
+bool FamilyMatches(v1::AddressFamily family, const IpAddress& address) {
+  return family == v1::ADDRESS_FAMILY_UNSPECIFIED ||
+         (family == v1::ADDRESS_FAMILY_IPV4) == address.is_v4();
+}
+
+v1::AddressFamily FamilyOf(const IpAddress& address) {
+  return address.is_v4() ? v1::ADDRESS_FAMILY_IPV4 : v1::ADDRESS_FAMILY_IPV6;
+}
+
 std::string ArpFlags(const kernel::Neighbor& n) {
   if (n.proxy) return "MP";
   std::string flags;
@@ -385,10 +415,16 @@ absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> VmNetworkServi
 
   std::vector<std::pair<std::string, v1::ArpEntry>> entries;
   for (const kernel::Neighbor& n : snapshot->neighbors) {
-    // As /proc/net/arp: entries that never need resolution are not shown.
+    // As /proc/net/arp and `ip neigh`: entries that never need resolution
+    // are not shown.
     if (!n.proxy && (n.state & NUD_NOARP)) continue;
+    if (!FamilyMatches(request.family(), n.address)) continue;
     v1::ArpEntry e;
     e.set_ip_address(n.address.ToString());
+    e.set_family(FamilyOf(n.address));
+    e.set_proxy(n.proxy);
+    if (!n.proxy) e.set_state(NeighborStateName(n.state));
+    if (n.lladdr && !n.proxy) e.set_lladdr(n.lladdr->ToString());
     e.set_interface(names[n.ifindex]);
     e.set_flags(ArpFlags(n));
     if (n.proxy) {
@@ -423,6 +459,7 @@ VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
 
   std::vector<std::pair<std::string, v1::RouteEntry>> entries;
   for (const kernel::Route& r : snapshot->routes) {
+    if (!FamilyMatches(request.family(), r.destination.address)) continue;
     v1::RouteEntry e;
     e.set_destination(r.destination.ToString());
     e.set_interface(r.ifindex != 0 ? names[r.ifindex] : "");
@@ -459,8 +496,12 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
   auto page = ParsePaging("arp", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
   if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
+  if (auto s = CheckFamily(request->family()); !s.ok()) {
+    return Reply(context, "ListArp", ToGrpc(s));
+  }
   auto token = ServePage(caches_->arp, *page, "arp",
-                         absl::StrCat(request->interface(), "|", request->vm_id()),
+                         absl::StrCat(request->interface(), "|", request->vm_id(), "|",
+                                      static_cast<int>(request->family())),
                          [&] { return ReadArp(*request); },
                          [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
   if (!token.ok()) return Reply(context, "ListArp", ToGrpc(token.status()));
@@ -477,8 +518,12 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
   auto page = ParsePaging("routes", request->page_size(), request->page_token(),
                           request->interface(), request->vm_id());
   if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
+  if (auto s = CheckFamily(request->family()); !s.ok()) {
+    return Reply(context, "ListRoutes", ToGrpc(s));
+  }
   auto token = ServePage(caches_->routes, *page, "routes",
-                         absl::StrCat(request->interface(), "|", request->vm_id()),
+                         absl::StrCat(request->interface(), "|", request->vm_id(), "|",
+                                      static_cast<int>(request->family())),
                          [&] { return ReadRoutes(*request); },
                          [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
   if (!token.ok()) return Reply(context, "ListRoutes", ToGrpc(token.status()));

@@ -4,6 +4,7 @@
 #include <linux/if_addr.h>
 #include <linux/if_link.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/neighbour.h>
 #include <linux/rtnetlink.h>
 #include <netlink/attr.h>
@@ -91,6 +92,35 @@ std::optional<bool> Ipv4Forwarding(nlattr* af_spec) {
   return std::nullopt;
 }
 
+// Reads net.ipv6.conf.<link>.{forwarding,accept_ra,proxy_ndp} from
+// IFLA_AF_SPEC/AF_INET6/IFLA_INET6_CONF, an array of s32 indexed by
+// DEVCONF_*. Absent when the link has no IPv6.
+std::optional<Ipv6Conf> Ipv6ConfOf(nlattr* af_spec) {
+  if (af_spec == nullptr) return std::nullopt;
+  nlattr* family;
+  int rem;
+  nla_for_each_nested(family, af_spec, rem) {
+    if (nla_type(family) != AF_INET6) continue;
+    nlattr* conf[IFLA_INET6_MAX + 1] = {};
+    if (nla_parse_nested(conf, IFLA_INET6_MAX, family, nullptr) < 0) return std::nullopt;
+    nlattr* values = conf[IFLA_INET6_CONF];
+    if (values == nullptr || nla_len(values) < (DEVCONF_PROXY_NDP + 1) * 4) {
+      return std::nullopt;
+    }
+    auto value = [&](int index) {
+      int32_t v;
+      std::memcpy(&v, static_cast<const char*>(nla_data(values)) + index * 4, 4);
+      return v;
+    };
+    Ipv6Conf out;
+    out.forwarding = value(DEVCONF_FORWARDING) != 0;
+    out.accept_ra = value(DEVCONF_ACCEPT_RA);
+    out.proxy_ndp = value(DEVCONF_PROXY_NDP) != 0;
+    return out;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::optional<Link> ParseLink(const nlmsghdr* msg) {
@@ -120,6 +150,7 @@ std::optional<Link> ParseLink(const nlmsghdr* msg) {
                   s.rx_errors, s.tx_errors, s.rx_dropped, s.tx_dropped};
   }
   link.ipv4_forwarding = Ipv4Forwarding(tb[IFLA_AF_SPEC]);
+  link.ipv6 = Ipv6ConfOf(tb[IFLA_AF_SPEC]);
   if (link.ifindex <= 0 || link.name.empty()) return std::nullopt;
   return link;
 }
@@ -374,7 +405,15 @@ Msg Encode(const DeleteNeighbor& w) {
 }  // namespace
 
 std::vector<uint8_t> EncodeWrite(const Write& write) {
-  return std::visit([](const auto& w) { return Bytes(Encode(w)); }, write);
+  return std::visit(
+      [](const auto& w) {
+        if constexpr (std::is_same_v<std::decay_t<decltype(w)>, SetIpv6Conf>) {
+          return std::vector<uint8_t>();  // not a netlink message: see objects.h
+        } else {
+          return Bytes(Encode(w));
+        }
+      },
+      write);
 }
 
 std::string RouteProtocolName(uint8_t protocol) {

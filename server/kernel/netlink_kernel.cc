@@ -1,6 +1,7 @@
 #include "vmnet/kernel/netlink_kernel.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/neighbour.h>
 #include <linux/rtnetlink.h>
 #include <netlink/attr.h>
@@ -253,7 +254,8 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(
   auto writes = NetlinkSocket::Open();
   if (!writes.ok()) return writes.status();
   auto events = NetlinkSocket::Open(
-      {RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE, RTNLGRP_NEIGH},
+      {RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_IFADDR,
+       RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH},
       options.event_rcvbuf);
   if (!events.ok()) return events.status();
   return std::unique_ptr<NetlinkKernel>(
@@ -288,7 +290,7 @@ std::vector<uint8_t> U32Attr(uint16_t type, uint32_t value) {
 
 absl::Status DumpProxies(std::vector<Neighbor>* out) {
   ndmsg ndm{};
-  ndm.ndm_family = AF_INET;
+  ndm.ndm_family = AF_UNSPEC;  // ARP and NDP
   ndm.ndm_flags = NTF_PROXY;
   return DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
     if (auto n = ParseNeighbor(msg); n && n->proxy) out->push_back(*n);
@@ -321,7 +323,7 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
   }
   if (what.addresses) {
     ifaddrmsg ifa{};
-    ifa.ifa_family = AF_INET;
+    ifa.ifa_family = AF_UNSPEC;  // IPv4 and IPv6
     if (auto s = DumpWithRetry(RTM_GETADDR, ifa, [&](const nlmsghdr* msg) {
           if (auto a = ParseAddress(msg)) snap.addresses.push_back(*a);
         });
@@ -330,25 +332,27 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
     }
   }
   if (what.routes) {
-    rtmsg rtm{};
-    rtm.rtm_family = AF_INET;
-    rtm.rtm_table = RT_TABLE_MAIN;
-    if (auto s = DumpWithRetry(
-            RTM_GETROUTE, rtm,
-            [&](const nlmsghdr* msg) {
-              // Without strict checking the kernel ignores the table filter.
-              if (auto r = ParseRoute(msg); r && r->table == RT_TABLE_MAIN) {
-                snap.routes.push_back(*r);
-              }
-            },
-            U32Attr(RTA_TABLE, RT_TABLE_MAIN));
-        !s.ok()) {
-      return s;
+    for (uint8_t family : {AF_INET, AF_INET6}) {
+      rtmsg rtm{};
+      rtm.rtm_family = family;
+      rtm.rtm_table = RT_TABLE_MAIN;
+      if (auto s = DumpWithRetry(
+              RTM_GETROUTE, rtm,
+              [&](const nlmsghdr* msg) {
+                // Without strict checking the kernel ignores the table filter.
+                if (auto r = ParseRoute(msg); r && r->table == RT_TABLE_MAIN) {
+                  snap.routes.push_back(*r);
+                }
+              },
+              U32Attr(RTA_TABLE, RT_TABLE_MAIN));
+          !s.ok()) {
+        return s;
+      }
     }
   }
   if (what.neighbors) {
     ndmsg ndm{};
-    ndm.ndm_family = AF_INET;
+    ndm.ndm_family = AF_UNSPEC;  // ARP and NDP
     if (auto s = DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
           if (auto n = ParseNeighbor(msg); n && !n->proxy) snap.neighbors.push_back(*n);
         });
@@ -359,6 +363,7 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
   if (what.proxies) {
     if (auto s = DumpProxies(&snap.neighbors); !s.ok()) return s;
   }
+  if (what.links) snap.ipv6_forwarding_all = ReadIpv6Conf("all", "forwarding");
   return snap;
 }
 
@@ -369,14 +374,33 @@ absl::StatusOr<std::vector<Neighbor>> NetlinkKernel::DumpProxyNeighbors() {
 }
 
 std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
+  std::vector<absl::Status> result;
+  result.reserve(writes.size());
+  // Runs of netlink writes go to the kernel pipelined; an IPv6 setting in
+  // between is written (in order) once the run before it is acknowledged.
+  size_t start = 0;
+  while (start < writes.size()) {
+    if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[start])) {
+      result.push_back(WriteIpv6Conf(*conf));
+      ++start;
+      continue;
+    }
+    size_t end = start;
+    while (end < writes.size() && !std::holds_alternative<SetIpv6Conf>(writes[end])) ++end;
+    ApplyNetlink(writes.subspan(start, end - start), &result);
+    start = end;
+  }
+  return result;
+}
+
+void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
+                                 std::vector<absl::Status>* result) {
   std::vector<std::vector<uint8_t>> requests;
   requests.reserve(writes.size());
   for (const Write& w : writes) requests.push_back(EncodeWrite(w));
   std::vector<std::string> ack_messages;
   std::vector<int> errnos =
       writes_.Transact(requests, &ack_messages, options_.write_window);
-  std::vector<absl::Status> result;
-  result.reserve(writes.size());
   for (size_t i = 0; i < writes.size(); ++i) {
     int err = errnos[i];
     bool is_delete = std::holds_alternative<DeleteRoute>(writes[i]) ||
@@ -385,14 +409,50 @@ std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
     // Deleting what is already gone is what the caller wanted.
     if (err == 0 || (is_delete && (err == ESRCH || err == ENOENT ||
                                    err == EADDRNOTAVAIL))) {
-      result.push_back(absl::OkStatus());
+      result->push_back(absl::OkStatus());
       continue;
     }
     std::string what = ToString(writes[i]);
     if (!ack_messages[i].empty()) absl::StrAppend(&what, " (", ack_messages[i], ")");
-    result.push_back(ErrnoStatus(err, what));
+    result->push_back(ErrnoStatus(err, what));
   }
-  return result;
+}
+
+namespace {
+
+// /proc/sys/net/ipv6/conf/<name>/<key>: names come from the kernel's own
+// link dump (or "all"), never from a request.
+std::string Ipv6ConfPath(absl::string_view name, absl::string_view key) {
+  return absl::StrCat("/proc/sys/net/ipv6/conf/", name, "/", key);
+}
+
+}  // namespace
+
+std::optional<bool> NetlinkKernel::ReadIpv6Conf(absl::string_view name,
+                                                absl::string_view key) {
+  int fd = open(Ipv6ConfPath(name, key).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  char buf[16] = {};
+  ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (n <= 0) return std::nullopt;
+  return buf[0] != '0';
+}
+
+absl::Status NetlinkKernel::WriteIpv6Conf(const SetIpv6Conf& conf) {
+  if (conf.name.empty() || conf.name == "." || conf.name == ".." ||
+      conf.name.find('/') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(ToString(Write(conf)), ": not a link name"));
+  }
+  std::string path = Ipv6ConfPath(conf.name, kernel::Ipv6ConfKeyName(conf.key));
+  int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(errno, ToString(Write(conf)));
+  std::string value = absl::StrCat(conf.value, "\n");
+  ssize_t n = write(fd, value.data(), value.size());
+  int err = errno;
+  close(fd);
+  if (n != static_cast<ssize_t>(value.size())) return ErrnoStatus(err, ToString(Write(conf)));
+  return absl::OkStatus();
 }
 
 absl::Status NetlinkKernel::ReadEvents(std::vector<Event>* events) {

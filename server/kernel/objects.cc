@@ -56,6 +56,10 @@ struct WriteNamer {
     return absl::StrCat("set ipv4 forwarding ", w.enabled ? "on" : "off",
                         " on link ", w.name, " (#", w.ifindex, ")");
   }
+  std::string operator()(const SetIpv6Conf& w) const {
+    return absl::StrCat("set net.ipv6.conf.", w.name, ".", Ipv6ConfKeyName(w.key), "=",
+                        w.value);
+  }
   std::string operator()(const AddAddress& w) const {
     return "add " + w.address.ToString();
   }
@@ -78,13 +82,26 @@ struct WriteNamer {
 
 }  // namespace
 
+const char* Ipv6ConfKeyName(SetIpv6Conf::Key key) {
+  switch (key) {
+    case SetIpv6Conf::Key::kForwarding:
+      return "forwarding";
+    case SetIpv6Conf::Key::kAcceptRa:
+      return "accept_ra";
+    case SetIpv6Conf::Key::kProxyNdp:
+      return "proxy_ndp";
+  }
+  return "unknown";
+}
+
 std::string ToString(const Write& write) {
   return std::visit(WriteNamer{}, write);
 }
 
 ObjectKind KindOf(const Write& write) {
   if (std::holds_alternative<SetLinkUp>(write) ||
-      std::holds_alternative<SetIpv4Forwarding>(write)) {
+      std::holds_alternative<SetIpv4Forwarding>(write) ||
+      std::holds_alternative<SetIpv6Conf>(write)) {
     return ObjectKind::kLink;
   }
   if (std::holds_alternative<AddAddress>(write) ||

@@ -22,6 +22,7 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   broadcast_count_.clear();
   routes_.clear();
   neighbors_.clear();
+  ipv6_forwarding_all_ = snapshot.ipv6_forwarding_all;
   for (Link& l : snapshot.links) UpsertLink(l);
   for (const Address& a : snapshot.addresses) AddAddress(a);
   for (const Route& r : snapshot.routes) AddRoute(r);
@@ -168,6 +169,20 @@ void KernelModel::ApplyWrite(const kernel::Write& write) {
   } else if (auto* w = std::get_if<kernel::SetIpv4Forwarding>(&write)) {
     if (auto it = links_.find(w->ifindex); it != links_.end()) {
       it->second.ipv4_forwarding = w->enabled;
+    }
+  } else if (auto* w = std::get_if<kernel::SetIpv6Conf>(&write)) {
+    using Key = kernel::SetIpv6Conf::Key;
+    if (w->ifindex == 0) {
+      // "all" forwarding carries to every link.
+      ipv6_forwarding_all_ = w->value != 0;
+      for (auto& [ifindex, link] : links_) {
+        if (link.ipv6) link.ipv6->forwarding = w->value != 0;
+      }
+    } else if (auto it = links_.find(w->ifindex); it != links_.end() && it->second.ipv6) {
+      kernel::Ipv6Conf& conf = *it->second.ipv6;
+      if (w->key == Key::kForwarding) conf.forwarding = w->value != 0;
+      if (w->key == Key::kAcceptRa) conf.accept_ra = w->value;
+      if (w->key == Key::kProxyNdp) conf.proxy_ndp = w->value != 0;
     }
   } else if (auto* w = std::get_if<kernel::AddAddress>(&write)) {
     AddAddress(w->address);

@@ -32,15 +32,42 @@ namespace {
 // and a proxy entry for it would need a route to the gateway through
 // another link, which a host without a default route lacks. The per-link
 // cost (measured in ../shared/guide/host-routed.md) is paid once per VM.
-Address GatewayAddress(int ifindex, const HostConfig& config) {
+Address GatewayAddress(int ifindex, const IpAddress& gateway, const HostConfig& config) {
   Address a;
   a.ifindex = ifindex;
-  a.prefix = IpPrefix::Host(config.gateway);
+  a.prefix = IpPrefix::Host(gateway);
   a.scope = RT_SCOPE_LINK;
   a.flags = IFA_F_NOPREFIXROUTE | IFA_F_PERMANENT;
+  // The IPv6 gateway answers at once: no duplicate address detection (each
+  // VM link is a point-to-point segment of the host's own).
+  if (gateway.is_v6()) a.flags |= IFA_F_NODAD;
   a.protocol = config.protocol;
   return a;
 }
+
+void PlanGateway(const Link& link, const IpAddress& gateway, const KernelModel& model,
+                 const HostConfig& config, VmPlan* plan) {
+  Address want = GatewayAddress(link.ifindex, gateway, config);
+  // Any gateway address on the link answers the VM, ours or not.
+  if (model.FindAddress(link.ifindex, want.prefix) == nullptr) {
+    plan->writes.push_back(kernel::AddAddress{want});
+  }
+}
+
+void RemoveGateway(const Link& link, const IpAddress& gateway, const KernelModel& model,
+                   const HostConfig& config, std::vector<kernel::Write>* writes) {
+  const Address* have = model.FindAddress(link.ifindex, IpPrefix::Host(gateway));
+  if (have != nullptr && have->protocol == config.protocol) {
+    writes->push_back(kernel::DeleteAddress{*have});
+  }
+}
+
+kernel::SetIpv6Conf Ipv6Conf(const Link& link, kernel::SetIpv6Conf::Key key, int value) {
+  return {link.ifindex, link.name, key, value};
+}
+
+// The kernel gives an IPv6 route without a metric 1024 (IP6_RT_PRIO_USER).
+constexpr uint32_t kIpv6RouteMetric = 1024;
 
 Route VmRoute(const IpAddress& address, int ifindex, const HostConfig& config) {
   Route r;
@@ -50,6 +77,7 @@ Route VmRoute(const IpAddress& address, int ifindex, const HostConfig& config) {
   r.scope = RT_SCOPE_LINK;
   r.type = RTN_UNICAST;
   r.table = RT_TABLE_MAIN;
+  if (address.is_v6()) r.metric = kIpv6RouteMetric;
   return r;
 }
 
@@ -92,7 +120,7 @@ void PlanRoute(const IpAddress& address, const Link& link, const KernelModel& mo
                                     "route to the VM must be; remove it"));
         return;
       }
-      if (r.ifindex == link.ifindex && r.metric == 0 && r.scope == want.scope &&
+      if (r.ifindex == link.ifindex && r.metric == want.metric && r.scope == want.scope &&
           r.type == want.type && r.gateway.family() == IpAddress::Family::kNone) {
         present = true;
       } else {
@@ -137,10 +165,18 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
   if (link->ipv4_forwarding != true) {
     plan.writes.push_back(kernel::SetIpv4Forwarding{link->ifindex, link->name, true});
   }
-  Address gateway = GatewayAddress(link->ifindex, config);
-  // Any gateway address on the link answers the VM, ours or not.
-  if (model.FindAddress(link->ifindex, gateway.prefix) == nullptr) {
-    plan.writes.push_back(kernel::AddAddress{gateway});
+  PlanGateway(*link, config.gateway, model, config, &plan);
+  if (spec.has_ipv6()) {
+    if (!link->ipv6) {
+      Conflict(&plan, absl::StrCat("interface ", link->name,
+                                   " has no IPv6 (disabled, or an MTU below 1280)"));
+      return plan;
+    }
+    // The host is the VM's router: no router advertisements from the VM.
+    if (link->ipv6->accept_ra != 0) {
+      plan.writes.push_back(Ipv6Conf(*link, kernel::SetIpv6Conf::Key::kAcceptRa, 0));
+    }
+    PlanGateway(*link, config.gateway6, model, config, &plan);
   }
   for (const IpAddress& address : spec.addresses) {
     PlanRoute(address, *link, model, config, &plan);
@@ -204,12 +240,11 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
       }
     }
   }
+  if (old_link != nullptr && old_spec.has_ipv6() && !(link_kept && new_spec->has_ipv6())) {
+    RemoveGateway(*old_link, config.gateway6, model, config, &writes);
+  }
   if (old_link != nullptr && !link_kept) {
-    const Address* gw =
-        model.FindAddress(old_link->ifindex, IpPrefix::Host(config.gateway));
-    if (gw != nullptr && gw->protocol == config.protocol) {
-      writes.push_back(kernel::DeleteAddress{*gw});
-    }
+    RemoveGateway(*old_link, config.gateway, model, config, &writes);
     // A detached VM's link stops forwarding, so the VM can no longer route
     // through the host. Links matching --interface-pattern are the agent's
     // to configure; the link itself and its up/down state are left alone.
@@ -221,14 +256,26 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
   return writes;
 }
 
-std::vector<kernel::Write> PlanUplinks(const KernelModel& model,
-                                       const HostConfig& config) {
+std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfig& config,
+                                       bool ipv6) {
+  using Key = kernel::SetIpv6Conf::Key;
   std::vector<kernel::Write> writes;
+  ipv6 = ipv6 && model.ipv6_forwarding_all().has_value();
+  // Only while forwarding is still off: once on, accept_ra 1 on an uplink
+  // means what it says (no router advertisements), and is left alone.
+  bool turning_forwarding_on = ipv6 && model.ipv6_forwarding_all() != true;
   for (const std::string& name : config.uplinks) {
     const Link* uplink = model.LinkByName(name);
-    if (uplink != nullptr && uplink->ipv4_forwarding != true) {
+    if (uplink == nullptr) continue;
+    if (uplink->ipv4_forwarding != true) {
       writes.push_back(kernel::SetIpv4Forwarding{uplink->ifindex, uplink->name, true});
     }
+    if (!ipv6 || !uplink->ipv6) continue;
+    if (turning_forwarding_on && uplink->ipv6->accept_ra == 1) writes.push_back(Ipv6Conf(*uplink, Key::kAcceptRa, 2));
+    if (!uplink->ipv6->proxy_ndp) writes.push_back(Ipv6Conf(*uplink, Key::kProxyNdp, 1));
+  }
+  if (turning_forwarding_on) {
+    writes.push_back(kernel::SetIpv6Conf{0, "all", Key::kForwarding, 1});
   }
   return writes;
 }

@@ -34,6 +34,21 @@ std::string WritesText(const std::vector<kernel::Write>& writes) {
   });
 }
 
+// Host-wide IPv6 settings change how the host itself behaves: each is
+// logged once when made.
+void LogHostSetting(const kernel::SetIpv6Conf& conf) {
+  using Key = kernel::SetIpv6Conf::Key;
+  if (conf.key == Key::kAcceptRa && conf.value == 2) {
+    VMNET_LOG(Warning) << "event=host_setting setting=net.ipv6.conf." << conf.name
+                       << ".accept_ra old=1 new=2 reason=\"IPv6 forwarding is turned on; "
+                          "with accept_ra 1 the kernel would stop accepting this uplink's "
+                          "router advertisements\"";
+  } else if (conf.ifindex == 0 || conf.key == Key::kProxyNdp) {
+    VMNET_LOG(Info) << "event=host_setting setting=net.ipv6.conf." << conf.name << "."
+                    << kernel::Ipv6ConfKeyName(conf.key) << " new=" << conf.value;
+  }
+}
+
 }  // namespace
 
 Reconciler::Reconciler(kernel::Kernel* kernel, StateStore* store,
@@ -179,11 +194,13 @@ ReconcilerCounters Reconciler::counters() const {
 
 void Reconciler::SetRecord(const std::string& vm_id, std::optional<VmRecord> record) {
   if (auto old = vms_.find(vm_id); old != vms_.end()) {
+    if (old->second.spec.has_ipv6()) --ipv6_vms_;
     for (const IpAddress& a : old->second.spec.addresses) vm_of_address_.erase(a);
     vm_of_interface_.erase(old->second.spec.interface);
     vms_.erase(old);
   }
   if (!record) return;
+  if (record->spec.has_ipv6()) ++ipv6_vms_;
   for (const IpAddress& a : record->spec.addresses) vm_of_address_[a] = vm_id;
   vm_of_interface_[record->spec.interface] = vm_id;
   vms_.emplace(vm_id, std::move(*record));
@@ -582,9 +599,10 @@ void Reconciler::ReconcileDirty() {
     size_t first, count;
   };
   std::vector<Planned> planned;
-  std::vector<kernel::Write> writes = PlanUplinks(model_, options_.host);
+  std::vector<kernel::Write> writes;
   {
     vmnet::ReaderMutexLock lock(&mu_);
+    writes = PlanUplinks(model_, options_.host, ipv6_vms_ > 0);
     for (const std::string& vm_id : dirty_) {
       auto it = vms_.find(vm_id);
       if (it == vms_.end()) continue;
@@ -602,6 +620,7 @@ void Reconciler::ReconcileDirty() {
     if (results[i].ok()) {
       ++ok_by_kind[kind];
       model_.ApplyWrite(writes[i]);
+      if (const auto* conf = std::get_if<kernel::SetIpv6Conf>(&writes[i])) LogHostSetting(*conf);
     } else {
       ++failed_by_kind[kind];
       ++failures;

@@ -41,15 +41,21 @@ absl::StatusOr<IpAddress> ParseVmAddress(absl::string_view field,
                                          const SpecRules& rules) {
   auto address = IpAddress::Parse(text);
   if (!address) return Invalid(field, text, "is not an IP address");
-  if (address->is_v6()) {
-    return Invalid(field, text,
-                   "is an IPv6 address; only IPv4 is supported yet");
-  }
   if (address->IsUnspecified()) return Invalid(field, text, "is the unspecified address");
   if (address->IsMulticast()) return Invalid(field, text, "is a multicast address");
-  if (address->IsLimitedBroadcast()) return Invalid(field, text, "is the broadcast address");
   if (address->IsLoopback()) return Invalid(field, text, "is a loopback address");
   if (address->IsLinkLocal()) return Invalid(field, text, "is a link-local address");
+  if (address->is_v6()) {
+    if (address->IsV4Mapped()) {
+      return Invalid(field, text,
+                     "is an IPv4-mapped IPv6 address; give the IPv4 address itself");
+    }
+    if (*address == rules.gateway6) {
+      return Invalid(field, text, "is the VMs' IPv6 gateway address (--gateway6)");
+    }
+    return *address;
+  }
+  if (address->IsLimitedBroadcast()) return Invalid(field, text, "is the broadcast address");
   if ((address->v4_host_order() >> 28) == 0xf) {
     return Invalid(field, text, "is in the reserved range 240.0.0.0/4");
   }

@@ -55,6 +55,9 @@ ABSL_FLAG(std::string, uplinks, "",
 ABSL_FLAG(std::string, gateway, "169.255.30.1",
           "The VMs' default gateway, answered by the host on each VM link as a /32 "
           "address.");
+ABSL_FLAG(std::string, gateway6, "fe80::ffff:1:1",
+          "The VMs' IPv6 default gateway: a link-local address the host answers on the "
+          "link of each VM that has IPv6 addresses.");
 ABSL_FLAG(std::string, interface_pattern, "vme[0-9a-f]{1,12}",
           "Regular expression (full match) of the host-side VM links the agent may "
           "manage. Links matching it are the agent's to configure while attached.");
@@ -149,6 +152,11 @@ int Run() {
     return Fail("--gateway: give a unicast IPv4 address");
   }
   options.host.gateway = *gateway;
+  auto gateway6 = IpAddress::Parse(absl::GetFlag(FLAGS_gateway6));
+  if (!gateway6 || !gateway6->is_v6() || !gateway6->IsLinkLocal()) {
+    return Fail("--gateway6: give an IPv6 link-local unicast address (fe80::/10)");
+  }
+  options.host.gateway6 = *gateway6;
   int protocol = absl::GetFlag(FLAGS_route_protocol);
   if (protocol <= 4 || protocol > 255) {
     return Fail("--route-protocol: give a number from 5 to 255 (0-4 are the kernel's)");
@@ -160,6 +168,7 @@ int Run() {
     return Fail(absl::StrCat("--interface-pattern: not a regular expression: ", e.what()));
   }
   options.rules.gateway = *gateway;
+  options.rules.gateway6 = *gateway6;
   options.rules.max_addresses = static_cast<size_t>(absl::GetFlag(FLAGS_max_addresses_per_vm));
   options.max_vms = static_cast<size_t>(absl::GetFlag(FLAGS_max_vms));
   options.proxy_check_interval =

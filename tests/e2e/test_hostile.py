@@ -601,8 +601,12 @@ class HostileInputTest(HostileTestCase):
             ("with a NUL byte and more after it", other + "\x00junk"),
         ]
         kinds = [
-            ("IPv6", "2001:db8::1", "IPv6"),
-            ("v4-mapped IPv6", "::ffff:198.51.100.50", "IPv6"),
+            ("IPv6 link-local", "fe80::1", "link-local"),
+            ("v4-mapped IPv6", "::ffff:198.51.100.50", "IPv4-mapped"),
+            ("IPv6 multicast", "ff02::1", "multicast"),
+            ("IPv6 loopback", "::1", "loopback"),
+            ("IPv6 unspecified", "::", "unspecified"),
+            ("the IPv6 gateway", "fe80::ffff:1:1", "link-local"),
             ("unspecified 0.0.0.0", "0.0.0.0", "unspecified"),
             ("broadcast 255.255.255.255", "255.255.255.255", "broadcast"),
             ("the uplink subnet's broadcast", "198.51.100.255", "broadcast"),
@@ -846,10 +850,8 @@ class HostileInputTest(HostileTestCase):
 
     def test_watch(self):
         revision = int(self.api.call("GetVm", {"vm_id": "vm-1"}).vm.revision)
-        def snapshot_end():
-            with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
-                return next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
-        end = self.while_watchers_end(snapshot_end)
+        with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
+            end = next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
         current = int(end["revision"])
         rows = [Row(f"with a {what}", "Watch", {"vm_id": vm_id, "initial_snapshot": True},
                     names=("vm_id",)) for what, vm_id in _bad_vm_ids()]

@@ -44,6 +44,7 @@ kernel::Snapshot FakeKernel::State() const {
   s.addresses = addresses_;
   s.routes = routes_;
   for (const auto& [k, n] : neighbors_) s.neighbors.push_back(n);
+  s.ipv6_forwarding_all = ipv6_forwarding_all_;
   return s;
 }
 
@@ -112,6 +113,20 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
     if (l == nullptr) return fail(ENODEV);
     l->ipv4_forwarding = w->enabled;
     Emit(kernel::LinkEvent{false, *l});
+  } else if (auto* w = std::get_if<kernel::SetIpv6Conf>(&write)) {
+    // Like /proc/sys: no event; "all" forwarding carries to every link.
+    using Key = kernel::SetIpv6Conf::Key;
+    if (w->ifindex == 0) {
+      if (w->key != Key::kForwarding) return fail(EINVAL);
+      ipv6_forwarding_all_ = w->value != 0;
+      for (auto& [i, l] : links_) l.ipv6->forwarding = w->value != 0;
+    } else {
+      Link* l = FindLink(w->ifindex);
+      if (l == nullptr) return fail(ENOENT);
+      if (w->key == Key::kForwarding) l->ipv6->forwarding = w->value != 0;
+      if (w->key == Key::kAcceptRa) l->ipv6->accept_ra = w->value;
+      if (w->key == Key::kProxyNdp) l->ipv6->proxy_ndp = w->value != 0;
+    }
   } else if (auto* w = std::get_if<kernel::AddAddress>(&write)) {
     if (FindLink(w->address.ifindex) == nullptr) return fail(ENODEV);
     for (const Address& a : addresses_) {
@@ -126,13 +141,16 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
     Emit(kernel::AddressEvent{true, w->address});
   } else if (auto* w = std::get_if<kernel::AddRoute>(&write)) {
     if (FindLink(w->route.ifindex) == nullptr) return fail(ENODEV);
+    Route added = w->route;
+    // Like the kernel: an IPv6 route without a metric gets 1024.
+    if (added.destination.address.is_v6() && added.metric == 0) added.metric = 1024;
     for (const Route& r : routes_) {
-      if (r.destination == w->route.destination && r.metric == w->route.metric) {
+      if (r.destination == added.destination && r.metric == added.metric) {
         return fail(EEXIST);
       }
     }
-    routes_.push_back(w->route);
-    Emit(kernel::RouteEvent{false, w->route});
+    routes_.push_back(added);
+    Emit(kernel::RouteEvent{false, added});
   } else if (auto* w = std::get_if<kernel::DeleteRoute>(&write)) {
     // As the kernel: a protocol in the request must match.
     std::erase_if(routes_, [&](const Route& r) {
@@ -170,6 +188,7 @@ int FakeKernel::AddLink(const std::string& name, bool up) {
   l.name = name;
   l.up = up;
   l.ipv4_forwarding = false;
+  l.ipv6 = kernel::Ipv6Conf{.forwarding = ipv6_forwarding_all_};
   links_[l.ifindex] = l;
   Emit(kernel::LinkEvent{false, l});
   return l.ifindex;

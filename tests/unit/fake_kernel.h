@@ -58,6 +58,7 @@ class FakeKernel : public kernel::Kernel {
 
   mutable vmnet::Mutex mu_;
   int event_fd_ = -1;
+  bool ipv6_forwarding_all_ ABSL_GUARDED_BY(mu_) = false;
   int next_ifindex_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<int, kernel::Link> links_ ABSL_GUARDED_BY(mu_);
   std::vector<kernel::Address> addresses_ ABSL_GUARDED_BY(mu_);

@@ -48,6 +48,103 @@ TEST_F(PlanTest, FreshVmNeedsEveryObject) {
   EXPECT_TRUE(PlanVm(spec_, model_, config_).writes.empty());
 }
 
+// The writes of one kind, as text, for readable expectations.
+template <typename W>
+std::vector<std::string> WritesOf(const std::vector<kernel::Write>& writes) {
+  std::vector<std::string> out;
+  for (const auto& w : writes) {
+    if (std::holds_alternative<W>(w)) out.push_back(kernel::ToString(w));
+  }
+  return out;
+}
+
+class Ipv6PlanTest : public PlanTest {
+ protected:
+  void SetUp() override {
+    PlanTest::SetUp();
+    kernel::Snapshot s;
+    kernel::Link uplink;
+    uplink.ifindex = 1;
+    uplink.name = "eth0";
+    uplink.up = true;
+    uplink.ipv4_forwarding = true;
+    uplink.ipv6 = kernel::Ipv6Conf{.forwarding = false, .accept_ra = 1, .proxy_ndp = false};
+    kernel::Link vme;
+    vme.ifindex = 7;
+    vme.name = "vme1a";
+    vme.ipv4_forwarding = false;
+    vme.ipv6 = kernel::Ipv6Conf{};
+    s.links = {uplink, vme};
+    s.ipv6_forwarding_all = false;
+    model_.Reset(s);
+    spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}, "",
+                         SpecRules{});
+  }
+};
+
+TEST_F(Ipv6PlanTest, DualStackVmGetsRoutesProxiesAndBothGateways) {
+  VmPlan plan = PlanVm(spec_, model_, config_);
+  EXPECT_EQ(plan.state, VmState::kProgrammed);
+  EXPECT_THAT(WritesOf<kernel::AddRoute>(plan.writes),
+              ::testing::UnorderedElementsAre(HasSubstr("198.51.100.201/32 dev #7"),
+                                              HasSubstr("2001:db8:1::201/128 dev #7")));
+  EXPECT_THAT(WritesOf<kernel::SetNeighbor>(plan.writes),
+              ::testing::UnorderedElementsAre(HasSubstr("proxy neighbour 198.51.100.201 dev #1"),
+                                              HasSubstr("proxy neighbour 2001:db8:1::201 dev #1")));
+  EXPECT_THAT(WritesOf<kernel::AddAddress>(plan.writes),
+              ::testing::UnorderedElementsAre(HasSubstr("169.255.30.1/32 dev #7"),
+                                              HasSubstr("fe80::ffff:1:1/128 dev #7")));
+  EXPECT_THAT(WritesOf<kernel::SetIpv6Conf>(plan.writes),
+              ::testing::ElementsAre("set net.ipv6.conf.vme1a.accept_ra=0"));
+  // Once held (the kernel gives the IPv6 route metric 1024), nothing more.
+  Hold(plan.writes);
+  EXPECT_TRUE(PlanVm(spec_, model_, config_).writes.empty());
+}
+
+TEST_F(Ipv6PlanTest, Ipv4OnlyVmGetsNoIpv6Gateway) {
+  spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "", SpecRules{});
+  VmPlan plan = PlanVm(spec_, model_, config_);
+  EXPECT_THAT(WritesOf<kernel::AddAddress>(plan.writes),
+              ::testing::ElementsAre(HasSubstr("169.255.30.1/32")));
+  EXPECT_TRUE(WritesOf<kernel::SetIpv6Conf>(plan.writes).empty());
+}
+
+TEST_F(Ipv6PlanTest, UplinksGetAcceptRa2ProxyNdpThenForwarding) {
+  EXPECT_TRUE(WritesOf<kernel::SetIpv6Conf>(PlanUplinks(model_, config_, false)).empty());
+  auto writes = PlanUplinks(model_, config_, true);
+  EXPECT_THAT(WritesOf<kernel::SetIpv6Conf>(writes),
+              ::testing::ElementsAre("set net.ipv6.conf.eth0.accept_ra=2",
+                                     "set net.ipv6.conf.eth0.proxy_ndp=1",
+                                     "set net.ipv6.conf.all.forwarding=1"));
+  Hold(writes);
+  EXPECT_TRUE(PlanUplinks(model_, config_, true).empty());
+}
+
+TEST_F(Ipv6PlanTest, AcceptRa1IsLeftAloneWhenForwardingWasAlreadyOn) {
+  kernel::Snapshot s;
+  kernel::Link uplink;
+  uplink.ifindex = 1;
+  uplink.name = "eth0";
+  uplink.ipv4_forwarding = true;
+  uplink.ipv6 = kernel::Ipv6Conf{.forwarding = true, .accept_ra = 1, .proxy_ndp = true};
+  s.links = {uplink};
+  s.ipv6_forwarding_all = true;
+  model_.Reset(s);
+  EXPECT_TRUE(PlanUplinks(model_, config_, true).empty());
+}
+
+TEST_F(Ipv6PlanTest, DroppingIpv6RemovesItsObjectsAndTheIpv6GatewayOnly) {
+  Hold(PlanVm(spec_, model_, config_).writes);
+  VmSpec v4_only = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "", SpecRules{});
+  auto removal = PlanRemoval(spec_, &v4_only, model_, config_);
+  std::vector<std::string> text;
+  for (const auto& w : removal) text.push_back(kernel::ToString(w));
+  EXPECT_THAT(text, ::testing::UnorderedElementsAre(
+                        HasSubstr("delete route 2001:db8:1::201/128"),
+                        HasSubstr("delete proxy neighbour 2001:db8:1::201"),
+                        HasSubstr("delete address fe80::ffff:1:1/128")));
+}
+
 TEST_F(PlanTest, MissingLinkIsPending) {
   spec_.interface = "vme2b";
   VmPlan plan = PlanVm(spec_, model_, config_);

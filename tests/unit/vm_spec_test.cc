@@ -50,7 +50,16 @@ INSTANTIATE_TEST_SUITE_P(
              "interface: \"foo1\" does not match"},
         Case{"no_address", "vm-1", "vme1a", {}, "", "ip_addresses: is empty"},
         Case{"not_ip", "vm-1", "vme1a", {"not-an-ip"}, "", "ip_addresses[0]: \"not-an-ip\" is not an IP"},
-        Case{"ipv6", "vm-1", "vme1a", {"2001:db8::1"}, "", "only IPv4 is supported yet"},
+        Case{"v6_link_local", "vm-1", "vme1a", {"fe80::1"}, "",
+             "ip_addresses[0]: \"fe80::1\" is a link-local address"},
+        Case{"v6_multicast", "vm-1", "vme1a", {"ff02::1"}, "", "multicast"},
+        Case{"v6_loopback", "vm-1", "vme1a", {"::1"}, "", "loopback"},
+        Case{"v6_unspecified", "vm-1", "vme1a", {"::"}, "", "unspecified"},
+        Case{"v6_mapped", "vm-1", "vme1a", {"::ffff:198.51.100.1"}, "", "IPv4-mapped"},
+        Case{"v6_second", "vm-1", "vme1a", {"2001:db8:1::201", "fe80::ffff:1:2"}, "",
+             "ip_addresses[1]"},
+        Case{"v6_duplicate", "vm-1", "vme1a", {"2001:db8:1::201", "2001:db8:1:0::201"}, "",
+             "ip_addresses[1]: \"2001:db8:1:0::201\" is given twice"},
         Case{"unspecified", "vm-1", "vme1a", {"0.0.0.0"}, "", "unspecified"},
         Case{"multicast", "vm-1", "vme1a", {"224.0.0.1"}, "", "multicast"},
         Case{"broadcast", "vm-1", "vme1a", {"255.255.255.255"}, "", "broadcast"},
@@ -72,6 +81,25 @@ TEST(VmSpecCanonicalTest, SortsAddresses) {
                           SpecRules{});
   ASSERT_TRUE(spec.ok());
   EXPECT_EQ(spec->addresses[0].ToString(), "198.51.100.201");
+}
+
+TEST(VmSpecCanonicalTest, AcceptsIpv6BesideIpv4AndSortsIpv4First) {
+  std::vector<size_t> index;
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"2001:db8:1::201", "198.51.100.201"}, "",
+                          SpecRules{}, &index);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ASSERT_EQ(spec->addresses.size(), 2u);
+  EXPECT_EQ(spec->addresses[0].ToString(), "198.51.100.201");
+  EXPECT_EQ(spec->addresses[1].ToString(), "2001:db8:1::201");
+  EXPECT_TRUE(spec->has_ipv6());
+  EXPECT_EQ(AddressField(index, 1), "ip_addresses[0]");
+}
+
+TEST(VmSpecCanonicalTest, RefusesTheIpv6Gateway) {
+  SpecRules rules;
+  rules.gateway6 = *IpAddress::Parse("2001:db8:ffff::1");
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"2001:db8:ffff::1"}, "", rules);
+  EXPECT_THAT(spec.status().message(), ::testing::HasSubstr("--gateway6"));
 }
 
 TEST(VmSpecLimitTest, TooManyAddressesNamesTheLimit) {

@@ -41,7 +41,7 @@ void ForEachMessage(const void* data, size_t length, Fn&& fn) {
 }
 
 // One encoded request (flags include NLM_F_REQUEST | NLM_F_ACK; the caller
-// sets nlmsg_seq).
+// sets nlmsg_seq). Empty for SetIpv6Conf, which is no netlink message.
 std::vector<uint8_t> EncodeWrite(const Write& write);
 
 // iproute2's names, or the number as text.

@@ -8,6 +8,7 @@
 #include <linux/netlink.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include "absl/strings/string_view.h"
 
@@ -84,6 +85,12 @@ class NetlinkKernel : public Kernel {
       : options_(options),
         writes_(std::move(writes)),
         events_(std::move(events)) {}
+
+  void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);
+  // net.ipv6.conf.<name>.<key>, through /proc/sys: the only way the kernel
+  // takes IPv6 link settings (it is a file write, not a program).
+  static std::optional<bool> ReadIpv6Conf(absl::string_view name, absl::string_view key);
+  static absl::Status WriteIpv6Conf(const SetIpv6Conf& conf);
 
   Options options_;
   NetlinkSocket writes_;

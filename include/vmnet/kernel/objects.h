@@ -21,6 +21,15 @@ struct LinkStats {
   bool operator==(const LinkStats&) const = default;
 };
 
+// The IPv6 settings of one link that vmnet looks at
+// (net.ipv6.conf.<link>.*, from IFLA_AF_SPEC/AF_INET6/IFLA_INET6_CONF).
+struct Ipv6Conf {
+  bool forwarding = false;
+  int accept_ra = 1;
+  bool proxy_ndp = false;
+  bool operator==(const Ipv6Conf&) const = default;
+};
+
 struct Link {
   int ifindex = 0;
   std::string name;
@@ -28,6 +37,8 @@ struct Link {
   bool loopback = false;  // IFF_LOOPBACK
   // net.ipv4.conf.<name>.forwarding, when the kernel reported it.
   std::optional<bool> ipv4_forwarding;
+  // Absent when IPv6 is off on the link (or in the kernel).
+  std::optional<Ipv6Conf> ipv6;
   MacAddress mac;
   LinkStats stats;
 
@@ -78,9 +89,11 @@ struct Neighbor {
 // The kernel state vmnet looks at, from one full dump.
 struct Snapshot {
   std::vector<Link> links;
-  std::vector<Address> addresses;  // IPv4
-  std::vector<Route> routes;       // IPv4, main table
-  std::vector<Neighbor> neighbors;  // IPv4, proxy entries included
+  std::vector<Address> addresses;   // IPv4 and IPv6
+  std::vector<Route> routes;        // IPv4 and IPv6, main table
+  std::vector<Neighbor> neighbors;  // ARP and NDP, proxy entries included
+  // net.ipv6.conf.all.forwarding; absent when the kernel has no IPv6.
+  std::optional<bool> ipv6_forwarding_all;
 };
 
 // Which tables a dump reads.
@@ -88,8 +101,8 @@ struct DumpSelection {
   bool links = true;
   bool addresses = true;
   bool routes = true;
-  bool neighbors = true;  // ordinary IPv4 neighbour entries
-  bool proxies = true;    // IPv4 proxy entries
+  bool neighbors = true;  // ordinary neighbour entries (ARP and NDP)
+  bool proxies = true;    // proxy entries (ARP and NDP)
 
   static DumpSelection All() { return {}; }
   static DumpSelection Only(bool links, bool addresses, bool routes, bool neighbors,
@@ -111,6 +124,20 @@ struct SetIpv4Forwarding {
   bool enabled = true;
   bool operator==(const SetIpv4Forwarding&) const = default;
 };
+// An IPv6 setting of a link, or of "all" (ifindex 0), written through
+// /proc/sys/net/ipv6/conf/<name>/<key>: the kernel takes these only there
+// (rtnetlink sets no IPv6 devconf but the token and address generation
+// mode).
+struct SetIpv6Conf {
+  enum class Key { kForwarding, kAcceptRa, kProxyNdp };
+  int ifindex = 0;   // 0: all
+  std::string name;  // the link, or "all"
+  Key key = Key::kForwarding;
+  int value = 0;
+  bool operator==(const SetIpv6Conf&) const = default;
+};
+const char* Ipv6ConfKeyName(SetIpv6Conf::Key key);  // "forwarding", "accept_ra", ...
+
 struct AddAddress {
   Address address;
   bool operator==(const AddAddress&) const = default;
@@ -138,7 +165,7 @@ struct DeleteNeighbor {
   bool operator==(const DeleteNeighbor&) const = default;
 };
 
-using Write = std::variant<SetLinkUp, SetIpv4Forwarding, AddAddress,
+using Write = std::variant<SetLinkUp, SetIpv4Forwarding, SetIpv6Conf, AddAddress,
                            DeleteAddress, AddRoute, DeleteRoute, SetNeighbor,
                            DeleteNeighbor>;
 

@@ -4,6 +4,7 @@
 // the reconciler thread; not thread-safe.
 #pragma once
 
+#include <optional>
 #include <string>
 #include "absl/strings/string_view.h"
 #include <vector>
@@ -30,6 +31,8 @@ class KernelModel {
   const kernel::Neighbor* FindNeighbor(int ifindex, const IpAddress& address,
                                        bool proxy) const;
 
+  // net.ipv6.conf.all.forwarding; absent when the kernel has no IPv6.
+  std::optional<bool> ipv6_forwarding_all() const { return ipv6_forwarding_all_; }
   // An address configured on any of the host's links.
   bool IsLocalAddress(const IpAddress& address) const;
   // The broadcast address of a subnet the host is connected to.
@@ -90,6 +93,7 @@ class KernelModel {
   absl::flat_hash_map<IpAddress, int> broadcast_count_;
   absl::flat_hash_map<IpPrefix, std::vector<kernel::Route>> routes_;
   absl::flat_hash_map<NeighborKey, kernel::Neighbor> neighbors_;
+  std::optional<bool> ipv6_forwarding_all_;
 };
 
 }  // namespace vmnet

@@ -16,6 +16,9 @@ namespace vmnet {
 struct HostConfig {
   std::vector<std::string> uplinks;
   IpAddress gateway = *IpAddress::Parse("169.255.30.1");
+  // The VMs' IPv6 gateway: a link-local address on each VM link of a VM
+  // with IPv6 addresses.
+  IpAddress gateway6 = *IpAddress::Parse("fe80::ffff:1:1");
   // The rtm_protocol number that marks our routes, proxy entries,
   // neighbour entries and gateway addresses.
   uint8_t protocol = 237;
@@ -43,9 +46,13 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
                                        const KernelModel& model,
                                        const HostConfig& config);
 
-// Forwarding on for every uplink that exists.
-std::vector<kernel::Write> PlanUplinks(const KernelModel& model,
-                                       const HostConfig& config);
+// Forwarding on for every uplink that exists. With `ipv6` (some VM has an
+// IPv6 address) also IPv6: proxy_ndp on the uplinks, accept_ra 2 where it
+// was 1 while forwarding is still off (forwarding would make the kernel
+// ignore the uplink's router advertisements), then
+// net.ipv6.conf.all.forwarding (IPv6 has no per-link forwarding switch).
+std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfig& config,
+                                       bool ipv6);
 
 // Where a desired VM address lives.
 struct AddressOwner {

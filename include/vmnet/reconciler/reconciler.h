@@ -214,6 +214,8 @@ class Reconciler {
   absl::flat_hash_map<IpAddress, std::string> vm_of_address_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::string> vm_of_interface_ ABSL_GUARDED_BY(mu_);
   ReconcilerCounters counters_ ABSL_GUARDED_BY(mu_);
+  // VMs with an IPv6 address: the host's IPv6 settings are made for them.
+  size_t ipv6_vms_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t revision_lease_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Reconciler thread only.

@@ -17,8 +17,10 @@ namespace vmnet {
 struct VmSpec {
   std::string vm_id;
   std::string interface;
-  std::vector<IpAddress> addresses;  // sorted, no duplicates
+  std::vector<IpAddress> addresses;  // sorted (IPv4 before IPv6), no duplicates
   std::optional<MacAddress> mac;
+
+  bool has_ipv6() const { return !addresses.empty() && addresses.back().is_v6(); }
 
   bool operator==(const VmSpec&) const = default;
 };
@@ -27,6 +29,7 @@ struct VmSpec {
 struct SpecRules {
   std::regex interface_pattern{"vme[0-9a-f]{1,12}"};
   IpAddress gateway = *IpAddress::Parse("169.255.30.1");
+  IpAddress gateway6 = *IpAddress::Parse("fe80::ffff:1:1");
   size_t max_addresses = 64;
 };
 
