@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 
@@ -374,21 +375,34 @@ absl::StatusOr<std::vector<Neighbor>> NetlinkKernel::DumpProxyNeighbors() {
 }
 
 std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
-  std::vector<absl::Status> result;
-  result.reserve(writes.size());
-  // Runs of netlink writes go to the kernel pipelined; an IPv6 setting in
-  // between is written (in order) once the run before it is acknowledged.
-  size_t start = 0;
-  while (start < writes.size()) {
-    if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[start])) {
-      result.push_back(WriteIpv6Conf(*conf));
-      ++start;
-      continue;
+  // The IPv6 settings first (files, in order), then every netlink write in
+  // one pipeline: a link brought up after its setting announces the new
+  // value in its RTM_NEWLINK, never a stale one.
+  bool any_conf = std::any_of(writes.begin(), writes.end(), [](const Write& w) {
+    return std::holds_alternative<SetIpv6Conf>(w);
+  });
+  if (!any_conf) {
+    std::vector<absl::Status> result;
+    result.reserve(writes.size());
+    ApplyNetlink(writes, &result);
+    return result;
+  }
+  std::vector<absl::Status> result(writes.size());
+  std::vector<Write> netlink;
+  std::vector<size_t> netlink_index;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[i])) {
+      result[i] = WriteIpv6Conf(*conf);
+    } else {
+      netlink.push_back(writes[i]);
+      netlink_index.push_back(i);
     }
-    size_t end = start;
-    while (end < writes.size() && !std::holds_alternative<SetIpv6Conf>(writes[end])) ++end;
-    ApplyNetlink(writes.subspan(start, end - start), &result);
-    start = end;
+  }
+  std::vector<absl::Status> netlink_result;
+  netlink_result.reserve(netlink.size());
+  ApplyNetlink(netlink, &netlink_result);
+  for (size_t i = 0; i < netlink.size(); ++i) {
+    result[netlink_index[i]] = std::move(netlink_result[i]);
   }
   return result;
 }

@@ -77,7 +77,11 @@ Route VmRoute(const IpAddress& address, int ifindex, const HostConfig& config) {
   r.scope = RT_SCOPE_LINK;
   r.type = RTN_UNICAST;
   r.table = RT_TABLE_MAIN;
-  if (address.is_v6()) r.metric = kIpv6RouteMetric;
+  if (address.is_v6()) {
+    // The kernel keeps no scope on IPv6 routes: it reports "global" for all.
+    r.scope = RT_SCOPE_UNIVERSE;
+    r.metric = kIpv6RouteMetric;
+  }
   return r;
 }
 

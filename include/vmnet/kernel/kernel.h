@@ -30,7 +30,8 @@ class Kernel {
   virtual absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() = 0;
 
   // Applies the writes in order, many in flight at once, and returns one
-  // status per write. A create of an object that exists already is an
+  // status per write. (SetIpv6Conf writes, which are no netlink messages,
+  // go first, in their own order.) A create of an object that exists already is an
   // error (ALREADY_EXISTS): callers decide what may be replaced. A delete of
   // an object that is already gone is OK. Other failures carry the object
   // and the errno in the message. Called by one thread at a time.
