@@ -22,6 +22,7 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   broadcast_count_.clear();
   routes_.clear();
   neighbors_.clear();
+  link_local6_.clear();
   ipv6_forwarding_all_ = snapshot.ipv6_forwarding_all;
   for (Link& l : snapshot.links) UpsertLink(l);
   for (const Address& a : snapshot.addresses) AddAddress(a);
@@ -80,6 +81,9 @@ void KernelModel::AddAddress(const Address& a) {
   auto [it, inserted] = addresses_.insert_or_assign({a.ifindex, a.prefix}, a);
   if (!inserted) return;
   ++local_address_count_[a.prefix.address];
+  if (a.prefix.address.is_v6() && a.prefix.address.IsLinkLocal()) {
+    link_local6_.try_emplace(a.ifindex, a.prefix.address);
+  }
   if (a.prefix.address.is_v4()) ++ipv4_addresses_per_link_[a.ifindex];
   if (a.prefix.address.is_v4() && a.prefix.length < 31) {
     ++broadcast_count_[a.prefix.Last()];
@@ -94,6 +98,10 @@ void KernelModel::RemoveAddress(const Address& a) {
     if (it != counts.end() && --it->second <= 0) counts.erase(it);
   };
   decrement(local_address_count_, a.prefix.address);
+  if (auto it = link_local6_.find(a.ifindex);
+      it != link_local6_.end() && it->second == a.prefix.address) {
+    link_local6_.erase(it);
+  }
   if (a.prefix.address.is_v4()) {
     auto it = ipv4_addresses_per_link_.find(a.ifindex);
     if (it != ipv4_addresses_per_link_.end() && --it->second <= 0) {
@@ -251,6 +259,11 @@ const Neighbor* KernelModel::FindNeighbor(int ifindex, const IpAddress& address,
                                           bool proxy) const {
   auto it = neighbors_.find(NeighborKey{ifindex, address, proxy});
   return it == neighbors_.end() ? nullptr : &it->second;
+}
+
+IpAddress KernelModel::LinkLocal6(int ifindex) const {
+  auto it = link_local6_.find(ifindex);
+  return it == link_local6_.end() ? IpAddress() : it->second;
 }
 
 bool KernelModel::IsLocalAddress(const IpAddress& address) const {

@@ -118,7 +118,10 @@ void Reconciler::Post(Command command) {
   }
   {
     vmnet::MutexLock lock(&queue_mu_);
-    if (queue_.size() < options_.max_pending_requests) {
+    // A probe's result is never refused: it is the agent's own, and the VM
+    // waits for it.
+    if (queue_.size() < options_.max_pending_requests ||
+        command.kind == Command::Kind::kProbeDone) {
       queue_.push_back(std::move(command));
       command.attach_done = nullptr;
       command.detach_done = nullptr;
@@ -364,6 +367,23 @@ absl::Status Reconciler::FullResync(bool initial) {
     MarkAllDirty();
   }
   sweep_orphans_ = true;
+  if (initial && options_.dad) {
+    // What this host published before a restart passed its check then.
+    vmnet::MutexLock lock(&mu_);
+    for (auto& [vm_id, r] : vms_) {
+      for (const IpAddress& a : r.spec.addresses) {
+        for (const std::string& name : options_.host.uplinks) {
+          const kernel::Link* uplink = model_.LinkByName(name);
+          const kernel::Neighbor* proxy =
+              uplink == nullptr ? nullptr : model_.FindNeighbor(uplink->ifindex, a, true);
+          if (proxy != nullptr && proxy->protocol == options_.host.protocol) {
+            r.verified.push_back(a);
+            break;
+          }
+        }
+      }
+    }
+  }
   if (initial) {
     // The first sync finds each VM's state; it is not a change to announce
     // (watchers of the new epoch start with a snapshot).
@@ -413,6 +433,10 @@ void Reconciler::ProcessCommands(std::deque<Command> commands,
                 absl::OkStatus()};
     const std::string& vm_id = c.spec.vm_id;
     auto existing = vms_.find(vm_id);
+    if (c.kind == Command::Kind::kProbeDone) {
+      ProbeDone(vm_id, c.spec.addresses, c.conflicts);
+      continue;
+    }
     if (c.kind == Command::Kind::kDetach) {
       if (existing == vms_.end()) {
         if (!c.allow_missing) {
@@ -472,7 +496,13 @@ void Reconciler::ProcessCommands(std::deque<Command> commands,
       continue;
     }
     if (existing != vms_.end() && existing->second.spec == spec) {
-      replies->push_back(std::move(reply));  // the same spec again: a no-op
+      // The same spec again: a no-op, except that it retries a duplicate
+      // address check that failed.
+      if (!existing->second.dad_failure.empty()) {
+        existing->second.dad_failure.clear();
+        dirty_.insert(vm_id);
+      }
+      replies->push_back(std::move(reply));
       continue;
     }
     std::optional<VmRecord> previous;
@@ -485,6 +515,7 @@ void Reconciler::ProcessCommands(std::deque<Command> commands,
     undo_.emplace_back(vm_id, previous);
     record.spec = spec;
     record.backoff = milliseconds(0);
+    record.dad_failure.clear();
     SetRecord(vm_id, std::move(record));
     dirty_.insert(vm_id);
     spec_changed_[vm_id] = previous ? VmEventType::kChanged : VmEventType::kAdded;
@@ -601,12 +632,21 @@ void Reconciler::ReconcileDirty() {
   std::vector<Planned> planned;
   std::vector<kernel::Write> writes;
   {
-    vmnet::ReaderMutexLock lock(&mu_);
+    vmnet::MutexLock lock(&mu_);
     writes = PlanUplinks(model_, options_.host, ipv6_vms_ > 0);
     for (const std::string& vm_id : dirty_) {
       auto it = vms_.find(vm_id);
       if (it == vms_.end()) continue;
-      VmPlan plan = PlanVm(it->second.spec, model_, options_.host);
+      bool probing = false;
+      VmPlan plan = PlanVm(PublishableSpec(vm_id, it->second, &probing), model_, options_.host);
+      if (!it->second.dad_failure.empty()) {
+        plan.state = VmState::kFailed;
+        plan.message = it->second.dad_failure;
+      } else if (probing && plan.state == VmState::kProgrammed) {
+        plan.state = VmState::kPending;
+        plan.message =
+            "checking on the uplinks that no other machine holds its addresses (--dad)";
+      }
       size_t first = writes.size();
       writes.insert(writes.end(), plan.writes.begin(), plan.writes.end());
       planned.push_back({vm_id, std::move(plan), first, writes.size() - first});
@@ -656,6 +696,10 @@ void Reconciler::ReconcileDirty() {
         r.message = std::string(results[i].message());
       }
     }
+    if (r.state == VmState::kProgrammed && options_.announcer != nullptr) {
+      bool everything = old_state != VmState::kProgrammed || spec_changed_.contains(p.vm_id);
+      Announce(r, everything, done);
+    }
     if (r.state == VmState::kFailed) {
       r.backoff = std::min(kMaxBackoff, std::max(kFirstBackoff, r.backoff * 2));
       r.retry_at = now + r.backoff;
@@ -687,6 +731,112 @@ void Reconciler::ReconcileDirty() {
       }
     }
   }
+}
+
+VmSpec Reconciler::PublishableSpec(const std::string& vm_id, VmRecord& record,
+                                   bool* pending) {
+  if (!options_.dad || options_.announcer == nullptr) return record.spec;
+  VmSpec publishable = record.spec;
+  publishable.addresses.clear();
+  if (!record.dad_failure.empty()) return publishable;
+  std::vector<IpAddress> unverified;
+  for (const IpAddress& a : record.spec.addresses) {
+    if (std::binary_search(record.verified.begin(), record.verified.end(), a)) {
+      publishable.addresses.push_back(a);
+    } else {
+      unverified.push_back(a);
+    }
+  }
+  if (unverified.empty()) return publishable;
+  *pending = true;
+  if (record.probing) return publishable;
+  std::vector<AddressAnnouncer::ProbeLink> links;
+  for (const std::string& name : options_.host.uplinks) {
+    if (const kernel::Link* uplink = model_.LinkByName(name); uplink && uplink->up) {
+      links.push_back({uplink->ifindex, uplink->name, uplink->mac});
+    }
+  }
+  record.probing = true;
+  options_.announcer->Probe(
+      std::move(links), unverified,
+      [this, vm_id, unverified](std::vector<AddressAnnouncer::Conflict> conflicts) {
+        Command c;
+        c.kind = Command::Kind::kProbeDone;
+        c.spec.vm_id = vm_id;
+        c.spec.addresses = unverified;
+        c.conflicts = std::move(conflicts);
+        Post(std::move(c));
+      });
+  return publishable;
+}
+
+void Reconciler::ProbeDone(const std::string& vm_id, const std::vector<IpAddress>& probed,
+                           const std::vector<AddressAnnouncer::Conflict>& conflicts) {
+  auto it = vms_.find(vm_id);
+  if (it == vms_.end()) return;
+  VmRecord& r = it->second;
+  r.probing = false;
+  dirty_.insert(vm_id);
+  auto wanted = [&](const IpAddress& a) {
+    return std::binary_search(r.spec.addresses.begin(), r.spec.addresses.end(), a);
+  };
+  std::vector<std::string> answers;
+  for (const AddressAnnouncer::Conflict& c : conflicts) {
+    if (!wanted(c.address)) continue;
+    answers.push_back(absl::StrCat(c.address.ToString(), " is answered on ", c.interface,
+                                   " by ", c.answered_by.ToString()));
+  }
+  if (!answers.empty()) {
+    counters_.dad_conflicts += answers.size();
+    r.dad_failure = absl::StrCat("another machine holds the address: ",
+                                 absl::StrJoin(answers, "; "),
+                                 "; nothing was published (--dad). Attach again to retry");
+    VMNET_LOG(Warning) << "event=duplicate_address vm_id=" << vm_id << " detail=\""
+                       << absl::StrJoin(answers, "; ") << "\"";
+    return;
+  }
+  for (const IpAddress& a : probed) {
+    if (wanted(a)) r.verified.push_back(a);
+  }
+  std::sort(r.verified.begin(), r.verified.end());
+  r.verified.erase(std::unique(r.verified.begin(), r.verified.end()), r.verified.end());
+}
+
+void Reconciler::Announce(const VmRecord& record, bool everything,
+                          const std::vector<kernel::Write>& done) {
+  std::vector<IpAddress> addresses;
+  if (everything) {
+    addresses = record.spec.addresses;
+  } else {
+    // A proxy entry published again (an uplink that came back, a repair).
+    for (const kernel::Write& w : done) {
+      if (const auto* set = std::get_if<kernel::SetNeighbor>(&w); set && set->neighbor.proxy) {
+        addresses.push_back(set->neighbor.address);
+      }
+    }
+  }
+  std::vector<AddressAnnouncer::Item> items;
+  for (const std::string& name : options_.host.uplinks) {
+    const kernel::Link* uplink = model_.LinkByName(name);
+    if (uplink == nullptr || !uplink->up) continue;
+    for (const IpAddress& a : addresses) {
+      items.push_back({uplink->ifindex, uplink->name, uplink->mac, a,
+                       a.is_v6() ? model_.LinkLocal6(uplink->ifindex) : IpAddress(), false});
+    }
+  }
+  // The gateway on the VM's link: a VM that moved here learns this host's
+  // MAC for it at once.
+  const kernel::Link* link = model_.LinkByName(record.spec.interface);
+  if (everything && link != nullptr) {
+    items.push_back({link->ifindex, link->name, link->mac, options_.host.gateway, {}, false});
+    if (record.spec.has_ipv6()) {
+      items.push_back({link->ifindex, link->name, link->mac, options_.host.gateway6,
+                       options_.host.gateway6, true});
+    }
+  }
+  if (items.empty()) return;
+  counters_.announcements += items.size();
+  options_.announcer->Announce(std::move(items));
 }
 
 void Reconciler::PublishOutcome(const std::string& vm_id, VmState old_state,

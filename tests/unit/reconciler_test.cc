@@ -454,5 +454,152 @@ TEST_F(ReconcilerTest, RevisionsKeepIncreasingAcrossRestarts) {
   EXPECT_GT(second->revision, first->revision);
 }
 
+// Records what the reconciler asks of the announcer; the test answers probes.
+class RecordingAnnouncer : public AddressAnnouncer {
+ public:
+  void Announce(std::vector<Item> items) override {
+    vmnet::MutexLock lock(&mu_);
+    for (Item& item : items) announced_.push_back(std::move(item));
+  }
+  void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
+             ProbeDone done) override {
+    vmnet::MutexLock lock(&mu_);
+    probes_.push_back({std::move(links), std::move(addresses), std::move(done)});
+  }
+  // "interface address" of each announcement, "+router" when flagged.
+  std::vector<std::string> announced() const {
+    vmnet::MutexLock lock(&mu_);
+    std::vector<std::string> out;
+    for (const Item& i : announced_) {
+      out.push_back(absl::StrCat(i.interface, " ", i.address.ToString(), i.router ? " +router" : ""));
+    }
+    return out;
+  }
+  void Clear() {
+    vmnet::MutexLock lock(&mu_);
+    announced_.clear();
+  }
+  size_t probes() const {
+    vmnet::MutexLock lock(&mu_);
+    return probes_.size();
+  }
+  std::vector<IpAddress> probed(size_t i) const {
+    vmnet::MutexLock lock(&mu_);
+    return probes_[i].addresses;
+  }
+  void Answer(size_t i, std::vector<Conflict> conflicts) {
+    ProbeDone done;
+    {
+      vmnet::MutexLock lock(&mu_);
+      done = probes_[i].done;
+    }
+    done(std::move(conflicts));
+  }
+
+ private:
+  struct Probe_ {
+    std::vector<ProbeLink> links;
+    std::vector<IpAddress> addresses;
+    ProbeDone done;
+  };
+  mutable vmnet::Mutex mu_;
+  std::vector<Item> announced_;
+  std::vector<Probe_> probes_;
+};
+
+class AnnounceTest : public ReconcilerTest {
+ protected:
+  void SetUp() override {
+    ReconcilerTest::SetUp();
+    options_.announcer = &announcer_;
+  }
+  bool HasProxy(const char* address) {
+    for (const kernel::Neighbor& n : kernel_.State().neighbors) {
+      if (n.proxy && n.address == Ip(address)) return true;
+    }
+    return false;
+  }
+  RecordingAnnouncer announcer_;
+};
+
+TEST_F(AnnounceTest, AttachAnnouncesTheAddressesOnUplinksAndTheGatewaysOnTheVmLink) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}).ok());
+  EXPECT_THAT(announcer_.announced(),
+              ::testing::UnorderedElementsAre("eth0 198.51.100.201", "eth0 2001:db8:1::201",
+                                              "vme1a 169.255.30.1",
+                                              "vme1a fe80::ffff:1:1 +router"));
+  // The same spec again changes nothing and announces nothing.
+  announcer_.Clear();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}).ok());
+  EXPECT_THAT(announcer_.announced(), ::testing::IsEmpty());
+}
+
+TEST_F(AnnounceTest, APendingVmIsAnnouncedWhenItsInterfaceAppearsAndAfterARestart) {
+  StartAgent();
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(vm.ok());
+  EXPECT_EQ(vm->state, VmState::kPending);
+  EXPECT_THAT(announcer_.announced(), ::testing::IsEmpty());
+  kernel_.AddLink("vme1a");
+  EXPECT_TRUE(WaitFor([&] {
+    return ::testing::Matches(::testing::Contains("eth0 198.51.100.201"))(
+        announcer_.announced());
+  }));
+  StopAgent();
+  announcer_.Clear();
+  StartAgent();
+  EXPECT_THAT(announcer_.announced(), ::testing::Contains("eth0 198.51.100.201"));
+}
+
+TEST_F(AnnounceTest, DadConflictFailsTheVmNamingTheMacAndPublishesNothing) {
+  options_.dad = true;
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(vm.ok());
+  EXPECT_EQ(vm->state, VmState::kPending);
+  EXPECT_THAT(vm->message, HasSubstr("--dad"));
+  ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 1; }));
+  EXPECT_THAT(announcer_.probed(0), ::testing::ElementsAre(Ip("198.51.100.201")));
+  announcer_.Answer(0, {{Ip("198.51.100.201"), "eth0", *MacAddress::Parse("02:00:00:00:00:99")}});
+  ASSERT_TRUE(WaitFor([&] { return reconciler_->FindVm("vm-1")->state == VmState::kFailed; }));
+  EXPECT_THAT(reconciler_->FindVm("vm-1")->message,
+              ::testing::AllOf(HasSubstr("198.51.100.201"), HasSubstr("02:00:00:00:00:99")));
+  EXPECT_FALSE(HasProxy("198.51.100.201"));
+  EXPECT_EQ(reconciler_->counters().dad_conflicts, 1u);
+  EXPECT_THAT(announcer_.announced(), ::testing::IsEmpty());
+  // Attaching again retries the check; this time nobody answers.
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 2; }));
+  announcer_.Answer(1, {});
+  ASSERT_TRUE(WaitFor([&] { return reconciler_->FindVm("vm-1")->state == VmState::kProgrammed; }));
+  EXPECT_TRUE(HasProxy("198.51.100.201"));
+  EXPECT_THAT(announcer_.announced(), ::testing::Contains("eth0 198.51.100.201"));
+}
+
+TEST_F(AnnounceTest, DadChecksOnlyNewAddressesAndNotAfterARestart) {
+  options_.dad = true;
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 1; }));
+  announcer_.Answer(0, {});
+  ASSERT_TRUE(WaitFor([&] { return HasProxy("198.51.100.201"); }));
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "198.51.100.202"}).ok());
+  ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 2; }));
+  EXPECT_THAT(announcer_.probed(1), ::testing::ElementsAre(Ip("198.51.100.202")));
+  // The published address stays published while the new one is checked.
+  EXPECT_TRUE(HasProxy("198.51.100.201"));
+  EXPECT_FALSE(HasProxy("198.51.100.202"));
+  announcer_.Answer(1, {});
+  ASSERT_TRUE(WaitFor([&] { return HasProxy("198.51.100.202"); }));
+  StopAgent();
+  StartAgent();
+  EXPECT_EQ(reconciler_->FindVm("vm-1")->state, VmState::kProgrammed);
+  EXPECT_EQ(announcer_.probes(), 2u);
+}
+
 }  // namespace
 }  // namespace vmnet

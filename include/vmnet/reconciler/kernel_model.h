@@ -33,6 +33,8 @@ class KernelModel {
 
   // net.ipv6.conf.all.forwarding; absent when the kernel has no IPv6.
   std::optional<bool> ipv6_forwarding_all() const { return ipv6_forwarding_all_; }
+  // An IPv6 link-local address of the link (family kNone when it has none).
+  IpAddress LinkLocal6(int ifindex) const;
   // An address configured on any of the host's links.
   bool IsLocalAddress(const IpAddress& address) const;
   // The broadcast address of a subnet the host is connected to.
@@ -94,6 +96,7 @@ class KernelModel {
   absl::flat_hash_map<IpPrefix, std::vector<kernel::Route>> routes_;
   absl::flat_hash_map<NeighborKey, kernel::Neighbor> neighbors_;
   std::optional<bool> ipv6_forwarding_all_;
+  absl::flat_hash_map<int, IpAddress> link_local6_;
 };
 
 }  // namespace vmnet

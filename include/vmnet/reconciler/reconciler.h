@@ -58,8 +58,49 @@ class VmObserver {
                            const std::string& detail) = 0;
 };
 
+// Announces addresses on the network and probes them for duplicates, beside
+// the kernel's tables. vmnetd wires a raw-socket announcer; tests record the
+// calls. Called on the reconciler thread; implementations must not block.
+class AddressAnnouncer {
+ public:
+  struct Item {
+    int ifindex = 0;
+    std::string interface;
+    MacAddress mac;      // the link's MAC: the sender of the announcement
+    IpAddress address;   // gratuitous ARP (IPv4) or unsolicited NA (IPv6)
+    IpAddress source;    // IPv6: the NA's source (the link's link-local); kNone: `address`
+    bool router = false; // IPv6: the NA's router flag (the VMs' gateway)
+    bool operator==(const Item&) const = default;
+  };
+  struct ProbeLink {
+    int ifindex = 0;
+    std::string interface;
+    MacAddress mac;
+  };
+  struct Conflict {
+    IpAddress address;
+    std::string interface;
+    MacAddress answered_by;
+  };
+  using ProbeDone = std::function<void(std::vector<Conflict>)>;
+
+  virtual ~AddressAnnouncer() = default;
+  // Sends each item a few times (the announcer's count and interval).
+  virtual void Announce(std::vector<Item> items) = 0;
+  // Asks on `links` whether another machine holds any of `addresses` (ARP
+  // probe, duplicate-address-detection NS); `done` runs later, on any
+  // thread, with the answers.
+  virtual void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
+                     ProbeDone done) = 0;
+};
+
 struct ReconcilerOptions {
   HostConfig host;
+  // Announces VM addresses when they become reachable through this host;
+  // null: no announcements (and no duplicate detection).
+  AddressAnnouncer* announcer = nullptr;
+  // Duplicate-address detection before an address is published (--dad).
+  bool dad = false;
   SpecRules rules;
   // How often proxy entries are dumped to find their drift (they raise no
   // kernel events).
@@ -82,6 +123,8 @@ struct ReconcilerCounters {
   uint64_t full_resyncs = 0;
   uint64_t event_overflows = 0;
   uint64_t drift_repairs = 0;  // events: one per VM repaired
+  uint64_t announcements = 0;  // items handed to the announcer
+  uint64_t dad_conflicts = 0;  // addresses another machine answered for
   // By kernel::ObjectKind.
   std::array<uint64_t, kernel::kObjectKinds> writes_ok{};
   std::array<uint64_t, kernel::kObjectKinds> writes_failed{};
@@ -135,7 +178,8 @@ class Reconciler {
 
  private:
   struct Command {
-    enum class Kind { kAttach, kDetach } kind = Kind::kAttach;
+    // kProbeDone: a duplicate-address probe of spec.addresses finished.
+    enum class Kind { kAttach, kDetach, kProbeDone } kind = Kind::kAttach;
     VmSpec spec;  // attach: the spec; detach: only vm_id
     std::vector<size_t> request_index;
     bool validate_only = false;
@@ -143,6 +187,7 @@ class Reconciler {
     std::string request_id;
     AttachDone attach_done;
     DetachDone detach_done;
+    std::vector<AddressAnnouncer::Conflict> conflicts;  // kProbeDone
   };
 
   struct VmRecord {
@@ -153,6 +198,11 @@ class Reconciler {
     // Retry with exponential backoff after a failed write.
     std::chrono::steady_clock::time_point retry_at{};
     std::chrono::milliseconds backoff{0};
+    // --dad: the addresses no other machine answered for (sorted), whether
+    // a probe is out, and why the VM failed it.
+    std::vector<IpAddress> verified;
+    bool probing = false;
+    std::string dad_failure;
   };
 
   // A finished request, answered after the iteration's kernel writes.
@@ -194,6 +244,15 @@ class Reconciler {
   void SetRecord(const std::string& vm_id, std::optional<VmRecord> record)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::chrono::milliseconds NextWakeup() const;
+  void ProbeDone(const std::string& vm_id, const std::vector<IpAddress>& probed,
+                 const std::vector<AddressAnnouncer::Conflict>& conflicts)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // --dad: the part of the spec that may be published now, starting a
+  // probe of the rest. Sets `pending` when something waits for a probe.
+  VmSpec PublishableSpec(const std::string& vm_id, VmRecord& record, bool* pending)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Announce(const VmRecord& record, bool everything,
+                const std::vector<kernel::Write>& done) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   kernel::Kernel* const kernel_;
   StateStore* const store_;
