@@ -1,0 +1,146 @@
+// Tells a link's neighbours where an address now is, and asks them whether
+// an address is already taken, with raw Ethernet frames on an AF_PACKET
+// socket (frames.h): gratuitous ARP and unsolicited Neighbour Advertisements
+// when a VM's address moves to this host, ARP probes and DAD Neighbour
+// Solicitations before one is used. Nothing host-wide is changed (no
+// arp_notify, no ip_nonlocal_bind) and no program is run.
+//
+// One thread sends and listens; callers only queue work and never wait on the
+// network. Needs CAP_NET_RAW.
+//
+// Thread safety: all methods may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "vmnet/base/mutex.h"
+#include "vmnet/net/address.h"
+
+namespace vmnet {
+
+struct Announcement {
+  int ifindex = 0;
+  std::string interface;  // for logs
+  MacAddress mac;         // the link's MAC: Ethernet source and sender hardware address
+  IpAddress address;      // what is announced (IPv4: GARP; IPv6: unsolicited NA)
+  // IPv6 only: the NA's source address (the link's link-local); kNone: `address`.
+  IpAddress source;
+  bool router = false;  // IPv6: set the NA's Router flag (the VM's gateway)
+};
+
+class Announcer {
+ public:
+  struct Options {
+    int count = 3;  // frames per announcement, at least 1
+    absl::Duration interval = absl::Seconds(1);
+  };
+
+  // Opens the AF_PACKET sockets and starts the thread. PERMISSION_DENIED,
+  // naming CAP_NET_RAW, without the capability; INVALID_ARGUMENT for a count
+  // below 1 or an interval not above zero.
+  static absl::StatusOr<std::unique_ptr<Announcer>> Create(Options options);
+  // Stops the thread promptly: queued announcements are dropped and the
+  // `done` of unfinished probes is never called.
+  ~Announcer();
+  Announcer(const Announcer&) = delete;
+  Announcer& operator=(const Announcer&) = delete;
+
+  // Queues each announcement to be sent `count` times, the first at once,
+  // then every `interval`. A newer Announce of the same (ifindex, address)
+  // replaces the queued one and restarts its count. Announcements whose
+  // address is neither IPv4 nor IPv6 are ignored.
+  void Announce(std::vector<Announcement> announcements);
+
+  struct Probe {
+    int ifindex = 0;
+    std::string interface;  // for logs
+    MacAddress mac;         // the link's MAC
+    std::vector<IpAddress> addresses;
+  };
+  struct Conflict {
+    IpAddress address;
+    int ifindex = 0;
+    std::string interface;
+    MacAddress answered_by;
+  };
+  // Sends a duplicate-address probe (ARP probe for IPv4, DAD Neighbour
+  // Solicitation for IPv6) for each address on each link, at once and again
+  // at timeout/2, listens on those links until `timeout`, then calls `done`
+  // on the announcer's thread with one Conflict per (link, address) some
+  // other machine answered for or probed for too (frames.h, ParseClaim).
+  // `done` must not call back into the Announcer's destructor; it may call
+  // Announce and ProbeAddresses.
+  void ProbeAddresses(std::vector<Probe> probes, absl::Duration timeout,
+                      std::function<void(std::vector<Conflict>)> done);
+
+  struct Stats {
+    uint64_t announcements_sent = 0;  // GARP and NA frames sent
+    uint64_t send_errors = 0;         // frames the kernel refused (a link gone, down)
+    uint64_t probes_sent = 0;         // ARP probe and DAD NS frames sent
+    uint64_t conflicts = 0;           // Conflicts reported to `done`
+  };
+  Stats stats() const;
+
+ private:
+  struct Pending {
+    Announcement announcement;
+    int remaining = 0;
+    absl::Time next;
+  };
+  struct ProbeRun {
+    std::vector<Probe> probes;
+    absl::Time resend;
+    absl::Time deadline;
+    bool resent = false;
+    std::function<void(std::vector<Conflict>)> done;
+    std::vector<Conflict> conflicts;
+  };
+  struct Sockets {
+    int send = -1;  // AF_PACKET, protocol 0: never receives
+    int arp = -1;   // receives ARP while probing
+    int nd = -1;    // receives NS and NA while probing
+    int wake = -1;  // eventfd: new work or stop
+  };
+
+  Announcer(Options options, Sockets sockets);
+  void Wake();
+  void Run();
+  // Sends what is due by `now` and returns when something is next due.
+  absl::Time SendDueAnnouncements(absl::Time now);
+  absl::Time AdvanceProbes(absl::Time now);
+  void StartProbes();
+  void SetListening(bool on);
+  void Receive(int fd);
+  // Sends one frame out of `ifindex`; false (counted, logged) on failure.
+  bool Send(int ifindex, const std::string& interface, const std::vector<uint8_t>& frame,
+            uint16_t ethertype);
+  void SendProbes(const ProbeRun& run);
+
+  const Options options_;
+  const Sockets sockets_;
+
+  mutable Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::pair<int, IpAddress>, Pending> pending_ ABSL_GUARDED_BY(mu_);
+  std::vector<ProbeRun> new_probes_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+
+  // The thread's own.
+  std::vector<ProbeRun> probes_;
+  bool listening_ = false;
+  std::vector<uint8_t> buffer_;
+
+  std::thread thread_;
+};
+
+}  // namespace vmnet
