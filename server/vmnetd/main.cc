@@ -23,16 +23,19 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "prometheus/exposer.h"
+#include "prometheus/metric_family.h"
 #include "systemd/sd-daemon.h"
 #include "vmnet/api/servers.h"
 #include "vmnet/api/service.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/netlink_kernel.h"
 #include "vmnet/log/log.h"
+#include "vmnet/announce/announcer.h"
 #include "vmnet/metrics/metrics.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/state_store.h"
@@ -58,6 +61,18 @@ ABSL_FLAG(std::string, gateway, "169.255.30.1",
 ABSL_FLAG(std::string, gateway6, "fe80::ffff:1:1",
           "The VMs' IPv6 default gateway: a link-local address the host answers on the "
           "link of each VM that has IPv6 addresses.");
+ABSL_FLAG(int, announce_count, 3,
+          "Times each announcement (gratuitous ARP, unsolicited neighbour advertisement) "
+          "is sent when a VM's addresses become reachable through this host; 0: none.");
+ABSL_FLAG(absl::Duration, announce_interval, absl::Seconds(1),
+          "Time between the repeats of an announcement (e.g. 1s, 200ms).");
+ABSL_FLAG(bool, dad, false,
+          "Before publishing a VM address, ask on the uplinks whether another machine "
+          "holds it (ARP probe, IPv6 duplicate address detection); if one answers, the VM "
+          "fails naming the address and the MAC that answered. Off by default: during a "
+          "live migration the old host still answers for the address.");
+ABSL_FLAG(absl::Duration, dad_timeout, absl::Seconds(1),
+          "How long --dad listens for an answer.");
 ABSL_FLAG(std::string, interface_pattern, "vme[0-9a-f]{1,12}",
           "Regular expression (full match) of the host-side VM links the agent may "
           "manage. Links matching it are the agent's to configure while attached.");
@@ -139,6 +154,83 @@ std::string EpochNow() {
   return absl::FormatTime("%Y%m%dT%H%M%E3SZ", absl::Now(), absl::UTCTimeZone());
 }
 
+// The reconciler's AddressAnnouncer over the raw-socket Announcer.
+class RawAnnouncer : public AddressAnnouncer {
+ public:
+  RawAnnouncer(std::unique_ptr<Announcer> announcer, bool announce, absl::Duration dad_timeout)
+      : announcer_(std::move(announcer)), announce_(announce), dad_timeout_(dad_timeout) {}
+
+  void Announce(std::vector<Item> items) override {
+    if (!announce_) return;
+    std::vector<Announcement> out;
+    out.reserve(items.size());
+    for (Item& i : items) {
+      out.push_back({i.ifindex, std::move(i.interface), i.mac, i.address, i.source, i.router});
+    }
+    announcer_->Announce(std::move(out));
+  }
+
+  void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
+             ProbeDone done) override {
+    std::vector<Announcer::Probe> probes;
+    for (ProbeLink& l : links) {
+      probes.push_back({l.ifindex, std::move(l.interface), l.mac, addresses});
+    }
+    announcer_->ProbeAddresses(
+        std::move(probes), dad_timeout_,
+        [done = std::move(done)](std::vector<Announcer::Conflict> conflicts) {
+          std::vector<Conflict> out;
+          for (Announcer::Conflict& c : conflicts) {
+            out.push_back({c.address, std::move(c.interface), c.answered_by});
+          }
+          done(std::move(out));
+        });
+  }
+
+  Announcer::Stats stats() const { return announcer_->stats(); }
+  // Stops the announcer's thread: no probe answer arrives after this.
+  void Stop() { announcer_.reset(); }
+
+ private:
+  std::unique_ptr<Announcer> announcer_;
+  const bool announce_;
+  const absl::Duration dad_timeout_;
+};
+
+// The announcer's counters, read at scrape time.
+class AnnouncerMetrics : public prometheus::Collectable {
+ public:
+  explicit AnnouncerMetrics(const RawAnnouncer* announcer) : announcer_(announcer) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    Announcer::Stats stats = announcer_->stats();
+    auto counter = [](std::string name, std::string help, uint64_t value) {
+      prometheus::MetricFamily f{std::move(name), std::move(help),
+                                 prometheus::MetricType::Counter, {}};
+      prometheus::ClientMetric m;
+      m.counter.value = static_cast<double>(value);
+      f.metric.push_back(std::move(m));
+      return f;
+    };
+    return {
+        counter("vmnet_announcements_sent_total",
+                "Gratuitous ARP and unsolicited neighbour advertisement frames sent.",
+                stats.announcements_sent),
+        counter("vmnet_announce_send_errors_total",
+                "Announcement and probe frames the kernel refused (a link gone or down).",
+                stats.send_errors),
+        counter("vmnet_dad_probes_sent_total",
+                "ARP probe and duplicate-address-detection frames sent (--dad).",
+                stats.probes_sent),
+        counter("vmnet_dad_conflicts_total",
+                "VM addresses another machine answered for (--dad).", stats.conflicts),
+    };
+  }
+
+ private:
+  const RawAnnouncer* const announcer_;
+};
+
 int Run() {
   LogLevel level;
   if (!ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
@@ -198,6 +290,27 @@ int Run() {
     options.host.uplinks = *links;
   }
 
+  int announce_count = absl::GetFlag(FLAGS_announce_count);
+  if (announce_count < 0 || announce_count > 100) {
+    return Fail("--announce-count: give 0 (no announcements) to 100");
+  }
+  absl::Duration announce_interval = absl::GetFlag(FLAGS_announce_interval);
+  if (announce_interval < absl::Milliseconds(10) || announce_interval > absl::Minutes(1)) {
+    return Fail("--announce-interval: give 10ms to 1m");
+  }
+  absl::Duration dad_timeout = absl::GetFlag(FLAGS_dad_timeout);
+  if (dad_timeout < absl::Milliseconds(10) || dad_timeout > absl::Seconds(30)) {
+    return Fail("--dad-timeout: give 10ms to 30s");
+  }
+  std::unique_ptr<RawAnnouncer> announcer;
+  if (announce_count > 0 || absl::GetFlag(FLAGS_dad)) {
+    auto raw = Announcer::Create({std::max(announce_count, 1), announce_interval});
+    if (!raw.ok()) return Fail(raw.status().message());
+    announcer = std::make_unique<RawAnnouncer>(std::move(*raw), announce_count > 0, dad_timeout);
+    options.announcer = announcer.get();
+    options.dad = absl::GetFlag(FLAGS_dad);
+  }
+
   auto store = StateStore::Open(absl::GetFlag(FLAGS_state_dir));
   if (!store.ok()) return Fail(store.status().message());
 
@@ -209,6 +322,11 @@ int Run() {
   service_options.watch_queue = static_cast<size_t>(absl::GetFlag(FLAGS_watch_queue));
 
   Reconciler reconciler(netlink->get(), &*store, &events, options);
+  // On every way out, the announcer stops before the reconciler it calls
+  // back goes away.
+  absl::Cleanup stop_announcer = [&announcer] {
+    if (announcer) announcer->Stop();
+  };
   // Block the shutdown signals before any thread starts, so that only
   // sigwait below receives them.
   sigset_t signals;
@@ -243,6 +361,8 @@ int Run() {
   // The Exposer holds collectables by weak_ptr: this one lives until exit.
   auto collector = std::make_shared<MetricsCollector>(&reconciler, netlink->get(), &events,
                                                       &request_stats, VMNET_VERSION);
+  std::shared_ptr<AnnouncerMetrics> announcer_metrics;
+  if (announcer) announcer_metrics = std::make_shared<AnnouncerMetrics>(announcer.get());
   std::unique_ptr<prometheus::Exposer> exposer;
   if (std::string a = absl::GetFlag(FLAGS_metrics_listen); !a.empty()) {
     try {
@@ -251,6 +371,7 @@ int Run() {
       return Fail(absl::StrCat("could not listen on --metrics-listen=", a, ": ", e.what()));
     }
     exposer->RegisterCollectable(collector);
+    if (announcer) exposer->RegisterCollectable(announcer_metrics);
   }
 
   // Health says NOT_SERVING and mutations answer UNAVAILABLE until the
@@ -270,6 +391,7 @@ int Run() {
   events.CloseAll();
   (*servers)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
   exposer.reset();
+  std::move(stop_announcer).Invoke();
   reconciler.Stop();
   VMNET_LOG(Info) << "event=stopped";
   return 0;
@@ -283,7 +405,9 @@ int main(int argc, char** argv) {
       "the host-routed VM network agent.\n\n"
       "Serves vmnet.v1.VmNetwork over gRPC and drives the kernel through netlink so\n"
       "that each attached VM has its link up, a /32 route per address, a proxy ARP\n"
-      "entry per address on every uplink and its gateway answered on its link.\n\n"
+      "entry per address on every uplink and its gateway answered on its link\n"
+      "(IPv6: a /128 route, a proxy NDP entry and a link-local gateway), and\n"
+      "announces the addresses (gratuitous ARP, unsolicited NA) when they arrive.\n\n"
       "Usage: vmnetd --uplinks=eth0 [--listen=unix:///run/vmnetd/vmnetd.sock] [flags]\n"
       "Flags may be spelled with dashes or underscores (--state-dir, --state_dir).");
   absl::FlagsUsageConfig config;
