@@ -45,11 +45,11 @@ build build-asan -DVMNET_SANITIZE=address -DCMAKE_BUILD_TYPE=Debug
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build-asan --output-on-failure -j 1
 
-section "ThreadSanitizer (the threaded parts: reconciler, event log, metrics, the agent end to end)"
+section "ThreadSanitizer (the threaded parts: reconciler, announcer, event log, metrics, the agent end to end)"
 build build-tsan -DVMNET_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp" \
   ctest --test-dir build-tsan --output-on-failure -j 1 \
-  -R 'unit\.(Reconciler|EventLog|Metrics)|e2e\.(host_routed|paging|hostile)'
+  -R 'unit\.(Reconciler|AnnounceTest|EventLog|Metrics)|kernel\.Announcer|e2e\.(host_routed|paging|hostile)'
 
 section "libFuzzer: request validation, netlink parsing, state file (${FUZZ_SECONDS:-60} s each)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
