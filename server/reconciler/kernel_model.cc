@@ -55,11 +55,16 @@ void KernelModel::RemoveLink(int ifindex) {
   ForgetLinkObjects(ifindex, true);
 }
 
-void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too) {
+void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_only) {
+  auto gone = [&](int on, const IpAddress& a) {
+    return on == ifindex && (!ipv4_only || a.is_v4());
+  };
   for (auto it = routes_.begin(); it != routes_.end();) {
     auto& list = it->second;
     list.erase(std::remove_if(list.begin(), list.end(),
-                              [&](const Route& r) { return r.ifindex == ifindex; }),
+                              [&](const Route& r) {
+                                return gone(r.ifindex, r.destination.address);
+                              }),
                list.end());
     if (list.empty()) {
       routes_.erase(it++);
@@ -67,7 +72,8 @@ void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too) {
       ++it;
     }
   }
-  absl::erase_if(neighbors_, [&](const auto& kv) { return kv.first.ifindex == ifindex; });
+  absl::erase_if(neighbors_,
+                 [&](const auto& kv) { return gone(kv.first.ifindex, kv.first.address); });
   if (addresses_too) {
     std::vector<Address> gone;
     for (const auto& [key, a] : addresses_) {
@@ -107,8 +113,8 @@ void KernelModel::RemoveAddress(const Address& a) {
     if (it != ipv4_addresses_per_link_.end() && --it->second <= 0) {
       ipv4_addresses_per_link_.erase(it);
       // The last IPv4 address gone disables IP on the link: the kernel
-      // flushes its routes and neighbour entries, with no route event.
-      ForgetLinkObjects(a.ifindex, false);
+      // flushes its IPv4 routes and neighbour entries, with no route event.
+      ForgetLinkObjects(a.ifindex, false, /*ipv4_only=*/true);
     }
   }
   if (a.prefix.address.is_v4() && a.prefix.length < 31) {

@@ -80,8 +80,9 @@ class KernelModel {
   void RemoveLink(int ifindex);
   // What the kernel drops silently when a link goes down or away: its
   // routes and neighbour entries (proxy entries included); and when it goes
-  // away, its addresses too.
-  void ForgetLinkObjects(int ifindex, bool addresses_too);
+  // away, its addresses too. When its last IPv4 address goes, only the IPv4
+  // ones (`ipv4_only`).
+  void ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_only = false);
   void AddAddress(const kernel::Address& a);
   void RemoveAddress(const kernel::Address& a);
   void AddRoute(const kernel::Route& r);
