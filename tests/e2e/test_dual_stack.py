@@ -40,6 +40,9 @@ WRONG_GATEWAY_MAC = "02:00:00:00:00:98"  # the VM's entry for its gateways befor
 ANNOUNCE_WAIT = 2.5  # the first announcement is due at once; 3 of them within 2 s by default
 DAD_WAIT = 10  # --dad-timeout (1 s) plus the programming around it
 IPV6_SYSCTLS = "net/ipv6/conf"
+METRICS_FLAG = "--metrics-listen=127.0.0.1:9447"  # loopback of the lab's host namespace
+ANNOUNCEMENTS_METRIC = "vmnet_announcements_sent_total"
+DAD_CONFLICTS_METRIC = "vmnet_dad_conflicts_total"
 
 
 def network(dst, family_bits):
@@ -391,6 +394,7 @@ class AnnouncementTest(DualStackTestCase):
     must correct them without X sending anything. VM 2's link appears after its attach."""
 
     vms_without_link = (2,)
+    daemon_flags = (METRICS_FLAG,)
     UNUSED = ("198.51.100.209", "2001:db8:1::209")  # never attached: nobody announces them
 
     @classmethod
@@ -451,6 +455,11 @@ class AnnouncementTest(DualStackTestCase):
         self.assertIn("router", seen[lab.GATEWAY6] or {},
                       f"the NA for {lab.GATEWAY6} lacked the router flag: {seen[lab.GATEWAY6]}")
 
+    def test_announcements_counted(self):
+        sent = lab.metric_total(self.lab.daemon.metrics(), ANNOUNCEMENTS_METRIC)
+        self.assertGreaterEqual(sent, len(self.lab.vms[1].addresses),
+                                f"{ANNOUNCEMENTS_METRIC} is {sent} after VM 1's attach")
+
     def test_link_appearing_announces(self):
         vm2 = self.lab.vms[2]
         response = self.attach(vm2)
@@ -501,7 +510,7 @@ class DadTest(DualStackTestCase):
     address, so their probes are answered by X."""
 
     vm_count = 3
-    daemon_flags = ("--dad", "--dad-timeout=1s")
+    daemon_flags = ("--dad", "--dad-timeout=1s", METRICS_FLAG)
 
     @classmethod
     def prepare_host(cls):
@@ -553,6 +562,12 @@ class DadTest(DualStackTestCase):
 
     def test_ipv6_address_in_use_fails_the_vm(self):
         self.check_conflict(self.lab.vms[3], self.lab.vms[3].address6)
+
+    def test_zz_conflicts_counted(self):  # last: after the conflicts were found
+        for vm in (self.lab.vms[2], self.lab.vms[3]):
+            self.final_state(vm.vm_id, "VM_STATE_FAILED")
+        conflicts = lab.metric_total(self.lab.daemon.metrics(), DAD_CONFLICTS_METRIC)
+        self.assertGreaterEqual(conflicts, 2, f"{DAD_CONFLICTS_METRIC} after two conflicts")
 
 
 if __name__ == "__main__":
