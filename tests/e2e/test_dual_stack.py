@@ -253,7 +253,8 @@ class DualStackTest(DualStackTestCase):
         for vm in (self.vm1, self.vm2):
             mine = [e for e in entries
                     if e["ip_address"] == vm.address6 and e["interface"] == lab.UPLINK]
-            self.assertEqual([e["vm_id"] for e in mine], [vm.vm_id],
+            self.assertEqual([(e["vm_id"], e["proxy"], e["family"]) for e in mine],
+                             [(vm.vm_id, True, "ADDRESS_FAMILY_IPV6")],
                              f"ListArp family=IPV6 shows the proxy entry {vm.address6} on "
                              f"{lab.UPLINK} as {mine}: {entries}")
         self.assertLessEqual(before & after, listed,
@@ -306,10 +307,14 @@ class DualStackTest(DualStackTestCase):
         routes = self.call("ListRoutes", {"family": "ADDRESS_FAMILY_IPV4"}).get("routes", [])
         self.assertEqual([r for r in routes if is_ipv6(r["destination"])], [],
                          "ListRoutes family=IPV4 returned IPv6 routes")
+        # vm_id also covers the routes the kernel keeps on the VM's link (fe80::/64).
         only_vm1 = self.call("ListRoutes", {"vm_id": "vm-1"}).get("routes", [])
-        self.assertEqual(sorted(r["destination"] for r in only_vm1),
+        self.assertEqual(sorted(r["destination"] for r in only_vm1
+                                if r["protocol"] in AGENT_PROTOCOLS),
                          sorted([f"{self.vm1.address}/32", f"{self.vm1.address6}/128"]),
                          f"ListRoutes vm_id=vm-1 (all families) answered {only_vm1}")
+        self.assertEqual({r["interface"] for r in only_vm1}, {self.vm1.interface},
+                         f"ListRoutes vm_id=vm-1 answered {only_vm1}")
 
     # -- rejected requests -------------------------------------------------------------------------
 
