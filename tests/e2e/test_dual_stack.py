@@ -12,7 +12,9 @@ NDP entry on the uplink and the gateway fe80::ffff:1:1/128 on the VM link, and t
 forwarding and proxy_ndp; what a user checks is `ip`, the sysctls and pings of both families.
 
 Classes: DualStackTest (two VMs attached: kernel objects, sysctls, reachability, the lists'
-family filter, rejected requests), DetachTest, AnnouncementTest (X's neighbour entries are
+family filter, rejected requests), DetachTest, SpecTest (an IPv6-only VM, a non-canonical
+address, a changed address), DriftRepairTest (IPv6 objects deleted by someone are put back),
+AnnouncementTest (X's neighbour entries are
 corrected by gratuitous ARP and unsolicited NA, without X asking: on attach, when a pending VM's
 link appears), RestartAnnouncementTest (on an agent restart) and DadTest (--dad: an address
 another machine holds fails the VM and is not published).
@@ -386,6 +388,118 @@ class DetachTest(DualStackTestCase):
         self.assertReaches(self.lab.x, self.vm2.address, "X")
 
 
+class SpecTest(DualStackTestCase):
+    """Specs beyond two addresses of each family: an IPv6-only VM, a non-canonical IPv6
+    address, an IPv6 address changed by a new AttachVm."""
+
+    vm_count = 3
+
+    def test_ipv6_only_vm(self):
+        vm3 = self.lab.vms[3]
+        response = self.attach(vm3, ip_addresses=[vm3.address6])
+        self.addCleanup(self.detach, vm3.vm_id, True)
+        self.assertEqual(response["vm"].get("state"), "VM_STATE_PROGRAMMED", f"{response}")
+        self.assertEqual(self.missing_objects6(vm3), [], "the IPv6-only VM's network is "
+                                                         "incomplete")
+        self.assertIsNone(next((r for r in self.lab.routes() if r["dst"] == vm3.address), None),
+                          f"a route to {vm3.address}, which the IPv6-only VM was not given")
+        self.assertReaches(self.lab.x, vm3.address6, "X")
+        self.assertReaches(vm3.ns, lab.X_ADDRESS6, "VM 3")
+
+    def test_non_canonical_ipv6_is_stored_canonical(self):
+        vm1 = self.lab.vms[1]
+        written = "2001:DB8:1:0:0:0:0:201"
+        response = self.attach(vm1, ip_addresses=[vm1.address, written])
+        self.addCleanup(self.detach, vm1.vm_id, True)
+        self.assertEqual(response["vm"].get("ip_addresses"), vm1.addresses,
+                         f"AttachVm with {written} answered {response}")
+        self.assertEqual(self.missing_objects6(vm1), [], f"{written} was not programmed as "
+                                                         f"{vm1.address6}")
+        before = (self.lab.snapshot(), self.lab.snapshot6())
+        again = self.attach(vm1)  # the canonical spelling: the same spec
+        self.assertEqual(again["vm"].get("revision"), response["vm"].get("revision"),
+                         f"AttachVm with {vm1.address6} after {written} is not a no-op: "
+                         f"{response} then {again}")
+        self.assertEqual((self.lab.snapshot(), self.lab.snapshot6()), before,
+                         "the same spec spelled canonically changed the host")
+
+    def test_changed_ipv6_address_converges(self):
+        vm2 = self.lab.vms[2]
+        self.attach(vm2)
+        self.addCleanup(self.detach, vm2.vm_id, True)
+        self.assertReaches(self.lab.x, vm2.address6, "X")
+        new = "2001:db8:1::212"
+        self.lab.run(vm2.ns, "ip", "addr", "add", f"{new}/128", "dev", lab.VM_LINK, "nodad")
+        route4 = self.lab.ip_json(self.lab.host, "route", "show", f"{vm2.address}/32")
+        response = self.attach(vm2, ip_addresses=[vm2.address, new])
+        self.assertEqual(response["vm"].get("ip_addresses"), [vm2.address, new], f"{response}")
+        self.assertIsNone(self.kernel_route6(vm2.address6),
+                          f"the route to the old {vm2.address6} stayed")
+        self.assertIsNone(self.kernel_proxy6(vm2.address6),
+                          f"the proxy entry for the old {vm2.address6} stayed")
+        self.assertIsNotNone(self.kernel_route6(new), f"no route to the new {new}")
+        self.assertIsNotNone(self.kernel_proxy6(new), f"no proxy entry for the new {new}")
+        self.assertTrue(self.has_gateway6(vm2.interface), f"{lab.GATEWAY6} left {vm2.interface}")
+        self.assertEqual(self.lab.ip_json(self.lab.host, "route", "show", f"{vm2.address}/32"),
+                         route4, "changing the IPv6 address disturbed the IPv4 route")
+        self.assertReaches(self.lab.x, new, "X")
+        self.assertReaches(self.lab.x, vm2.address, "X")
+
+
+class DriftRepairTest(DualStackTestCase):
+    """VM 1 attached (both families); someone damages its IPv6 objects or turns an IPv6
+    setting off; vmnetd repairs them.
+
+    Routes, proxy entries and addresses are repaired on the kernel's notification; the
+    /proc/sys settings only by the periodic full resync (measured on this agent: at the default
+    --full-resync-interval-s=300, proxy_ndp, forwarding and accept_ra were not set back within
+    12 s; net.ipv4.conf.eth0.forwarding neither), so this class runs it every 3 s."""
+
+    vm_count = 1
+    daemon_flags = ("--full-resync-interval-s=3",)
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.vm1 = cls.lab.vms[1]
+        cls.attach(cls.vm1)
+
+    def assertRepaired(self, *damage):
+        self.lab.run(self.lab.host, *damage)
+        repaired = lab.wait_until(lambda: not self.missing_objects6(self.vm1), PROGRAM_DEADLINE)
+        self.assertTrue(repaired, f"after `{' '.join(damage)}` on the host, vmnetd had not "
+                                  f"restored {self.missing_objects6(self.vm1)} within "
+                                  f"{PROGRAM_DEADLINE} s")
+        self.assertReaches(self.lab.x, self.vm1.address6, "X")
+
+    def test_deleted_route_is_put_back(self):
+        self.assertRepaired("ip", "-6", "route", "del", f"{self.vm1.address6}/128",
+                            "dev", self.vm1.interface)
+
+    def test_deleted_proxy_entry_is_put_back(self):
+        self.assertRepaired("ip", "-6", "neigh", "del", "proxy", self.vm1.address6,
+                            "dev", lab.UPLINK)
+
+    def assertSettingRepaired(self, name, bad, good):
+        self.lab.set_sysctl(f"{IPV6_SYSCTLS}/{name}", bad)
+        repaired = lab.wait_until(lambda: self.lab.sysctl(f"{IPV6_SYSCTLS}/{name}") == good,
+                                  PROGRAM_DEADLINE)
+        self.assertTrue(repaired, f"after net.ipv6.conf.{name.replace('/', '.')}={bad} on the "
+                                  f"host, vmnetd had not set it back to {good} within "
+                                  f"{PROGRAM_DEADLINE} s")
+        self.assertReaches(self.lab.x, self.vm1.address6, "X")
+
+    def test_proxy_ndp_turned_off_is_turned_on(self):
+        self.assertSettingRepaired(f"{lab.UPLINK}/proxy_ndp", 0, "1")
+
+    def test_forwarding_turned_off_is_turned_on(self):
+        self.assertSettingRepaired("all/forwarding", 0, "1")
+
+    def test_deleted_gateway_is_put_back(self):
+        self.assertRepaired("ip", "-6", "addr", "del", f"{lab.GATEWAY6}/128",
+                            "dev", self.vm1.interface)
+
+
 def seed_wrong_neighbours(the_lab, ns, addresses, mac, dev="eth0"):
     """Stale neighbour entries for `addresses` with `mac` in namespace `ns`: what a machine
     remembers from before (the VM elsewhere, the address unused)."""
@@ -493,10 +607,17 @@ class RestartAnnouncementTest(DualStackTestCase):
         super().setUpClass()
         cls.vm1 = cls.lab.vms[1]
         cls.attach(cls.vm1, with_mac=True)
+        cls.programmed = (cls.lab.snapshot(), cls.lab.snapshot6())
         cls.lab.daemon.stop()
         seed_wrong_neighbours(cls.lab, cls.lab.x, cls.vm1.addresses, WRONG_MAC)
         cls.lab.daemon.start()
+        cls.after_restart = (cls.lab.snapshot(), cls.lab.snapshot6())
         cls.client = cls.enterClassContext(grpcurl.Client(cls.lab.daemon.target))
+
+    def test_restart_changes_nothing(self):
+        self.assertEqual(self.after_restart, self.programmed,
+                         "starting vmnetd again changed the host's routes, proxy entries or "
+                         "addresses of either family")
 
     def test_restart_announces(self):
         uplink_mac = self.lab.mac(lab.UPLINK)
