@@ -104,6 +104,17 @@ class DualStackTestCase(LabTestCase):
             missing.append(f"address {lab.GATEWAY6}/128 dev {vm.interface}")
         return missing
 
+    def final_state(self, vm_id, state):
+        """GetVm's vm once it reached `state` (waiting up to DAD_WAIT), the last one otherwise."""
+        last = {}
+
+        def reached():
+            last.update(self.call("GetVm", {"vm_id": vm_id})["vm"])
+            return last.get("state") == state
+
+        lab.wait_until(reached, DAD_WAIT, interval=0.2)
+        return last
+
     def x_neighbour(self, address):
         """X's neighbour entry for `address` on its eth0, or None."""
         return next((n for n in self.lab.ip_json(self.lab.x, "neigh", "show", "dev", "eth0")
@@ -650,17 +661,6 @@ class DadTest(DualStackTestCase):
         cls.x_mac = cls.lab.mac("eth0", ns=cls.lab.x)
         cls.responses = {vm.vm_id: cls.attach(vm, with_mac=True) for vm in cls.lab.vms.values()}
 
-    def final_state(self, vm_id, state):
-        """GetVm's vm once it reached `state` (waiting up to DAD_WAIT), the last one otherwise."""
-        last = {}
-
-        def reached():
-            last.update(self.call("GetVm", {"vm_id": vm_id})["vm"])
-            return last.get("state") == state
-
-        lab.wait_until(reached, DAD_WAIT, interval=0.2)
-        return last
-
     def test_free_addresses_are_programmed(self):
         vm1 = self.lab.vms[1]
         got = self.final_state(vm1.vm_id, "VM_STATE_PROGRAMMED")
@@ -694,6 +694,32 @@ class DadTest(DualStackTestCase):
             self.final_state(vm.vm_id, "VM_STATE_FAILED")
         conflicts = lab.metric_total(self.lab.daemon.metrics(), DAD_CONFLICTS_METRIC)
         self.assertGreaterEqual(conflicts, 2, f"{DAD_CONFLICTS_METRIC} after two conflicts")
+
+
+class DadRetryTest(DualStackTestCase):
+    """vmnetd --dad: X holds VM 1's IPv6 address, then gives it up; the VM's message says
+    "Attach again to retry", and the same AttachVm again then programs it."""
+
+    vm_count = 1
+    daemon_flags = ("--dad",)
+
+    def test_attach_again_after_the_conflict_is_gone(self):
+        vm1 = self.lab.vms[1]
+        held = ["ip", "addr", "add", f"{vm1.address6}/128", "dev", "eth0", "nodad"]
+        self.lab.run(self.lab.x, *held)
+        self.attach(vm1, with_mac=True)
+        failed = self.final_state(vm1.vm_id, "VM_STATE_FAILED")
+        self.assertEqual(failed.get("state"), "VM_STATE_FAILED", f"with --dad and X holding "
+                         f"{vm1.address6}, vm-1 is {failed} (precondition)")
+        self.lab.run(self.lab.x, "ip", "addr", "del", f"{vm1.address6}/128", "dev", "eth0")
+        self.attach(vm1, with_mac=True)
+        again = self.final_state(vm1.vm_id, "VM_STATE_PROGRAMMED")
+        self.assertEqual(again.get("state"), "VM_STATE_PROGRAMMED",
+                         f"after X gave up {vm1.address6} (failed with {failed['message']!r}), "
+                         f"AttachVm again left vm-1 {again}")
+        self.assertEqual(self.missing_objects6(vm1), [], "vm-1's IPv6 network is incomplete")
+        for address in vm1.addresses:
+            self.assertReaches(self.lab.x, address, "X")
 
 
 if __name__ == "__main__":
