@@ -6,10 +6,16 @@
                                           vme2a ══ eth0 [ VM 2 ]
                                                    198.51.100.202/32
 
+With ``Lab(ipv6=True)`` the LAN is dual-stack: X also has 2001:db8:1::10/64, the uplink
+2001:db8:1::1/64, VM n 2001:db8:1::2NN/128 with ``default via fe80::ffff:1:1 dev eth0`` (every
+address without duplicate address detection, and the host without an IPv6 default route).
+MigrationLab is two such hosts, A and B, on one LAN bridge, for moving a VM between them.
+
 Every piece lives in network namespaces named ``vmnt-<pid>-<n>-<role>`` that the lab creates and
 removes again on every exit path (close(), the `with` block, atexit, SIGTERM). The machine's own
 (root) namespace is never changed: veth pairs are created directly inside the lab namespaces.
-Only 198.51.100.0/24, 203.0.113.0/24 and the gateway 169.255.30.1 are used.
+Only 198.51.100.0/24, 203.0.113.0/24, 2001:db8:1::/64 and the gateways 169.255.30.1 and
+fe80::ffff:1:1 are used.
 
 The host starts as the agent finds a real host: uplink configured, no default route, VM links
 present but DOWN, forwarding off. vmnetd is expected to do the rest.
@@ -17,6 +23,8 @@ present but DOWN, forwarding off. vmnetd is expected to do the rest.
 Run as root with /usr/bin/python3 (it has python3-grpcio). Commands:
 
     lab.py selftest   program the host by hand, as vmnetd would, and check the pings
+    lab.py selftest6  the same, dual-stack: IPv4 and IPv6 objects by hand, pings of both
+    lab.py selftest-migration  MigrationLab: the VM behind A, then moved to B, by hand
     lab.py cleanup    remove namespaces left by lab processes that no longer run
 """
 
@@ -56,6 +64,12 @@ HOST_ADDRESS = "198.51.100.1"
 X_ADDRESS = "198.51.100.10"
 LAN_PREFIX_LEN = 24
 GATEWAY = "169.255.30.1"
+# The dual-stack lab (Lab(ipv6=True), MigrationLab).
+HOST_ADDRESS6 = "2001:db8:1::1"
+X_ADDRESS6 = "2001:db8:1::10"
+LAN_PREFIX_LEN6 = 64
+GATEWAY6 = "fe80::ffff:1:1"
+AGENT_PROTOCOL = "237"  # the route and proxy entry protocol vmnetd marks its objects with
 
 COMMAND_TIMEOUT = 10.0
 DAEMON_START_TIMEOUT = 20.0
@@ -77,6 +91,11 @@ class DaemonError(Exception):
 def vm_address(index):
     """The address of VM `index` (1-based): 198.51.100.201 for VM 1."""
     return f"198.51.100.{200 + index}"
+
+
+def vm_address6(index):
+    """The IPv6 address of VM `index` (1-based) in a dual-stack lab: 2001:db8:1::201 for VM 1."""
+    return f"2001:db8:1::{200 + index}"
 
 
 def vm_interface(index):
@@ -120,6 +139,12 @@ class VmSpec:
     address: str
     mac: str
     vm_id: str
+    address6: str = None  # in a dual-stack lab only
+
+    @property
+    def addresses(self):
+        """The VM's addresses: IPv4, then IPv6 in a dual-stack lab."""
+        return [self.address] + ([self.address6] if self.address6 else [])
 
 
 @dataclasses.dataclass
@@ -147,6 +172,21 @@ def parse_arp(text):
         columns = [line[starts[i]:starts[i + 1]].strip() for i in range(len(names))]
         entries.append(ArpLine(*columns))
     return entries
+
+
+def configure_guest(lab, vm, ns=None):
+    """Configures VM `vm`'s adapter eth0 (already in namespace `ns`, vm.ns by default) as the
+    guest would: its MAC, its /32 (and /128, no DAD) and default routes via the gateways."""
+    ns = ns or vm.ns
+    lab._ip(ns, "link", "set", VM_LINK, "address", vm.mac)
+    lab._ip(ns, "addr", "add", f"{vm.address}/32", "dev", VM_LINK)
+    if vm.address6:
+        lab._ip(ns, "addr", "add", f"{vm.address6}/128", "dev", VM_LINK, "nodad")
+    lab._ip(ns, "link", "set", VM_LINK, "up")
+    lab._ip(ns, "route", "add", GATEWAY, "dev", VM_LINK, "scope", "link")
+    lab._ip(ns, "route", "add", "default", "via", GATEWAY, "dev", VM_LINK)
+    if vm.address6:
+        lab._ip(ns, "-6", "route", "add", "default", "via", GATEWAY6, "dev", VM_LINK)
 
 
 # -- cleanup on every exit path ---------------------------------------------------------------
@@ -198,9 +238,10 @@ class Lab:
 
     _sequence = 0
 
-    def __init__(self, vm_count=2, vms_without_link=()):
+    def __init__(self, vm_count=2, vms_without_link=(), ipv6=False):
         """`vm_count` VMs numbered from 1; those in `vms_without_link` get a namespace only
-        (call add_vm_link later, as when the hypervisor creates the adapter after attach)."""
+        (call add_vm_link later, as when the hypervisor creates the adapter after attach).
+        With `ipv6`, the LAN and the VMs are dual-stack (see the module docstring)."""
         Lab._sequence += 1
         self.prefix = f"{NAMESPACE_PREFIX}{os.getpid()}-{Lab._sequence}-"
         self.x = self.prefix + "x"
@@ -209,6 +250,7 @@ class Lab:
         self.daemon = None
         self._vm_count = vm_count
         self._vms_without_link = set(vms_without_link)
+        self.ipv6 = ipv6
         self._namespaces = []
 
     def __enter__(self):
@@ -230,8 +272,8 @@ class Lab:
         self._add_namespace(self.host)
         self._ip(self.host, "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0",
                  "netns", self.x)
-        self._configure_lan_end(self.x, X_ADDRESS)
-        self._configure_lan_end(self.host, HOST_ADDRESS)
+        self._configure_lan_end(self.x, X_ADDRESS, X_ADDRESS6)
+        self._configure_lan_end(self.host, HOST_ADDRESS, HOST_ADDRESS6)
         for index in range(1, self._vm_count + 1):
             self.add_vm(index, with_link=index not in self._vms_without_link)
 
@@ -293,14 +335,17 @@ class Lab:
     def _ip(self, ns, *args):
         return run_command("ip", "-n", ns, *args)
 
-    def _configure_lan_end(self, ns, address):
+    def _configure_lan_end(self, ns, address, address6=None):
         self._ip(ns, "addr", "add", f"{address}/{LAN_PREFIX_LEN}", "dev", "eth0")
+        if self.ipv6 and address6:
+            self._ip(ns, "addr", "add", f"{address6}/{LAN_PREFIX_LEN6}", "dev", "eth0", "nodad")
         self._ip(ns, "link", "set", "eth0", "up")
 
     def add_vm(self, index, with_link=True):
         """Creates VM `index`'s namespace and, when `with_link`, its adapter; returns its VmSpec."""
         vm = VmSpec(index=index, ns=f"{self.prefix}vm{index}", interface=vm_interface(index),
-                    address=vm_address(index), mac=vm_mac(index), vm_id=f"vm-{index}")
+                    address=vm_address(index), mac=vm_mac(index), vm_id=f"vm-{index}",
+                    address6=vm_address6(index) if self.ipv6 else None)
         self._add_namespace(vm.ns)
         self.vms[index] = vm
         if with_link:
@@ -312,11 +357,8 @@ class Lab:
         vm = self.vms[index]
         self._ip(self.host, "link", "add", vm.interface, "type", "veth", "peer", "name", VM_LINK,
                  "netns", vm.ns)
-        self._ip(vm.ns, "link", "set", VM_LINK, "address", vm.mac)
-        self._ip(vm.ns, "addr", "add", f"{vm.address}/32", "dev", VM_LINK)
-        self._ip(vm.ns, "link", "set", VM_LINK, "up")
-        self._ip(vm.ns, "route", "add", GATEWAY, "dev", VM_LINK, "scope", "link")
-        self._ip(vm.ns, "route", "add", "default", "via", GATEWAY, "dev", VM_LINK)
+        configure_guest(self, vm)
+
 
     # -- commands and kernel queries ----------------------------------------------------------
 
@@ -369,9 +411,9 @@ class Lab:
                 unsettled.append(f"{link['ifname']}: {', '.join(tentative)} tentative")
         return unsettled
 
-    def start_ping(self, ns, address, count, interval=0.2):
+    def start_ping(self, ns, address, count, interval=0.2, extra_args=()):
         """A ping from namespace `ns` running in the background; see Pinger."""
-        return Pinger(ns, address, count, interval)
+        return Pinger(ns, address, count, interval, extra_args)
 
     def monitor(self, ns=None, objects=("route", "neigh", "address", "link")):
         """`ip monitor OBJECTS` running in namespace `ns` (the host by default); see IpMonitor."""
@@ -424,6 +466,51 @@ class Lab:
         return {"routes": self.routes(), "proxy_entries": self.proxy_entries(),
                 "addresses": addresses}
 
+    # -- IPv6 queries (dual-stack lab) -----------------------------------------------------------
+
+    def routes6(self, ns=None):
+        """The IPv6 main routing table of namespace `ns` (the host by default)."""
+        return self.ip_json(ns or self.host, "-6", "-d", "route", "show", "table", "main")
+
+    def proxy_entries6(self, ns=None):
+        """The IPv6 proxy (NDP) entries, with their protocol (ip -j -6 -d neigh show proxy)."""
+        return self.ip_json(ns or self.host, "-6", "-d", "neigh", "show", "proxy")
+
+    def addresses6(self, dev, ns=None):
+        """The IPv6 addr_info list of link `dev` (ip -j -6 addr show dev DEV)."""
+        links = self.ip_json(ns or self.host, "-6", "addr", "show", "dev", dev)
+        return links[0]["addr_info"] if links else []
+
+    def neighbours6(self, dev, ns=None):
+        """The ordinary (non-proxy) IPv6 neighbours on link `dev`."""
+        return self.ip_json(ns or self.host, "-6", "neigh", "show", "dev", dev)
+
+    def sysctl(self, name, ns=None):
+        """A /proc/sys value (e.g. "net/ipv6/conf/eth0/proxy_ndp") read inside namespace `ns`
+        (the host by default): /proc/sys/net is per network namespace."""
+        return self.run(ns or self.host, "cat", f"/proc/sys/{name}").stdout.strip()
+
+    def set_sysctl(self, name, value, ns=None):
+        """Writes a /proc/sys value inside namespace `ns` (the host by default)."""
+        self.run(ns or self.host, "sysctl", "-q", "-w", f"{name.replace('/', '.')}={value}")
+
+    def mac(self, dev, ns=None):
+        """The MAC of link `dev` in namespace `ns` (the host by default)."""
+        return self.ip_json(ns or self.host, "link", "show", "dev", dev)[0]["address"]
+
+    def snapshot6(self):
+        """snapshot()'s IPv6 counterpart: the host's IPv6 routes not made by the kernel itself,
+        its IPv6 proxy entries, and the IPv6 addresses of every link but the link-local
+        addresses the kernel makes (the gateway fe80::ffff:1:1 is kept)."""
+        routes = [r for r in self.routes6() if r.get("protocol") != "kernel"]
+        addresses = {
+            link["ifname"]: sorted((a["local"], a["prefixlen"]) for a in link.get("addr_info", [])
+                                   if a.get("scope") != "link" or a["local"] == GATEWAY6)
+            for link in self.ip_json(self.host, "-6", "addr", "show")
+        }
+        return {"routes6": routes, "proxy_entries6": self.proxy_entries6(),
+                "addresses6": {name: a for name, a in addresses.items() if a}}
+
     # -- the daemon ---------------------------------------------------------------------------
 
     def start_daemon(self, *extra_flags, binary=None):
@@ -433,6 +520,138 @@ class Lab:
         self.daemon = Daemon(self.host, binary or VMNETD, extra_flags)
         self.daemon.start()
         return self.daemon
+
+
+class MigrationLab(Lab):
+    """Two hosts, A and B, on one LAN bridge, and a VM that moves from A to B; dual-stack.
+
+        Computer X eth0 ─┐              ┌─ eth0 [ HOST A ] vme1a ══ eth0 [ VM, adapter on A ]
+        198.51.100.10    ├─ br0 (lan) ──┤   198.51.100.1, 2001:db8:1::1
+        2001:db8:1::10   │              └─ eth0 [ HOST B ] vme1b ══ eth0 [ VM, adapter on B ]
+                                            198.51.100.2, 2001:db8:1::2
+
+    The bridge lives in a namespace of its own (multicast snooping off, so that neighbour
+    solicitations reach every port whatever MLD said). The VM is one spec (`vm_on_a`:
+    vm-1, 198.51.100.201/32, 2001:db8:1::201/128, MAC 52:54:00:00:00:01) with two adapters, as
+    in a live migration, where the destination's adapter is prepared before the switch-over:
+    `vm_on_a` in namespace ...-vma linked to A's vme1a, and `vm_on_b` (the same addresses and
+    MAC) in ...-vmb linked to B's vme1b. switch_over() moves the running VM: it takes the guest's
+    neighbour entries for its gateways from the adapter on A (they are guest memory, which a
+    migration carries along), sets that adapter down (the source stops) and installs the entries
+    in the adapter on B, where the guest now runs, as REACHABLE (a guest whose traffic keeps
+    them confirmed; measured: an entry carried in state DELAY heals by itself in 3 s, through
+    three failed unicast probes and a broadcast, a REACHABLE one only after its reachable time,
+    15 to 45 s). Until B announces the gateways on vme1b the guest therefore still sends to A's
+    gateway MAC, as a migrated guest would.
+
+    Attributes: x, lan, hosts {"a": ns, "b": ns}, vm_on_a, vm_on_b (VmSpecs), daemons
+    {"a": Daemon, "b": Daemon} after start_daemon("a") and start_daemon("b")."""
+
+    HOST_ADDRESSES = {"a": (HOST_ADDRESS, HOST_ADDRESS6), "b": ("198.51.100.2", "2001:db8:1::2")}
+
+    def __init__(self):
+        super().__init__(vm_count=0, ipv6=True)
+        self.lan = self.prefix + "lan"
+        self.hosts = {"a": self.prefix + "hosta", "b": self.prefix + "hostb"}
+        self.host = self.hosts["a"]  # Lab.close() deletes its links
+        self.daemons = {}
+        spec = dict(index=1, address=vm_address(1), address6=vm_address6(1), mac=vm_mac(1),
+                    vm_id="vm-1")
+        self.vm_on_a = VmSpec(ns=self.prefix + "vma", interface="vme1a", **spec)
+        self.vm_on_b = VmSpec(ns=self.prefix + "vmb", interface="vme1b", **spec)
+
+    def build(self):
+        _install_exit_hooks()
+        _live_labs.append(self)
+        self._add_namespace(self.lan)
+        self._ip(self.lan, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+        self._ip(self.lan, "link", "set", "br0", "up")
+        self._add_namespace(self.x)
+        self._plug_into_lan(self.x, "px")
+        self._configure_lan_end(self.x, X_ADDRESS, X_ADDRESS6)
+        for name, ns in self.hosts.items():
+            self._add_namespace(ns)
+            self._plug_into_lan(ns, f"p{name}")
+            self._configure_lan_end(ns, *self.HOST_ADDRESSES[name])
+        for host, vm in ((self.hosts["a"], self.vm_on_a), (self.hosts["b"], self.vm_on_b)):
+            self._add_namespace(vm.ns)
+            self._ip(host, "link", "add", vm.interface, "type", "veth", "peer", "name", VM_LINK,
+                     "netns", vm.ns)
+            configure_guest(self, vm)
+
+    def _plug_into_lan(self, ns, port):
+        self._ip(ns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
+                 "netns", self.lan)
+        self._ip(self.lan, "link", "set", port, "master", "br0")
+        self._ip(self.lan, "link", "set", port, "up")
+
+    def close(self):
+        for daemon in self.daemons.values():
+            daemon.close()
+        self.daemons.clear()
+        for ns in (self.lan, self.hosts["b"]):
+            if ns in self._namespaces:
+                self._delete_links(ns)
+        super().close()
+
+    def start_daemon(self, which, *extra_flags, binary=None):
+        """Starts vmnetd on host `which` ("a" or "b"), each with its own state directory."""
+        if which in self.daemons:
+            raise DaemonError(f"vmnetd is already running on host {which}")
+        self.daemons[which] = Daemon(self.hosts[which], binary or VMNETD, extra_flags)
+        self.daemons[which].start()
+        return self.daemons[which]
+
+    def gateway_neighbours(self, vm):
+        """The guest's neighbour entries for its two gateways on its adapter `vm`."""
+        return [n for n in self.ip_json(vm.ns, "neigh", "show", "dev", VM_LINK)
+                if n["dst"] in (GATEWAY, GATEWAY6)]
+
+    def switch_over(self):
+        """The VM stops on A and runs on from B, its neighbour entries for the gateways kept
+        (see the class docstring); returns the entries carried over."""
+        carried = [n for n in self.gateway_neighbours(self.vm_on_a) if n.get("lladdr")]
+        self._ip(self.vm_on_a.ns, "link", "set", VM_LINK, "down")
+        for n in carried:
+            self._ip(self.vm_on_b.ns, "neigh", "replace", n["dst"], "lladdr", n["lladdr"],
+                     "dev", VM_LINK, "nud", "reachable",
+                     *(["router"] if ":" in n["dst"] else []))
+        return carried
+
+
+def send_announcements(interface, address, mac=None, router=False):
+    """Sends one gratuitous ARP (IPv4 `address`) or one unsolicited neighbour advertisement
+    with the override flag (IPv6; `router` sets the router flag) for `address` from
+    `interface` of the current namespace, with `mac` (the link's own by default), through a
+    raw socket: a hand-made stand-in for the agent's announcements, used by the selftests."""
+    import ipaddress
+    import socket
+    import struct
+    if mac is None:
+        with open(f"/sys/class/net/{interface}/address") as f:
+            mac = f.read().strip()
+    hw = bytes.fromhex(mac.replace(":", ""))
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        frame = (b"\xff" * 6 + hw + struct.pack("!H", 0x0806)
+                 + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip.packed + b"\0" * 6
+                 + ip.packed)
+    else:
+        source = ipaddress.ip_address("fe80::1")  # any link-local address will do for Linux
+        all_nodes = ipaddress.ip_address("ff02::1")
+        flags = (0x80 if router else 0) | 0x20  # R, O
+        icmp = struct.pack("!BBHB3x", 136, 0, 0, flags) + ip.packed + bytes([2, 1]) + hw
+        pseudo = source.packed + all_nodes.packed + struct.pack("!I3xB", len(icmp), 58)
+        total = sum(struct.unpack(f"!{len(pseudo + icmp) // 2}H", pseudo + icmp))
+        while total >> 16:
+            total = (total & 0xffff) + (total >> 16)
+        icmp = icmp[:2] + struct.pack("!H", ~total & 0xffff) + icmp[4:]
+        frame = (bytes.fromhex("333300000001") + hw + struct.pack("!H", 0x86dd)
+                 + struct.pack("!IHBB", 6 << 28, len(icmp), 58, 255) + source.packed
+                 + all_nodes.packed + icmp)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((interface, 0))
+        sock.send(frame)
 
 
 class _BackgroundCommand:
@@ -459,9 +678,9 @@ class Pinger(_BackgroundCommand):
     replies counts the echo replies so far (ping prints one line each); wait() returns ping's
     summary as (transmitted, received)."""
 
-    def __init__(self, ns, address, count, interval):
+    def __init__(self, ns, address, count, interval, extra_args=()):
         self.command = ["ip", "netns", "exec", ns, "ping", "-n", "-i", str(interval),
-                        "-c", str(count), address]
+                        "-c", str(count), *extra_args, address]
         self.timeout = count * interval + 10
         self.output = []
         self.replies = 0
@@ -474,7 +693,7 @@ class Pinger(_BackgroundCommand):
     def _read(self):
         for line in self.process.stdout:
             self.output.append(line.rstrip("\n"))
-            if re.match(r"\d+ bytes from ", line):
+            if re.match(r"(\[\d+\.\d+\] )?\d+ bytes from ", line):  # -D: "[1700.1] 64 bytes"
                 self.replies += 1
 
     def running(self):
@@ -757,14 +976,163 @@ def health_status(target, service="", timeout=2.0):
 
 # -- command line -----------------------------------------------------------------------------
 
-def program_by_hand(lab, vm):
+def program_by_hand(lab, vm, host=None):
     """What vmnetd does for one VM, done with iproute2 (for the selftest only)."""
-    lab.run(lab.host, "ip", "link", "set", vm.interface, "up")
-    lab.run(lab.host, "ip", "route", "add", f"{vm.address}/32", "dev", vm.interface,
+    host = host or lab.host
+    lab.run(host, "ip", "link", "set", vm.interface, "up")
+    lab.run(host, "ip", "route", "add", f"{vm.address}/32", "dev", vm.interface,
             "scope", "link", "proto", "237")
-    lab.run(lab.host, "ip", "neigh", "add", "proxy", vm.address, "dev", UPLINK, "proto", "237")
-    lab.run(lab.host, "ip", "addr", "add", f"{GATEWAY}/32", "dev", vm.interface,
+    lab.run(host, "ip", "neigh", "add", "proxy", vm.address, "dev", UPLINK, "proto", "237")
+    lab.run(host, "ip", "addr", "add", f"{GATEWAY}/32", "dev", vm.interface,
             "scope", "link", "noprefixroute")
+
+
+def program_by_hand6(lab, vm, host=None, uplink=UPLINK):
+    """What vmnetd does for one VM's IPv6 address, done with iproute2 (for the selftests only);
+    the host-wide sysctls are set by enable_ipv6_forwarding_by_hand."""
+    host = host or lab.host
+    lab.run(host, "sysctl", "-q", "-w", f"net.ipv6.conf.{vm.interface}.accept_ra=0")
+    lab.run(host, "ip", "link", "set", vm.interface, "up")
+    lab.run(host, "ip", "-6", "route", "add", f"{vm.address6}/128", "dev", vm.interface,
+            "proto", AGENT_PROTOCOL)
+    lab.run(host, "ip", "-6", "neigh", "add", "proxy", vm.address6, "dev", uplink,
+            "proto", AGENT_PROTOCOL)
+    lab.run(host, "ip", "-6", "addr", "add", f"{GATEWAY6}/128", "dev", vm.interface,
+            "scope", "link", "nodad", "noprefixroute")
+
+
+def enable_ipv6_forwarding_by_hand(lab, host=None, uplink=UPLINK):
+    host = host or lab.host
+    lab.run(host, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    lab.run(host, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+    lab.run(host, "sysctl", "-q", "-w", f"net.ipv6.conf.{uplink}.proxy_ndp=1")
+
+
+def selftest6():
+    """selftest() for the dual-stack lab: both families programmed by hand, every ping of both
+    families checked; returns an exit code."""
+    with Lab(vm_count=2, ipv6=True) as lab:
+        vm1, vm2 = lab.vms[1], lab.vms[2]
+        checks = [("X cannot reach VM 1 over IPv6 before programming",
+                   not lab.ping(lab.x, vm1.address6)),
+                  ("the host has no IPv6 default route",
+                   not any(r["dst"] == "default" for r in lab.routes6()))]
+        enable_ipv6_forwarding_by_hand(lab)
+        for vm in (vm1, vm2):
+            program_by_hand(lab, vm)
+            program_by_hand6(lab, vm)
+        for vm in (vm1, vm2):
+            checks += [
+                (f"X reaches VM {vm.index} (IPv4)", lab.ping(lab.x, vm.address, deadline=3)),
+                (f"X reaches VM {vm.index} (IPv6)", lab.ping(lab.x, vm.address6, deadline=3)),
+                (f"VM {vm.index} reaches X (IPv4)", lab.ping(vm.ns, X_ADDRESS, deadline=3)),
+                (f"VM {vm.index} reaches X (IPv6)", lab.ping(vm.ns, X_ADDRESS6, deadline=3)),
+            ]
+        checks += [("VM 1 reaches VM 2 (IPv6)", lab.ping(vm1.ns, vm2.address6, deadline=3)),
+                    ("VM 2 reaches VM 1 (IPv4)", lab.ping(vm2.ns, vm1.address, deadline=3))]
+        print(lab.run(lab.x, "ip", "-6", "neigh", "show").stdout)
+        print(lab.run(lab.host, "ip", "-6", "neigh", "show", "proxy").stdout)
+        for name, ok in checks:
+            print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+def announce_by_hand(ns, announcements):
+    """send_announcements(interface, address, router=router) for each (interface, address,
+    router) of `announcements`, run inside namespace `ns` by one process."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import lab\nfor i, a, r in {list(announcements)!r}: "
+            f"lab.send_announcements(i, a, router=r)")
+    run_command("ip", "netns", "exec", ns, sys.executable, "-c", code)
+
+
+def ping_replies(lines):
+    """[(timestamp, icmp_seq)] of the echo replies in the output lines of `ping -D`."""
+    replies = []
+    for line in lines:
+        match = re.match(r"\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", line)
+        if match:
+            replies.append((float(match.group(1)), int(match.group(2))))
+    return replies
+
+
+def reply_gap(lines, stopped, restarted):
+    """How an interruption looked to `ping -D` (output `lines`): traffic `stopped` at that
+    time.time() and the repair began at `restarted`. Returns a dict: `last` (time, seq) of the
+    last reply before `stopped`, `first` (time, seq) of the first reply after it or None,
+    `resumed_after` (seconds from `restarted` to `first`, None if none) and `lost` (echo
+    requests between the two without a reply, None if none came after)."""
+    replies = ping_replies(lines)
+    before = [r for r in replies if r[0] <= stopped]
+    after = [r for r in replies if r[0] > stopped]
+    last = before[-1] if before else None
+    first = after[0] if after else None
+    return {"last": last, "first": first,
+            "resumed_after": first[0] - restarted if first else None,
+            "lost": first[1] - last[1] - 1 if first and last else None}
+
+
+def selftest_migration():
+    """MigrationLab, the VM programmed on A by hand, moved to B by hand: without announcements
+    the pings must not resume within 3 s (so that the agent's test can fail), and with
+    hand-made announcements from B they must resume within 1 s; returns an exit code."""
+    with MigrationLab() as lab:
+        a, b = lab.hosts["a"], lab.hosts["b"]
+        vm_a, vm_b = lab.vm_on_a, lab.vm_on_b
+        for host in (a, b):
+            enable_ipv6_forwarding_by_hand(lab, host)
+        program_by_hand(lab, vm_a, host=a)
+        program_by_hand6(lab, vm_a, host=a)
+        checks = [(f"X reaches the VM on A ({address})", lab.ping(lab.x, address, deadline=3))
+                  for address in vm_a.addresses]
+        checks += [(f"the VM on A reaches X ({address})", lab.ping(vm_a.ns, address, deadline=3))
+                   for address in (X_ADDRESS, X_ADDRESS6)]
+        lab.run(b, "ip", "link", "set", vm_b.interface, "up")  # the destination is prepared
+        wait_until(lambda: lab.ipv6_settled(b) and lab.ipv6_settled(vm_b.ns), 10)
+        pingers = [lab.start_ping(lab.x, address, 180, 0.05, ["-D", "-W", "1"])
+                   for address in vm_a.addresses]
+        time.sleep(1.5)
+        carried = lab.switch_over()
+        stopped = time.time()
+        program_by_hand(lab, vm_b, host=b)
+        program_by_hand6(lab, vm_b, host=b)
+        for address in vm_b.addresses:  # as vmnetd does for an AttachVm with mac_address
+            lab.run(b, "ip", "neigh", "replace", address, "lladdr", vm_b.mac,
+                    "dev", vm_b.interface, "nud", "permanent")
+        lab.run(a, "ip", "route", "del", f"{vm_a.address}/32", "dev", vm_a.interface)
+        lab.run(a, "ip", "neigh", "del", "proxy", vm_a.address, "dev", UPLINK)
+        lab.run(a, "ip", "-6", "route", "del", f"{vm_a.address6}/128", "dev", vm_a.interface)
+        lab.run(a, "ip", "-6", "neigh", "del", "proxy", vm_a.address6, "dev", UPLINK)
+        time.sleep(3)
+        if os.environ.get("LAB_VERBOSE"):
+            print(lab.run(vm_b.ns, "ip", "neigh", "show").stdout)
+            print(lab.run(lab.x, "ip", "neigh", "show").stdout)
+        announced = time.time()
+        announce_by_hand(b, [(UPLINK, address, False) for address in vm_b.addresses]
+                         + [(vm_b.interface, GATEWAY, False), (vm_b.interface, GATEWAY6, True)])
+        if os.environ.get("LAB_VERBOSE"):
+            print("after announcements:", time.time() - announced)
+            print(lab.run(vm_b.ns, "ip", "neigh", "show").stdout)
+            print(lab.run(lab.x, "ip", "neigh", "show").stdout)
+            print(lab.mac(UPLINK, b), lab.mac(vm_b.interface, b))
+        for pinger in pingers:
+            pinger.wait()
+        print(f"guest neighbour entries carried from A to B: {carried}")
+        for address, pinger in zip(vm_a.addresses, pingers):
+            gap = reply_gap(pinger.output, stopped, announced)
+            print(f"{address}: {pinger.summary()}; {gap}")
+            if os.environ.get("LAB_VERBOSE"):
+                print(" ".join(f"{t - stopped:+.2f}:{seq}" for t, seq in
+                               ping_replies(pinger.output)))
+            checks += [
+                (f"{address}: no reply in the 3 s without announcements",
+                 gap["first"] is not None and gap["first"][0] > announced),
+                (f"{address}: replies resume within 1 s of the announcements",
+                 gap["resumed_after"] is not None and gap["resumed_after"] < 1.0),
+            ]
+        for name, ok in checks:
+            print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 def selftest():
@@ -814,7 +1182,8 @@ def cleanup_stale():
 
 
 if __name__ == "__main__":
-    commands = {"selftest": selftest, "cleanup": cleanup_stale}
+    commands = {"selftest": selftest, "selftest6": selftest6,
+                "selftest-migration": selftest_migration, "cleanup": cleanup_stale}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     sys.exit(commands[sys.argv[1]]())
