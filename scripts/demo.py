@@ -6,10 +6,13 @@
 It builds a small lab out of network namespaces (nothing outside them changes):
 
     Computer X ── LAN ── eth0 (uplink) [ HOST ] vme1a ══ eth0 [ VM 1 ]  198.51.100.201/32
-    198.51.100.10        198.51.100.1              vme2a ══ eth0 [ VM 2 ]  198.51.100.202/32
+    198.51.100.10        198.51.100.1                               2001:db8:1::201/128
+    2001:db8:1::10       2001:db8:1::1             vme2a ══ eth0 [ VM 2 ]  198.51.100.202/32
+                                                                    2001:db8:1::202/128
 
-starts vmnetd on the host, attaches both VMs with vmnetctl, shows what the host now holds and
-that X and the VMs reach each other, detaches VM 1 and shows that X no longer reaches it, and
+starts vmnetd on the host, attaches both VMs (dual stack) with vmnetctl, shows what the host
+now holds, that X learned of the VMs from the agent's announcements, and that X and the VMs
+reach each other over IPv4 and IPv6, detaches VM 1 and shows that X no longer reaches it, and
 tears everything down. The binaries are <repo>/build/server/vmnetd and
 <repo>/build/client/vmnetctl (override with VMNETD and VMNETCTL).
 
@@ -88,11 +91,13 @@ def run_demo(the_lab):
     vm1, vm2 = the_lab.vms[1], the_lab.vms[2]
     demo = Demo(the_lab)
 
-    demo.step("The lab", f"Computer X ({lab.X_ADDRESS}) and the host ({lab.HOST_ADDRESS}, uplink "
-              f"{lab.UPLINK}) share a LAN. VM 1 ({vm1.address}) and VM 2 ({vm2.address}) hang off "
-              f"the host on links {vm1.interface} and {vm2.interface}, which the hypervisor "
-              f"created and left down. Each VM holds a /32 and sends everything to the gateway "
-              f"{lab.GATEWAY}. The host has no route to the VMs yet:")
+    demo.step("The lab", f"Computer X ({lab.X_ADDRESS}, {lab.X_ADDRESS6}) and the host "
+              f"({lab.HOST_ADDRESS}, {lab.HOST_ADDRESS6}, uplink {lab.UPLINK}) share a LAN. "
+              f"VM 1 ({vm1.address}, {vm1.address6}) and VM 2 ({vm2.address}, {vm2.address6}) "
+              f"hang off the host on links {vm1.interface} and {vm2.interface}, which the "
+              f"hypervisor created and left down. Each VM holds a /32 and a /128 and sends "
+              f"everything to the gateways {lab.GATEWAY} and {lab.GATEWAY6}. The host has no "
+              f"route to the VMs yet:")
     demo.sh(the_lab.host, "ip", "route")
     demo.sh(vm1.ns, "ip", "route")
     demo.ping(the_lab.x, vm1.address, expect_reply=False)
@@ -107,7 +112,7 @@ def run_demo(the_lab):
               "addresses; the MAC is optional (VM 1 gives it, so the host needs no ARP for it).")
     for vm, extra in ((vm1, ["--mac", vm1.mac]), (vm2, [])):
         result = demo.vmnetctl("attach", vm.vm_id, "--interface", vm.interface,
-                               "--ip", vm.address, *extra)
+                               "--ip", vm.address, "--ip", vm.address6, *extra)
         if result.returncode != 0:
             return demo.failures
 
@@ -122,12 +127,26 @@ def run_demo(the_lab):
     demo.vmnetctl("routes")
     demo.vmnetctl("arp")
 
+    demo.step("IPv6 the same way", f"A /128 route per address, a proxy NDP entry on "
+              f"{lab.UPLINK}, and the link-local gateway {lab.GATEWAY6} on each VM link.")
+    demo.sh(the_lab.host, "ip", "-6", "route", "show", "proto", lab.AGENT_PROTOCOL)
+    demo.sh(the_lab.host, "ip", "-6", "neigh", "show", "proxy")
+    demo.sh(the_lab.host, "ip", "-brief", "-6", "addr", "show", "dev", vm1.interface)
+
+    demo.step("Announced", f"On attach vmnetd sent gratuitous ARP and unsolicited neighbour "
+              f"advertisements on {lab.UPLINK}: X, which had failed to reach VM 1 before, "
+              f"already holds the host's MAC for it without asking again.")
+    demo.sh(the_lab.host, "ip", "-brief", "link", "show", lab.UPLINK)
+    demo.sh(the_lab.x, "ip", "neigh", "show", vm1.address)
+
     demo.step("Traffic", "X reaches the VMs through the host, the VMs reach X and each other.")
     demo.ping(the_lab.x, vm1.address)
     demo.ping(the_lab.x, vm2.address)
     demo.ping(vm1.ns, lab.X_ADDRESS)
     demo.ping(vm2.ns, lab.X_ADDRESS)
     demo.ping(vm1.ns, vm2.address)
+    demo.ping(the_lab.x, vm1.address6)
+    demo.ping(vm2.ns, lab.X_ADDRESS6)
 
     demo.step("Detach VM 1", f"vmnetd removes exactly what it installed for VM 1; the link "
               f"{vm1.interface} stays (the hypervisor owns it). VM 2 is not disturbed.")
@@ -144,7 +163,7 @@ def main():
         print(f"demo: vmnetctl not found at {VMNETCTL}: build it or set VMNETCTL", file=sys.stderr)
         return 2
     try:
-        with lab.Lab(vm_count=2) as the_lab:
+        with lab.Lab(vm_count=2, ipv6=True) as the_lab:
             try:
                 failures = run_demo(the_lab)
             except lab.DaemonError as e:
