@@ -216,10 +216,7 @@ void Reconciler::Run() {
 milliseconds Reconciler::NextWakeup() const {
   auto now = Clock::now();
   auto next = std::min(next_proxy_check_, next_full_resync_);
-  vmnet::ReaderMutexLock lock(&mu_);
-  for (const auto& [id, r] : vms_) {
-    if (r.state == VmState::kFailed) next = std::min(next, r.retry_at);
-  }
+  if (!retries_.empty()) next = std::min(next, retries_.begin()->first);
   if (resync_wanted_) next = std::min(next, last_resync_ + kMinResyncGap);
   if (next <= now) return milliseconds(0);
   return std::chrono::duration_cast<milliseconds>(next - now) + milliseconds(1);
@@ -252,11 +249,11 @@ void Reconciler::Iterate() {
   }
   std::vector<Reply> replies;
   ProcessCommands(std::move(commands), &replies);
-  {
-    vmnet::MutexLock lock(&mu_);
-    for (auto& [id, r] : vms_) {
-      if (r.state == VmState::kFailed && r.retry_at <= now) dirty_.insert(id);
-    }
+  // Failed VMs whose backoff is over. An entry may be stale (the VM
+  // recovered, changed or went); planning it again is harmless.
+  while (!retries_.empty() && retries_.begin()->first <= now) {
+    dirty_.insert(retries_.begin()->second);
+    retries_.erase(retries_.begin());
   }
   ReconcileDirty();
 
@@ -702,7 +699,7 @@ void Reconciler::ReconcileDirty() {
     }
     if (r.state == VmState::kFailed) {
       r.backoff = std::min(kMaxBackoff, std::max(kFirstBackoff, r.backoff * 2));
-      r.retry_at = now + r.backoff;
+      retries_.emplace(now + r.backoff, p.vm_id);
       if (old_message != r.message) {
         VMNET_LOG(Warning) << "event=vm_failed vm_id=" << p.vm_id << " error=\"" << r.message
                      << "\" retry_in_ms=" << r.backoff.count();

@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -195,8 +196,7 @@ class Reconciler {
     VmState state = VmState::kPending;
     std::string message;
     uint64_t revision = 0;
-    // Retry with exponential backoff after a failed write.
-    std::chrono::steady_clock::time_point retry_at{};
+    // The backoff of the next retry after a failed write (retries_).
     std::chrono::milliseconds backoff{0};
     // --dad: the addresses no other machine answered for (sorted), whether
     // a probe is out, and why the VM failed it.
@@ -280,6 +280,9 @@ class Reconciler {
   // Reconciler thread only.
   KernelModel model_;
   absl::flat_hash_set<std::string> dirty_;
+  // Failed VMs by the time of their next attempt: each pass looks only at
+  // the due ones, not at every VM.
+  std::set<std::pair<std::chrono::steady_clock::time_point, std::string>> retries_;
   // Specs removed or replaced since the last reconcile: what they
   // installed must go. Keyed by vm_id; the oldest spec wins.
   absl::flat_hash_map<std::string, VmSpec> removed_;
