@@ -95,6 +95,7 @@ class CountingWatcher : public Watcher {
     ++pushed_;
     return true;
   }
+  void PushBacklog(EventPtr event) override { benchmark::DoNotOptimize(event); }
   void Close(absl::Status) override {}
 
  private:
