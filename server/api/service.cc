@@ -534,8 +534,11 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
 namespace {
 
 // One Watch stream: a bounded queue filled by the event log, drained by one
-// write in flight at a time.
-class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
+// write in flight at a time. A write refers to the event's bytes, shared with
+// every other watcher. While more events are queued, writes carry the buffer
+// hint, so that what a reconcile pass published goes out in a few frames and
+// system calls rather than one per event.
+class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                            public Watcher {
  public:
   WatchReactor(EventLog* log, RequestStats* stats, size_t queue_limit)
@@ -605,11 +608,14 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || finished_) return;
     if (!queue_.empty()) {
-      current_ = std::move(queue_.front());
+      current_ = grpc::ByteBuffer(&queue_.front()->bytes(), 1);
       queue_.pop_front();
       if (backlog_ > 0) --backlog_;
       writing_ = true;
-      StartWrite(current_.get());
+      // The last queued event goes without the hint: it flushes the others.
+      grpc::WriteOptions options;
+      if (!queue_.empty()) options.set_buffer_hint();
+      StartWrite(&current_, options);
       return;
     }
     if (closing_) FinishLocked(close_status_);
@@ -628,7 +634,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
   vmnet::Mutex mu_;
   std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
   size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;  // snapshot/replay events at the front
-  EventPtr current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
+  grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
@@ -637,13 +643,21 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::WatchEvent>,
 
 }  // namespace
 
-grpc::ServerWriteReactor<v1::WatchEvent>* VmNetworkService::Watch(
-    grpc::CallbackServerContext* context, const v1::WatchRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* VmNetworkService::Watch(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw_request) {
   auto* reactor = new WatchReactor(events_, stats_, options_.watch_queue);
   if (auto denied = Authorize(*context, "Watch"); !denied.ok()) {
     reactor->Close(absl::PermissionDeniedError(denied.error_message()));
     return reactor;
   }
+  v1::WatchRequest parsed;
+  grpc::ByteBuffer bytes(*raw_request);  // Deserialize consumes its buffer
+  if (!grpc::SerializationTraits<v1::WatchRequest>::Deserialize(&bytes, &parsed).ok()) {
+    reactor->Close(
+        absl::InvalidArgumentError("the request is not a vmnet.v1.WatchRequest"));
+    return reactor;
+  }
+  const v1::WatchRequest* request = &parsed;
   if (!request->vm_id().empty()) {
     if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
       reactor->Close(s);

@@ -1,6 +1,7 @@
 #include "vmnet/events/event_log.h"
 
 #include "absl/strings/str_cat.h"
+#include "grpc/slice.h"
 
 namespace vmnet {
 namespace {
@@ -45,6 +46,20 @@ v1::Vm ToProto(const VmView& vm) {
   return out;
 }
 
+Event::Event(const v1::WatchEvent& event)
+    : revision_(event.revision()), type_(event.type()), vm_id_(event.vm().vm_id()) {
+  size_t size = event.ByteSizeLong();
+  grpc_slice slice = grpc_slice_malloc(size);
+  event.SerializeWithCachedSizesToArray(GRPC_SLICE_START_PTR(slice));
+  bytes_ = grpc::Slice(slice, grpc::Slice::STEAL_REF);
+}
+
+v1::WatchEvent Event::Parse() const {
+  v1::WatchEvent event;
+  event.ParseFromArray(bytes_.begin(), static_cast<int>(bytes_.size()));
+  return event;
+}
+
 EventLog::EventLog(std::string epoch, size_t history)
     : epoch_(std::move(epoch)), history_limit_(history) {}
 
@@ -56,14 +71,14 @@ void EventLog::StartRevisionsAt(uint64_t first) {
 uint64_t EventLog::Publish(VmEventType type, const VmView& vm,
                            const std::string& detail) {
   vmnet::MutexLock lock(&mu_);
-  auto event = std::make_shared<v1::WatchEvent>();
-  event->set_revision(++revision_);
-  event->set_epoch(epoch_);
-  event->set_type(ToProto(type));
-  *event->mutable_vm() = ToProto(vm);
-  event->mutable_vm()->set_revision(revision_);
-  event->set_detail(detail);
-  EventPtr shared = std::move(event);
+  v1::WatchEvent event;
+  event.set_revision(++revision_);
+  event.set_epoch(epoch_);
+  event.set_type(ToProto(type));
+  *event.mutable_vm() = ToProto(vm);
+  event.mutable_vm()->set_revision(revision_);
+  event.set_detail(detail);
+  auto shared = std::make_shared<const Event>(event);
   history_.push_back(shared);
   if (history_.size() > history_limit_) history_.pop_front();
   if (type == VmEventType::kRemoved) {
@@ -87,17 +102,17 @@ uint64_t EventLog::Publish(VmEventType type, const VmView& vm,
 
 void EventLog::Seed(const VmView& vm) {
   vmnet::MutexLock lock(&mu_);
-  auto event = std::make_shared<v1::WatchEvent>();
-  event->set_revision(vm.revision);
-  event->set_epoch(epoch_);
-  event->set_type(v1::EVENT_TYPE_SNAPSHOT);
-  *event->mutable_vm() = ToProto(vm);
-  current_[vm.spec.vm_id] = std::move(event);
+  v1::WatchEvent event;
+  event.set_revision(vm.revision);
+  event.set_epoch(epoch_);
+  event.set_type(v1::EVENT_TYPE_SNAPSHOT);
+  *event.mutable_vm() = ToProto(vm);
+  current_[vm.spec.vm_id] = std::make_shared<const Event>(event);
 }
 
 bool EventLog::Deliver(Watcher* watcher, const Subscription& sub,
                        const EventPtr& event) {
-  if (!sub.vm_id.empty() && event->vm().vm_id() != sub.vm_id) return true;
+  if (!sub.vm_id.empty() && event->vm_id() != sub.vm_id) return true;
   return watcher->Push(event);
 }
 
@@ -122,23 +137,23 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
   if (initial_snapshot) {
     for (const auto& [id, last] : current_) {
       if (!vm_id.empty() && id != vm_id) continue;
-      auto event = std::make_shared<v1::WatchEvent>();
-      event->set_revision(last->revision());
-      event->set_epoch(epoch_);
-      event->set_type(v1::EVENT_TYPE_SNAPSHOT);
-      *event->mutable_vm() = last->vm();
-      watcher->PushBacklog(std::move(event));
+      v1::WatchEvent event;
+      event.set_revision(last->revision());
+      event.set_epoch(epoch_);
+      event.set_type(v1::EVENT_TYPE_SNAPSHOT);
+      *event.mutable_vm() = std::move(*last->Parse().mutable_vm());
+      watcher->PushBacklog(std::make_shared<const Event>(event));
     }
-    auto end = std::make_shared<v1::WatchEvent>();
-    end->set_revision(revision_);
-    end->set_epoch(epoch_);
-    end->set_type(v1::EVENT_TYPE_SNAPSHOT_END);
-    watcher->PushBacklog(std::move(end));
+    v1::WatchEvent end;
+    end.set_revision(revision_);
+    end.set_epoch(epoch_);
+    end.set_type(v1::EVENT_TYPE_SNAPSHOT_END);
+    watcher->PushBacklog(std::make_shared<const Event>(end));
   }
   if (from_revision != 0) {
     for (const EventPtr& e : history_) {
       if (e->revision() <= from_revision) continue;
-      if (!sub.vm_id.empty() && e->vm().vm_id() != sub.vm_id) continue;
+      if (!sub.vm_id.empty() && e->vm_id() != sub.vm_id) continue;
       watcher->PushBacklog(e);
     }
   }

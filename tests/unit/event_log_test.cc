@@ -46,14 +46,43 @@ TEST(EventLogTest, SnapshotThenEndThenChanges) {
   ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
   ASSERT_EQ(w.events.size(), 2u);
   EXPECT_EQ(w.events[0]->type(), v1::EVENT_TYPE_SNAPSHOT);
-  EXPECT_EQ(w.events[0]->vm().vm_id(), "b");
+  EXPECT_EQ(w.events[0]->vm_id(), "b");
   EXPECT_EQ(w.events[0]->revision(), 2u);
   EXPECT_EQ(w.events[1]->type(), v1::EVENT_TYPE_SNAPSHOT_END);
   EXPECT_EQ(w.events[1]->revision(), 3u);
-  EXPECT_FALSE(w.events[1]->has_vm());
+  EXPECT_FALSE(w.events[1]->Parse().has_vm());
   log.Publish(VmEventType::kChanged, Vm("b"), "");
   ASSERT_EQ(w.events.size(), 3u);
   EXPECT_EQ(w.events[2]->revision(), 4u);
+  log.Unsubscribe(&w);
+}
+
+// What a Watch stream writes is each event's bytes: they must be the whole
+// WatchEvent, for live events and for the snapshot alike.
+TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
+  EventLog log("epoch-1", 10);
+  log.Publish(VmEventType::kAdded, Vm("a"), "attached: set link vme1 up");
+  QueueWatcher w;
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
+  log.Publish(VmEventType::kChanged, Vm("a"), "changed");
+  ASSERT_EQ(w.events.size(), 3u);
+
+  v1::WatchEvent snapshot = w.events[0]->Parse();
+  EXPECT_EQ(snapshot.type(), v1::EVENT_TYPE_SNAPSHOT);
+  EXPECT_EQ(snapshot.epoch(), "epoch-1");
+  EXPECT_EQ(snapshot.revision(), 1u);
+  EXPECT_EQ(snapshot.vm().vm_id(), "a");
+  EXPECT_EQ(snapshot.vm().interface(), "vme1");
+  EXPECT_EQ(snapshot.vm().state(), v1::VM_STATE_PROGRAMMED);
+
+  v1::WatchEvent live = w.events[2]->Parse();
+  EXPECT_EQ(live.type(), v1::EVENT_TYPE_VM_CHANGED);
+  EXPECT_EQ(live.epoch(), "epoch-1");
+  EXPECT_EQ(live.revision(), 2u);
+  EXPECT_EQ(live.vm().revision(), 2u);
+  EXPECT_EQ(live.vm().vm_id(), "a");
+  EXPECT_EQ(live.detail(), "changed");
+  EXPECT_EQ(w.events[2]->bytes().size(), live.ByteSizeLong());
   log.Unsubscribe(&w);
 }
 
@@ -77,7 +106,7 @@ TEST(EventLogTest, FilterByVm) {
   log.Publish(VmEventType::kAdded, Vm("a"), "");
   log.Publish(VmEventType::kAdded, Vm("b"), "");
   ASSERT_EQ(w.events.size(), 1u);
-  EXPECT_EQ(w.events[0]->vm().vm_id(), "b");
+  EXPECT_EQ(w.events[0]->vm_id(), "b");
   log.Unsubscribe(&w);
 }
 

@@ -32,7 +32,20 @@ struct ServiceOptions {
 // absl::Status to grpc::Status: the one place codes are mapped.
 grpc::Status ToGrpc(const absl::Status& status);
 
-class VmNetworkService final : public v1::VmNetwork::CallbackService {
+// VmNetwork::CallbackService with Watch served raw: each event is written as
+// the bytes the event log serialized once for every watcher (the wire format
+// is the same). Spelled out rather than WithRawCallbackMethod_Watch on top of
+// CallbackService, which would hide its callback Watch (-Woverloaded-virtual).
+// A new RPC needs its WithCallbackMethod_ here.
+using VmNetworkCallbackService =
+    v1::VmNetwork::WithCallbackMethod_AttachVm<v1::VmNetwork::WithCallbackMethod_DetachVm<
+        v1::VmNetwork::WithCallbackMethod_GetVm<v1::VmNetwork::WithCallbackMethod_ListVms<
+            v1::VmNetwork::WithCallbackMethod_ListArp<
+                v1::VmNetwork::WithCallbackMethod_ListRoutes<
+                    v1::VmNetwork::WithRawCallbackMethod_Watch<
+                        v1::VmNetwork::Service>>>>>>>;
+
+class VmNetworkService final : public VmNetworkCallbackService {
  public:
   // `reconciler`, `kernel` (read only: dumps), `events` and `stats` (may be
   // null) must outlive the service.
@@ -58,8 +71,9 @@ class VmNetworkService final : public v1::VmNetwork::CallbackService {
   grpc::ServerUnaryReactor* ListRoutes(grpc::CallbackServerContext* context,
                                        const v1::ListRoutesRequest* request,
                                        v1::ListRoutesResponse* response) override;
-  grpc::ServerWriteReactor<v1::WatchEvent>* Watch(
-      grpc::CallbackServerContext* context, const v1::WatchRequest* request) override;
+  // A vmnet.v1.WatchRequest in, a stream of vmnet.v1.WatchEvent out.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Watch(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
 
   size_t active_watchers() const { return events_->watcher_count(); }
 

@@ -2,8 +2,9 @@
 // strictly increasing revision, a bounded history for resuming, the current
 // VMs for snapshots, and a bounded queue per watcher.
 //
-// Events are built once as immutable protos and shared by every watcher's
-// queue: a fan-out to many watchers copies pointers, not events.
+// Each event is serialized once, when it is published, and the bytes are
+// shared by the history and every watcher's queue: a fan-out to many watchers
+// copies pointers, and writing an event to a stream copies no bytes.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
@@ -17,13 +18,36 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "grpcpp/support/slice.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/v1/vmnet.pb.h"
 
 namespace vmnet {
 
-using EventPtr = std::shared_ptr<const v1::WatchEvent>;
+// One published WatchEvent: what the log filters on, and the serialized
+// message ready to be written to a Watch stream. Immutable.
+class Event {
+ public:
+  explicit Event(const v1::WatchEvent& event);
+
+  uint64_t revision() const { return revision_; }
+  v1::EventType type() const { return type_; }
+  const std::string& vm_id() const { return vm_id_; }
+  // The serialized WatchEvent (a reference-counted slice: a write refers to
+  // it, it does not copy it).
+  const grpc::Slice& bytes() const { return bytes_; }
+  // The message again, parsed from the bytes.
+  v1::WatchEvent Parse() const;
+
+ private:
+  uint64_t revision_;
+  v1::EventType type_;
+  std::string vm_id_;
+  grpc::Slice bytes_;
+};
+
+using EventPtr = std::shared_ptr<const Event>;
 
 // The protos of a VM, shared by the API and the event log.
 v1::Vm ToProto(const VmView& vm);
