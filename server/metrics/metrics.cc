@@ -114,6 +114,7 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
     // A recreated link starts its counters from zero: Prometheus sees a
     // counter reset, as it should.
     MetricFamily f = Family(c.name, c.help, MetricType::Counter);
+    f.metric.reserve(vms.size());  // grown by doubling, it would hold up to twice that
     for (const VmView& vm : vms) {
       auto it = stats.find(vm.spec.interface);
       if (it == stats.end()) continue;  // no link: no traffic series
@@ -130,6 +131,8 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
   MetricFamily state = Family(
       "vmnet_vm_state", "1 for the VM's current state (pending, programmed, failed), 0 otherwise.",
       MetricType::Gauge);
+  info.metric.reserve(vms.size());
+  state.metric.reserve(3 * vms.size());
   for (const VmView& vm : vms) {
     info.metric.push_back(Sample({{"vm_id", vm.spec.vm_id},
                                   {"interface", vm.spec.interface},

@@ -27,6 +27,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
+#include "memory.h"
 #include "prometheus/exposer.h"
 #include "prometheus/metric_family.h"
 #include "systemd/sd-daemon.h"
@@ -232,6 +233,7 @@ class AnnouncerMetrics : public prometheus::Collectable {
 };
 
 int Run() {
+  TuneAllocator();
   LogLevel level;
   if (!ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
     return Fail("--log-level: give debug, info, warning or error");
@@ -373,6 +375,8 @@ int Run() {
     exposer->RegisterCollectable(collector);
     if (announcer) exposer->RegisterCollectable(announcer_metrics);
   }
+  // Returns what a scrape, a list snapshot or a storm's calls freed.
+  MemoryTrimmer trimmer;
 
   // Health says NOT_SERVING and mutations answer UNAVAILABLE until the
   // first full sync with the kernel is done.

@@ -1,0 +1,76 @@
+#include "memory.h"
+
+#include <malloc.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+
+namespace vmnet {
+namespace {
+
+// Resident bytes, from /proc/self/statm (one short read).
+size_t ResidentBytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  unsigned long size = 0, resident = 0;
+  int n = std::fscanf(f, "%lu %lu", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * static_cast<size_t>(sysconf(_SC_PAGESIZE)) : 0;
+}
+
+// What the process holds beyond the heap it uses: code, stacks, and the free
+// memory the allocator keeps. Only the last one grows.
+size_t Slack() {
+  struct mallinfo2 info = mallinfo2();
+  size_t used = info.uordblks + info.hblkhd;  // in the heap and in mapped blocks
+  size_t resident = ResidentBytes();
+  return resident > used ? resident - used : 0;
+}
+
+}  // namespace
+
+void TuneAllocator() {
+  mallopt(M_MMAP_THRESHOLD, 256 << 10);
+  mallopt(M_TRIM_THRESHOLD, 1 << 20);
+}
+
+MemoryTrimmer::MemoryTrimmer(int interval_ms, size_t slack_bytes)
+    : interval_ms_(interval_ms), slack_bytes_(slack_bytes), thread_([this] { Run(); }) {}
+
+MemoryTrimmer::~MemoryTrimmer() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+}
+
+size_t MemoryTrimmer::trims() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return trims_;
+}
+
+void MemoryTrimmer::Run() {
+  size_t floor = Slack();
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_),
+                         [this] { return stop_; })) {
+    lock.unlock();
+    size_t slack = Slack();
+    bool trimmed = false;
+    if (slack > floor + slack_bytes_) {
+      malloc_trim(0);
+      slack = Slack();
+      trimmed = true;
+      floor = slack;  // what could not be given back does not count again
+    } else if (slack < floor) {
+      floor = slack;
+    }
+    lock.lock();
+    trims_ += trimmed;
+  }
+}
+
+}  // namespace vmnet
