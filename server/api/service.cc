@@ -128,8 +128,9 @@ Sorted<Entry> SortEntries(std::vector<std::pair<std::string, Entry>> entries) {
 
 // The later pages of a listing are served from the snapshot its first page
 // read: walking every page costs one kernel dump, and the pages come from
-// one consistent table. A snapshot lives a minute; a token whose snapshot
-// has expired continues from a fresh read after its last key.
+// one consistent table. A snapshot lives a minute, or until its last page is
+// served; a token whose snapshot is gone continues from a fresh read after
+// its last key.
 template <typename Entry>
 class SnapshotCache {
  public:
@@ -147,6 +148,10 @@ class SnapshotCache {
     auto it = snapshots_.find(id);
     if (it == snapshots_.end() || it->second.filters != filters) return nullptr;
     return it->second.entries;
+  }
+  void Erase(uint64_t id) {
+    vmnet::MutexLock lock(&mu_);
+    snapshots_.erase(id);
   }
 
  private:
@@ -197,7 +202,10 @@ absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache, const PageReq
     entries = SortEntries(std::move(*fresh));
     snapshot = static_cast<int>(entries->size()) > page.size ? cache.Put(filters, entries) : 0;
   }
-  return Paginate(entries, page, list, snapshot, std::forward<Add>(add));
+  std::string next = Paginate(entries, page, list, snapshot, std::forward<Add>(add));
+  // The listing is done: its snapshot (10,000 entries: megabytes) goes now.
+  if (next.empty() && snapshot != 0) cache.Erase(snapshot);
+  return next;
 }
 
 // The state as `ip neigh` names it.
