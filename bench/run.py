@@ -321,11 +321,14 @@ class Agent:
                                       stderr=subprocess.STDOUT)
         log_file.close()
         self.pid = self.process.pid if not wrapper else None
-        try:
-            out, err = waiter.communicate(timeout=timeout + 10)
-        except subprocess.TimeoutExpired:
+        # An agent that exits fails the phase at once, not when the waiter gives up.
+        deadline = time.monotonic() + timeout + 10
+        while (waiter.poll() is None and self.process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        if waiter.poll() is None:
             waiter.kill()
-            out, err = waiter.communicate()
+        out, err = waiter.communicate()
         if waiter.returncode != 0 or self.process.poll() is not None:
             raise BenchError(f"vmnetd in {self.ns} did not become SERVING: {err.strip()}\n"
                              f"log tail:\n{self.log_tail()}")
