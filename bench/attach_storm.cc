@@ -27,14 +27,16 @@
 #include "bench_common.h"
 #include "vmnet/v1/vmnet.grpc.pb.h"
 
-ABSL_FLAG(std::string, target, "", "vmnetd's gRPC address, e.g. unix:///tmp/x/vmnetd.sock");
+ABSL_FLAG(std::string, target, "",
+          "vmnetd's gRPC address, e.g. unix:///tmp/x/vmnetd.sock");
 ABSL_FLAG(int, count, 1000, "VMs to attach: lab VMs 0..count-1.");
 ABSL_FLAG(int, concurrency, 256, "AttachVm calls in flight at once.");
 ABSL_FLAG(int, channels, 4, "Connections the attach calls are spread over.");
 ABSL_FLAG(int, watchers, 0, "Watch streams following the storm, one connection each.");
 ABSL_FLAG(double, timeout_s, 300, "Give up on the storm after this many seconds.");
-ABSL_FLAG(double, watch_timeout_s, 60,
-          "After the last attach answered, how long the watchers may take to see every event.");
+ABSL_FLAG(
+    double, watch_timeout_s, 60,
+    "After the last attach answered, how long the watchers may take to see every event.");
 
 namespace vmnet::bench {
 namespace {
@@ -92,8 +94,9 @@ class Storm {
     call->request.set_vm_id(VmId(i));
     call->request.set_interface(Interface(i));
     call->request.add_ip_addresses(Address(i));
-    call->context.set_deadline(std::chrono::system_clock::now() +
-                               std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
+    call->context.set_deadline(
+        std::chrono::system_clock::now() +
+        std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
     auto& stub = (*stubs_)[static_cast<size_t>(i) % stubs_->size()];
     stub->async()->AttachVm(&call->context, &call->request, &call->response,
                             [this, call](grpc::Status status) {
@@ -109,7 +112,8 @@ class Storm {
     if (!status.ok()) {
       failure = absl::StrCat("grpc_code_", status.error_code());
       if (outcome_.first_failure.empty()) {
-        outcome_.first_failure = absl::StrCat(call.request.vm_id(), ": ", status.error_message());
+        outcome_.first_failure =
+            absl::StrCat(call.request.vm_id(), ": ", status.error_message());
       }
     } else if (call.response.vm().state() != v1::VM_STATE_PROGRAMMED) {
       failure = v1::VmState_Name(call.response.vm().state());
@@ -140,7 +144,9 @@ class Storm {
 class Watcher {
  public:
   Watcher(std::shared_ptr<grpc::Channel> channel, int count)
-      : stub_(VmNetwork::NewStub(channel)), count_(count), seen_(static_cast<size_t>(count)) {}
+      : stub_(VmNetwork::NewStub(channel)),
+        count_(count),
+        seen_(static_cast<size_t>(count)) {}
 
   void Start() { Open(0); }
 
@@ -280,7 +286,7 @@ class Watcher {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Stream>> streams_;  // every stream opened, ended or not
-  Stream* live_ = nullptr;                         // the one not ended yet
+  Stream* live_ = nullptr;                        // the one not ended yet
   bool in_place_ = false;
   bool ended_ = false;
   bool stopping_ = false;
@@ -390,7 +396,8 @@ int Main() {
         .Add("watch_resumes", resumes)
         .Add("watch_other_events", other)
         .Add("watch_first_failure", failed_status)
-        .Add("watch_all_seen_s", complete == watcher_count ? last_complete - start : -1.0);
+        .Add("watch_all_seen_s",
+             complete == watcher_count ? last_complete - start : -1.0);
     ok = ok && complete == watcher_count && gaps == 0 && duplicates == 0;
   }
   result.Add("client_cpu_s", CpuSeconds() - cpu_before).Add("ok", ok);
@@ -403,7 +410,8 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "attaches lab VMs over gRPC with many calls in flight and prints the wall time (JSON)");
+      "attaches lab VMs over gRPC with many calls in flight and prints the wall time "
+      "(JSON)");
   absl::ParseCommandLine(argc, argv);
   return vmnet::bench::Main();
 }

@@ -27,7 +27,8 @@ inline std::string Interface(int i) { return absl::StrFormat("vme%x", i); }
 inline std::string Address(int i) {
   uint32_t base = (198u << 24) | (18u << 16);
   uint32_t a = base + 1 + static_cast<uint32_t>(i);
-  return absl::StrFormat("%d.%d.%d.%d", a >> 24, (a >> 16) & 0xff, (a >> 8) & 0xff, a & 0xff);
+  return absl::StrFormat("%d.%d.%d.%d", a >> 24, (a >> 16) & 0xff, (a >> 8) & 0xff,
+                         a & 0xff);
 }
 // The largest lab that fits in 198.18.0.0/15.
 constexpr int kMaxVms = (1 << 17) - 2;
@@ -67,10 +68,18 @@ class JsonObject {
   }
   JsonObject& Add(const std::string& key, int64_t v) { return Raw(key, absl::StrCat(v)); }
   JsonObject& Add(const std::string& key, int v) { return Raw(key, absl::StrCat(v)); }
-  JsonObject& Add(const std::string& key, uint64_t v) { return Raw(key, absl::StrCat(v)); }
-  JsonObject& Add(const std::string& key, bool v) { return Raw(key, v ? "true" : "false"); }
-  JsonObject& Add(const std::string& key, const std::string& v) { return Raw(key, Quote(v)); }
-  JsonObject& Add(const std::string& key, const char* v) { return Add(key, std::string(v)); }
+  JsonObject& Add(const std::string& key, uint64_t v) {
+    return Raw(key, absl::StrCat(v));
+  }
+  JsonObject& Add(const std::string& key, bool v) {
+    return Raw(key, v ? "true" : "false");
+  }
+  JsonObject& Add(const std::string& key, const std::string& v) {
+    return Raw(key, Quote(v));
+  }
+  JsonObject& Add(const std::string& key, const char* v) {
+    return Add(key, std::string(v));
+  }
   JsonObject& Add(const std::string& key, const std::map<std::string, int64_t>& m) {
     std::string out = "{";
     for (const auto& [k, v] : m) {

@@ -39,10 +39,13 @@
 
 ABSL_FLAG(int, count, 200, "Routes to delete, one at a time.");
 ABSL_FLAG(int, route_protocol, 237, "vmnetd's --route-protocol.");
-ABSL_FLAG(int, timeout_ms, 5000, "How long one repair may take before it counts as missed.");
-ABSL_FLAG(int, gap_ms, 20, "Pause between a repair and the next delete (plus 0..gap_ms).");
-ABSL_FLAG(bool, repairer, false,
-          "Be the control repairer: re-add deleted routes of --route_protocol until SIGTERM.");
+ABSL_FLAG(int, timeout_ms, 5000,
+          "How long one repair may take before it counts as missed.");
+ABSL_FLAG(int, gap_ms, 20,
+          "Pause between a repair and the next delete (plus 0..gap_ms).");
+ABSL_FLAG(
+    bool, repairer, false,
+    "Be the control repairer: re-add deleted routes of --route_protocol until SIGTERM.");
 
 namespace vmnet::bench {
 namespace {
@@ -105,7 +108,8 @@ void ForEachMessage(const std::vector<char>& buffer, ssize_t length, Fn&& fn) {
 bool ParseHostRoute(const nlmsghdr* h, int protocol, Route* out) {
   if (h->nlmsg_type != RTM_NEWROUTE && h->nlmsg_type != RTM_DELROUTE) return false;
   auto* rtm = static_cast<const rtmsg*>(NLMSG_DATA(h));
-  if (rtm->rtm_family != AF_INET || rtm->rtm_dst_len != 32 || rtm->rtm_protocol != protocol) {
+  if (rtm->rtm_family != AF_INET || rtm->rtm_dst_len != 32 ||
+      rtm->rtm_protocol != protocol) {
     return false;
   }
   uint32_t table = rtm->rtm_table;
@@ -237,7 +241,8 @@ void AddRoute(RtnlSocket& sock, const Route& route, int protocol, uint32_t seq) 
   } request{};
   request.h.nlmsg_len = sizeof(request);
   request.h.nlmsg_type = RTM_NEWROUTE;
-  request.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL;  // no ack: as fast as it gets
+  request.h.nlmsg_flags =
+      NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL;  // no ack: as fast as it gets
   request.h.nlmsg_seq = seq;
   request.rtm.rtm_family = AF_INET;
   request.rtm.rtm_dst_len = 32;
@@ -297,13 +302,15 @@ int Main() {
   }
   std::vector<Route> routes;
   if (!DumpRoutes(requests, protocol, &routes) || routes.empty()) {
-    std::cerr << "vmnet_drift_repair: no routes with protocol " << protocol << " to delete\n";
+    std::cerr << "vmnet_drift_repair: no routes with protocol " << protocol
+              << " to delete\n";
     return 1;
   }
   // Spread the victims evenly over the table.
   std::vector<Route> victims;
   for (int i = 0; i < count; ++i) {
-    victims.push_back(routes[static_cast<size_t>(i) * routes.size() / static_cast<size_t>(count)]);
+    victims.push_back(
+        routes[static_cast<size_t>(i) * routes.size() / static_cast<size_t>(count)]);
   }
 
   std::mt19937 random(7);
@@ -323,7 +330,8 @@ int Main() {
       continue;
     }
     double deadline = start + absl::GetFlag(FLAGS_timeout_ms) / 1000.0;
-    double readded = WaitReadded(monitor, victim, protocol, deadline, &buffer, &overflows);
+    double readded =
+        WaitReadded(monitor, victim, protocol, deadline, &buffer, &overflows);
     if (readded == 0) {
       ++missed;
     } else {
@@ -343,7 +351,8 @@ int Main() {
       .Add("p90_ms", Percentile(sorted, 0.90))
       .Add("p99_ms", Percentile(sorted, 0.99))
       .Add("max_ms", sorted.empty() ? -1.0 : sorted.back())
-      .Raw("latencies_ms", "[" + absl::StrJoin(latencies_ms, ", ", [](std::string* out, double v) {
+      .Raw("latencies_ms",
+           "[" + absl::StrJoin(latencies_ms, ", ", [](std::string* out, double v) {
              absl::StrAppendFormat(out, "%.3f", v);
            }) + "]");
   std::cout << result.ToString() << std::endl;
@@ -355,7 +364,8 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "deletes vmnetd's routes one at a time and times their repair (JSON); run it in the "
+      "deletes vmnetd's routes one at a time and times their repair (JSON); run it in "
+      "the "
       "host namespace");
   absl::ParseCommandLine(argc, argv);
   return vmnet::bench::Main();

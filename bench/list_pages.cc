@@ -13,7 +13,8 @@
 #include "bench_common.h"
 #include "vmnet/v1/vmnet.grpc.pb.h"
 
-ABSL_FLAG(std::string, target, "", "vmnetd's gRPC address, e.g. unix:///tmp/x/vmnetd.sock");
+ABSL_FLAG(std::string, target, "",
+          "vmnetd's gRPC address, e.g. unix:///tmp/x/vmnetd.sock");
 ABSL_FLAG(std::string, what, "routes", "routes (ListRoutes) or arp (ListArp).");
 ABSL_FLAG(int, page_size, 1000, "Entries per page.");
 ABSL_FLAG(int, repeat, 3, "Complete reads to time.");
@@ -22,8 +23,8 @@ namespace vmnet::bench {
 namespace {
 
 // One complete read: every page until next_page_token is empty.
-grpc::Status ReadAll(v1::VmNetwork::Stub& stub, bool routes, int page_size, int64_t* entries,
-                     int* pages) {
+grpc::Status ReadAll(v1::VmNetwork::Stub& stub, bool routes, int page_size,
+                     int64_t* entries, int* pages) {
   std::string token;
   *entries = 0;
   *pages = 0;
@@ -71,10 +72,11 @@ int Main() {
   int pages = 0;
   for (int r = 0; r < std::max(1, absl::GetFlag(FLAGS_repeat)); ++r) {
     double start = Now();
-    grpc::Status s = ReadAll(*stub, what == "routes", absl::GetFlag(FLAGS_page_size), &entries,
-                             &pages);
+    grpc::Status s = ReadAll(*stub, what == "routes", absl::GetFlag(FLAGS_page_size),
+                             &entries, &pages);
     if (!s.ok()) {
-      std::cerr << "vmnet_list_pages: " << s.error_code() << " " << s.error_message() << "\n";
+      std::cerr << "vmnet_list_pages: " << s.error_code() << " " << s.error_message()
+                << "\n";
       return 1;
     }
     times.push_back(Now() - start);
@@ -88,8 +90,8 @@ int Main() {
       .Add("median_s", sorted[sorted.size() / 2])
       .Add("min_s", sorted.front())
       .Raw("times_s", "[" + absl::StrJoin(times, ", ", [](std::string* out, double t) {
-             absl::StrAppendFormat(out, "%.6f", t);
-           }) + "]");
+                        absl::StrAppendFormat(out, "%.6f", t);
+                      }) + "]");
   std::cout << result.ToString() << std::endl;
   return 0;
 }
@@ -98,7 +100,8 @@ int Main() {
 }  // namespace vmnet::bench
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("reads every page of ListRoutes or ListArp and times it (JSON)");
+  absl::SetProgramUsageMessage(
+      "reads every page of ListRoutes or ListArp and times it (JSON)");
   absl::ParseCommandLine(argc, argv);
   return vmnet::bench::Main();
 }

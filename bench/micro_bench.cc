@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "benchmark/benchmark.h"
 #include "bench_common.h"
+#include "benchmark/benchmark.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/state/state_store.h"
 #include "vmnet/state/vm_spec.h"
@@ -75,7 +75,11 @@ void BM_StateSave(benchmark::State& s) {
   }
   std::filesystem::remove_all(dir);
 }
-BENCHMARK(BM_StateSave)->Arg(1000)->Arg(10000)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_StateSave)
+    ->Arg(1000)
+    ->Arg(10000)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_StateDecode(benchmark::State& s) {
   std::string encoded = StateStore::Encode(LabState(static_cast<int>(s.range(0))));

@@ -47,7 +47,8 @@ int Main() {
       stub = Health::NewStub(Connect("unix://" + path, connects++));
     }
     grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(500));
     HealthCheckResponse response;
     grpc::Status status = stub->Check(&context, HealthCheckRequest(), &response);
     ++checks;

@@ -120,7 +120,8 @@ std::string Parse(int argc, char** argv, Args* args) {
 }
 
 bool Has(const Args& args, const std::string& name) {
-  return std::find(args.switches.begin(), args.switches.end(), name) != args.switches.end();
+  return std::find(args.switches.begin(), args.switches.end(), name) !=
+         args.switches.end();
 }
 
 std::string Option(const Args& args, const std::string& name) {
@@ -145,7 +146,8 @@ std::string CheckOptions(const Args& args, const std::vector<std::string>& allow
     }
   }
   for (const std::string& name : args.switches) {
-    if (name != "help" && std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+    if (name != "help" &&
+        std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
       return absl::StrCat(args.command, ": unknown option --", name);
     }
   }
@@ -161,9 +163,9 @@ int ServerError(const grpc::Status& status) {
   }
   // gRPC's status codes have absl's numbers and names.
   std::cerr << "vmnetctl: "
-            << absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))
-            << ": "
-            << status.error_message() << "\n";
+            << absl::StatusCodeToString(
+                   static_cast<absl::StatusCode>(status.error_code()))
+            << ": " << status.error_message() << "\n";
   return kExitServerError;
 }
 
@@ -203,7 +205,8 @@ class Client {
   }
 
   int Attach() {
-    if (auto e = CheckOptions(args_, {"interface", "ip", "mac", "validate-only"}); !e.empty()) {
+    if (auto e = CheckOptions(args_, {"interface", "ip", "mac", "validate-only"});
+        !e.empty()) {
       return Usage(e);
     }
     if (args_.positional.size() != 1) return Usage("attach: give exactly one VM_ID");
@@ -224,7 +227,8 @@ class Client {
     } else {
       const auto& vm = response.vm();
       std::cout << vm.vm_id() << " " << StateName(vm.state()) << " interface "
-                << vm.interface() << " addresses " << absl::StrJoin(vm.ip_addresses(), ",");
+                << vm.interface() << " addresses "
+                << absl::StrJoin(vm.ip_addresses(), ",");
       if (!vm.message().empty()) std::cout << ": " << vm.message();
       std::cout << "\n";
     }
@@ -256,8 +260,8 @@ class Client {
                                  absl::StrJoin(vm.ip_addresses(), ","), vm.message());
   }
   static void PrintVmHeader() {
-    std::cout << absl::StrFormat("%-24s %-11s %-15s %-34s %s\n", "VM", "STATE", "INTERFACE",
-                                 "ADDRESSES", "MESSAGE");
+    std::cout << absl::StrFormat("%-24s %-11s %-15s %-34s %s\n", "VM", "STATE",
+                                 "INTERFACE", "ADDRESSES", "MESSAGE");
   }
 
   int Get() {
@@ -279,7 +283,8 @@ class Client {
               << "state:       " << StateName(vm.state()) << "\n"
               << "interface:   " << vm.interface() << "\n"
               << "addresses:   " << absl::StrJoin(vm.ip_addresses(), ", ") << "\n"
-              << "mac_address: " << (vm.mac_address().empty() ? "-" : vm.mac_address()) << "\n"
+              << "mac_address: " << (vm.mac_address().empty() ? "-" : vm.mac_address())
+              << "\n"
               << "revision:    " << vm.revision() << "\n";
     if (!vm.message().empty()) std::cout << "message:     " << vm.message() << "\n";
     return kExitOk;
@@ -326,7 +331,8 @@ class Client {
   }
 
   int Arp() {
-    if (auto e = CheckOptions(args_, {"interface", "vm", "family"}); !e.empty()) return Usage(e);
+    if (auto e = CheckOptions(args_, {"interface", "vm", "family"}); !e.empty())
+      return Usage(e);
     std::vector<vmnet::v1::ArpEntry> entries;
     auto family = FamilyOption(args_);
     if (!family) return Usage("arp: --family: give ipv4, ipv6 or all");
@@ -352,8 +358,8 @@ class Client {
     }
     if (*family == vmnet::v1::ADDRESS_FAMILY_IPV4) {
       // The columns of net-tools' arp -n.
-      std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", "Address", "HWtype",
-                                   "HWaddress", "Flags", "Mask", "Iface");
+      std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", "Address",
+                                   "HWtype", "HWaddress", "Flags", "Mask", "Iface");
       for (const auto& e : entries) {
         std::cout << absl::StrFormat("%-24s %-7s %-19s %-5s %-15s %s\n", e.ip_address(),
                                      e.hw_type(), e.hw_address(), e.flags(), e.mask(),
@@ -377,7 +383,8 @@ class Client {
   }
 
   int Routes() {
-    if (auto e = CheckOptions(args_, {"interface", "vm", "family"}); !e.empty()) return Usage(e);
+    if (auto e = CheckOptions(args_, {"interface", "vm", "family"}); !e.empty())
+      return Usage(e);
     auto family = FamilyOption(args_);
     if (!family) return Usage("routes: --family: give ipv4, ipv6 or all");
     std::string token;

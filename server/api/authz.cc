@@ -21,12 +21,14 @@ absl::Status Malformed(const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("authorization policy: ", what));
 }
 
-absl::StatusOr<std::vector<std::string>> Strings(const Struct& parent, const std::string& key,
+absl::StatusOr<std::vector<std::string>> Strings(const Struct& parent,
+                                                 const std::string& key,
                                                  const std::string& where) {
   std::vector<std::string> out;
   auto it = parent.fields().find(key);
   if (it == parent.fields().end()) return out;
-  if (!it->second.has_list_value()) return Malformed(absl::StrCat(where, ".", key, " is not a list"));
+  if (!it->second.has_list_value())
+    return Malformed(absl::StrCat(where, ".", key, " is not a list"));
   for (const Value& v : it->second.list_value().values()) {
     if (v.kind_case() != Value::kStringValue) {
       return Malformed(absl::StrCat(where, ".", key, " has a non-string entry"));
@@ -55,14 +57,16 @@ absl::StatusOr<std::vector<AuthzRule>> Rules(const Struct& root, const std::stri
     r.name = name->second.string_value();
     for (const auto& [field, value] : rule.fields()) {
       if (field == "name") continue;
-      if (!value.has_struct_value()) return Malformed(absl::StrCat(where, ".", field, " is not an object"));
+      if (!value.has_struct_value())
+        return Malformed(absl::StrCat(where, ".", field, " is not an object"));
       if (field == "source") {
         auto p = Strings(value.struct_value(), "principals", where + ".source");
         if (!p.ok()) return p.status();
         r.principals = *p;
       } else if (field == "request") {
         if (value.struct_value().fields().contains("headers")) {
-          return Malformed(absl::StrCat(where, ".request.headers is not supported by vmnetd"));
+          return Malformed(
+              absl::StrCat(where, ".request.headers is not supported by vmnetd"));
         }
         auto p = Strings(value.struct_value(), "paths", where + ".request");
         if (!p.ok()) return p.status();
@@ -107,7 +111,8 @@ bool AuthzMatch(const std::string& pattern, const std::string& value) {
 absl::StatusOr<AuthzPolicy> AuthzPolicy::Parse(const std::string& json) {
   Struct root;
   auto parsed = google::protobuf::util::JsonStringToMessage(json, &root);
-  if (!parsed.ok()) return Malformed(absl::StrCat("not JSON: ", parsed.message().as_string()));
+  if (!parsed.ok())
+    return Malformed(absl::StrCat("not JSON: ", parsed.message().as_string()));
   AuthzPolicy policy;
   for (const auto& [field, value] : root.fields()) {
     if (field != "name" && field != "allow_rules" && field != "deny_rules") {
@@ -160,8 +165,8 @@ Authorizer::Authorizer(std::string path, std::chrono::seconds refresh, AuthzPoli
       version_(std::move(version)),
       next_check_(std::chrono::steady_clock::now() + refresh) {}
 
-absl::StatusOr<std::unique_ptr<Authorizer>> Authorizer::FromFile(const std::string& path,
-                                                                 std::chrono::seconds refresh) {
+absl::StatusOr<std::unique_ptr<Authorizer>> Authorizer::FromFile(
+    const std::string& path, std::chrono::seconds refresh) {
   auto text = ReadFile(path);
   if (!text.ok()) return text.status();
   auto policy = AuthzPolicy::Parse(*text);
@@ -179,8 +184,8 @@ void Authorizer::MaybeReload() {
   }
   auto text = ReadFile(path_);
   if (!text.ok()) {
-    VMNET_LOG(Warning) << "event=authz_reload_failed path=" << path_
-                       << " error=\"" << text.status().message() << "\" keeping=previous";
+    VMNET_LOG(Warning) << "event=authz_reload_failed path=" << path_ << " error=\""
+                       << text.status().message() << "\" keeping=previous";
     return;
   }
   vmnet::MutexLock lock(&mu_);
@@ -224,11 +229,12 @@ grpc::Status Authorizer::Check(const grpc::CallbackServerContext& context,
   std::vector<std::string> identities;
   if (auto auth = context.auth_context()) identities = Identities(*auth);
   if (policy->Allows(identities, path)) return grpc::Status::OK;
-  std::string who = identities.empty() ? "a caller with no identity"
-                                       : absl::StrCat("\"", absl::StrJoin(identities, "\", \""), "\"");
-  return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                      absl::StrCat(who, " may not call ", path, " (policy \"", policy->name,
-                                   "\")"));
+  std::string who = identities.empty()
+                        ? "a caller with no identity"
+                        : absl::StrCat("\"", absl::StrJoin(identities, "\", \""), "\"");
+  return grpc::Status(
+      grpc::StatusCode::PERMISSION_DENIED,
+      absl::StrCat(who, " may not call ", path, " (policy \"", policy->name, "\")"));
 }
 
 }  // namespace vmnet

@@ -52,15 +52,15 @@ absl::StatusOr<std::vector<Listener>> ClassifyListeners(const ListenerConfig& co
     Listener l{address, false};
     if (absl::StartsWith(address, kUnix)) {
       if (address.size() == kUnix.size() || address[kUnix.size()] != '/') {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--listen: \"", address, "\" is not unix:///absolute/path"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--listen: \"", address, "\" is not unix:///absolute/path"));
       }
       l.local = true;
     } else {
       std::string host = HostOf(address);
       if (host.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--listen: \"", address, "\" is not host:port or unix:///path"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--listen: \"", address, "\" is not host:port or unix:///path"));
       }
       l.local = IsLoopback(host);
       if (!l.local && !tls && !config.insecure) {
@@ -93,9 +93,10 @@ absl::StatusOr<std::unique_ptr<ApiServers>> ApiServers::Start(
                                config.max_concurrent_streams);
     ServiceOptions with_authz = options;
     with_authz.authorizer = authorizer;
-    auto& service = servers->services_.emplace_back(
-        std::make_unique<VmNetworkService>(reconciler, kernel, events, stats, with_authz));
-    auto& health = servers->health_.emplace_back(std::make_unique<HealthService>(reconciler));
+    auto& service = servers->services_.emplace_back(std::make_unique<VmNetworkService>(
+        reconciler, kernel, events, stats, with_authz));
+    auto& health =
+        servers->health_.emplace_back(std::make_unique<HealthService>(reconciler));
     builder.RegisterService(service.get());
     builder.RegisterService(health.get());
   };
@@ -149,7 +150,8 @@ absl::StatusOr<std::unique_ptr<ApiServers>> ApiServers::Start(
   std::shared_ptr<grpc::ServerCredentials> credentials;
   if (!config.tls_cert.empty()) {
     auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-        config.tls_key, config.tls_cert, config.tls_client_ca, config.tls_refresh_seconds);
+        config.tls_key, config.tls_cert, config.tls_client_ca,
+        config.tls_refresh_seconds);
     grpc::experimental::TlsServerCredentialsOptions tls(provider);
     tls.watch_root_certs();
     tls.watch_identity_key_cert_pairs();
@@ -168,13 +170,14 @@ absl::StatusOr<std::unique_ptr<ApiServers>> ApiServers::Start(
       auto authz = Authorizer::FromFile(config.authz_policy,
                                         std::chrono::seconds(config.tls_refresh_seconds));
       if (!authz.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--authz-policy: ", config.authz_policy, ": ", authz.status().message()));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--authz-policy: ", config.authz_policy, ": ", authz.status().message()));
       }
       servers->authorizer_ = std::move(*authz);
     } else if (!config.tls_cert.empty()) {
-      VMNET_LOG(Warning) << "event=no_authz_policy detail=\"every caller with a certificate "
-                            "of --tls-client-ca may call every RPC\"";
+      VMNET_LOG(Warning)
+          << "event=no_authz_policy detail=\"every caller with a certificate "
+             "of --tls-client-ca may call every RPC\"";
     }
     configure(remote, servers->authorizer_.get());
     if (auto s = start(remote, remote_names); !s.ok()) return s;
@@ -183,16 +186,15 @@ absl::StatusOr<std::unique_ptr<ApiServers>> ApiServers::Start(
   if (!config.health_address.empty()) {
     grpc::ServerBuilder probe;
     probe.AddListeningPort(config.health_address, grpc::InsecureServerCredentials());
-    auto& health = servers->health_.emplace_back(std::make_unique<HealthService>(reconciler));
+    auto& health =
+        servers->health_.emplace_back(std::make_unique<HealthService>(reconciler));
     probe.RegisterService(health.get());
     if (auto s = start(probe, config.health_address); !s.ok()) return s;
   }
   return servers;
 }
 
-ApiServers::~ApiServers() {
-  Shutdown(std::chrono::system_clock::now());
-}
+ApiServers::~ApiServers() { Shutdown(std::chrono::system_clock::now()); }
 
 void ApiServers::SetDraining() {
   for (auto& h : health_) h->SetDraining();

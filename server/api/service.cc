@@ -3,16 +3,16 @@
 #include <linux/neighbour.h>
 
 #include <algorithm>
-#include <mutex>
 #include <deque>
+#include <mutex>
 
 #include "absl/container/btree_map.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
-#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/match.h"
+#include "absl/time/clock.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/kernel/netlink_codec.h"
 
@@ -22,8 +22,8 @@ namespace {
 constexpr int kDefaultPageSize = 100;
 // The kernel's kNudValid (not in the uapi headers): states with a usable
 // link-layer address, which arp -n flags C.
-constexpr uint16_t kNudValid = NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE |
-                               NUD_PROBE | NUD_STALE | NUD_DELAY;
+constexpr uint16_t kNudValid =
+    NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE | NUD_PROBE | NUD_STALE | NUD_DELAY;
 constexpr int kMaxPageSize = 1000;
 
 const grpc::Status kStarting(grpc::StatusCode::UNAVAILABLE,
@@ -41,7 +41,8 @@ void VmNetworkService::Finish(grpc::ServerUnaryReactor* reactor, const char* met
 grpc::Status VmNetworkService::Authorize(const grpc::CallbackServerContext& context,
                                          const char* method) const {
   if (options_.authorizer == nullptr) return grpc::Status::OK;
-  return options_.authorizer->Check(context, absl::StrCat("/vmnet.v1.VmNetwork/", method));
+  return options_.authorizer->Check(context,
+                                    absl::StrCat("/vmnet.v1.VmNetwork/", method));
 }
 
 grpc::ServerUnaryReactor* VmNetworkService::Reply(grpc::CallbackServerContext* context,
@@ -70,11 +71,13 @@ struct PageRequest {
 // Page tokens are opaque to clients: the list's name, the snapshot the
 // listing reads from, and the sort key of the last entry returned,
 // base64url-encoded.
-std::string EncodeToken(absl::string_view list, uint64_t snapshot, absl::string_view key) {
+std::string EncodeToken(absl::string_view list, uint64_t snapshot,
+                        absl::string_view key) {
   return absl::WebSafeBase64Escape(absl::StrCat(list, "|", snapshot, "|", key));
 }
 
-absl::Status DecodeToken(absl::string_view list, absl::string_view token, PageRequest* page) {
+absl::Status DecodeToken(absl::string_view list, absl::string_view token,
+                         PageRequest* page) {
   auto invalid = absl::InvalidArgumentError(
       "page_token: is not a token this server issued for this list; start "
       "again with an empty page_token");
@@ -86,7 +89,8 @@ absl::Status DecodeToken(absl::string_view list, absl::string_view token, PageRe
   }
   absl::string_view rest = absl::string_view(raw).substr(prefix.size());
   size_t bar = rest.find('|');
-  if (bar == absl::string_view::npos || !absl::SimpleAtoi(rest.substr(0, bar), &page->snapshot)) {
+  if (bar == absl::string_view::npos ||
+      !absl::SimpleAtoi(rest.substr(0, bar), &page->snapshot)) {
     return invalid;
   }
   page->after = std::string(rest.substr(bar + 1));
@@ -98,8 +102,9 @@ absl::StatusOr<PageRequest> ParsePaging(absl::string_view list, int32_t page_siz
                                         const std::string& interface,
                                         const std::string& vm_id) {
   if (page_size < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "page_size: ", page_size, " is negative; give 0 for the default (100) or up to 1000"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size: ", page_size,
+                     " is negative; give 0 for the default (100) or up to 1000"));
   }
   if (interface.size() > kMaxInterfaceLength) {
     return absl::InvalidArgumentError("interface: is longer than 15 bytes");
@@ -163,7 +168,8 @@ class SnapshotCache {
   };
   void Expire() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     absl::Time oldest = absl::Now() - absl::Minutes(1);
-    absl::erase_if(snapshots_, [&](const auto& kv) { return kv.second.created < oldest; });
+    absl::erase_if(snapshots_,
+                   [&](const auto& kv) { return kv.second.created < oldest; });
   }
   vmnet::Mutex mu_;
   uint64_t last_id_ ABSL_GUARDED_BY(mu_) = 0;
@@ -177,8 +183,9 @@ std::string Paginate(const Sorted<Entry>& entries, const PageRequest& page,
                      absl::string_view list, uint64_t snapshot, Add&& add) {
   auto it = entries->begin();
   if (!page.after.empty()) {
-    it = std::upper_bound(entries->begin(), entries->end(), page.after,
-                          [](const std::string& key, const auto& e) { return key < e.first; });
+    it = std::upper_bound(
+        entries->begin(), entries->end(), page.after,
+        [](const std::string& key, const auto& e) { return key < e.first; });
   }
   int n = 0;
   for (; it != entries->end() && n < page.size; ++it, ++n) add(it->second);
@@ -191,16 +198,18 @@ std::string Paginate(const Sorted<Entry>& entries, const PageRequest& page,
 // entries), cached when it spans more than one page. Returns the next
 // page's token.
 template <typename Entry, typename Read, typename Add>
-absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache, const PageRequest& page,
-                                      absl::string_view list, const std::string& filters,
-                                      Read&& read, Add&& add) {
+absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache,
+                                      const PageRequest& page, absl::string_view list,
+                                      const std::string& filters, Read&& read,
+                                      Add&& add) {
   uint64_t snapshot = page.snapshot;
   Sorted<Entry> entries = snapshot != 0 ? cache.Get(snapshot, filters) : nullptr;
   if (entries == nullptr) {
     auto fresh = read();
     if (!fresh.ok()) return fresh.status();
     entries = SortEntries(std::move(*fresh));
-    snapshot = static_cast<int>(entries->size()) > page.size ? cache.Put(filters, entries) : 0;
+    snapshot =
+        static_cast<int>(entries->size()) > page.size ? cache.Put(filters, entries) : 0;
   }
   std::string next = Paginate(entries, page, list, snapshot, std::forward<Add>(add));
   // The listing is done: its snapshot (10,000 entries: megabytes) goes now.
@@ -211,8 +220,9 @@ absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache, const PageReq
 // The state as `ip neigh` names it.
 std::string NeighborStateName(uint16_t state) {
   static constexpr std::pair<uint16_t, const char*> kNames[] = {
-      {NUD_INCOMPLETE, "INCOMPLETE"}, {NUD_REACHABLE, "REACHABLE"}, {NUD_STALE, "STALE"},
-      {NUD_DELAY, "DELAY"},           {NUD_PROBE, "PROBE"},         {NUD_FAILED, "FAILED"},
+      {NUD_INCOMPLETE, "INCOMPLETE"}, {NUD_REACHABLE, "REACHABLE"},
+      {NUD_STALE, "STALE"},           {NUD_DELAY, "DELAY"},
+      {NUD_PROBE, "PROBE"},           {NUD_FAILED, "FAILED"},
       {NUD_NOARP, "NOARP"},           {NUD_PERMANENT, "PERMANENT"}};
   std::string out;
   for (const auto& [bit, name] : kNames) {
@@ -332,8 +342,8 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
                           request->mac_address(), options_.rules, &request_index);
   if (!spec.ok()) return Reply(context, "AttachVm", ToGrpc(spec.status()));
   auto* reactor = context->DefaultReactor();
-  reconciler_->Attach(std::move(*spec), std::move(request_index), request->validate_only(),
-                      request->request_id(),
+  reconciler_->Attach(std::move(*spec), std::move(request_index),
+                      request->validate_only(), request->request_id(),
                       [this, reactor, response](absl::StatusOr<VmView> vm) {
                         if (!vm.ok()) {
                           Finish(reactor, "AttachVm", ToGrpc(vm.status()));
@@ -351,14 +361,16 @@ grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext
   if (auto denied = Authorize(*context, "DetachVm"); !denied.ok()) {
     return Reply(context, "DetachVm", denied);
   }
-  if (auto s = ValidateVmId(request->vm_id()); !s.ok()) return Reply(context, "DetachVm", ToGrpc(s));
+  if (auto s = ValidateVmId(request->vm_id()); !s.ok())
+    return Reply(context, "DetachVm", ToGrpc(s));
   if (auto s = ValidateRequestId(request->request_id()); !s.ok()) {
     return Reply(context, "DetachVm", ToGrpc(s));
   }
   if (!reconciler_->ready()) return Reply(context, "DetachVm", kStarting);
   auto* reactor = context->DefaultReactor();
-  reconciler_->Detach(request->vm_id(), request->allow_missing(), request->request_id(),
-                      [this, reactor](absl::Status s) { Finish(reactor, "DetachVm", ToGrpc(s)); });
+  reconciler_->Detach(
+      request->vm_id(), request->allow_missing(), request->request_id(),
+      [this, reactor](absl::Status s) { Finish(reactor, "DetachVm", ToGrpc(s)); });
   return reactor;
 }
 
@@ -391,9 +403,10 @@ grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext*
   auto page = ParsePaging("vms", request->page_size(), request->page_token(), "", "");
   if (!page.ok()) return Reply(context, "ListVms", ToGrpc(page.status()));
   if (!v1::VmState_IsValid(request->state())) {
-    return Reply(context, "ListVms",
-                 grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                              absl::StrCat("state: ", request->state(), " is not a VmState")));
+    return Reply(
+        context, "ListVms",
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                     absl::StrCat("state: ", request->state(), " is not a VmState")));
   }
   auto token = ServePage(
       caches_->vms, *page, "vms", absl::StrCat(request->state()),
@@ -414,9 +427,10 @@ grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext*
   return Reply(context, "ListVms", grpc::Status::OK);
 }
 
-absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> VmNetworkService::ReadArp(
-    const v1::ListArpRequest& request) const {
-  auto snapshot = kernel_->Dump(kernel::DumpSelection::Only(true, false, false, true, true));
+absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>>
+VmNetworkService::ReadArp(const v1::ListArpRequest& request) const {
+  auto snapshot =
+      kernel_->Dump(kernel::DumpSelection::Only(true, false, false, true, true));
   if (!snapshot.ok()) return snapshot.status();
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
@@ -451,8 +465,8 @@ absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> VmNetworkServi
     e.set_vm_id(vm);
     if (!request.interface().empty() && e.interface() != request.interface()) continue;
     if (!request.vm_id().empty() && e.vm_id() != request.vm_id()) continue;
-    std::string key = absl::StrCat(e.interface(), "|", AddressKey(n.address), "|",
-                                   n.proxy ? "p" : "n");
+    std::string key =
+        absl::StrCat(e.interface(), "|", AddressKey(n.address), "|", n.proxy ? "p" : "n");
     entries.emplace_back(std::move(key), std::move(e));
   }
   return entries;
@@ -460,7 +474,8 @@ absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> VmNetworkServi
 
 absl::StatusOr<std::vector<std::pair<std::string, v1::RouteEntry>>>
 VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
-  auto snapshot = kernel_->Dump(kernel::DumpSelection::Only(true, false, true, false, false));
+  auto snapshot =
+      kernel_->Dump(kernel::DumpSelection::Only(true, false, true, false, false));
   if (!snapshot.ok()) return snapshot.status();
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
@@ -471,7 +486,8 @@ VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
     v1::RouteEntry e;
     e.set_destination(r.destination.ToString());
     e.set_interface(r.ifindex != 0 ? names[r.ifindex] : "");
-    if (r.gateway.family() != IpAddress::Family::kNone) e.set_gateway(r.gateway.ToString());
+    if (r.gateway.family() != IpAddress::Family::kNone)
+      e.set_gateway(r.gateway.ToString());
     if (r.source.family() != IpAddress::Family::kNone) e.set_source(r.source.ToString());
     e.set_protocol(r.protocol == options_.route_protocol
                        ? "vmnet"
@@ -484,12 +500,14 @@ VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
     if (r.destination.length == r.destination.address.bit_length()) {
       vm = reconciler_->VmOfAddress(r.destination.address);
     }
-    if (vm.empty() && !e.interface().empty()) vm = reconciler_->VmOfInterface(e.interface());
+    if (vm.empty() && !e.interface().empty())
+      vm = reconciler_->VmOfInterface(e.interface());
     e.set_vm_id(vm);
     if (!request.interface().empty() && e.interface() != request.interface()) continue;
     if (!request.vm_id().empty() && e.vm_id() != request.vm_id()) continue;
-    std::string key = absl::StrFormat("%s/%03d|%s|%010u", AddressKey(r.destination.address),
-                                      r.destination.length, e.interface(), r.metric);
+    std::string key =
+        absl::StrFormat("%s/%03d|%s|%010u", AddressKey(r.destination.address),
+                        r.destination.length, e.interface(), r.metric);
     entries.emplace_back(std::move(key), std::move(e));
   }
   return entries;
@@ -507,11 +525,12 @@ grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext*
   if (auto s = CheckFamily(request->family()); !s.ok()) {
     return Reply(context, "ListArp", ToGrpc(s));
   }
-  auto token = ServePage(caches_->arp, *page, "arp",
-                         absl::StrCat(request->interface(), "|", request->vm_id(), "|",
-                                      static_cast<int>(request->family())),
-                         [&] { return ReadArp(*request); },
-                         [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
+  auto token = ServePage(
+      caches_->arp, *page, "arp",
+      absl::StrCat(request->interface(), "|", request->vm_id(), "|",
+                   static_cast<int>(request->family())),
+      [&] { return ReadArp(*request); },
+      [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
   if (!token.ok()) return Reply(context, "ListArp", ToGrpc(token.status()));
   response->set_next_page_token(*token);
   return Reply(context, "ListArp", grpc::Status::OK);
@@ -529,11 +548,12 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
   if (auto s = CheckFamily(request->family()); !s.ok()) {
     return Reply(context, "ListRoutes", ToGrpc(s));
   }
-  auto token = ServePage(caches_->routes, *page, "routes",
-                         absl::StrCat(request->interface(), "|", request->vm_id(), "|",
-                                      static_cast<int>(request->family())),
-                         [&] { return ReadRoutes(*request); },
-                         [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
+  auto token = ServePage(
+      caches_->routes, *page, "routes",
+      absl::StrCat(request->interface(), "|", request->vm_id(), "|",
+                   static_cast<int>(request->family())),
+      [&] { return ReadRoutes(*request); },
+      [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
   if (!token.ok()) return Reply(context, "ListRoutes", ToGrpc(token.status()));
   response->set_next_page_token(*token);
   return Reply(context, "ListRoutes", grpc::Status::OK);
@@ -641,7 +661,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   const size_t queue_limit_;
   vmnet::Mutex mu_;
   std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
-  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;  // snapshot/replay events at the front
+  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;        // snapshot/replay events at the front
   grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
@@ -677,8 +697,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* VmNetworkService::Watch(
     return reactor;
   }
   if (events_->watcher_count() >= options_.max_watchers) {
-    reactor->Close(absl::ResourceExhaustedError(absl::StrCat(
-        "this agent serves ", options_.max_watchers, " watchers, the limit (--max-watchers)")));
+    reactor->Close(absl::ResourceExhaustedError(
+        absl::StrCat("this agent serves ", options_.max_watchers,
+                     " watchers, the limit (--max-watchers)")));
     return reactor;
   }
   reactor->Begin(*request);

@@ -110,8 +110,7 @@ void EventLog::Seed(const VmView& vm) {
   current_[vm.spec.vm_id] = std::make_shared<const Event>(event);
 }
 
-bool EventLog::Deliver(Watcher* watcher, const Subscription& sub,
-                       const EventPtr& event) {
+bool EventLog::Deliver(Watcher* watcher, const Subscription& sub, const EventPtr& event) {
   if (!sub.vm_id.empty() && event->vm_id() != sub.vm_id) return true;
   return watcher->Push(event);
 }

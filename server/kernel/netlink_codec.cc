@@ -83,10 +83,10 @@ std::optional<bool> Ipv4Forwarding(nlattr* af_spec) {
       return std::nullopt;
     }
     uint32_t forwarding;
-    std::memcpy(&forwarding,
-                static_cast<const char*>(nla_data(values)) +
-                    (IPV4_DEVCONF_FORWARDING - 1) * 4,
-                4);
+    std::memcpy(
+        &forwarding,
+        static_cast<const char*>(nla_data(values)) + (IPV4_DEVCONF_FORWARDING - 1) * 4,
+        4);
     return forwarding != 0;
   }
   return std::nullopt;
@@ -168,8 +168,8 @@ std::optional<Address> ParseAddress(const nlmsghdr* msg) {
   auto* ifa = static_cast<const ifaddrmsg*>(nlmsg_data(hdr));
   // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on
   // point-to-point links and equal to IFA_LOCAL otherwise.
-  auto local = AddressAttr(tb[IFA_LOCAL] ? tb[IFA_LOCAL] : tb[IFA_ADDRESS],
-                           ifa->ifa_family);
+  auto local =
+      AddressAttr(tb[IFA_LOCAL] ? tb[IFA_LOCAL] : tb[IFA_ADDRESS], ifa->ifa_family);
   if (!local || ifa->ifa_prefixlen > local->bit_length()) return std::nullopt;
   Address a;
   a.ifindex = static_cast<int>(ifa->ifa_index);
@@ -195,9 +195,8 @@ std::optional<Route> ParseRoute(const nlmsghdr* msg) {
     return std::nullopt;
   }
   Route r;
-  IpAddress::Family family = rtm->rtm_family == AF_INET
-                                 ? IpAddress::Family::kV4
-                                 : IpAddress::Family::kV6;
+  IpAddress::Family family =
+      rtm->rtm_family == AF_INET ? IpAddress::Family::kV4 : IpAddress::Family::kV6;
   std::array<uint8_t, 16> zero{};
   IpAddress dst = IpAddress::FromBytes(family, zero.data());
   if (tb[RTA_DST] != nullptr) {
@@ -310,9 +309,7 @@ Msg EncodeLinkChange(int ifindex, unsigned flags, unsigned change) {
   return NewMessage(RTM_NEWLINK, 0, &ifi, sizeof(ifi));
 }
 
-Msg Encode(const SetLinkUp& w) {
-  return EncodeLinkChange(w.ifindex, IFF_UP, IFF_UP);
-}
+Msg Encode(const SetLinkUp& w) { return EncodeLinkChange(w.ifindex, IFF_UP, IFF_UP); }
 
 Msg Encode(const SetIpv4Forwarding& w) {
   Msg msg = EncodeLinkChange(w.ifindex, 0, 0);
@@ -346,15 +343,14 @@ Msg Encode(const AddAddress& w) {
   return EncodeAddress(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, w.address);
 }
 
-Msg Encode(const DeleteAddress& w) {
-  return EncodeAddress(RTM_DELADDR, 0, w.address);
-}
+Msg Encode(const DeleteAddress& w) { return EncodeAddress(RTM_DELADDR, 0, w.address); }
 
 Msg EncodeRoute(int type, int flags, const Route& r) {
   rtmsg rtm{};
   rtm.rtm_family = static_cast<uint8_t>(FamilyOf(r.destination.address));
   rtm.rtm_dst_len = static_cast<uint8_t>(r.destination.length);
-  rtm.rtm_table = r.table < 256 ? static_cast<uint8_t>(r.table) : uint8_t{RT_TABLE_UNSPEC};
+  rtm.rtm_table =
+      r.table < 256 ? static_cast<uint8_t>(r.table) : uint8_t{RT_TABLE_UNSPEC};
   rtm.rtm_protocol = r.protocol;
   rtm.rtm_scope = r.scope;
   rtm.rtm_type = r.type;

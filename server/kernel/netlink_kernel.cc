@@ -40,8 +40,8 @@ std::string ExtendedAckMessage(const nlmsghdr* msg) {
   auto* attrs = reinterpret_cast<nlattr*>(
       const_cast<char*>(reinterpret_cast<const char*>(msg) + offset));
   nlattr* tb[NLMSGERR_ATTR_MAX + 1] = {};
-  if (nla_parse(tb, NLMSGERR_ATTR_MAX, attrs,
-                static_cast<int>(msg->nlmsg_len - offset), nullptr) < 0 ||
+  if (nla_parse(tb, NLMSGERR_ATTR_MAX, attrs, static_cast<int>(msg->nlmsg_len - offset),
+                nullptr) < 0 ||
       tb[NLMSGERR_ATTR_MSG] == nullptr) {
     return "";
   }
@@ -78,7 +78,7 @@ absl::Status ErrnoStatus(int err, absl::string_view what) {
 }
 
 absl::StatusOr<NetlinkSocket> NetlinkSocket::Open(const std::vector<int>& groups,
-                                                 int rcvbuf) {
+                                                  int rcvbuf) {
   int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
   if (fd < 0) return ErrnoStatus(errno, "open netlink socket");
   NetlinkSocket sock(fd);
@@ -100,8 +100,7 @@ absl::StatusOr<NetlinkSocket> NetlinkSocket::Open(const std::vector<int>& groups
     return ErrnoStatus(errno, "bind netlink socket");
   }
   for (int group : groups) {
-    if (setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group,
-                   sizeof(group)) != 0) {
+    if (setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group, sizeof(group)) != 0) {
       return ErrnoStatus(errno, absl::StrCat("join netlink group ", group));
     }
   }
@@ -127,10 +126,8 @@ NetlinkSocket::~NetlinkSocket() {
   if (fd_ >= 0) close(fd_);
 }
 
-absl::Status NetlinkSocket::SendDump(uint16_t type, const void* header,
-                                     size_t header_len,
-                                     const std::vector<uint8_t>& attrs,
-                                     uint32_t seq) {
+absl::Status NetlinkSocket::SendDump(uint16_t type, const void* header, size_t header_len,
+                                     const std::vector<uint8_t>& attrs, uint32_t seq) {
   std::vector<uint8_t> buf(NLMSG_SPACE(header_len) + attrs.size());
   auto* nlh = reinterpret_cast<nlmsghdr*>(buf.data());
   nlh->nlmsg_len = static_cast<uint32_t>(buf.size());
@@ -157,8 +154,7 @@ absl::StatusOr<size_t> NetlinkSocket::Receive(std::vector<uint8_t>* buffer) {
   }
 }
 
-absl::Status NetlinkSocket::Dump(uint16_t type, const void* header,
-                                 size_t header_len,
+absl::Status NetlinkSocket::Dump(uint16_t type, const void* header, size_t header_len,
                                  absl::FunctionRef<void(const nlmsghdr*)> fn,
                                  const std::vector<uint8_t>& attrs) {
   uint32_t seq = next_seq_++;
@@ -189,8 +185,8 @@ absl::Status NetlinkSocket::Dump(uint16_t type, const void* header,
 }
 
 std::vector<int> NetlinkSocket::Transact(
-    const std::vector<std::vector<uint8_t>>& requests,
-    std::vector<std::string>* errors, size_t window) {
+    const std::vector<std::vector<uint8_t>>& requests, std::vector<std::string>* errors,
+    size_t window) {
   std::vector<int> result(requests.size(), 0);
   errors->assign(requests.size(), "");
   const uint32_t first_seq = next_seq_;
@@ -234,8 +230,8 @@ std::vector<int> NetlinkSocket::Transact(
   return result;
 }
 
-absl::StatusOr<size_t> NetlinkSocket::ReceiveNonBlocking(
-    std::vector<uint8_t>* buffer, bool* overflow) {
+absl::StatusOr<size_t> NetlinkSocket::ReceiveNonBlocking(std::vector<uint8_t>* buffer,
+                                                         bool* overflow) {
   buffer->resize(kReceiveBuffer);
   while (true) {
     ssize_t n = recv(fd_, buffer->data(), buffer->size(), MSG_DONTWAIT);
@@ -250,14 +246,13 @@ absl::StatusOr<size_t> NetlinkSocket::ReceiveNonBlocking(
   }
 }
 
-absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(
-    Options options) {
+absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options options) {
   auto writes = NetlinkSocket::Open();
   if (!writes.ok()) return writes.status();
-  auto events = NetlinkSocket::Open(
-      {RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_IFADDR,
-       RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH},
-      options.event_rcvbuf);
+  auto events =
+      NetlinkSocket::Open({RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE,
+                           RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH},
+                          options.event_rcvbuf);
   if (!events.ok()) return events.status();
   return std::unique_ptr<NetlinkKernel>(
       new NetlinkKernel(options, std::move(*writes), std::move(*events)));
@@ -304,9 +299,11 @@ absl::StatusOr<std::vector<Link>> NetlinkKernel::DumpLinks() {
   std::vector<Link> links;
   ifinfomsg ifi{};
   ifi.ifi_family = AF_UNSPEC;
-  if (auto s = DumpWithRetry(RTM_GETLINK, ifi, [&](const nlmsghdr* msg) {
-        if (auto l = ParseLink(msg)) links.push_back(std::move(*l));
-      });
+  if (auto s = DumpWithRetry(RTM_GETLINK, ifi,
+                             [&](const nlmsghdr* msg) {
+                               if (auto l = ParseLink(msg))
+                                 links.push_back(std::move(*l));
+                             });
       !s.ok()) {
     return s;
   }
@@ -325,9 +322,11 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
   if (what.addresses) {
     ifaddrmsg ifa{};
     ifa.ifa_family = AF_UNSPEC;  // IPv4 and IPv6
-    if (auto s = DumpWithRetry(RTM_GETADDR, ifa, [&](const nlmsghdr* msg) {
-          if (auto a = ParseAddress(msg)) snap.addresses.push_back(*a);
-        });
+    if (auto s = DumpWithRetry(RTM_GETADDR, ifa,
+                               [&](const nlmsghdr* msg) {
+                                 if (auto a = ParseAddress(msg))
+                                   snap.addresses.push_back(*a);
+                               });
         !s.ok()) {
       return s;
     }
@@ -354,9 +353,11 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
   if (what.neighbors) {
     ndmsg ndm{};
     ndm.ndm_family = AF_UNSPEC;  // ARP and NDP
-    if (auto s = DumpWithRetry(RTM_GETNEIGH, ndm, [&](const nlmsghdr* msg) {
-          if (auto n = ParseNeighbor(msg); n && !n->proxy) snap.neighbors.push_back(*n);
-        });
+    if (auto s = DumpWithRetry(RTM_GETNEIGH, ndm,
+                               [&](const nlmsghdr* msg) {
+                                 if (auto n = ParseNeighbor(msg); n && !n->proxy)
+                                   snap.neighbors.push_back(*n);
+                               });
         !s.ok()) {
       return s;
     }
@@ -421,8 +422,8 @@ void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
                      std::holds_alternative<DeleteAddress>(writes[i]) ||
                      std::holds_alternative<DeleteNeighbor>(writes[i]);
     // Deleting what is already gone is what the caller wanted.
-    if (err == 0 || (is_delete && (err == ESRCH || err == ENOENT ||
-                                   err == EADDRNOTAVAIL))) {
+    if (err == 0 ||
+        (is_delete && (err == ESRCH || err == ENOENT || err == EADDRNOTAVAIL))) {
       result->push_back(absl::OkStatus());
       continue;
     }
@@ -456,7 +457,8 @@ std::optional<bool> NetlinkKernel::ReadIpv6Conf(absl::string_view name,
 absl::Status NetlinkKernel::WriteIpv6Conf(const SetIpv6Conf& conf) {
   if (conf.name.empty() || conf.name == "." || conf.name == ".." ||
       conf.name.find('/') != std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(ToString(Write(conf)), ": not a link name"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(ToString(Write(conf)), ": not a link name"));
   }
   std::string path = Ipv6ConfPath(conf.name, kernel::Ipv6ConfKeyName(conf.key));
   int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
@@ -465,7 +467,8 @@ absl::Status NetlinkKernel::WriteIpv6Conf(const SetIpv6Conf& conf) {
   ssize_t n = write(fd, value.data(), value.size());
   int err = errno;
   close(fd);
-  if (n != static_cast<ssize_t>(value.size())) return ErrnoStatus(err, ToString(Write(conf)));
+  if (n != static_cast<ssize_t>(value.size()))
+    return ErrnoStatus(err, ToString(Write(conf)));
   return absl::OkStatus();
 }
 

@@ -13,14 +13,12 @@ std::string Dev(int ifindex) { return absl::StrCat("dev #", ifindex); }
 }  // namespace
 
 std::string Link::ToString() const {
-  return absl::StrCat("link ", name, " (#", ifindex, ", ", up ? "up" : "down",
-                      ")");
+  return absl::StrCat("link ", name, " (#", ifindex, ", ", up ? "up" : "down", ")");
 }
 
 std::string Address::ToString() const {
-  return absl::StrCat("address ", prefix.ToString(), " ", Dev(ifindex),
-                      " scope ", RouteScopeName(scope), " proto ",
-                      static_cast<int>(protocol));
+  return absl::StrCat("address ", prefix.ToString(), " ", Dev(ifindex), " scope ",
+                      RouteScopeName(scope), " proto ", static_cast<int>(protocol));
 }
 
 std::string Route::ToString() const {
@@ -37,11 +35,11 @@ std::string Route::ToString() const {
 
 std::string Neighbor::ToString() const {
   if (proxy) {
-    return absl::StrCat("proxy neighbour ", address.ToString(), " ",
-                        Dev(ifindex), " proto ", static_cast<int>(protocol));
+    return absl::StrCat("proxy neighbour ", address.ToString(), " ", Dev(ifindex),
+                        " proto ", static_cast<int>(protocol));
   }
-  return absl::StrCat("neighbour ", address.ToString(), " ", Dev(ifindex),
-                      " lladdr ", lladdr ? lladdr->ToString() : "none",
+  return absl::StrCat("neighbour ", address.ToString(), " ", Dev(ifindex), " lladdr ",
+                      lladdr ? lladdr->ToString() : "none",
                       (state & NUD_PERMANENT) ? " permanent" : "", " proto ",
                       static_cast<int>(protocol));
 }
@@ -53,8 +51,8 @@ struct WriteNamer {
     return absl::StrCat("set link ", w.name, " (#", w.ifindex, ") up");
   }
   std::string operator()(const SetIpv4Forwarding& w) const {
-    return absl::StrCat("set ipv4 forwarding ", w.enabled ? "on" : "off",
-                        " on link ", w.name, " (#", w.ifindex, ")");
+    return absl::StrCat("set ipv4 forwarding ", w.enabled ? "on" : "off", " on link ",
+                        w.name, " (#", w.ifindex, ")");
   }
   std::string operator()(const SetIpv6Conf& w) const {
     return absl::StrCat("set net.ipv6.conf.", w.name, ".", Ipv6ConfKeyName(w.key), "=",
@@ -66,9 +64,7 @@ struct WriteNamer {
   std::string operator()(const DeleteAddress& w) const {
     return "delete " + w.address.ToString();
   }
-  std::string operator()(const AddRoute& w) const {
-    return "add " + w.route.ToString();
-  }
+  std::string operator()(const AddRoute& w) const { return "add " + w.route.ToString(); }
   std::string operator()(const DeleteRoute& w) const {
     return "delete " + w.route.ToString();
   }
@@ -94,9 +90,7 @@ const char* Ipv6ConfKeyName(SetIpv6Conf::Key key) {
   return "unknown";
 }
 
-std::string ToString(const Write& write) {
-  return std::visit(WriteNamer{}, write);
-}
+std::string ToString(const Write& write) { return std::visit(WriteNamer{}, write); }
 
 ObjectKind KindOf(const Write& write) {
   if (std::holds_alternative<SetLinkUp>(write) ||
@@ -108,7 +102,8 @@ ObjectKind KindOf(const Write& write) {
       std::holds_alternative<DeleteAddress>(write)) {
     return ObjectKind::kAddress;
   }
-  if (std::holds_alternative<AddRoute>(write) || std::holds_alternative<DeleteRoute>(write)) {
+  if (std::holds_alternative<AddRoute>(write) ||
+      std::holds_alternative<DeleteRoute>(write)) {
     return ObjectKind::kRoute;
   }
   const Neighbor& n = std::holds_alternative<SetNeighbor>(write)

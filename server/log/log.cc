@@ -34,8 +34,8 @@ void SetLogLevel(LogLevel level) { g_level = static_cast<int>(level); }
 bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= g_level.load(); }
 
 bool ParseLogLevel(absl::string_view text, LogLevel* level) {
-  for (LogLevel l : {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarning,
-                     LogLevel::kError}) {
+  for (LogLevel l :
+       {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarning, LogLevel::kError}) {
     if (text == LevelName(l)) {
       *level = l;
       return true;
@@ -47,13 +47,16 @@ bool ParseLogLevel(absl::string_view text, LogLevel* level) {
 LogLine::LogLine(LogLevel level) {
   auto now = std::chrono::system_clock::now();
   std::time_t seconds = std::chrono::system_clock::to_time_t(now);
-  auto millis = std::chrono::duration_cast<std::chrono::milliseconds>(
-                    now.time_since_epoch()).count() % 1000;
+  auto millis =
+      std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch())
+          .count() %
+      1000;
   std::tm tm;
   gmtime_r(&seconds, &tm);
   out_ << absl::StrFormat("ts=%04d-%02d-%02dT%02d:%02d:%02d.%03dZ level=%s ",
                           tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-                          tm.tm_min, tm.tm_sec, static_cast<int>(millis), LevelName(level));
+                          tm.tm_min, tm.tm_sec, static_cast<int>(millis),
+                          LevelName(level));
 }
 
 LogLine::~LogLine() {

@@ -118,26 +118,28 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
     for (const VmView& vm : vms) {
       auto it = stats.find(vm.spec.interface);
       if (it == stats.end()) continue;  // no link: no traffic series
-      f.metric.push_back(Sample({{"vm_id", vm.spec.vm_id}, {"interface", vm.spec.interface}},
-                                static_cast<double>(it->second.*(c.field)),
-                                MetricType::Counter));
+      f.metric.push_back(
+          Sample({{"vm_id", vm.spec.vm_id}, {"interface", vm.spec.interface}},
+                 static_cast<double>(it->second.*(c.field)), MetricType::Counter));
     }
     out->push_back(std::move(f));
   }
 
-  MetricFamily info = Family("vmnet_vm_info",
-                             "Attributes of each attached VM; the value is always 1.",
-                             MetricType::Gauge);
-  MetricFamily state = Family(
-      "vmnet_vm_state", "1 for the VM's current state (pending, programmed, failed), 0 otherwise.",
-      MetricType::Gauge);
+  MetricFamily info =
+      Family("vmnet_vm_info", "Attributes of each attached VM; the value is always 1.",
+             MetricType::Gauge);
+  MetricFamily state =
+      Family("vmnet_vm_state",
+             "1 for the VM's current state (pending, programmed, failed), 0 otherwise.",
+             MetricType::Gauge);
   info.metric.reserve(vms.size());
   state.metric.reserve(3 * vms.size());
   for (const VmView& vm : vms) {
-    info.metric.push_back(Sample({{"vm_id", vm.spec.vm_id},
-                                  {"interface", vm.spec.interface},
-                                  {"mac_address", vm.spec.mac ? vm.spec.mac->ToString() : ""}},
-                                 1, MetricType::Gauge));
+    info.metric.push_back(
+        Sample({{"vm_id", vm.spec.vm_id},
+                {"interface", vm.spec.interface},
+                {"mac_address", vm.spec.mac ? vm.spec.mac->ToString() : ""}},
+               1, MetricType::Gauge));
     for (VmState s : {VmState::kPending, VmState::kProgrammed, VmState::kFailed}) {
       state.metric.push_back(Sample({{"vm_id", vm.spec.vm_id},
                                      {"interface", vm.spec.interface},
@@ -162,10 +164,11 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
 void MetricsCollector::CollectAgent(std::vector<MetricFamily>* out) const {
   ReconcilerCounters c = reconciler_->counters();
 
-  MetricFamily passes = Family("vmnet_reconcile_passes_total",
-                               "Reconcile passes that had work to do.", MetricType::Counter);
-  passes.metric.push_back(Sample({}, static_cast<double>(c.reconcile_passes),
-                                 MetricType::Counter));
+  MetricFamily passes =
+      Family("vmnet_reconcile_passes_total", "Reconcile passes that had work to do.",
+             MetricType::Counter);
+  passes.metric.push_back(
+      Sample({}, static_cast<double>(c.reconcile_passes), MetricType::Counter));
   out->push_back(std::move(passes));
 
   MetricFamily duration =
@@ -178,22 +181,24 @@ void MetricsCollector::CollectAgent(std::vector<MetricFamily>* out) const {
     cumulative += c.reconcile_buckets[b];
     h.histogram.bucket.push_back({cumulative, kReconcileBuckets[b]});
   }
-  h.histogram.bucket.push_back({c.reconcile_passes, std::numeric_limits<double>::infinity()});
+  h.histogram.bucket.push_back(
+      {c.reconcile_passes, std::numeric_limits<double>::infinity()});
   h.histogram.sample_count = c.reconcile_passes;
   h.histogram.sample_sum = c.reconcile_seconds_sum;
   duration.metric.push_back(std::move(h));
   out->push_back(std::move(duration));
 
-  MetricFamily writes = Family("vmnet_kernel_writes_total",
-                               "Kernel writes by object kind and result.",
-                               MetricType::Counter);
+  MetricFamily writes =
+      Family("vmnet_kernel_writes_total", "Kernel writes by object kind and result.",
+             MetricType::Counter);
   MetricFamily repairs = Family("vmnet_drift_repairs_total",
                                 "Objects changed by someone else and put back, by kind.",
                                 MetricType::Counter);
   for (int k = 0; k < kernel::kObjectKinds; ++k) {
     const char* object = kernel::ObjectKindName(static_cast<kernel::ObjectKind>(k));
     writes.metric.push_back(Sample({{"object", object}, {"result", "ok"}},
-                                   static_cast<double>(c.writes_ok[k]), MetricType::Counter));
+                                   static_cast<double>(c.writes_ok[k]),
+                                   MetricType::Counter));
     writes.metric.push_back(Sample({{"object", object}, {"result", "error"}},
                                    static_cast<double>(c.writes_failed[k]),
                                    MetricType::Counter));
@@ -211,18 +216,20 @@ void MetricsCollector::CollectAgent(std::vector<MetricFamily>* out) const {
   overflows.metric.push_back(
       Sample({}, static_cast<double>(c.event_overflows), MetricType::Counter));
   out->push_back(std::move(overflows));
-  MetricFamily resyncs = Family("vmnet_full_resyncs_total",
-                                "Full re-reads of the kernel after the first sync.",
-                                MetricType::Counter);
-  resyncs.metric.push_back(Sample({}, static_cast<double>(c.full_resyncs), MetricType::Counter));
+  MetricFamily resyncs =
+      Family("vmnet_full_resyncs_total",
+             "Full re-reads of the kernel after the first sync.", MetricType::Counter);
+  resyncs.metric.push_back(
+      Sample({}, static_cast<double>(c.full_resyncs), MetricType::Counter));
   out->push_back(std::move(resyncs));
 
-  MetricFamily requests = Family("vmnet_grpc_requests_total",
-                                 "Finished gRPC requests by method and status code.",
-                                 MetricType::Counter);
+  MetricFamily requests =
+      Family("vmnet_grpc_requests_total",
+             "Finished gRPC requests by method and status code.", MetricType::Counter);
   for (const auto& [key, count] : requests_->Snapshot()) {
-    requests.metric.push_back(Sample({{"method", key.first}, {"code", GrpcCodeName(key.second)}},
-                                     static_cast<double>(count), MetricType::Counter));
+    requests.metric.push_back(
+        Sample({{"method", key.first}, {"code", GrpcCodeName(key.second)}},
+               static_cast<double>(count), MetricType::Counter));
   }
   out->push_back(std::move(requests));
 

@@ -172,8 +172,8 @@ bool MacAddress::IsZero() const {
 }
 
 std::string MacAddress::ToString() const {
-  return absl::StrFormat("%02x:%02x:%02x:%02x:%02x:%02x", bytes_[0], bytes_[1],
-                         bytes_[2], bytes_[3], bytes_[4], bytes_[5]);
+  return absl::StrFormat("%02x:%02x:%02x:%02x:%02x:%02x", bytes_[0], bytes_[1], bytes_[2],
+                         bytes_[3], bytes_[4], bytes_[5]);
 }
 
 }  // namespace vmnet

@@ -72,8 +72,9 @@ void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_o
       ++it;
     }
   }
-  absl::erase_if(neighbors_,
-                 [&](const auto& kv) { return gone(kv.first.ifindex, kv.first.address); });
+  absl::erase_if(neighbors_, [&](const auto& kv) {
+    return gone(kv.first.ifindex, kv.first.address);
+  });
   if (addresses_too) {
     std::vector<Address> gone;
     for (const auto& [key, a] : addresses_) {
@@ -98,8 +99,7 @@ void KernelModel::AddAddress(const Address& a) {
 
 void KernelModel::RemoveAddress(const Address& a) {
   if (addresses_.erase({a.ifindex, a.prefix}) == 0) return;
-  auto decrement = [](absl::flat_hash_map<IpAddress, int>& counts,
-                      const IpAddress& key) {
+  auto decrement = [](absl::flat_hash_map<IpAddress, int>& counts, const IpAddress& key) {
     auto it = counts.find(key);
     if (it != counts.end() && --it->second <= 0) counts.erase(it);
   };
@@ -214,8 +214,7 @@ void KernelModel::ApplyWrite(const kernel::Write& write) {
   }
 }
 
-std::vector<IpAddress> KernelModel::ReplaceProxies(
-    const std::vector<Neighbor>& proxies) {
+std::vector<IpAddress> KernelModel::ReplaceProxies(const std::vector<Neighbor>& proxies) {
   absl::flat_hash_map<NeighborKey, Neighbor> fresh;
   for (const Neighbor& n : proxies) fresh[{n.ifindex, n.address, true}] = n;
   absl::flat_hash_set<IpAddress> changed;

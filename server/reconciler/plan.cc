@@ -139,8 +139,8 @@ void PlanNeighbor(const IpAddress& address, const Link& link, const MacAddress& 
                   const KernelModel& model, const HostConfig& config, VmPlan* plan) {
   Neighbor want = VmNeighbor(address, link.ifindex, mac, config);
   const Neighbor* have = model.FindNeighbor(link.ifindex, address, false);
-  if (have != nullptr && have->lladdr == want.lladdr &&
-      (have->state & NUD_PERMANENT) && have->protocol == config.protocol) {
+  if (have != nullptr && have->lladdr == want.lladdr && (have->state & NUD_PERMANENT) &&
+      have->protocol == config.protocol) {
     return;
   }
   // A permanent entry someone else set is theirs; a learned (dynamic) entry
@@ -244,7 +244,8 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
       }
     }
   }
-  if (old_link != nullptr && old_spec.has_ipv6() && !(link_kept && new_spec->has_ipv6())) {
+  if (old_link != nullptr && old_spec.has_ipv6() &&
+      !(link_kept && new_spec->has_ipv6())) {
     RemoveGateway(*old_link, config.gateway6, model, config, &writes);
   }
   if (old_link != nullptr && !link_kept) {
@@ -275,7 +276,8 @@ std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfi
       writes.push_back(kernel::SetIpv4Forwarding{uplink->ifindex, uplink->name, true});
     }
     if (!ipv6 || !uplink->ipv6) continue;
-    if (turning_forwarding_on && uplink->ipv6->accept_ra == 1) writes.push_back(Ipv6Conf(*uplink, Key::kAcceptRa, 2));
+    if (turning_forwarding_on && uplink->ipv6->accept_ra == 1)
+      writes.push_back(Ipv6Conf(*uplink, Key::kAcceptRa, 2));
     if (!uplink->ipv6->proxy_ndp) writes.push_back(Ipv6Conf(*uplink, Key::kProxyNdp, 1));
   }
   if (turning_forwarding_on) {

@@ -5,9 +5,9 @@
 
 #include <algorithm>
 
-#include "vmnet/log/log.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "vmnet/log/log.h"
 
 namespace vmnet {
 
@@ -39,10 +39,11 @@ std::string WritesText(const std::vector<kernel::Write>& writes) {
 void LogHostSetting(const kernel::SetIpv6Conf& conf) {
   using Key = kernel::SetIpv6Conf::Key;
   if (conf.key == Key::kAcceptRa && conf.value == 2) {
-    VMNET_LOG(Warning) << "event=host_setting setting=net.ipv6.conf." << conf.name
-                       << ".accept_ra old=1 new=2 reason=\"IPv6 forwarding is turned on; "
-                          "with accept_ra 1 the kernel would stop accepting this uplink's "
-                          "router advertisements\"";
+    VMNET_LOG(Warning)
+        << "event=host_setting setting=net.ipv6.conf." << conf.name
+        << ".accept_ra old=1 new=2 reason=\"IPv6 forwarding is turned on; "
+           "with accept_ra 1 the kernel would stop accepting this uplink's "
+           "router advertisements\"";
   } else if (conf.ifindex == 0 || conf.key == Key::kProxyNdp) {
     VMNET_LOG(Info) << "event=host_setting setting=net.ipv6.conf." << conf.name << "."
                     << kernel::Ipv6ConfKeyName(conf.key) << " new=" << conf.value;
@@ -51,8 +52,8 @@ void LogHostSetting(const kernel::SetIpv6Conf& conf) {
 
 }  // namespace
 
-Reconciler::Reconciler(kernel::Kernel* kernel, StateStore* store,
-                       VmObserver* observer, ReconcilerOptions options)
+Reconciler::Reconciler(kernel::Kernel* kernel, StateStore* store, VmObserver* observer,
+                       ReconcilerOptions options)
     : kernel_(kernel), store_(store), observer_(observer), options_(std::move(options)) {
   wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 }
@@ -136,8 +137,8 @@ void Reconciler::Post(Command command) {
   Wake();
 }
 
-void Reconciler::Attach(VmSpec spec, std::vector<size_t> request_index, bool validate_only,
-                        std::string request_id, AttachDone done) {
+void Reconciler::Attach(VmSpec spec, std::vector<size_t> request_index,
+                        bool validate_only, std::string request_id, AttachDone done) {
   Command c;
   c.kind = Command::Kind::kAttach;
   c.spec = std::move(spec);
@@ -338,7 +339,7 @@ void Reconciler::CheckProxies() {
   auto proxies = kernel_->DumpProxyNeighbors();
   if (!proxies.ok()) {
     VMNET_LOG(Warning) << "event=proxy_dump_failed error=\"" << proxies.status().message()
-                 << "\"";
+                       << "\"";
     return;
   }
   std::vector<IpAddress> changed = model_.ReplaceProxies(*proxies);
@@ -391,15 +392,16 @@ absl::Status Reconciler::FullResync(bool initial) {
   return absl::OkStatus();
 }
 
-absl::Status Reconciler::CheckAgainstHost(const VmSpec& spec,
-                                          const std::vector<size_t>& request_index) const {
+absl::Status Reconciler::CheckAgainstHost(
+    const VmSpec& spec, const std::vector<size_t>& request_index) const {
   for (const std::string& uplink : options_.host.uplinks) {
     if (spec.interface == uplink) {
       return absl::InvalidArgumentError(absl::StrCat(
           "interface: \"", spec.interface, "\" is an uplink of this host (--uplinks)"));
     }
   }
-  if (const kernel::Link* link = model_.LinkByName(spec.interface); link && link->loopback) {
+  if (const kernel::Link* link = model_.LinkByName(spec.interface);
+      link && link->loopback) {
     return absl::InvalidArgumentError(absl::StrCat(
         "interface: \"", spec.interface, "\" is a loopback interface, not a VM's link"));
   }
@@ -465,16 +467,15 @@ void Reconciler::ProcessCommands(std::deque<Command> commands,
     for (size_t i = 0; status.ok() && i < spec.addresses.size(); ++i) {
       auto it = vm_of_address_.find(spec.addresses[i]);
       if (it != vm_of_address_.end() && it->second != vm_id) {
-        status = absl::AlreadyExistsError(
-            absl::StrCat(AddressField(c.request_index, i), ": \"",
-                         spec.addresses[i].ToString(), "\" is held by VM \"", it->second,
-                         "\""));
+        status = absl::AlreadyExistsError(absl::StrCat(
+            AddressField(c.request_index, i), ": \"", spec.addresses[i].ToString(),
+            "\" is held by VM \"", it->second, "\""));
       }
     }
     if (status.ok()) status = CheckAgainstHost(spec, c.request_index);
     if (status.ok() && existing == vms_.end() && vms_.size() >= options_.max_vms) {
-      status = absl::ResourceExhaustedError(absl::StrCat(
-          "this host holds ", vms_.size(), " VMs, the limit (--max-vms)"));
+      status = absl::ResourceExhaustedError(
+          absl::StrCat("this host holds ", vms_.size(), " VMs, the limit (--max-vms)"));
     }
     if (!status.ok() || c.validate_only) {
       reply.status = status;
@@ -516,9 +517,9 @@ void Reconciler::ProcessCommands(std::deque<Command> commands,
     SetRecord(vm_id, std::move(record));
     dirty_.insert(vm_id);
     spec_changed_[vm_id] = previous ? VmEventType::kChanged : VmEventType::kAdded;
-    VMNET_LOG(Info) << "event=attach vm_id=" << vm_id << " interface=" << spec.interface
-              << " addresses=" << spec.addresses.size()
-              << " request_id=" << c.request_id;
+    VMNET_LOG(Info) << "event=attach vm_id=" << vm_id << " interface="
+                    << spec.interface << " addresses=" << spec.addresses.size()
+                    << " request_id=" << c.request_id;
     mutating.push_back(replies->size());
     replies->push_back(std::move(reply));
   }
@@ -557,10 +558,9 @@ absl::Status Reconciler::Persist() {
   StoredState state;
   state.vms.reserve(vms_.size());
   for (const auto& [id, r] : vms_) state.vms.push_back({r.spec, r.revision});
-  std::sort(state.vms.begin(), state.vms.end(),
-            [](const StoredVm& a, const StoredVm& b) {
-              return a.spec.vm_id < b.spec.vm_id;
-            });
+  std::sort(state.vms.begin(), state.vms.end(), [](const StoredVm& a, const StoredVm& b) {
+    return a.spec.vm_id < b.spec.vm_id;
+  });
   state.revision_lease = revision_lease_;
   return store_->Save(state);
 }
@@ -571,7 +571,7 @@ void Reconciler::Publish(VmEventType type, VmRecord* record, const std::string& 
     revision_lease_ = record->revision + kRevisionLease;
     if (absl::Status s = Persist(); !s.ok()) {
       VMNET_LOG(Error) << "event=persist_failed what=revision_lease error=\""
-                 << s.message() << "\"";
+                       << s.message() << "\"";
     }
   }
 }
@@ -615,7 +615,7 @@ void Reconciler::ReconcileDirty() {
         ++failed_by_kind[kind];
         ++failures;
         VMNET_LOG(Warning) << "event=kernel_write_failed error=\"" << results[i].message()
-                     << "\"";
+                           << "\"";
       }
     }
   }
@@ -635,7 +635,8 @@ void Reconciler::ReconcileDirty() {
       auto it = vms_.find(vm_id);
       if (it == vms_.end()) continue;
       bool probing = false;
-      VmPlan plan = PlanVm(PublishableSpec(vm_id, it->second, &probing), model_, options_.host);
+      VmPlan plan =
+          PlanVm(PublishableSpec(vm_id, it->second, &probing), model_, options_.host);
       if (!it->second.dad_failure.empty()) {
         plan.state = VmState::kFailed;
         plan.message = it->second.dad_failure;
@@ -657,7 +658,8 @@ void Reconciler::ReconcileDirty() {
     if (results[i].ok()) {
       ++ok_by_kind[kind];
       model_.ApplyWrite(writes[i]);
-      if (const auto* conf = std::get_if<kernel::SetIpv6Conf>(&writes[i])) LogHostSetting(*conf);
+      if (const auto* conf = std::get_if<kernel::SetIpv6Conf>(&writes[i]))
+        LogHostSetting(*conf);
     } else {
       ++failed_by_kind[kind];
       ++failures;
@@ -694,21 +696,22 @@ void Reconciler::ReconcileDirty() {
       }
     }
     if (r.state == VmState::kProgrammed && options_.announcer != nullptr) {
-      bool everything = old_state != VmState::kProgrammed || spec_changed_.contains(p.vm_id);
+      bool everything =
+          old_state != VmState::kProgrammed || spec_changed_.contains(p.vm_id);
       Announce(r, everything, done);
     }
     if (r.state == VmState::kFailed) {
       r.backoff = std::min(kMaxBackoff, std::max(kFirstBackoff, r.backoff * 2));
       retries_.emplace(now + r.backoff, p.vm_id);
       if (old_message != r.message) {
-        VMNET_LOG(Warning) << "event=vm_failed vm_id=" << p.vm_id << " error=\"" << r.message
-                     << "\" retry_in_ms=" << r.backoff.count();
+        VMNET_LOG(Warning) << "event=vm_failed vm_id=" << p.vm_id << " error=\""
+                           << r.message << "\" retry_in_ms=" << r.backoff.count();
       }
     } else {
       r.backoff = milliseconds(0);
     }
-    PublishOutcome(p.vm_id, old_state, old_message,
-                   old_state == VmState::kProgrammed, done);
+    PublishOutcome(p.vm_id, old_state, old_message, old_state == VmState::kProgrammed,
+                   done);
   }
   // VMs whose spec changed but needed no planning (validate paths) still
   // get their event.
@@ -785,9 +788,9 @@ void Reconciler::ProbeDone(const std::string& vm_id, const std::vector<IpAddress
   }
   if (!answers.empty()) {
     counters_.dad_conflicts += answers.size();
-    r.dad_failure = absl::StrCat("another machine holds the address: ",
-                                 absl::StrJoin(answers, "; "),
-                                 "; nothing was published (--dad). Attach again to retry");
+    r.dad_failure =
+        absl::StrCat("another machine holds the address: ", absl::StrJoin(answers, "; "),
+                     "; nothing was published (--dad). Attach again to retry");
     VMNET_LOG(Warning) << "event=duplicate_address vm_id=" << vm_id << " detail=\""
                        << absl::StrJoin(answers, "; ") << "\"";
     return;
@@ -807,7 +810,8 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   } else {
     // A proxy entry published again (an uplink that came back, a repair).
     for (const kernel::Write& w : done) {
-      if (const auto* set = std::get_if<kernel::SetNeighbor>(&w); set && set->neighbor.proxy) {
+      if (const auto* set = std::get_if<kernel::SetNeighbor>(&w);
+          set && set->neighbor.proxy) {
         addresses.push_back(set->neighbor.address);
       }
     }
@@ -818,14 +822,16 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
     if (uplink == nullptr || !uplink->up) continue;
     for (const IpAddress& a : addresses) {
       items.push_back({uplink->ifindex, uplink->name, uplink->mac, a,
-                       a.is_v6() ? model_.LinkLocal6(uplink->ifindex) : IpAddress(), false});
+                       a.is_v6() ? model_.LinkLocal6(uplink->ifindex) : IpAddress(),
+                       false});
     }
   }
   // The gateway on the VM's link: a VM that moved here learns this host's
   // MAC for it at once.
   const kernel::Link* link = model_.LinkByName(record.spec.interface);
   if (everything && link != nullptr) {
-    items.push_back({link->ifindex, link->name, link->mac, options_.host.gateway, {}, false});
+    items.push_back(
+        {link->ifindex, link->name, link->mac, options_.host.gateway, {}, false});
     if (record.spec.has_ipv6()) {
       items.push_back({link->ifindex, link->name, link->mac, options_.host.gateway6,
                        options_.host.gateway6, true});
@@ -853,16 +859,18 @@ void Reconciler::PublishOutcome(const std::string& vm_id, VmState old_state,
       ++counters_.objects_repaired[static_cast<int>(kernel::KindOf(w))];
     }
     std::string detail = absl::StrCat("repaired: ", WritesText(writes));
-    VMNET_LOG(Info) << "event=drift_repaired vm_id=" << vm_id << " detail=\"" << detail << "\"";
+    VMNET_LOG(Info) << "event=drift_repaired vm_id=" << vm_id << " detail=\"" << detail
+                    << "\"";
     Publish(VmEventType::kDriftRepaired, &r, detail);
     return;
   }
   if (initial_sync_) return;
   if (r.state != old_state || r.message != old_message) {
-    std::string detail = absl::StrCat(VmStateName(old_state), " -> ",
-                                      VmStateName(r.state));
+    std::string detail =
+        absl::StrCat(VmStateName(old_state), " -> ", VmStateName(r.state));
     if (!r.message.empty()) absl::StrAppend(&detail, ": ", r.message);
-    VMNET_LOG(Info) << "event=vm_state vm_id=" << vm_id << " state=" << VmStateName(r.state);
+    VMNET_LOG(Info) << "event=vm_state vm_id=" << vm_id
+                    << " state=" << VmStateName(r.state);
     Publish(VmEventType::kChanged, &r, detail);
   }
 }

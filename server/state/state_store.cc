@@ -22,8 +22,7 @@ constexpr size_t kHeader = sizeof(kMagic) + 8;  // magic, length, crc32
 constexpr uint32_t kMaxPayload = 1u << 30;
 
 absl::Status ErrnoError(absl::string_view what, const std::string& path) {
-  return absl::InternalError(
-      absl::StrCat(what, " ", path, ": ", strerror(errno)));
+  return absl::InternalError(absl::StrCat(what, " ", path, ": ", strerror(errno)));
 }
 
 void PutU32(std::string* out, uint32_t v) {
@@ -93,9 +92,9 @@ std::string StateStore::Encode(const StoredState& state) {
   std::string payload = file.SerializeAsString();
   std::string out(kMagic, sizeof(kMagic));
   PutU32(&out, static_cast<uint32_t>(payload.size()));
-  PutU32(&out, static_cast<uint32_t>(
-                   crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
-                         static_cast<uInt>(payload.size()))));
+  PutU32(&out,
+         static_cast<uint32_t>(crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
+                                     static_cast<uInt>(payload.size()))));
   return out + payload;
 }
 
@@ -131,10 +130,9 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
       return absl::DataLossError(
           absl::StrCat("VM \"", r.vm_id(), "\" or its interface appears twice"));
     }
-    std::vector<std::string> addresses(r.ip_addresses().begin(),
-                                       r.ip_addresses().end());
-    auto spec = ParseVmSpec(r.vm_id(), r.interface(), addresses,
-                            r.mac_address(), permissive);
+    std::vector<std::string> addresses(r.ip_addresses().begin(), r.ip_addresses().end());
+    auto spec =
+        ParseVmSpec(r.vm_id(), r.interface(), addresses, r.mac_address(), permissive);
     if (!spec.ok()) {
       return absl::DataLossError(
           absl::StrCat("invalid VM record: ", spec.status().message()));

@@ -27,17 +27,15 @@ std::string Quote(absl::string_view text) {
 
 absl::Status Invalid(absl::string_view field, absl::string_view value,
                      absl::string_view reason) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(field, ": ", Quote(value), " ", reason));
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", Quote(value), " ", reason));
 }
 
 bool IsVmIdChar(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-         (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+         c == '.' || c == '_' || c == '-';
 }
 
-absl::StatusOr<IpAddress> ParseVmAddress(absl::string_view field,
-                                         absl::string_view text,
+absl::StatusOr<IpAddress> ParseVmAddress(absl::string_view field, absl::string_view text,
                                          const SpecRules& rules) {
   auto address = IpAddress::Parse(text);
   if (!address) return Invalid(field, text, "is not an IP address");
@@ -55,7 +53,8 @@ absl::StatusOr<IpAddress> ParseVmAddress(absl::string_view field,
     }
     return *address;
   }
-  if (address->IsLimitedBroadcast()) return Invalid(field, text, "is the broadcast address");
+  if (address->IsLimitedBroadcast())
+    return Invalid(field, text, "is the broadcast address");
   if ((address->v4_host_order() >> 28) == 0xf) {
     return Invalid(field, text, "is in the reserved range 240.0.0.0/4");
   }
@@ -70,14 +69,13 @@ absl::StatusOr<IpAddress> ParseVmAddress(absl::string_view field,
 absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field) {
   if (vm_id.empty()) return Invalid(field, vm_id, "is empty; give 1 to 64 characters");
   if (vm_id.size() > kMaxVmIdLength) {
-    return Invalid(field, vm_id,
-                   absl::StrCat("is ", vm_id.size(),
-                                " characters long; the maximum is 64"));
+    return Invalid(
+        field, vm_id,
+        absl::StrCat("is ", vm_id.size(), " characters long; the maximum is 64"));
   }
   for (char c : vm_id) {
     if (!IsVmIdChar(c)) {
-      return Invalid(field, vm_id,
-                     "has a character outside [A-Za-z0-9._-]");
+      return Invalid(field, vm_id, "has a character outside [A-Za-z0-9._-]");
     }
   }
   return absl::OkStatus();
@@ -90,8 +88,8 @@ std::string AddressField(const std::vector<size_t>& request_index, size_t positi
 
 absl::Status ValidateRequestId(absl::string_view request_id) {
   if (request_id.size() > 128) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "request_id: is ", request_id.size(), " bytes long; the maximum is 128"));
+    return absl::InvalidArgumentError(absl::StrCat("request_id: is ", request_id.size(),
+                                                   " bytes long; the maximum is 128"));
   }
   for (char c : request_id) {
     if (c < 0x20 || c > 0x7e) {
@@ -101,11 +99,9 @@ absl::Status ValidateRequestId(absl::string_view request_id) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
-                                   absl::string_view interface,
+absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id, absl::string_view interface,
                                    absl::Span<const std::string> addresses,
-                                   absl::string_view mac,
-                                   const SpecRules& rules,
+                                   absl::string_view mac, const SpecRules& rules,
                                    std::vector<size_t>* request_index) {
   if (auto s = ValidateVmId(vm_id); !s.ok()) return s;
   VmSpec spec;
@@ -113,9 +109,9 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
 
   if (interface.empty()) return Invalid("interface", interface, "is empty");
   if (interface.size() > kMaxInterfaceLength) {
-    return Invalid("interface", interface,
-                   absl::StrCat("is ", interface.size(),
-                                " bytes long; Linux allows at most 15"));
+    return Invalid(
+        "interface", interface,
+        absl::StrCat("is ", interface.size(), " bytes long; Linux allows at most 15"));
   }
   // What Linux accepts as a link name (dev_valid_name), whatever the pattern.
   if (interface == "." || interface == "..") {
@@ -123,11 +119,11 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
   }
   for (char c : interface) {
     if (c == '/' || c == ':' || c <= 0x20 || c >= 0x7f) {
-      return Invalid("interface", interface, "has a character Linux does not allow in a link name");
+      return Invalid("interface", interface,
+                     "has a character Linux does not allow in a link name");
     }
   }
-  if (!std::regex_match(interface.begin(), interface.end(),
-                        rules.interface_pattern)) {
+  if (!std::regex_match(interface.begin(), interface.end(), rules.interface_pattern)) {
     return Invalid("interface", interface,
                    "does not match the agent's --interface-pattern");
   }
@@ -138,10 +134,9 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
         "ip_addresses: is empty; give at least one address");
   }
   if (addresses.size() > rules.max_addresses) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ip_addresses: has ", addresses.size(),
-                     " addresses; the limit (--max-addresses-per-vm) is ",
-                     rules.max_addresses));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ip_addresses: has ", addresses.size(),
+        " addresses; the limit (--max-addresses-per-vm) is ", rules.max_addresses));
   }
   for (size_t i = 0; i < addresses.size(); ++i) {
     std::string field = absl::StrCat("ip_addresses[", i, "]");
@@ -166,8 +161,7 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
   if (!mac.empty()) {
     auto parsed = MacAddress::Parse(mac);
     if (!parsed) {
-      return Invalid("mac_address", mac,
-                     "is not a MAC address like aa:bb:cc:dd:ee:ff");
+      return Invalid("mac_address", mac, "is not a MAC address like aa:bb:cc:dd:ee:ff");
     }
     if (parsed->IsZero()) return Invalid("mac_address", mac, "is all zeros");
     if (parsed->IsMulticast()) {

@@ -13,17 +13,17 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/match.h"
 #include "absl/strings/strip.h"
-#include "absl/cleanup/cleanup.h"
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
@@ -31,12 +31,12 @@
 #include "prometheus/exposer.h"
 #include "prometheus/metric_family.h"
 #include "systemd/sd-daemon.h"
+#include "vmnet/announce/announcer.h"
 #include "vmnet/api/servers.h"
 #include "vmnet/api/service.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/netlink_kernel.h"
 #include "vmnet/log/log.h"
-#include "vmnet/announce/announcer.h"
 #include "vmnet/metrics/metrics.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/state_store.h"
@@ -67,11 +67,12 @@ ABSL_FLAG(int, announce_count, 3,
           "is sent when a VM's addresses become reachable through this host; 0: none.");
 ABSL_FLAG(absl::Duration, announce_interval, absl::Seconds(1),
           "Time between the repeats of an announcement (e.g. 1s, 200ms).");
-ABSL_FLAG(bool, dad, false,
-          "Before publishing a VM address, ask on the uplinks whether another machine "
-          "holds it (ARP probe, IPv6 duplicate address detection); if one answers, the VM "
-          "fails naming the address and the MAC that answered. Off by default: during a "
-          "live migration the old host still answers for the address.");
+ABSL_FLAG(
+    bool, dad, false,
+    "Before publishing a VM address, ask on the uplinks whether another machine "
+    "holds it (ARP probe, IPv6 duplicate address detection); if one answers, the VM "
+    "fails naming the address and the MAC that answered. Off by default: during a "
+    "live migration the old host still answers for the address.");
 ABSL_FLAG(absl::Duration, dad_timeout, absl::Seconds(1),
           "How long --dad listens for an answer.");
 ABSL_FLAG(std::string, interface_pattern, "vme[0-9a-f]{1,12}",
@@ -158,15 +159,19 @@ std::string EpochNow() {
 // The reconciler's AddressAnnouncer over the raw-socket Announcer.
 class RawAnnouncer : public AddressAnnouncer {
  public:
-  RawAnnouncer(std::unique_ptr<Announcer> announcer, bool announce, absl::Duration dad_timeout)
-      : announcer_(std::move(announcer)), announce_(announce), dad_timeout_(dad_timeout) {}
+  RawAnnouncer(std::unique_ptr<Announcer> announcer, bool announce,
+               absl::Duration dad_timeout)
+      : announcer_(std::move(announcer)),
+        announce_(announce),
+        dad_timeout_(dad_timeout) {}
 
   void Announce(std::vector<Item> items) override {
     if (!announce_) return;
     std::vector<Announcement> out;
     out.reserve(items.size());
     for (Item& i : items) {
-      out.push_back({i.ifindex, std::move(i.interface), i.mac, i.address, i.source, i.router});
+      out.push_back(
+          {i.ifindex, std::move(i.interface), i.mac, i.address, i.source, i.router});
     }
     announcer_->Announce(std::move(out));
   }
@@ -206,8 +211,8 @@ class AnnouncerMetrics : public prometheus::Collectable {
   std::vector<prometheus::MetricFamily> Collect() const override {
     Announcer::Stats stats = announcer_->stats();
     auto counter = [](std::string name, std::string help, uint64_t value) {
-      prometheus::MetricFamily f{std::move(name), std::move(help),
-                                 prometheus::MetricType::Counter, {}};
+      prometheus::MetricFamily f{
+          std::move(name), std::move(help), prometheus::MetricType::Counter, {}};
       prometheus::ClientMetric m;
       m.counter.value = static_cast<double>(value);
       f.metric.push_back(std::move(m));
@@ -242,7 +247,8 @@ int Run() {
 
   ReconcilerOptions options;
   auto gateway = IpAddress::Parse(absl::GetFlag(FLAGS_gateway));
-  if (!gateway || !gateway->is_v4() || gateway->IsUnspecified() || gateway->IsMulticast()) {
+  if (!gateway || !gateway->is_v4() || gateway->IsUnspecified() ||
+      gateway->IsMulticast()) {
     return Fail("--gateway: give a unicast IPv4 address");
   }
   options.host.gateway = *gateway;
@@ -259,17 +265,20 @@ int Run() {
   try {
     options.rules.interface_pattern = std::regex(absl::GetFlag(FLAGS_interface_pattern));
   } catch (const std::regex_error& e) {
-    return Fail(absl::StrCat("--interface-pattern: not a regular expression: ", e.what()));
+    return Fail(
+        absl::StrCat("--interface-pattern: not a regular expression: ", e.what()));
   }
   options.rules.gateway = *gateway;
   options.rules.gateway6 = *gateway6;
-  options.rules.max_addresses = static_cast<size_t>(absl::GetFlag(FLAGS_max_addresses_per_vm));
+  options.rules.max_addresses =
+      static_cast<size_t>(absl::GetFlag(FLAGS_max_addresses_per_vm));
   options.max_vms = static_cast<size_t>(absl::GetFlag(FLAGS_max_vms));
   options.proxy_check_interval =
       std::chrono::milliseconds(absl::GetFlag(FLAGS_proxy_check_interval_ms));
   options.full_resync_interval =
       std::chrono::seconds(absl::GetFlag(FLAGS_full_resync_interval_s));
-  options.max_pending_requests = static_cast<size_t>(absl::GetFlag(FLAGS_max_pending_requests));
+  options.max_pending_requests =
+      static_cast<size_t>(absl::GetFlag(FLAGS_max_pending_requests));
 
   // Subscribing to kernel events comes first: nothing between the dump and
   // the event stream is lost.
@@ -286,8 +295,9 @@ int Run() {
     auto links = DefaultRouteLinks(**netlink);
     if (!links.ok()) return Fail(links.status().message());
     if (links->empty()) {
-      return Fail("--uplinks: not given, and no default route names an interface; "
-                  "give the uplinks explicitly");
+      return Fail(
+          "--uplinks: not given, and no default route names an interface; "
+          "give the uplinks explicitly");
     }
     options.host.uplinks = *links;
   }
@@ -297,7 +307,8 @@ int Run() {
     return Fail("--announce-count: give 0 (no announcements) to 100");
   }
   absl::Duration announce_interval = absl::GetFlag(FLAGS_announce_interval);
-  if (announce_interval < absl::Milliseconds(10) || announce_interval > absl::Minutes(1)) {
+  if (announce_interval < absl::Milliseconds(10) ||
+      announce_interval > absl::Minutes(1)) {
     return Fail("--announce-interval: give 10ms to 1m");
   }
   absl::Duration dad_timeout = absl::GetFlag(FLAGS_dad_timeout);
@@ -308,7 +319,8 @@ int Run() {
   if (announce_count > 0 || absl::GetFlag(FLAGS_dad)) {
     auto raw = Announcer::Create({std::max(announce_count, 1), announce_interval});
     if (!raw.ok()) return Fail(raw.status().message());
-    announcer = std::make_unique<RawAnnouncer>(std::move(*raw), announce_count > 0, dad_timeout);
+    announcer =
+        std::make_unique<RawAnnouncer>(std::move(*raw), announce_count > 0, dad_timeout);
     options.announcer = announcer.get();
     options.dad = absl::GetFlag(FLAGS_dad);
   }
@@ -353,7 +365,8 @@ int Run() {
   listen.socket_group = absl::GetFlag(FLAGS_socket_group);
   listen.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   listen.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
-  listen.tls_refresh_seconds = static_cast<unsigned>(std::max(1, absl::GetFlag(FLAGS_tls_refresh_s)));
+  listen.tls_refresh_seconds =
+      static_cast<unsigned>(std::max(1, absl::GetFlag(FLAGS_tls_refresh_s)));
   auto servers = ApiServers::Start(listen, &reconciler, netlink->get(), &events,
                                    &request_stats, service_options);
   if (!servers.ok()) return Fail(servers.status().message());
@@ -361,8 +374,8 @@ int Run() {
                   << " health_listen=" << listen.health_address;
 
   // The Exposer holds collectables by weak_ptr: this one lives until exit.
-  auto collector = std::make_shared<MetricsCollector>(&reconciler, netlink->get(), &events,
-                                                      &request_stats, VMNET_VERSION);
+  auto collector = std::make_shared<MetricsCollector>(
+      &reconciler, netlink->get(), &events, &request_stats, VMNET_VERSION);
   std::shared_ptr<AnnouncerMetrics> announcer_metrics;
   if (announcer) announcer_metrics = std::make_shared<AnnouncerMetrics>(announcer.get());
   std::unique_ptr<prometheus::Exposer> exposer;
@@ -370,7 +383,8 @@ int Run() {
     try {
       exposer = std::make_unique<prometheus::Exposer>(a, /*num_threads=*/2);
     } catch (const std::exception& e) {
-      return Fail(absl::StrCat("could not listen on --metrics-listen=", a, ": ", e.what()));
+      return Fail(
+          absl::StrCat("could not listen on --metrics-listen=", a, ": ", e.what()));
     }
     exposer->RegisterCollectable(collector);
     if (announcer) exposer->RegisterCollectable(announcer_metrics);

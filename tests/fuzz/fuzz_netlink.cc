@@ -46,8 +46,8 @@ using namespace vmnet::kernel;  // NOLINT
   std::abort();
 }
 
-#define EXPECT(cond, detail) \
-  do {                       \
+#define EXPECT(cond, detail)              \
+  do {                                    \
     if (!(cond)) Violated(#cond, detail); \
   } while (0)
 
@@ -82,8 +82,7 @@ std::optional<Event> EncodeAndParse(const Write& write) {
   std::memcpy(copy.get(), bytes.data(), bytes.size());
   const auto* hdr = reinterpret_cast<const nlmsghdr*>(copy.get());
   EXPECT(hdr->nlmsg_len == bytes.size(), text);
-  EXPECT((hdr->nlmsg_flags & (NLM_F_REQUEST | NLM_F_ACK)) ==
-             (NLM_F_REQUEST | NLM_F_ACK),
+  EXPECT((hdr->nlmsg_flags & (NLM_F_REQUEST | NLM_F_ACK)) == (NLM_F_REQUEST | NLM_F_ACK),
          text);
   int messages = 0;
   ForEachMessage(copy.get(), bytes.size(), [&](const nlmsghdr*) { ++messages; });
@@ -101,8 +100,8 @@ void RoundTripAddress(const Address& a) {
     auto e = EncodeAndParse(AddAddress{a});
     const auto* got = As<AddressEvent>(e);
     EXPECT(got != nullptr && !got->deleted, ToString(Write{AddAddress{a}}));
-    EXPECT(got->address == a, ToString(Write{AddAddress{a}}) + " came back as " +
-                                  got->address.ToString());
+    EXPECT(got->address == a,
+           ToString(Write{AddAddress{a}}) + " came back as " + got->address.ToString());
   }
   {
     Address expected = a;
@@ -145,8 +144,8 @@ void RoundTripNeighbor(const Neighbor& n) {
     auto e = EncodeAndParse(SetNeighbor{n});
     const auto* got = As<NeighborEvent>(e);
     EXPECT(got != nullptr && !got->deleted, ToString(Write{SetNeighbor{n}}));
-    EXPECT(got->neighbor == expected, ToString(Write{SetNeighbor{n}}) +
-                                          " came back as " + got->neighbor.ToString());
+    EXPECT(got->neighbor == expected,
+           ToString(Write{SetNeighbor{n}}) + " came back as " + got->neighbor.ToString());
   }
   {
     expected.lladdr.reset();
@@ -166,8 +165,8 @@ void ParseOne(const nlmsghdr* msg) {
   auto route = ParseRoute(msg);
   auto neighbor = ParseNeighbor(msg);
   auto event = ParseEvent(msg);
-  int accepted = link.has_value() + address.has_value() + route.has_value() +
-                 neighbor.has_value();
+  int accepted =
+      link.has_value() + address.has_value() + route.has_value() + neighbor.has_value();
   std::string what = "message type " + std::to_string(msg->nlmsg_type);
   EXPECT(accepted <= 1, what);
   EXPECT(event.has_value() == (accepted == 1), what);

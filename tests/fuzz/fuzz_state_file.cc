@@ -47,8 +47,8 @@ std::string Hex(absl::string_view s) {
   std::abort();
 }
 
-#define EXPECT(cond, detail) \
-  do {                       \
+#define EXPECT(cond, detail)              \
+  do {                                    \
     if (!(cond)) Violated(#cond, detail); \
   } while (0)
 
@@ -75,8 +75,8 @@ extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max
       rng() % 8 != 0) {
     size_t payload = size - kHeader;
     PutU32(data + 8, static_cast<uint32_t>(payload));
-    PutU32(data + 12, static_cast<uint32_t>(
-                          crc32(0, data + kHeader, static_cast<uInt>(payload))));
+    PutU32(data + 12,
+           static_cast<uint32_t>(crc32(0, data + kHeader, static_cast<uInt>(payload))));
   }
   return size;
 }
@@ -91,8 +91,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   std::string encoded = vmnet::StateStore::Encode(*state);
   auto again = vmnet::StateStore::Decode(encoded);
-  EXPECT(again.ok(), "Decode(Encode(s)) failed: " + std::string(again.status().ToString()) +
-                         "; Encode(s) = " + Hex(encoded));
+  EXPECT(again.ok(),
+         "Decode(Encode(s)) failed: " + std::string(again.status().ToString()) +
+             "; Encode(s) = " + Hex(encoded));
   EXPECT(*again == *state, "Decode(Encode(s)) != s; Encode(s) = " + Hex(encoded));
   EXPECT(vmnet::StateStore::Encode(*again) == encoded,
          "Encode(Decode(Encode(s))) != Encode(s); Encode(s) = " + Hex(encoded));

@@ -61,8 +61,8 @@ std::string Printable(absl::string_view s) {
   std::abort();
 }
 
-#define EXPECT(cond, detail) \
-  do {                       \
+#define EXPECT(cond, detail)              \
+  do {                                    \
     if (!(cond)) Violated(#cond, detail); \
   } while (0)
 
@@ -93,9 +93,9 @@ void CheckAddressParsers(absl::string_view text) {
     std::string printed = m->ToString();
     std::string expected;
     for (char c : text) {
-      expected.push_back(c == '-' ? ':'
-                                  : static_cast<char>(std::tolower(
-                                        static_cast<unsigned char>(c))));
+      expected.push_back(
+          c == '-' ? ':'
+                   : static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
     }
     EXPECT(printed == expected, text);
     auto again = MacAddress::Parse(printed);
@@ -137,8 +137,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!id_status.ok()) CheckRefusal(id_status, input);
 
   std::vector<size_t> request_index;
-  auto spec = vmnet::ParseVmSpec(vm_id, interface, addresses, mac, *rules,
-                                 &request_index);
+  auto spec =
+      vmnet::ParseVmSpec(vm_id, interface, addresses, mac, *rules, &request_index);
   if (!spec.ok()) {
     CheckRefusal(spec.status(), input);
     return 0;
@@ -183,8 +183,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<std::string> canonical;
   for (const IpAddress& a : spec->addresses) canonical.push_back(a.ToString());
   std::string canonical_mac = spec->mac ? spec->mac->ToString() : "";
-  auto again = vmnet::ParseVmSpec(spec->vm_id, spec->interface, canonical,
-                                  canonical_mac, *rules);
+  auto again =
+      vmnet::ParseVmSpec(spec->vm_id, spec->interface, canonical, canonical_mac, *rules);
   EXPECT(again.ok() && *again == *spec, input);
   return 0;
 }

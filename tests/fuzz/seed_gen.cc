@@ -161,7 +161,8 @@ void NetlinkSeeds() {
   Netlink("addr_v6_del", Addr(RTM_DELADDR, AF_INET6, v6, 64));
   Netlink("route_v4_host", RouteMsg(RTM_NEWROUTE, AF_INET, v4, 32, nullptr, src4));
   Netlink("route_v4_gw", RouteMsg(RTM_NEWROUTE, AF_INET, v4net, 24, gw4, nullptr));
-  Netlink("route_v4_default_del", RouteMsg(RTM_DELROUTE, AF_INET, nullptr, 0, gw4, nullptr));
+  Netlink("route_v4_default_del",
+          RouteMsg(RTM_DELROUTE, AF_INET, nullptr, 0, gw4, nullptr));
   Netlink("route_v6_gw", RouteMsg(RTM_NEWROUTE, AF_INET6, v6, 64, gw6, nullptr));
   Netlink("neigh", Neigh(RTM_NEWNEIGH, v4, false, mac));
   Netlink("neigh_proxy_del", Neigh(RTM_DELNEIGH, v4, true, nullptr));
@@ -191,9 +192,12 @@ void NetlinkSeeds() {
 
   // Structured mode: an odd first byte, then FuzzedDataProvider's bytes.
   const uint8_t structured[][24] = {
-      {1, 0xc6, 0x33, 0x64, 0x07, 0x20, 0, 0, 0, 7, 0xfd, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0},
-      {1, 0xc6, 0x33, 0x64, 0x00, 0x18, 0, 0, 0, 7, 1, 0xcb, 0, 0x71, 1, 0, 0xed, 0, 1, 0, 0, 0, 0xfe, 1},
-      {3, 0xc6, 0x33, 0x64, 0x07, 0, 0, 0, 7, 1, 0x52, 0x54, 0, 1, 2, 3, 1, 0, 2, 0xed, 0, 0, 0, 2},
+      {1, 0xc6, 0x33, 0x64, 0x07, 0x20, 0, 0, 0, 7, 0xfd, 0,
+       0, 0,    0x80, 0,    0,    0,    0, 0, 0, 0, 0,    0},
+      {1, 0xc6, 0x33, 0x64, 0x00, 0x18, 0, 0, 0, 7, 1,    0xcb,
+       0, 0x71, 1,    0,    0xed, 0,    1, 0, 0, 0, 0xfe, 1},
+      {3, 0xc6, 0x33, 0x64, 0x07, 0, 0, 0,    7, 1, 0x52, 0x54,
+       0, 1,    2,    3,    1,    0, 2, 0xed, 0, 0, 0,    2},
   };
   for (size_t i = 0; i < sizeof(structured) / sizeof(structured[0]); ++i) {
     Write("fuzz_netlink", "structured_" + std::to_string(i), structured[i],
@@ -211,12 +215,12 @@ void VmSpecSeeds() {
     Write("fuzz_vm_spec", name, s.data(), s.size());
   };
   seed("one_address", {"vm-1", "vme1a2b", "", "198.51.100.7"});
-  seed("with_mac", {"web_01.prod", "vme0", "52:54:00:12:34:56", "198.51.100.7",
-                    "203.0.113.9"});
-  seed("mac_dashes", {"a", "vmeffffffffffff", "52-54-00-AB-CD-EF", "10.0.0.1",
-                      "10.0.0.2", "10.0.0.3"});
-  seed("refused", {"bad id", "eth0", "01:00:5e:00:00:01", "169.255.30.1",
-                   "2001:db8::1", "224.0.0.1", "198.51.100.7/24"});
+  seed("with_mac",
+       {"web_01.prod", "vme0", "52:54:00:12:34:56", "198.51.100.7", "203.0.113.9"});
+  seed("mac_dashes",
+       {"a", "vmeffffffffffff", "52-54-00-AB-CD-EF", "10.0.0.1", "10.0.0.2", "10.0.0.3"});
+  seed("refused", {"bad id", "eth0", "01:00:5e:00:00:01", "169.255.30.1", "2001:db8::1",
+                   "224.0.0.1", "198.51.100.7/24"});
 }
 
 void StateSeeds() {

@@ -28,7 +28,8 @@ constexpr uint8_t kProto = 237;
 
 std::string Sh(const std::string& command) {
   std::string out;
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((command + " 2>&1").c_str(), "r"), pclose);
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((command + " 2>&1").c_str(), "r"),
+                                             pclose);
   std::array<char, 4096> buf;
   while (pipe && fgets(buf.data(), buf.size(), pipe.get()) != nullptr) out += buf.data();
   return out;
@@ -59,7 +60,8 @@ class NetlinkKernelTest : public ::testing::Test {
   }
 
   void TearDown() override {
-    if (KernelTestsIsolated()) Sh("ip link del eth0 2>/dev/null; ip link del vme1a 2>/dev/null");
+    if (KernelTestsIsolated())
+      Sh("ip link del eth0 2>/dev/null; ip link del vme1a 2>/dev/null");
   }
 
   std::vector<Write> VmWrites() {
@@ -129,7 +131,8 @@ TEST_F(NetlinkKernelTest, WritesTheHostRoutedRecipe) {
   ASSERT_NE(model.RoutesTo(IpPrefix::Host(Ip("198.51.100.201"))), nullptr);
   // bookworm's iproute2 does not print an address's protocol; our dump of
   // the kernel does.
-  EXPECT_EQ(model.FindAddress(vme_, *IpPrefix::Parse("169.255.30.1/32"))->protocol, kProto);
+  EXPECT_EQ(model.FindAddress(vme_, *IpPrefix::Parse("169.255.30.1/32"))->protocol,
+            kProto);
 }
 
 TEST_F(NetlinkKernelTest, CreateNeverOverwritesAndDeleteOfNothingIsFine) {
@@ -163,7 +166,8 @@ TEST_F(NetlinkKernelTest, FailuresNameTheObjectAndErrno) {
   r.protocol = kProto;
   auto results = kernel_->Apply({AddRoute{r}});
   ASSERT_FALSE(results[0].ok());
-  EXPECT_THAT(std::string(results[0].message()), HasSubstr("add route 198.51.100.201/32"));
+  EXPECT_THAT(std::string(results[0].message()),
+              HasSubstr("add route 198.51.100.201/32"));
   EXPECT_THAT(std::string(results[0].message()), HasSubstr("errno"));
 }
 
@@ -239,7 +243,8 @@ TEST_F(NetlinkKernelTest, ProxyEntriesRaiseNoEventsButTheProxyDumpSeesThem) {
 TEST_F(NetlinkKernelTest, TinyReceiveBufferOverflowIsReported) {
   auto small = NetlinkKernel::Create({.event_rcvbuf = 1024});
   ASSERT_TRUE(small.ok());
-  Sh("(for i in $(seq 1 500); do echo route add 198.18.1.$((i % 250 + 1))/32 dev eth0 metric $i; "
+  Sh("(for i in $(seq 1 500); do echo route add 198.18.1.$((i % 250 + 1))/32 dev eth0 "
+     "metric $i; "
      "done) | ip -batch - >/dev/null");
   std::vector<Event> events;
   absl::Status s = (*small)->ReadEvents(&events);

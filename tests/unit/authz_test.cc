@@ -49,16 +49,19 @@ TEST(AuthzPolicyTest, MalformedPoliciesAreRefusedWithTheReason) {
     const char* json;
     const char* reason;
   };
-  for (const Case& c : std::vector<Case>{
-           {"not json", "not JSON"},
-           {R"({"allow_rules": [{"name": "a"}]})", "\"name\" is missing"},
-           {R"({"name": "p"})", "allow_rules"},
-           {R"({"name": "p", "allow_rules": [{"source": {}}]})", "has no name"},
-           {R"({"name": "p", "allow_rules": [{"name": "a", "source": {"principals": "x"}}]})",
-            "is not a list"},
-           {R"({"name": "p", "allow_rules": [{"name": "a", "oops": {}}]})", "unknown field"},
-           {R"({"name": "p", "extra": 1, "allow_rules": [{"name": "a"}]})", "unknown field"},
-       }) {
+  for (
+      const Case& c : std::vector<Case>{
+          {"not json", "not JSON"},
+          {R"({"allow_rules": [{"name": "a"}]})", "\"name\" is missing"},
+          {R"({"name": "p"})", "allow_rules"},
+          {R"({"name": "p", "allow_rules": [{"source": {}}]})", "has no name"},
+          {R"({"name": "p", "allow_rules": [{"name": "a", "source": {"principals": "x"}}]})",
+           "is not a list"},
+          {R"({"name": "p", "allow_rules": [{"name": "a", "oops": {}}]})",
+           "unknown field"},
+          {R"({"name": "p", "extra": 1, "allow_rules": [{"name": "a"}]})",
+           "unknown field"},
+      }) {
     auto policy = AuthzPolicy::Parse(c.json);
     ASSERT_FALSE(policy.ok()) << c.json;
     EXPECT_THAT(std::string(policy.status().message()), HasSubstr(c.reason)) << c.json;

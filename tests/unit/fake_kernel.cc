@@ -130,7 +130,8 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
   } else if (auto* w = std::get_if<kernel::AddAddress>(&write)) {
     if (FindLink(w->address.ifindex) == nullptr) return fail(ENODEV);
     for (const Address& a : addresses_) {
-      if (a.ifindex == w->address.ifindex && a.prefix == w->address.prefix) return fail(EEXIST);
+      if (a.ifindex == w->address.ifindex && a.prefix == w->address.prefix)
+        return fail(EEXIST);
     }
     addresses_.push_back(w->address);
     Emit(kernel::AddressEvent{false, w->address});

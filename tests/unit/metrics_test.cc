@@ -32,7 +32,8 @@ class MetricsTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  void Attach(const std::string& vm, const std::string& interface, const std::string& ip) {
+  void Attach(const std::string& vm, const std::string& interface,
+              const std::string& ip) {
     std::promise<absl::StatusOr<VmView>> done;
     reconciler_->Attach(*ParseVmSpec(vm, interface, {ip}, "", options_.rules), false, "",
                         [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
@@ -45,7 +46,8 @@ class MetricsTest : public ::testing::Test {
   }
 
   // The value of the series with these labels, or -1 when it is absent.
-  double Value(const std::string& family, const std::map<std::string, std::string>& labels) {
+  double Value(const std::string& family,
+               const std::map<std::string, std::string>& labels) {
     for (const auto& f : collector_->Collect()) {
       if (f.name != family) continue;
       for (const auto& m : f.metric) {
@@ -55,8 +57,9 @@ class MetricsTest : public ::testing::Test {
           for (const auto& l : m.label) found |= l.name == k && l.value == v;
           match &= found;
         }
-        if (match) return f.type == prometheus::MetricType::Counter ? m.counter.value
-                                                                     : m.gauge.value;
+        if (match)
+          return f.type == prometheus::MetricType::Counter ? m.counter.value
+                                                           : m.gauge.value;
       }
     }
     return -1;
@@ -93,7 +96,8 @@ TEST_F(MetricsTest, CountersAreTheLinkStatisticsFromTheVmsPointOfView) {
   EXPECT_EQ(Value("vmnet_vm_state", {{"vm_id", "vm-1"}, {"state", "programmed"}}), 1);
   EXPECT_EQ(Value("vmnet_vm_state", {{"vm_id", "vm-1"}, {"state", "pending"}}), 0);
   EXPECT_EQ(Value("vmnet_vms", {{"state", "programmed"}}), 1);
-  EXPECT_GT(Value("vmnet_kernel_writes_total", {{"object", "route"}, {"result", "ok"}}), 0);
+  EXPECT_GT(Value("vmnet_kernel_writes_total", {{"object", "route"}, {"result", "ok"}}),
+            0);
 }
 
 TEST_F(MetricsTest, DetachedVmSeriesDisappear) {

@@ -62,11 +62,11 @@ TEST(NetlinkCodecTest, HostileBytesNeverCrashTheParsers) {
   for (int round = 0; round < 20000; ++round) {
     auto bytes = good;
     int flips = 1 + static_cast<int>(rng() % 4);
-    for (int i = 0; i < flips; ++i) bytes[rng() % bytes.size()] = static_cast<uint8_t>(rng());
+    for (int i = 0; i < flips; ++i)
+      bytes[rng() % bytes.size()] = static_cast<uint8_t>(rng());
     bytes.resize(rng() % (bytes.size() + 8));
-    ForEachMessage(bytes.data(), bytes.size(), [](const nlmsghdr* msg) {
-      (void)ParseEvent(msg);
-    });
+    ForEachMessage(bytes.data(), bytes.size(),
+                   [](const nlmsghdr* msg) { (void)ParseEvent(msg); });
   }
 }
 

@@ -28,7 +28,8 @@ class PlanTest : public ::testing::Test {
     vme.ipv4_forwarding = false;
     s.links = {uplink, vme};
     model_.Reset(s);
-    spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01", SpecRules{});
+    spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01",
+                         SpecRules{});
   }
   void Hold(const std::vector<kernel::Write>& writes) {
     for (const auto& w : writes) model_.ApplyWrite(w);
@@ -68,7 +69,8 @@ class Ipv6PlanTest : public PlanTest {
     uplink.name = "eth0";
     uplink.up = true;
     uplink.ipv4_forwarding = true;
-    uplink.ipv6 = kernel::Ipv6Conf{.forwarding = false, .accept_ra = 1, .proxy_ndp = false};
+    uplink.ipv6 =
+        kernel::Ipv6Conf{.forwarding = false, .accept_ra = 1, .proxy_ndp = false};
     kernel::Link vme;
     vme.ifindex = 7;
     vme.name = "vme1a";
@@ -89,8 +91,9 @@ TEST_F(Ipv6PlanTest, DualStackVmGetsRoutesProxiesAndBothGateways) {
               ::testing::UnorderedElementsAre(HasSubstr("198.51.100.201/32 dev #7"),
                                               HasSubstr("2001:db8:1::201/128 dev #7")));
   EXPECT_THAT(WritesOf<kernel::SetNeighbor>(plan.writes),
-              ::testing::UnorderedElementsAre(HasSubstr("proxy neighbour 198.51.100.201 dev #1"),
-                                              HasSubstr("proxy neighbour 2001:db8:1::201 dev #1")));
+              ::testing::UnorderedElementsAre(
+                  HasSubstr("proxy neighbour 198.51.100.201 dev #1"),
+                  HasSubstr("proxy neighbour 2001:db8:1::201 dev #1")));
   EXPECT_THAT(WritesOf<kernel::AddAddress>(plan.writes),
               ::testing::UnorderedElementsAre(HasSubstr("169.255.30.1/32 dev #7"),
                                               HasSubstr("fe80::ffff:1:1/128 dev #7")));

@@ -20,8 +20,8 @@
 namespace vmnet {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::FakeKernel;
+using ::testing::HasSubstr;
 
 constexpr uint8_t kProto = 237;
 
@@ -70,7 +70,8 @@ class ReconcilerTest : public ::testing::Test {
     store_.emplace(std::move(*store));
     events_ = std::make_unique<EventLog>("test", 1000);
     ASSERT_TRUE(events_->Subscribe(&watcher_, "", 0, false).ok());
-    reconciler_ = std::make_unique<Reconciler>(&kernel_, &*store_, events_.get(), options_);
+    reconciler_ =
+        std::make_unique<Reconciler>(&kernel_, &*store_, events_.get(), options_);
     ASSERT_TRUE(reconciler_->Start().ok());
   }
 
@@ -127,7 +128,8 @@ class ReconcilerTest : public ::testing::Test {
     }
     return nullptr;
   }
-  const kernel::Address* FindAddress(const kernel::Snapshot& s, int ifindex, const char* p) {
+  const kernel::Address* FindAddress(const kernel::Snapshot& s, int ifindex,
+                                     const char* p) {
     for (const auto& a : s.addresses) {
       if (a.ifindex == ifindex && a.prefix == *IpPrefix::Parse(p)) return &a;
     }
@@ -198,7 +200,8 @@ TEST_F(ReconcilerTest, AcknowledgedAttachIsAlreadyOnDisk) {
   StartAgent();
   ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
   std::ifstream f(store_->path(), std::ios::binary);
-  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::string bytes((std::istreambuf_iterator<char>(f)),
+                    std::istreambuf_iterator<char>());
   auto state = StateStore::Decode(bytes);
   ASSERT_TRUE(state.ok()) << state.status();
   ASSERT_EQ(state->vms.size(), 1u);
@@ -308,7 +311,8 @@ TEST_F(ReconcilerTest, DriftIsRepaired) {
   // A link set down loses its routes silently; it is set up and refilled.
   kernel_.SetLinkUp("vme1a", false);
   EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
-  EXPECT_EQ(reconciler_->counters().drift_repairs, CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED));
+  EXPECT_EQ(reconciler_->counters().drift_repairs,
+            CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED));
 }
 
 TEST_F(ReconcilerTest, ForeignObjectInTheWayFailsTheVmUntilItGoes) {
@@ -398,7 +402,8 @@ TEST_F(ReconcilerTest, RefusesWhatCollidesWithOtherVmsOrTheHost) {
   auto own = Attach("vm-2", "vme2a", {"198.51.100.1"});
   EXPECT_THAT(std::string(own.status().message()), HasSubstr("host's own"));
   auto bcast = Attach("vm-2", "vme2a", {"198.51.100.255"});
-  EXPECT_THAT(std::string(bcast.status().message()), HasSubstr("broadcast address of a subnet"));
+  EXPECT_THAT(std::string(bcast.status().message()),
+              HasSubstr("broadcast address of a subnet"));
   EXPECT_EQ(kernel_.writes_applied(), writes);
   EXPECT_FALSE(reconciler_->FindVm("vm-2"));
 }
@@ -471,7 +476,8 @@ class RecordingAnnouncer : public AddressAnnouncer {
     vmnet::MutexLock lock(&mu_);
     std::vector<std::string> out;
     for (const Item& i : announced_) {
-      out.push_back(absl::StrCat(i.interface, " ", i.address.ToString(), i.router ? " +router" : ""));
+      out.push_back(absl::StrCat(i.interface, " ", i.address.ToString(),
+                                 i.router ? " +router" : ""));
     }
     return out;
   }
@@ -527,9 +533,9 @@ TEST_F(AnnounceTest, AttachAnnouncesTheAddressesOnUplinksAndTheGatewaysOnTheVmLi
   StartAgent();
   ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}).ok());
   EXPECT_THAT(announcer_.announced(),
-              ::testing::UnorderedElementsAre("eth0 198.51.100.201", "eth0 2001:db8:1::201",
-                                              "vme1a 169.255.30.1",
-                                              "vme1a fe80::ffff:1:1 +router"));
+              ::testing::UnorderedElementsAre(
+                  "eth0 198.51.100.201", "eth0 2001:db8:1::201", "vme1a 169.255.30.1",
+                  "vme1a fe80::ffff:1:1 +router"));
   // The same spec again changes nothing and announces nothing.
   announcer_.Clear();
   ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}).ok());
@@ -563,10 +569,13 @@ TEST_F(AnnounceTest, DadConflictFailsTheVmNamingTheMacAndPublishesNothing) {
   EXPECT_THAT(vm->message, HasSubstr("--dad"));
   ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 1; }));
   EXPECT_THAT(announcer_.probed(0), ::testing::ElementsAre(Ip("198.51.100.201")));
-  announcer_.Answer(0, {{Ip("198.51.100.201"), "eth0", *MacAddress::Parse("02:00:00:00:00:99")}});
-  ASSERT_TRUE(WaitFor([&] { return reconciler_->FindVm("vm-1")->state == VmState::kFailed; }));
-  EXPECT_THAT(reconciler_->FindVm("vm-1")->message,
-              ::testing::AllOf(HasSubstr("198.51.100.201"), HasSubstr("02:00:00:00:00:99")));
+  announcer_.Answer(
+      0, {{Ip("198.51.100.201"), "eth0", *MacAddress::Parse("02:00:00:00:00:99")}});
+  ASSERT_TRUE(
+      WaitFor([&] { return reconciler_->FindVm("vm-1")->state == VmState::kFailed; }));
+  EXPECT_THAT(
+      reconciler_->FindVm("vm-1")->message,
+      ::testing::AllOf(HasSubstr("198.51.100.201"), HasSubstr("02:00:00:00:00:99")));
   EXPECT_FALSE(HasProxy("198.51.100.201"));
   EXPECT_EQ(reconciler_->counters().dad_conflicts, 1u);
   EXPECT_THAT(announcer_.announced(), ::testing::IsEmpty());
@@ -574,7 +583,8 @@ TEST_F(AnnounceTest, DadConflictFailsTheVmNamingTheMacAndPublishesNothing) {
   ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
   ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 2; }));
   announcer_.Answer(1, {});
-  ASSERT_TRUE(WaitFor([&] { return reconciler_->FindVm("vm-1")->state == VmState::kProgrammed; }));
+  ASSERT_TRUE(WaitFor(
+      [&] { return reconciler_->FindVm("vm-1")->state == VmState::kProgrammed; }));
   EXPECT_TRUE(HasProxy("198.51.100.201"));
   EXPECT_THAT(announcer_.announced(), ::testing::Contains("eth0 198.51.100.201"));
 }

@@ -25,8 +25,8 @@ class StateStoreTest : public ::testing::Test {
   StoredState Example() {
     StoredState s;
     s.revision_lease = 42;
-    s.vms.push_back({*ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01",
-                                  SpecRules{}),
+    s.vms.push_back({*ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"},
+                                  "02:00:00:00:00:01", SpecRules{}),
                      7});
     s.vms.push_back({*ParseVmSpec("vm-2", "vme2a", {"198.51.100.202", "203.0.113.5"}, "",
                                   SpecRules{}),

@@ -35,30 +35,77 @@ INSTANTIATE_TEST_SUITE_P(
     Requests, VmSpecTest,
     ::testing::Values(
         Case{"valid", "vm-1", "vme1a", {"198.51.100.201"}, "", ""},
-        Case{"valid_with_mac", "vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01", ""},
+        Case{"valid_with_mac",
+             "vm-1",
+             "vme1a",
+             {"198.51.100.201"},
+             "02:00:00:00:00:01",
+             ""},
         Case{"vm_id_empty", "", "vme1a", {"198.51.100.201"}, "", "vm_id: \"\" is empty"},
-        Case{"vm_id_long", std::string(65, 'a'), "vme1a", {"198.51.100.201"}, "",
+        Case{"vm_id_long",
+             std::string(65, 'a'),
+             "vme1a",
+             {"198.51.100.201"},
+             "",
              "vm_id: \"aaaa"},
-        Case{"vm_id_space", "vm 1", "vme1a", {"198.51.100.201"}, "",
+        Case{"vm_id_space",
+             "vm 1",
+             "vme1a",
+             {"198.51.100.201"},
+             "",
              "vm_id: \"vm 1\" has a character outside"},
-        Case{"vm_id_control", std::string("vm\x01", 3), "vme1a", {"198.51.100.201"}, "",
+        Case{"vm_id_control",
+             std::string("vm\x01", 3),
+             "vme1a",
+             {"198.51.100.201"},
+             "",
              "vm_id: \"vm\\x01\""},
-        Case{"interface_empty", "vm-1", "", {"198.51.100.201"}, "", "interface: \"\" is empty"},
-        Case{"interface_long", "vm-1", "vme0123456789abc", {"198.51.100.201"}, "",
+        Case{"interface_empty",
+             "vm-1",
+             "",
+             {"198.51.100.201"},
+             "",
+             "interface: \"\" is empty"},
+        Case{"interface_long",
+             "vm-1",
+             "vme0123456789abc",
+             {"198.51.100.201"},
+             "",
              "Linux allows at most 15"},
-        Case{"interface_pattern", "vm-1", "foo1", {"198.51.100.201"}, "",
+        Case{"interface_pattern",
+             "vm-1",
+             "foo1",
+             {"198.51.100.201"},
+             "",
              "interface: \"foo1\" does not match"},
         Case{"no_address", "vm-1", "vme1a", {}, "", "ip_addresses: is empty"},
-        Case{"not_ip", "vm-1", "vme1a", {"not-an-ip"}, "", "ip_addresses[0]: \"not-an-ip\" is not an IP"},
-        Case{"v6_link_local", "vm-1", "vme1a", {"fe80::1"}, "",
+        Case{"not_ip",
+             "vm-1",
+             "vme1a",
+             {"not-an-ip"},
+             "",
+             "ip_addresses[0]: \"not-an-ip\" is not an IP"},
+        Case{"v6_link_local",
+             "vm-1",
+             "vme1a",
+             {"fe80::1"},
+             "",
              "ip_addresses[0]: \"fe80::1\" is a link-local address"},
         Case{"v6_multicast", "vm-1", "vme1a", {"ff02::1"}, "", "multicast"},
         Case{"v6_loopback", "vm-1", "vme1a", {"::1"}, "", "loopback"},
         Case{"v6_unspecified", "vm-1", "vme1a", {"::"}, "", "unspecified"},
         Case{"v6_mapped", "vm-1", "vme1a", {"::ffff:198.51.100.1"}, "", "IPv4-mapped"},
-        Case{"v6_second", "vm-1", "vme1a", {"2001:db8:1::201", "fe80::ffff:1:2"}, "",
+        Case{"v6_second",
+             "vm-1",
+             "vme1a",
+             {"2001:db8:1::201", "fe80::ffff:1:2"},
+             "",
              "ip_addresses[1]"},
-        Case{"v6_duplicate", "vm-1", "vme1a", {"2001:db8:1::201", "2001:db8:1:0::201"}, "",
+        Case{"v6_duplicate",
+             "vm-1",
+             "vme1a",
+             {"2001:db8:1::201", "2001:db8:1:0::201"},
+             "",
              "ip_addresses[1]: \"2001:db8:1:0::201\" is given twice"},
         Case{"unspecified", "vm-1", "vme1a", {"0.0.0.0"}, "", "unspecified"},
         Case{"multicast", "vm-1", "vme1a", {"224.0.0.1"}, "", "multicast"},
@@ -67,18 +114,36 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"link_local", "vm-1", "vme1a", {"169.254.1.1"}, "", "link-local"},
         Case{"reserved", "vm-1", "vme1a", {"240.0.0.1"}, "", "reserved"},
         Case{"gateway", "vm-1", "vme1a", {"169.255.30.1"}, "", "gateway"},
-        Case{"duplicate", "vm-1", "vme1a", {"198.51.100.201", "198.51.100.201"}, "",
+        Case{"duplicate",
+             "vm-1",
+             "vme1a",
+             {"198.51.100.201", "198.51.100.201"},
+             "",
              "ip_addresses[1]: \"198.51.100.201\" is given twice"},
-        Case{"second_bad", "vm-1", "vme1a", {"198.51.100.201", "x"}, "", "ip_addresses[1]"},
+        Case{"second_bad",
+             "vm-1",
+             "vme1a",
+             {"198.51.100.201", "x"},
+             "",
+             "ip_addresses[1]"},
         Case{"mac_bad", "vm-1", "vme1a", {"198.51.100.201"}, "zz", "mac_address: \"zz\""},
-        Case{"mac_zero", "vm-1", "vme1a", {"198.51.100.201"}, "00:00:00:00:00:00", "all zeros"},
-        Case{"mac_multicast", "vm-1", "vme1a", {"198.51.100.201"}, "01:00:5e:00:00:01",
+        Case{"mac_zero",
+             "vm-1",
+             "vme1a",
+             {"198.51.100.201"},
+             "00:00:00:00:00:00",
+             "all zeros"},
+        Case{"mac_multicast",
+             "vm-1",
+             "vme1a",
+             {"198.51.100.201"},
+             "01:00:5e:00:00:01",
              "multicast MAC"}),
     [](const auto& info) { return info.param.name; });
 
 TEST(VmSpecCanonicalTest, SortsAddresses) {
-  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.202", "198.51.100.201"}, "",
-                          SpecRules{});
+  auto spec =
+      ParseVmSpec("vm-1", "vme1a", {"198.51.100.202", "198.51.100.201"}, "", SpecRules{});
   ASSERT_TRUE(spec.ok());
   EXPECT_EQ(spec->addresses[0].ToString(), "198.51.100.201");
 }
@@ -105,8 +170,8 @@ TEST(VmSpecCanonicalTest, RefusesTheIpv6Gateway) {
 TEST(VmSpecLimitTest, TooManyAddressesNamesTheLimit) {
   SpecRules rules;
   rules.max_addresses = 2;
-  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.1", "198.51.100.2", "198.51.100.3"},
-                          "", rules);
+  auto spec = ParseVmSpec("vm-1", "vme1a",
+                          {"198.51.100.1", "198.51.100.2", "198.51.100.3"}, "", rules);
   ASSERT_FALSE(spec.ok());
   EXPECT_THAT(std::string(spec.status().message()), HasSubstr("--max-addresses-per-vm"));
 }
@@ -122,15 +187,16 @@ TEST(VmSpecHostileTest, NulAndLinuxInvalidNamesAreRefused) {
   anything.interface_pattern = std::regex(".*");
   std::string nul_address("198.51.100.53\0junk", 18);
   EXPECT_FALSE(ParseVmSpec("vm-1", "vme1a", {nul_address}, "", anything).ok());
-  for (const std::string& name : std::vector<std::string>{"a/b", "a b", "a:b", ".", "..", std::string("vme1a\0", 6)}) {
+  for (const std::string& name : std::vector<std::string>{"a/b", "a b", "a:b", ".", "..",
+                                                          std::string("vme1a\0", 6)}) {
     EXPECT_FALSE(ParseVmSpec("vm-1", name, {"198.51.100.5"}, "", anything).ok()) << name;
   }
 }
 
 TEST(VmSpecHostileTest, RequestIndexNamesTheFieldTheCallerSent) {
   std::vector<size_t> index;
-  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.9", "198.51.100.1"}, "", SpecRules{},
-                          &index);
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.9", "198.51.100.1"}, "",
+                          SpecRules{}, &index);
   ASSERT_TRUE(spec.ok());
   EXPECT_EQ(spec->addresses[0].ToString(), "198.51.100.1");
   EXPECT_EQ(AddressField(index, 0), "ip_addresses[1]");

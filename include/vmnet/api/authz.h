@@ -33,8 +33,8 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "vmnet/base/mutex.h"
 #include "grpcpp/grpcpp.h"
+#include "vmnet/base/mutex.h"
 
 namespace vmnet {
 

@@ -19,14 +19,14 @@
 namespace vmnet {
 
 struct ListenerConfig {
-  std::vector<std::string> addresses;  // host:port or unix:///path
-  std::string health_address;          // empty: no probe port
+  std::vector<std::string> addresses;            // host:port or unix:///path
+  std::string health_address;                    // empty: no probe port
   std::string tls_cert, tls_key, tls_client_ca;  // all or none
-  std::string authz_policy;            // gRPC authorization policy JSON file
-  bool insecure = false;               // allow plaintext on remote addresses
-  std::string socket_group;            // group of unix sockets; empty: unchanged
+  std::string authz_policy;                      // gRPC authorization policy JSON file
+  bool insecure = false;                         // allow plaintext on remote addresses
+  std::string socket_group;  // group of unix sockets; empty: unchanged
   int max_request_bytes = 1 << 20;
-  int max_concurrent_streams = 100;    // per connection
+  int max_concurrent_streams = 100;   // per connection
   unsigned tls_refresh_seconds = 10;  // certificates and policy re-read
 };
 

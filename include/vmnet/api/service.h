@@ -84,8 +84,8 @@ class VmNetworkService final : public VmNetworkCallbackService {
   // Finishes a unary call and counts it.
   void Finish(grpc::ServerUnaryReactor* reactor, const char* method,
               const grpc::Status& status) const;
-  grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, const char* method,
-                                  const grpc::Status& status) const;
+  grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context,
+                                  const char* method, const grpc::Status& status) const;
 
   // The kernel's tables as list entries, keyed by their sort keys, filtered
   // by the request.
@@ -113,9 +113,10 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
   explicit HealthService(const Reconciler* reconciler) : reconciler_(reconciler) {}
   void SetDraining() { draining_ = true; }
 
-  grpc::ServerUnaryReactor* Check(grpc::CallbackServerContext* context,
-                                  const grpc::health::v1::HealthCheckRequest* request,
-                                  grpc::health::v1::HealthCheckResponse* response) override;
+  grpc::ServerUnaryReactor* Check(
+      grpc::CallbackServerContext* context,
+      const grpc::health::v1::HealthCheckRequest* request,
+      grpc::health::v1::HealthCheckResponse* response) override;
 
  private:
   const Reconciler* const reconciler_;

@@ -74,7 +74,8 @@ class EventLog : public VmObserver {
   EventLog(std::string epoch, size_t history);
 
   void StartRevisionsAt(uint64_t first) override;
-  uint64_t Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
+  uint64_t Publish(VmEventType type, const VmView& vm,
+                   const std::string& detail) override;
   void Seed(const VmView& vm) override;
 
   // Subscribes `watcher` and, under one lock so nothing is lost or repeated

@@ -2,18 +2,17 @@
 // and parsed with libnl-3.
 #pragma once
 
-#include <cstdint>
-#include <vector>
-
 #include <linux/netlink.h>
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "vmnet/kernel/kernel.h"
 
 namespace vmnet::kernel {
@@ -47,8 +46,7 @@ class NetlinkSocket {
   // Receives what is pending without blocking: the number of bytes read
   // into `buffer`, 0 when nothing is. Sets *overflow when the kernel dropped
   // messages (ENOBUFS).
-  absl::StatusOr<size_t> ReceiveNonBlocking(std::vector<uint8_t>* buffer,
-                                            bool* overflow);
+  absl::StatusOr<size_t> ReceiveNonBlocking(std::vector<uint8_t>* buffer, bool* overflow);
 
  private:
   explicit NetlinkSocket(int fd) : fd_(fd) {}
@@ -82,9 +80,7 @@ class NetlinkKernel : public Kernel {
 
  private:
   NetlinkKernel(Options options, NetlinkSocket writes, NetlinkSocket events)
-      : options_(options),
-        writes_(std::move(writes)),
-        events_(std::move(events)) {}
+      : options_(options), writes_(std::move(writes)), events_(std::move(events)) {}
 
   void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);
   // net.ipv6.conf.<name>.<key>, through /proc/sys: the only way the kernel

@@ -33,7 +33,7 @@ struct Ipv6Conf {
 struct Link {
   int ifindex = 0;
   std::string name;
-  bool up = false;  // administratively up (IFF_UP)
+  bool up = false;        // administratively up (IFF_UP)
   bool loopback = false;  // IFF_LOOPBACK
   // net.ipv4.conf.<name>.forwarding, when the kernel reported it.
   std::optional<bool> ipv4_forwarding;
@@ -50,8 +50,8 @@ struct Link {
 struct Address {
   int ifindex = 0;
   IpPrefix prefix;
-  uint8_t scope = 0;   // RT_SCOPE_*
-  uint32_t flags = 0;  // IFA_F_*
+  uint8_t scope = 0;     // RT_SCOPE_*
+  uint32_t flags = 0;    // IFA_F_*
   uint8_t protocol = 0;  // IFA_PROTO; 0 when unset
 
   bool operator==(const Address&) const = default;
@@ -60,9 +60,9 @@ struct Address {
 
 struct Route {
   IpPrefix destination;
-  int ifindex = 0;  // 0 when the route has no single output link
-  IpAddress gateway;  // family kNone for a direct route
-  IpAddress source;   // preferred source; kNone when unset
+  int ifindex = 0;       // 0 when the route has no single output link
+  IpAddress gateway;     // family kNone for a direct route
+  IpAddress source;      // preferred source; kNone when unset
   uint8_t protocol = 0;  // RTPROT_*
   uint8_t scope = 0;     // RT_SCOPE_*
   uint8_t type = 1;      // RTN_UNICAST
@@ -165,9 +165,9 @@ struct DeleteNeighbor {
   bool operator==(const DeleteNeighbor&) const = default;
 };
 
-using Write = std::variant<SetLinkUp, SetIpv4Forwarding, SetIpv6Conf, AddAddress,
-                           DeleteAddress, AddRoute, DeleteRoute, SetNeighbor,
-                           DeleteNeighbor>;
+using Write =
+    std::variant<SetLinkUp, SetIpv4Forwarding, SetIpv6Conf, AddAddress, DeleteAddress,
+                 AddRoute, DeleteRoute, SetNeighbor, DeleteNeighbor>;
 
 std::string ToString(const Write& write);
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <sstream>
+
 #include "absl/strings/string_view.h"
 
 namespace vmnet {
@@ -29,7 +30,7 @@ class LogLine {
 
 }  // namespace vmnet
 
-#define VMNET_LOG(severity)                                     \
-  if (!::vmnet::LogEnabled(::vmnet::LogLevel::k##severity)) {   \
-  } else                                                        \
+#define VMNET_LOG(severity)                                   \
+  if (!::vmnet::LogEnabled(::vmnet::LogLevel::k##severity)) { \
+  } else                                                      \
     ::vmnet::LogLine(::vmnet::LogLevel::k##severity).stream()

@@ -22,8 +22,8 @@
 #include <string>
 #include <vector>
 
-#include "vmnet/base/mutex.h"
 #include "prometheus/collectable.h"
+#include "vmnet/base/mutex.h"
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/kernel.h"
 #include "vmnet/reconciler/reconciler.h"

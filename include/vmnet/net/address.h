@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/hash/hash.h"
+#include "absl/strings/string_view.h"
 
 namespace vmnet {
 

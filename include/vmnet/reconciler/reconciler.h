@@ -67,10 +67,10 @@ class AddressAnnouncer {
   struct Item {
     int ifindex = 0;
     std::string interface;
-    MacAddress mac;      // the link's MAC: the sender of the announcement
-    IpAddress address;   // gratuitous ARP (IPv4) or unsolicited NA (IPv6)
-    IpAddress source;    // IPv6: the NA's source (the link's link-local); kNone: `address`
-    bool router = false; // IPv6: the NA's router flag (the VMs' gateway)
+    MacAddress mac;     // the link's MAC: the sender of the announcement
+    IpAddress address;  // gratuitous ARP (IPv4) or unsolicited NA (IPv6)
+    IpAddress source;   // IPv6: the NA's source (the link's link-local); kNone: `address`
+    bool router = false;  // IPv6: the NA's router flag (the VMs' gateway)
     bool operator==(const Item&) const = default;
   };
   struct ProbeLink {
@@ -252,7 +252,8 @@ class Reconciler {
   VmSpec PublishableSpec(const std::string& vm_id, VmRecord& record, bool* pending)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Announce(const VmRecord& record, bool everything,
-                const std::vector<kernel::Write>& done) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                const std::vector<kernel::Write>& done)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   kernel::Kernel* const kernel_;
   StateStore* const store_;

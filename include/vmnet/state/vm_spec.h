@@ -5,10 +5,10 @@
 #include <optional>
 #include <regex>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "vmnet/net/address.h"
 
@@ -44,11 +44,9 @@ absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field = "vm
 // or INVALID_ARGUMENT whose message names the first bad field and the
 // reason. `request_index`, when given, receives for each sorted address its
 // index in the request, so later errors can name the field the caller sent.
-absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id,
-                                   absl::string_view interface,
+absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id, absl::string_view interface,
                                    absl::Span<const std::string> addresses,
-                                   absl::string_view mac,
-                                   const SpecRules& rules,
+                                   absl::string_view mac, const SpecRules& rules,
                                    std::vector<size_t>* request_index = nullptr);
 
 // "ip_addresses[i]" for the address at sorted position `position`.
