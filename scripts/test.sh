@@ -51,5 +51,5 @@ TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/ts
   ctest --test-dir build-tsan --output-on-failure -j 1 \
   -R 'unit\.(Reconciler|AnnounceTest|EventLog|Metrics)|kernel\.Announcer|e2e\.(host_routed|paging|hostile)'
 
-section "libFuzzer: request validation, netlink parsing, state file (${FUZZ_SECONDS:-60} s each)"
-scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
+section "libFuzzer: request validation, netlink parsing, state file (${FUZZ_SECONDS:-45} s each)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-45}"

@@ -158,8 +158,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<bool> seen(addresses.size());
   for (size_t i = 0; i < spec->addresses.size(); ++i) {
     const IpAddress& a = spec->addresses[i];
-    EXPECT(a.is_v4(), input);
-    EXPECT(a != rules->gateway, input);
+    EXPECT(a.is_v4() || (a.is_v6() && !a.IsV4Mapped()), input);
+    EXPECT(a != rules->gateway && a != rules->gateway6, input);
     EXPECT(!a.IsUnspecified() && !a.IsMulticast() && !a.IsLoopback() &&
                !a.IsLinkLocal() && !a.IsLimitedBroadcast(),
            input);
