@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """End-to-end test of dual-stack VMs (issue #5): vmnetd in a dual-stack namespace lab.
 
-    Computer X ── LAN ── eth0 (uplink) [ HOST ] vme1a ══ eth0 [ VM 1 ]  198.51.100.201/32
-    198.51.100.10        198.51.100.1              fe80::ffff:1:1       2001:db8:1::201/128
-    2001:db8:1::10/64    2001:db8:1::1/64   vme2a ══ eth0 [ VM 2 ]  198.51.100.202/32
-                                                                        2001:db8:1::202/128
+  Computer X ── LAN ── eth0 (uplink) [ HOST ] vme1a ══ eth0 [ VM 1 ]  198.51.100.201/32
+  198.51.100.10        198.51.100.1              fe80::ffff:1:1       2001:db8:1::201/128
+  2001:db8:1::10/64    2001:db8:1::1/64   vme2a ══ eth0 [ VM 2 ]  198.51.100.202/32
+                                                                      2001:db8:1::202/128
 
 Each VM's IPv6 default route is `via fe80::ffff:1:1 dev eth0`; the host has no IPv6 default
 route. Per IPv6 address vmnetd must install a /128 route to the VM link (protocol 237), a proxy
@@ -13,11 +13,11 @@ forwarding and proxy_ndp; what a user checks is `ip`, the sysctls and pings of b
 
 Classes: DualStackTest (two VMs attached: kernel objects, sysctls, reachability, the lists'
 family filter, rejected requests), DetachTest, SpecTest (an IPv6-only VM, a non-canonical
-address, a changed address), DriftRepairTest (IPv6 objects deleted by someone are put back),
-AnnouncementTest (X's neighbour entries are
-corrected by gratuitous ARP and unsolicited NA, without X asking: on attach, when a pending VM's
-link appears), RestartAnnouncementTest (on an agent restart) and DadTest (--dad: an address
-another machine holds fails the VM and is not published).
+address, a changed address), DriftRepairTest (IPv6 objects and settings someone changed are put
+back), AnnouncementTest (X's neighbour entries are corrected by gratuitous ARP and unsolicited
+NA without X asking: on attach, when a pending VM's link appears), AnnounceCountTest
+(--announce-count, --announce-interval), RestartAnnouncementTest (on an agent restart), DadTest
+(--dad: an address another machine holds fails the VM and is not published) and DadRetryTest.
 
 Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips otherwise:
 
@@ -211,7 +211,7 @@ class DualStackTest(DualStackTestCase):
         self.assertEqual(defaults, [], "the host has an IPv6 default route (the lab has none, "
                                        "and the agent must not add one)")
 
-    # -- reachability --------------------------------------------------------------------------------
+    # -- reachability ----------------------------------------------------------------------------
 
     def test_x_reaches_both_vms_over_ipv6(self):
         for vm in (self.vm1, self.vm2):
@@ -605,6 +605,30 @@ class AnnouncementTest(DualStackTestCase):
             self.assertEqual((seen[address] or {}).get("lladdr"), uplink_mac,
                              f"after {vm2.interface} appeared and vm-2 was programmed, X's "
                              f"neighbour entry for {address} is {seen[address]}")
+
+
+class AnnounceCountTest(DualStackTestCase):
+    """--announce-count=2 --announce-interval=200ms: each announcement (each VM address on the
+    uplink, each gateway on the VM's link) goes out exactly twice, as the counter shows."""
+
+    daemon_flags = (METRICS_FLAG, "--announce-count=2", "--announce-interval=200ms")
+
+    def sent(self):
+        return lab.metric_total(self.lab.daemon.metrics(), ANNOUNCEMENTS_METRIC)
+
+    def assertSentSettlesAt(self, expected, what):
+        lab.wait_until(lambda: self.sent() >= expected, 5)
+        lab.wait_until(lambda: False, 1.0)  # 5 more intervals: nothing more may go out
+        self.assertEqual(self.sent(), expected, f"{ANNOUNCEMENTS_METRIC} after {what}")
+
+    def test_each_announcement_sent_count_times(self):
+        vm1, vm2 = self.lab.vms[1], self.lab.vms[2]
+        self.attach(vm1, with_mac=True)
+        # 2 x (2 addresses on the one uplink + 169.255.30.1 and fe80::ffff:1:1 on vme1a)
+        self.assertSentSettlesAt(8, "attaching a dual-stack VM")
+        self.attach(vm2, ip_addresses=[vm2.address])
+        # 2 x (1 address on the uplink + 169.255.30.1 on vme2a: no IPv6, no IPv6 gateway)
+        self.assertSentSettlesAt(12, "attaching an IPv4-only VM as well")
 
 
 class RestartAnnouncementTest(DualStackTestCase):
