@@ -155,6 +155,9 @@ class MigrationTestCase(unittest.TestCase):
                          f"AttachVm on A answered {self.attached_on_a}")
         self.assertTrue(all(self.reached_on_a.values()),
                         f"before the move, over A: {self.reached_on_a} (precondition)")
+        self.assertEqual({n["dst"] for n in self.carried}, {lab.GATEWAY, lab.GATEWAY6},
+                         f"the guest had no neighbour entry with a MAC for one of its gateways "
+                         f"to carry to B: {self.carried} (precondition)")
         for address, before in self.replies_before.items():
             self.assertGreaterEqual(before, 20, f"X's ping of {address} had {before} replies "
                                                 f"before the switch-over (precondition)")
