@@ -206,6 +206,20 @@ class DualStackTest(DualStackTestCase):
         self.assertTrue(any("2" in line for line in lines),
                         f"vmnetd's log does not say accept_ra became 2: {lines}")
 
+    def test_vm_mac_installed_as_permanent_ipv6_neighbour(self):
+        entries = self.lab.neighbours6(self.vm1.interface)
+        mine = [n for n in entries if n["dst"] == self.vm1.address6]
+        self.assertTrue(mine and mine[0].get("lladdr") == self.vm1.mac
+                        and "PERMANENT" in mine[0].get("state", []),
+                        f"`ip -6 neigh show dev {self.vm1.interface}` has no permanent "
+                        f"{self.vm1.address6} lladdr {self.vm1.mac}: {entries}")
+        listed = [e for e in self.call("ListArp", {"vm_id": "vm-1",
+                                                   "family": "ADDRESS_FAMILY_IPV6"})["entries"]
+                  if e["ip_address"] == self.vm1.address6 and not e["proxy"]]
+        self.assertEqual([(e["interface"], e["lladdr"], e["state"]) for e in listed],
+                         [(self.vm1.interface, self.vm1.mac, "PERMANENT")],
+                         f"ListArp vm_id=vm-1 family=IPV6 shows {listed}")
+
     def test_host_has_no_ipv6_default_route(self):
         defaults = [r for r in self.lab.routes6() if r["dst"] == "default"]
         self.assertEqual(defaults, [], "the host has an IPv6 default route (the lab has none, "
