@@ -42,6 +42,7 @@ WRONG_GATEWAY_MAC = "02:00:00:00:00:98"  # the VM's entry for its gateways befor
 ANNOUNCE_WAIT = 2.5  # the first announcement is due at once; 3 of them within 2 s by default
 DAD_WAIT = 10  # --dad-timeout (1 s) plus the programming around it
 IPV6_SYSCTLS = "net/ipv6/conf"
+SETTLE_TIMEOUT = 30  # for the kernel to process a link's carrier (see assertReaches)
 METRICS_FLAG = "--metrics-listen=127.0.0.1:9447"  # loopback of the lab's host namespace
 ANNOUNCEMENTS_METRIC = "vmnet_announcements_sent_total"
 DAD_CONFLICTS_METRIC = "vmnet_dad_conflicts_total"
@@ -114,6 +115,15 @@ class DualStackTestCase(LabTestCase):
 
         lab.wait_until(reached, DAD_WAIT, interval=0.2)
         return last
+
+    def assertReaches(self, ns, address, who):
+        # A link whose carrier the kernel's (machine-wide, rate-limited) linkwatch has not
+        # processed yet drops every packet: on a busy machine that can take seconds after the
+        # agent brings a VM link up. Wait for it (bounded), so that a failure is the agent's.
+        lab.wait_until(self.lab.ipv6_settled, SETTLE_TIMEOUT)
+        self.assertTrue(self.lab.ping(ns, address, deadline=REACH_DEADLINE),
+                        f"{who} cannot ping {address} within {REACH_DEADLINE} s (host links "
+                        f"not settled: {self.lab.ipv6_unsettled()})")
 
     def x_neighbour(self, address):
         """X's neighbour entry for `address` on its eth0, or None."""
