@@ -700,7 +700,13 @@ void Reconciler::ReconcileDirty() {
           old_state != VmState::kProgrammed || spec_changed_.contains(p.vm_id);
       Announce(r, everything, done);
     }
-    if (r.state == VmState::kFailed) {
+    if (r.state == VmState::kFailed && !r.dad_failure.empty()) {
+      // Not retried: only a new AttachVm checks the addresses again.
+      if (old_message != r.message) {
+        VMNET_LOG(Warning) << "event=vm_failed vm_id=" << p.vm_id << " error=\""
+                           << r.message << "\"";
+      }
+    } else if (r.state == VmState::kFailed) {
       r.backoff = std::min(kMaxBackoff, std::max(kFirstBackoff, r.backoff * 2));
       retries_.emplace(now + r.backoff, p.vm_id);
       if (old_message != r.message) {
