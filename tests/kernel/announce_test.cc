@@ -27,10 +27,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "kernel_test.h"
 #include "vmnet/announce/announcer.h"
-
-bool KernelTestsIsolated();
-const std::string& KernelTestsSkipReason();
 
 namespace vmnet {
 namespace {
@@ -38,15 +36,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 using ::testing::Not;
-
-std::string Sh(const std::string& command) {
-  std::string out;
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((command + " 2>&1").c_str(), "r"),
-                                             pclose);
-  std::array<char, 4096> buf;
-  while (pipe && fgets(buf.data(), buf.size(), pipe.get()) != nullptr) out += buf.data();
-  return out;
-}
 
 IpAddress Ip(const char* s) { return *IpAddress::Parse(s); }
 

@@ -13,10 +13,8 @@
 #include <cstdio>
 #include <memory>
 
+#include "kernel_test.h"
 #include "vmnet/reconciler/kernel_model.h"
-
-bool KernelTestsIsolated();
-const std::string& KernelTestsSkipReason();
 
 namespace vmnet::kernel {
 namespace {
@@ -25,15 +23,6 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 constexpr uint8_t kProto = 237;
-
-std::string Sh(const std::string& command) {
-  std::string out;
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((command + " 2>&1").c_str(), "r"),
-                                             pclose);
-  std::array<char, 4096> buf;
-  while (pipe && fgets(buf.data(), buf.size(), pipe.get()) != nullptr) out += buf.data();
-  return out;
-}
 
 IpAddress Ip(const char* s) { return *IpAddress::Parse(s); }
 

@@ -8,9 +8,14 @@
 #include <sched.h>
 #include <sys/mount.h>
 
+#include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <memory>
+
+#include "kernel_test.h"
 
 namespace {
 
@@ -23,6 +28,15 @@ class RequireNamespace : public ::testing::EmptyTestEventListener {};
 
 bool KernelTestsIsolated() { return g_isolated; }
 const std::string& KernelTestsSkipReason() { return g_reason; }
+
+std::string Sh(const std::string& command) {
+  std::string out;
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((command + " 2>&1").c_str(), "r"),
+                                             pclose);
+  std::array<char, 4096> buf;
+  while (pipe && fgets(buf.data(), buf.size(), pipe.get()) != nullptr) out += buf.data();
+  return out;
+}
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
