@@ -16,6 +16,12 @@ class PlanTest : public ::testing::Test {
  protected:
   void SetUp() override {
     config_.uplinks = {"eth0"};
+    model_.Reset(Host());
+    spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01",
+                         SpecRules{});
+  }
+  // The uplink eth0 (#1, up, forwarding) and the VM link vme1a (#7, down).
+  static kernel::Snapshot Host() {
     kernel::Snapshot s;
     kernel::Link uplink;
     uplink.ifindex = 1;
@@ -27,9 +33,7 @@ class PlanTest : public ::testing::Test {
     vme.name = "vme1a";
     vme.ipv4_forwarding = false;
     s.links = {uplink, vme};
-    model_.Reset(s);
-    spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01",
-                         SpecRules{});
+    return s;
   }
   void Hold(const std::vector<kernel::Write>& writes) {
     for (const auto& w : writes) model_.ApplyWrite(w);
@@ -63,20 +67,10 @@ class Ipv6PlanTest : public PlanTest {
  protected:
   void SetUp() override {
     PlanTest::SetUp();
-    kernel::Snapshot s;
-    kernel::Link uplink;
-    uplink.ifindex = 1;
-    uplink.name = "eth0";
-    uplink.up = true;
-    uplink.ipv4_forwarding = true;
-    uplink.ipv6 =
+    kernel::Snapshot s = Host();
+    s.links[0].ipv6 =
         kernel::Ipv6Conf{.forwarding = false, .accept_ra = 1, .proxy_ndp = false};
-    kernel::Link vme;
-    vme.ifindex = 7;
-    vme.name = "vme1a";
-    vme.ipv4_forwarding = false;
-    vme.ipv6 = kernel::Ipv6Conf{};
-    s.links = {uplink, vme};
+    s.links[1].ipv6 = kernel::Ipv6Conf{};
     s.ipv6_forwarding_all = false;
     model_.Reset(s);
     spec_ = *ParseVmSpec("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}, "",
@@ -124,13 +118,9 @@ TEST_F(Ipv6PlanTest, UplinksGetAcceptRa2ProxyNdpThenForwarding) {
 }
 
 TEST_F(Ipv6PlanTest, AcceptRa1IsLeftAloneWhenForwardingWasAlreadyOn) {
-  kernel::Snapshot s;
-  kernel::Link uplink;
-  uplink.ifindex = 1;
-  uplink.name = "eth0";
-  uplink.ipv4_forwarding = true;
-  uplink.ipv6 = kernel::Ipv6Conf{.forwarding = true, .accept_ra = 1, .proxy_ndp = true};
-  s.links = {uplink};
+  kernel::Snapshot s = Host();
+  s.links[0].ipv6 =
+      kernel::Ipv6Conf{.forwarding = true, .accept_ra = 1, .proxy_ndp = true};
   s.ipv6_forwarding_all = true;
   model_.Reset(s);
   EXPECT_TRUE(PlanUplinks(model_, config_, true).empty());
