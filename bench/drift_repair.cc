@@ -156,25 +156,28 @@ bool DumpRoutes(RtnlSocket& sock, int protocol, std::vector<Route>* out) {
   }
 }
 
-// Deletes the route and waits for the kernel's answer; the errno, 0 on success.
-int DeleteRoute(RtnlSocket& sock, const Route& route, int protocol, uint32_t seq) {
-  struct {
-    nlmsghdr h;
-    rtmsg rtm;
-    rtattr dst_attr;
-    uint32_t dst;
-    rtattr oif_attr;
-    int32_t oif;
-  } request{};
+// An RTM_NEWROUTE or RTM_DELROUTE of a main-table /32 through one link.
+struct HostRouteRequest {
+  nlmsghdr h;
+  rtmsg rtm;
+  rtattr dst_attr;
+  uint32_t dst;
+  rtattr oif_attr;
+  int32_t oif;
+};
+
+HostRouteRequest MakeHostRouteRequest(uint16_t type, uint16_t flags, uint8_t scope,
+                                      const Route& route, int protocol, uint32_t seq) {
+  HostRouteRequest request{};
   request.h.nlmsg_len = sizeof(request);
-  request.h.nlmsg_type = RTM_DELROUTE;
-  request.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+  request.h.nlmsg_type = type;
+  request.h.nlmsg_flags = flags;
   request.h.nlmsg_seq = seq;
   request.rtm.rtm_family = AF_INET;
   request.rtm.rtm_dst_len = 32;
   request.rtm.rtm_table = RT_TABLE_MAIN;
   request.rtm.rtm_protocol = static_cast<uint8_t>(protocol);
-  request.rtm.rtm_scope = RT_SCOPE_NOWHERE;  // any scope
+  request.rtm.rtm_scope = scope;
   request.rtm.rtm_type = RTN_UNICAST;
   request.dst_attr.rta_len = RTA_LENGTH(4);
   request.dst_attr.rta_type = RTA_DST;
@@ -182,6 +185,14 @@ int DeleteRoute(RtnlSocket& sock, const Route& route, int protocol, uint32_t seq
   request.oif_attr.rta_len = RTA_LENGTH(4);
   request.oif_attr.rta_type = RTA_OIF;
   request.oif = route.oif;
+  return request;
+}
+
+// Deletes the route and waits for the kernel's answer; the errno, 0 on success.
+int DeleteRoute(RtnlSocket& sock, const Route& route, int protocol, uint32_t seq) {
+  HostRouteRequest request =
+      MakeHostRouteRequest(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK,
+                           RT_SCOPE_NOWHERE /* any scope */, route, protocol, seq);
   if (!sock.Send(&request, sizeof(request))) return errno;
   std::vector<char> buffer(1 << 16);
   for (;;) {
@@ -231,31 +242,10 @@ double WaitReadded(RtnlSocket& monitor, const Route& route, int protocol, double
 
 // Adds the /32 route (main table, scope link, protocol `protocol`).
 void AddRoute(RtnlSocket& sock, const Route& route, int protocol, uint32_t seq) {
-  struct {
-    nlmsghdr h;
-    rtmsg rtm;
-    rtattr dst_attr;
-    uint32_t dst;
-    rtattr oif_attr;
-    int32_t oif;
-  } request{};
-  request.h.nlmsg_len = sizeof(request);
-  request.h.nlmsg_type = RTM_NEWROUTE;
-  request.h.nlmsg_flags =
-      NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL;  // no ack: as fast as it gets
-  request.h.nlmsg_seq = seq;
-  request.rtm.rtm_family = AF_INET;
-  request.rtm.rtm_dst_len = 32;
-  request.rtm.rtm_table = RT_TABLE_MAIN;
-  request.rtm.rtm_protocol = static_cast<uint8_t>(protocol);
-  request.rtm.rtm_scope = RT_SCOPE_LINK;
-  request.rtm.rtm_type = RTN_UNICAST;
-  request.dst_attr.rta_len = RTA_LENGTH(4);
-  request.dst_attr.rta_type = RTA_DST;
-  request.dst = route.destination;
-  request.oif_attr.rta_len = RTA_LENGTH(4);
-  request.oif_attr.rta_type = RTA_OIF;
-  request.oif = route.oif;
+  // No ack: as fast as it gets.
+  HostRouteRequest request =
+      MakeHostRouteRequest(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
+                           RT_SCOPE_LINK, route, protocol, seq);
   sock.Send(&request, sizeof(request));
 }
 
