@@ -513,23 +513,35 @@ VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
   return entries;
 }
 
+namespace {
+
+// The paging and the filters ListArp and ListRoutes share: the page, the
+// family, and the key under which the listing's snapshot is kept.
+template <typename Request, typename Entry, typename Read, typename Add>
+absl::StatusOr<std::string> ServeFilteredPage(SnapshotCache<Entry>& cache,
+                                              absl::string_view list,
+                                              const Request& request, Read&& read,
+                                              Add&& add) {
+  auto page = ParsePaging(list, request.page_size(), request.page_token(),
+                          request.interface(), request.vm_id());
+  if (!page.ok()) return page.status();
+  if (auto s = CheckFamily(request.family()); !s.ok()) return s;
+  return ServePage(cache, *page, list,
+                   absl::StrCat(request.interface(), "|", request.vm_id(), "|",
+                                static_cast<int>(request.family())),
+                   std::forward<Read>(read), std::forward<Add>(add));
+}
+
+}  // namespace
+
 grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
                                                     const v1::ListArpRequest* request,
                                                     v1::ListArpResponse* response) {
   if (auto denied = Authorize(*context, "ListArp"); !denied.ok()) {
     return Reply(context, "ListArp", denied);
   }
-  auto page = ParsePaging("arp", request->page_size(), request->page_token(),
-                          request->interface(), request->vm_id());
-  if (!page.ok()) return Reply(context, "ListArp", ToGrpc(page.status()));
-  if (auto s = CheckFamily(request->family()); !s.ok()) {
-    return Reply(context, "ListArp", ToGrpc(s));
-  }
-  auto token = ServePage(
-      caches_->arp, *page, "arp",
-      absl::StrCat(request->interface(), "|", request->vm_id(), "|",
-                   static_cast<int>(request->family())),
-      [&] { return ReadArp(*request); },
+  auto token = ServeFilteredPage(
+      caches_->arp, "arp", *request, [&] { return ReadArp(*request); },
       [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
   if (!token.ok()) return Reply(context, "ListArp", ToGrpc(token.status()));
   response->set_next_page_token(*token);
@@ -542,17 +554,8 @@ grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
   if (auto denied = Authorize(*context, "ListRoutes"); !denied.ok()) {
     return Reply(context, "ListRoutes", denied);
   }
-  auto page = ParsePaging("routes", request->page_size(), request->page_token(),
-                          request->interface(), request->vm_id());
-  if (!page.ok()) return Reply(context, "ListRoutes", ToGrpc(page.status()));
-  if (auto s = CheckFamily(request->family()); !s.ok()) {
-    return Reply(context, "ListRoutes", ToGrpc(s));
-  }
-  auto token = ServePage(
-      caches_->routes, *page, "routes",
-      absl::StrCat(request->interface(), "|", request->vm_id(), "|",
-                   static_cast<int>(request->family())),
-      [&] { return ReadRoutes(*request); },
+  auto token = ServeFilteredPage(
+      caches_->routes, "routes", *request, [&] { return ReadRoutes(*request); },
       [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
   if (!token.ok()) return Reply(context, "ListRoutes", ToGrpc(token.status()));
   response->set_next_page_token(*token);
