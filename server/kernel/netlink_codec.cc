@@ -13,6 +13,7 @@
 #include <netlink/route/rtnl.h>
 #include <sys/socket.h>
 
+#include <array>
 #include <cstring>
 #include <memory>
 
@@ -65,60 +66,57 @@ std::optional<MacAddress> MacAttr(const nlattr* attr) {
   return MacAddress(bytes);
 }
 
-// Reads net.ipv4.conf.<link>.forwarding from IFLA_AF_SPEC/AF_INET/
-// IFLA_INET_CONF, an array of u32 indexed by IPV4_DEVCONF_* - 1.
-std::optional<bool> Ipv4Forwarding(nlattr* af_spec) {
-  if (af_spec == nullptr) return std::nullopt;
-  nlattr* family;
+// The devconf array of one address family in IFLA_AF_SPEC (IFLA_INET_CONF,
+// IFLA_INET6_CONF: 4-byte values), when the link has that family and the
+// array holds at least `values` of them; null otherwise.
+constexpr int kMaxDevconfAttr = 16;
+static_assert(IFLA_INET_MAX <= kMaxDevconfAttr && IFLA_INET6_MAX <= kMaxDevconfAttr);
+
+const char* DevconfArray(nlattr* af_spec, int family, int max_attr, int conf_attr,
+                         int values) {
+  if (af_spec == nullptr) return nullptr;
+  nlattr* nest;
   int rem;
-  nla_for_each_nested(family, af_spec, rem) {
-    if (nla_type(family) != AF_INET) continue;
-    nlattr* conf[IFLA_INET_MAX + 1] = {};
-    if (nla_parse_nested(conf, IFLA_INET_MAX, family, nullptr) < 0) {
-      return std::nullopt;
+  nla_for_each_nested(nest, af_spec, rem) {
+    if (nla_type(nest) != family) continue;
+    std::array<nlattr*, kMaxDevconfAttr + 1> conf{};
+    if (max_attr > kMaxDevconfAttr ||
+        nla_parse_nested(conf.data(), max_attr, nest, nullptr) < 0) {
+      return nullptr;
     }
-    nlattr* values = conf[IFLA_INET_CONF];
-    if (values == nullptr ||
-        nla_len(values) < static_cast<int>(IPV4_DEVCONF_FORWARDING * 4)) {
-      return std::nullopt;
-    }
-    uint32_t forwarding;
-    std::memcpy(
-        &forwarding,
-        static_cast<const char*>(nla_data(values)) + (IPV4_DEVCONF_FORWARDING - 1) * 4,
-        4);
-    return forwarding != 0;
+    nlattr* array = conf[conf_attr];
+    if (array == nullptr || nla_len(array) < values * 4) return nullptr;
+    return static_cast<const char*>(nla_data(array));
   }
-  return std::nullopt;
+  return nullptr;
 }
 
-// Reads net.ipv6.conf.<link>.{forwarding,accept_ra,proxy_ndp} from
-// IFLA_AF_SPEC/AF_INET6/IFLA_INET6_CONF, an array of s32 indexed by
-// DEVCONF_*. Absent when the link has no IPv6.
+int32_t DevconfValue(const char* array, int index) {
+  int32_t v;
+  std::memcpy(&v, array + index * 4, 4);
+  return v;
+}
+
+// net.ipv4.conf.<link>.forwarding: IFLA_INET_CONF is indexed by
+// IPV4_DEVCONF_* - 1.
+std::optional<bool> Ipv4Forwarding(nlattr* af_spec) {
+  const char* conf = DevconfArray(af_spec, AF_INET, IFLA_INET_MAX, IFLA_INET_CONF,
+                                  IPV4_DEVCONF_FORWARDING);
+  if (conf == nullptr) return std::nullopt;
+  return DevconfValue(conf, IPV4_DEVCONF_FORWARDING - 1) != 0;
+}
+
+// net.ipv6.conf.<link>.{forwarding,accept_ra,proxy_ndp}: IFLA_INET6_CONF is
+// indexed by DEVCONF_*. Absent when the link has no IPv6.
 std::optional<Ipv6Conf> Ipv6ConfOf(nlattr* af_spec) {
-  if (af_spec == nullptr) return std::nullopt;
-  nlattr* family;
-  int rem;
-  nla_for_each_nested(family, af_spec, rem) {
-    if (nla_type(family) != AF_INET6) continue;
-    nlattr* conf[IFLA_INET6_MAX + 1] = {};
-    if (nla_parse_nested(conf, IFLA_INET6_MAX, family, nullptr) < 0) return std::nullopt;
-    nlattr* values = conf[IFLA_INET6_CONF];
-    if (values == nullptr || nla_len(values) < (DEVCONF_PROXY_NDP + 1) * 4) {
-      return std::nullopt;
-    }
-    auto value = [&](int index) {
-      int32_t v;
-      std::memcpy(&v, static_cast<const char*>(nla_data(values)) + index * 4, 4);
-      return v;
-    };
-    Ipv6Conf out;
-    out.forwarding = value(DEVCONF_FORWARDING) != 0;
-    out.accept_ra = value(DEVCONF_ACCEPT_RA);
-    out.proxy_ndp = value(DEVCONF_PROXY_NDP) != 0;
-    return out;
-  }
-  return std::nullopt;
+  const char* conf = DevconfArray(af_spec, AF_INET6, IFLA_INET6_MAX, IFLA_INET6_CONF,
+                                  DEVCONF_PROXY_NDP + 1);
+  if (conf == nullptr) return std::nullopt;
+  Ipv6Conf out;
+  out.forwarding = DevconfValue(conf, DEVCONF_FORWARDING) != 0;
+  out.accept_ra = DevconfValue(conf, DEVCONF_ACCEPT_RA);
+  out.proxy_ndp = DevconfValue(conf, DEVCONF_PROXY_NDP) != 0;
+  return out;
 }
 
 }  // namespace
