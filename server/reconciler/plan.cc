@@ -13,18 +13,6 @@ using kernel::Link;
 using kernel::Neighbor;
 using kernel::Route;
 
-const char* VmStateName(VmState state) {
-  switch (state) {
-    case VmState::kPending:
-      return "pending";
-    case VmState::kProgrammed:
-      return "programmed";
-    case VmState::kFailed:
-      return "failed";
-  }
-  return "unknown";
-}
-
 namespace {
 
 // The gateway is a /32 address on each VM link rather than one address on

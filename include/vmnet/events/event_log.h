@@ -20,7 +20,7 @@
 #include "absl/status/status.h"
 #include "grpcpp/support/slice.h"
 #include "vmnet/base/mutex.h"
-#include "vmnet/reconciler/reconciler.h"
+#include "vmnet/vm/vm.h"
 #include "vmnet/v1/vmnet.pb.h"
 
 namespace vmnet {

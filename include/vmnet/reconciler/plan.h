@@ -10,6 +10,7 @@
 #include "vmnet/kernel/objects.h"
 #include "vmnet/reconciler/kernel_model.h"
 #include "vmnet/state/vm_spec.h"
+#include "vmnet/vm/vm.h"
 
 namespace vmnet {
 
@@ -23,9 +24,6 @@ struct HostConfig {
   // neighbour entries and gateway addresses.
   uint8_t protocol = 237;
 };
-
-enum class VmState { kPending, kProgrammed, kFailed };
-const char* VmStateName(VmState state);
 
 struct VmPlan {
   // The writes that bring the kernel to the spec; empty when it is there.

@@ -31,33 +31,9 @@
 #include "vmnet/reconciler/kernel_model.h"
 #include "vmnet/reconciler/plan.h"
 #include "vmnet/state/state_store.h"
+#include "vmnet/vm/vm.h"
 
 namespace vmnet {
-
-// A VM as the API reports it.
-struct VmView {
-  VmSpec spec;
-  VmState state = VmState::kPending;
-  std::string message;
-  uint64_t revision = 0;
-};
-
-enum class VmEventType { kAdded, kChanged, kRemoved, kDriftRepaired };
-
-// Receives every VM change, on the reconciler thread, in order. Returns the
-// revision it gave the change.
-class VmObserver {
- public:
-  virtual ~VmObserver() = default;
-  // Called once before the first Publish: revisions continue from here
-  // (strictly above every revision issued before a restart).
-  virtual void StartRevisionsAt(uint64_t first) = 0;
-  // A VM as the first sync after a start found it, with the revision of its
-  // last change: known to snapshots, not announced as a change.
-  virtual void Seed(const VmView& vm) = 0;
-  virtual uint64_t Publish(VmEventType type, const VmView& vm,
-                           const std::string& detail) = 0;
-};
 
 // Announces addresses on the network and probes them for duplicates, beside
 // the kernel's tables. vmnetd wires a raw-socket announcer; tests record the
