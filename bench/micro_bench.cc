@@ -117,7 +117,10 @@ void BM_EventPublish(benchmark::State& s) {
   const std::string detail =
       "attached: set link vme0 up; add address 169.255.30.1/32 dev vme0; add route "
       "198.18.0.1/32 dev vme0; add proxy 198.18.0.1 dev eth0";
-  for (auto _ : s) log.Publish(VmEventType::kChanged, view, detail);
+  for (auto _ : s) {
+    ++view.revision;
+    log.Publish(VmEventType::kChanged, view, detail);
+  }
   for (CountingWatcher& w : watchers) log.Unsubscribe(&w);
 }
 BENCHMARK(BM_EventPublish)->Arg(0)->Arg(1)->Arg(100);

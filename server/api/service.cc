@@ -342,16 +342,19 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
                           request->mac_address(), options_.rules, &request_index);
   if (!spec.ok()) return Reply(context, "AttachVm", ToGrpc(spec.status()));
   auto* reactor = context->DefaultReactor();
-  reconciler_->Attach(std::move(*spec), std::move(request_index),
-                      request->validate_only(), request->request_id(),
-                      [this, reactor, response](absl::StatusOr<VmView> vm) {
-                        if (!vm.ok()) {
-                          Finish(reactor, "AttachVm", ToGrpc(vm.status()));
-                          return;
-                        }
-                        *response->mutable_vm() = ToProto(*vm);
-                        Finish(reactor, "AttachVm", grpc::Status::OK);
-                      });
+  VmSpec sent = *spec;
+  reconciler_->Attach(
+      std::move(*spec), request->validate_only(), request->request_id(),
+      [this, reactor, response, sent = std::move(sent),
+       request_index = std::move(request_index)](absl::StatusOr<VmView> vm) {
+        if (!vm.ok()) {
+          Finish(reactor, "AttachVm",
+                 ToGrpc(NameAddressField(vm.status(), sent, request_index)));
+          return;
+        }
+        *response->mutable_vm() = ToProto(*vm);
+        Finish(reactor, "AttachVm", grpc::Status::OK);
+      });
   return reactor;
 }
 

@@ -68,11 +68,11 @@ void EventLog::StartRevisionsAt(uint64_t first) {
   if (first > revision_ + 1) revision_ = first - 1;
 }
 
-uint64_t EventLog::Publish(VmEventType type, const VmView& vm,
-                           const std::string& detail) {
+void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& detail) {
   vmnet::MutexLock lock(&mu_);
+  revision_ = vm.revision;
   v1::WatchEvent event;
-  event.set_revision(++revision_);
+  event.set_revision(revision_);
   event.set_epoch(epoch_);
   event.set_type(ToProto(type));
   *event.mutable_vm() = ToProto(vm);
@@ -97,7 +97,6 @@ uint64_t EventLog::Publish(VmEventType type, const VmView& vm,
           "from_revision set to the last revision received")));
     }
   }
-  return revision_;
 }
 
 void EventLog::Seed(const VmView& vm) {

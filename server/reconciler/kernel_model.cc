@@ -148,8 +148,13 @@ void KernelModel::RemoveRoute(const Route& r) {
   if (list.empty()) routes_.erase(it);
 }
 
-void KernelModel::Apply(const kernel::Event& event) {
+KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
+  Touched touched;
+  auto link_of = [&](int ifindex) {
+    if (const kernel::Link* l = LinkByIndex(ifindex)) touched.links.push_back(l->name);
+  };
   if (auto* e = std::get_if<kernel::LinkEvent>(&event)) {
+    touched.links.push_back(e->link.name);
     if (e->deleted) {
       RemoveLink(e->link.ifindex);
     } else {
@@ -161,12 +166,15 @@ void KernelModel::Apply(const kernel::Event& event) {
     } else {
       AddAddress(e->address);
     }
+    link_of(e->address.ifindex);
   } else if (auto* e = std::get_if<kernel::RouteEvent>(&event)) {
     if (e->deleted) {
       RemoveRoute(e->route);
     } else {
       AddRoute(e->route);
     }
+    const IpPrefix& d = e->route.destination;
+    if (d.length == d.address.bit_length()) touched.addresses.push_back(d.address);
   } else if (auto* e = std::get_if<kernel::NeighborEvent>(&event)) {
     NeighborKey key{e->neighbor.ifindex, e->neighbor.address, e->neighbor.proxy};
     if (e->deleted) {
@@ -174,7 +182,9 @@ void KernelModel::Apply(const kernel::Event& event) {
     } else {
       neighbors_[key] = e->neighbor;
     }
+    touched.addresses.push_back(e->neighbor.address);
   }
+  return touched;
 }
 
 void KernelModel::ApplyWrite(const kernel::Write& write) {

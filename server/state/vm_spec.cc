@@ -2,8 +2,10 @@
 
 #include <algorithm>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 
 namespace vmnet {
 namespace {
@@ -84,6 +86,36 @@ absl::Status ValidateVmId(absl::string_view vm_id, absl::string_view field) {
 std::string AddressField(const std::vector<size_t>& request_index, size_t position) {
   size_t index = position < request_index.size() ? request_index[position] : position;
   return absl::StrCat("ip_addresses[", index, "]");
+}
+
+namespace {
+constexpr absl::string_view kAddressPayload = "type.vmnet/address";
+}  // namespace
+
+absl::Status AddressError(absl::StatusCode code, const IpAddress& address,
+                          absl::string_view reason) {
+  absl::Status s(code,
+                 absl::StrCat("ip_addresses: \"", address.ToString(), "\" ", reason));
+  s.SetPayload(kAddressPayload, absl::Cord(address.ToString()));
+  return s;
+}
+
+absl::Status NameAddressField(const absl::Status& status, const VmSpec& spec,
+                              const std::vector<size_t>& request_index) {
+  auto payload = status.GetPayload(kAddressPayload);
+  if (!payload) return status;
+  auto address = IpAddress::Parse(std::string(*payload));
+  auto at = address
+                ? std::lower_bound(spec.addresses.begin(), spec.addresses.end(), *address)
+                : spec.addresses.end();
+  absl::string_view message = status.message();
+  if (at == spec.addresses.end() || *at != *address ||
+      !absl::ConsumePrefix(&message, "ip_addresses")) {
+    return absl::Status(status.code(), status.message());
+  }
+  size_t position = static_cast<size_t>(at - spec.addresses.begin());
+  return absl::Status(status.code(),
+                      absl::StrCat(AddressField(request_index, position), message));
 }
 
 absl::Status ValidateRequestId(absl::string_view request_id) {

@@ -30,18 +30,25 @@ VmView Vm(const std::string& id) {
   return v;
 }
 
+// The desired state issues the revisions; these tests play its part.
+uint64_t Publish(EventLog& log, VmEventType type, VmView vm, const std::string& detail) {
+  vm.revision = log.revision() + 1;
+  log.Publish(type, vm, detail);
+  return vm.revision;
+}
+
 TEST(EventLogTest, RevisionsIncreaseFromTheLease) {
   EventLog log("e", 10);
   log.StartRevisionsAt(1000);
-  EXPECT_EQ(log.Publish(VmEventType::kAdded, Vm("a"), ""), 1000u);
-  EXPECT_EQ(log.Publish(VmEventType::kChanged, Vm("a"), ""), 1001u);
+  EXPECT_EQ(Publish(log, VmEventType::kAdded, Vm("a"), ""), 1000u);
+  EXPECT_EQ(Publish(log, VmEventType::kChanged, Vm("a"), ""), 1001u);
 }
 
 TEST(EventLogTest, SnapshotThenEndThenChanges) {
   EventLog log("e", 10);
-  log.Publish(VmEventType::kAdded, Vm("a"), "");
-  log.Publish(VmEventType::kAdded, Vm("b"), "");
-  log.Publish(VmEventType::kRemoved, Vm("a"), "");
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  Publish(log, VmEventType::kAdded, Vm("b"), "");
+  Publish(log, VmEventType::kRemoved, Vm("a"), "");
   QueueWatcher w;
   ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
   ASSERT_EQ(w.events.size(), 2u);
@@ -51,7 +58,7 @@ TEST(EventLogTest, SnapshotThenEndThenChanges) {
   EXPECT_EQ(w.events[1]->type(), v1::EVENT_TYPE_SNAPSHOT_END);
   EXPECT_EQ(w.events[1]->revision(), 3u);
   EXPECT_FALSE(w.events[1]->Parse().has_vm());
-  log.Publish(VmEventType::kChanged, Vm("b"), "");
+  Publish(log, VmEventType::kChanged, Vm("b"), "");
   ASSERT_EQ(w.events.size(), 3u);
   EXPECT_EQ(w.events[2]->revision(), 4u);
   log.Unsubscribe(&w);
@@ -61,10 +68,10 @@ TEST(EventLogTest, SnapshotThenEndThenChanges) {
 // WatchEvent, for live events and for the snapshot alike.
 TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
   EventLog log("epoch-1", 10);
-  log.Publish(VmEventType::kAdded, Vm("a"), "attached: set link vme1 up");
+  Publish(log, VmEventType::kAdded, Vm("a"), "attached: set link vme1 up");
   QueueWatcher w;
   ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
-  log.Publish(VmEventType::kChanged, Vm("a"), "changed");
+  Publish(log, VmEventType::kChanged, Vm("a"), "changed");
   ASSERT_EQ(w.events.size(), 3u);
 
   v1::WatchEvent snapshot = w.events[0]->Parse();
@@ -88,7 +95,7 @@ TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
 
 TEST(EventLogTest, ResumeReplaysInOrderAndTooOldIsOutOfRange) {
   EventLog log("e", 3);
-  for (int i = 0; i < 5; ++i) log.Publish(VmEventType::kChanged, Vm("a"), "");
+  for (int i = 0; i < 5; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");
   QueueWatcher w;
   ASSERT_TRUE(log.Subscribe(&w, "", 3, false).ok());
   ASSERT_EQ(w.events.size(), 2u);
@@ -103,8 +110,8 @@ TEST(EventLogTest, FilterByVm) {
   EventLog log("e", 10);
   QueueWatcher w;
   ASSERT_TRUE(log.Subscribe(&w, "b", 0, false).ok());
-  log.Publish(VmEventType::kAdded, Vm("a"), "");
-  log.Publish(VmEventType::kAdded, Vm("b"), "");
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  Publish(log, VmEventType::kAdded, Vm("b"), "");
   ASSERT_EQ(w.events.size(), 1u);
   EXPECT_EQ(w.events[0]->vm_id(), "b");
   log.Unsubscribe(&w);
@@ -115,7 +122,7 @@ TEST(EventLogTest, SlowWatcherIsCutOffWithoutSlowingOthers) {
   QueueWatcher slow(2), fast(100);
   ASSERT_TRUE(log.Subscribe(&slow, "", 0, false).ok());
   ASSERT_TRUE(log.Subscribe(&fast, "", 0, false).ok());
-  for (int i = 0; i < 5; ++i) log.Publish(VmEventType::kChanged, Vm("a"), "");
+  for (int i = 0; i < 5; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");
   ASSERT_TRUE(slow.closed.has_value());
   EXPECT_EQ(slow.closed->code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(fast.events.size(), 5u);
@@ -127,7 +134,7 @@ TEST(EventLogTest, CutOffWatcherCanResumeWhateverItsQueueSize) {
   EventLog log("e", 100);
   QueueWatcher slow(2);
   ASSERT_TRUE(log.Subscribe(&slow, "", 0, false).ok());
-  for (int i = 0; i < 10; ++i) log.Publish(VmEventType::kChanged, Vm("a"), "");
+  for (int i = 0; i < 10; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");
   ASSERT_TRUE(slow.closed.has_value());
   uint64_t last_seen = slow.events.back()->revision();
   QueueWatcher resumed(2);
@@ -141,7 +148,7 @@ TEST(EventLogTest, FanOutSharesOneEvent) {
   EventLog log("e", 10);
   std::vector<QueueWatcher> watchers(100);
   for (auto& w : watchers) ASSERT_TRUE(log.Subscribe(&w, "", 0, false).ok());
-  log.Publish(VmEventType::kAdded, Vm("a"), "");
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
   for (auto& w : watchers) {
     ASSERT_EQ(w.events.size(), 1u);
     EXPECT_EQ(w.events[0].get(), watchers[0].events[0].get());

@@ -20,8 +20,8 @@
 #include "absl/status/status.h"
 #include "grpcpp/support/slice.h"
 #include "vmnet/base/mutex.h"
-#include "vmnet/vm/vm.h"
 #include "vmnet/v1/vmnet.pb.h"
+#include "vmnet/vm/vm.h"
 
 namespace vmnet {
 
@@ -74,8 +74,7 @@ class EventLog : public VmObserver {
   EventLog(std::string epoch, size_t history);
 
   void StartRevisionsAt(uint64_t first) override;
-  uint64_t Publish(VmEventType type, const VmView& vm,
-                   const std::string& detail) override;
+  void Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
   void Seed(const VmView& vm) override;
 
   // Subscribes `watcher` and, under one lock so nothing is lost or repeated

@@ -16,8 +16,16 @@ namespace vmnet {
 
 class KernelModel {
  public:
+  // What a change touched, named as the desired state names things: the
+  // VMs (and uplinks) with these links, and the VMs with these addresses,
+  // must be planned again.
+  struct Touched {
+    std::vector<std::string> links;
+    std::vector<IpAddress> addresses;
+  };
+
   void Reset(kernel::Snapshot snapshot);
-  void Apply(const kernel::Event& event);
+  Touched Apply(const kernel::Event& event);
   void ApplyWrite(const kernel::Write& write);
   // Replaces every proxy entry with the result of a proxy dump. Returns the
   // addresses whose proxy entries differed.

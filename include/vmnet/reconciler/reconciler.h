@@ -1,11 +1,19 @@
-// The one component that owns the kernel. It holds the desired state (made
-// durable before anything is acknowledged), keeps a model of the kernel from
-// dumps and events, and drives the kernel toward the desired state on one
-// thread: requests from the API are posted to that thread and answered from
-// it.
+// The one component that owns the kernel. On one thread it loops:
 //
-// Thread safety: Attach, Detach, Vms, FindVm and ready() may be called from
-// any thread. Everything else happens on the reconciler thread.
+//   read the kernel   events, proxy dumps, full re-reads -> KernelModel
+//   take requests     attach/detach -> DesiredState, made durable as a batch
+//   diff              plan.h: desired state x model -> kernel writes
+//   apply             one batch of writes, many in flight; the model follows
+//   publish           VM states, Watch events, announcements, the readers'
+//                     VmDirectory, then the answers to the requests
+//
+// Requests from the API are posted to that thread and answered from it;
+// readers (GetVm, ListVms, scrapes) read the VmDirectory and never wait for
+// the thread, a disk write or the kernel.
+//
+// Thread safety: Attach, Detach, Vms, FindVm, VmOf*, counters() and ready()
+// may be called from any thread. Everything else happens on the reconciler
+// thread.
 #pragma once
 
 #include <sys/eventfd.h>
@@ -20,16 +28,21 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <variant>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
+#include "vmnet/base/clock.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/kernel/kernel.h"
+#include "vmnet/reconciler/dad_tracker.h"
+#include "vmnet/reconciler/desired_state.h"
 #include "vmnet/reconciler/kernel_model.h"
 #include "vmnet/reconciler/plan.h"
+#include "vmnet/reconciler/vm_directory.h"
 #include "vmnet/state/state_store.h"
 #include "vmnet/vm/vm.h"
 
@@ -88,6 +101,9 @@ struct ReconcilerOptions {
   size_t max_vms = 16384;
   // Requests queued for the reconciler thread at once; more are refused.
   size_t max_pending_requests = 10000;
+  // Every deadline (retries, intervals) is read from this clock; tests
+  // inject a fake one. Null: the real clock.
+  Clock* clock = nullptr;
 };
 
 // Upper bounds (seconds) of the reconcile-duration histogram's buckets.
@@ -110,6 +126,8 @@ struct ReconcilerCounters {
   uint64_t reconcile_passes = 0;
   double reconcile_seconds_sum = 0;
   std::array<uint64_t, kReconcileBuckets.size()> reconcile_buckets{};  // not cumulative
+
+  void RecordPass(double seconds);
 };
 
 class Reconciler {
@@ -135,53 +153,49 @@ class Reconciler {
   using DetachDone = std::function<void(absl::Status)>;
   // Records the spec durably, then programs the kernel; `done` runs on the
   // reconciler thread when the kernel holds the state (or the VM is
-  // pending or failed), or with the error that refused the request.
-  // `request_index` maps each (sorted) address of the spec to its index in
-  // the request, for error messages; empty: the sorted order.
-  void Attach(VmSpec spec, std::vector<size_t> request_index, bool validate_only,
-              std::string request_id, AttachDone done);
-  void Attach(VmSpec spec, bool validate_only, std::string request_id, AttachDone done) {
-    Attach(std::move(spec), {}, validate_only, std::move(request_id), std::move(done));
-  }
+  // pending or failed), or with the error that refused the request. An
+  // error about one address is an AddressError (vm_spec.h).
+  void Attach(VmSpec spec, bool validate_only, std::string request_id, AttachDone done);
   void Detach(std::string vm_id, bool allow_missing, std::string request_id,
               DetachDone done);
 
-  std::vector<VmView> Vms() const;
-  std::optional<VmView> FindVm(const std::string& vm_id) const;
+  // The VMs as of the end of the last pass (the VmDirectory).
+  std::vector<VmView> Vms() const { return directory_.All(); }
+  std::optional<VmView> FindVm(const std::string& vm_id) const {
+    return directory_.Find(vm_id);
+  }
   // Which VM owns an address, or an interface; empty when none.
-  std::string VmOfAddress(const IpAddress& address) const;
-  std::string VmOfInterface(const std::string& interface) const;
+  std::string VmOfAddress(const IpAddress& address) const {
+    return directory_.VmOfAddress(address);
+  }
+  std::string VmOfInterface(const std::string& interface) const {
+    return directory_.VmOfInterface(interface);
+  }
   ReconcilerCounters counters() const;
 
  private:
-  struct Command {
-    // kProbeDone: a duplicate-address probe of spec.addresses finished.
-    enum class Kind { kAttach, kDetach, kProbeDone } kind = Kind::kAttach;
-    VmSpec spec;  // attach: the spec; detach: only vm_id
-    std::vector<size_t> request_index;
+  struct AttachCommand {
+    VmSpec spec;
     bool validate_only = false;
+    std::string request_id;
+    AttachDone done;
+  };
+  struct DetachCommand {
+    std::string vm_id;
     bool allow_missing = false;
     std::string request_id;
-    AttachDone attach_done;
-    DetachDone detach_done;
-    std::vector<AddressAnnouncer::Conflict> conflicts;  // kProbeDone
+    DetachDone done;
   };
-
-  struct VmRecord {
-    VmSpec spec;
-    VmState state = VmState::kPending;
-    std::string message;
-    uint64_t revision = 0;
-    // The backoff of the next retry after a failed write (retries_).
-    std::chrono::milliseconds backoff{0};
-    // --dad: the addresses no other machine answered for (sorted), whether
-    // a probe is out, and why the VM failed it.
-    std::vector<IpAddress> verified;
-    bool probing = false;
-    std::string dad_failure;
+  // A duplicate-address probe of `probed` ended (the announcer's thread
+  // posts it).
+  struct ProbeResult {
+    std::string vm_id;
+    std::vector<IpAddress> probed;
+    std::vector<DadTracker::Conflict> conflicts;
   };
+  using Command = std::variant<AttachCommand, DetachCommand, ProbeResult>;
 
-  // A finished request, answered after the iteration's kernel writes.
+  // A finished request, answered after the pass's kernel writes.
   struct Reply {
     AttachDone attach_done;
     DetachDone detach_done;
@@ -189,52 +203,55 @@ class Reconciler {
     absl::Status status;
   };
 
+  // A dirty VM's plan, and where its writes sit in the pass's batch.
+  struct PlannedVm {
+    std::string vm_id;
+    VmPlan plan;
+    size_t first = 0, count = 0;
+  };
+
   void Run();
   void Post(Command command);
   // Answers a command that will not be processed.
   static void Refuse(Command& command, const absl::Status& status);
   void Wake();
+  Clock::TimePoint Now() const { return clock_->Now(); }
 
-  // One pass of the loop: events, commands, reconcile, replies.
+  // One pass of the loop.
   void Iterate();
+  void WaitForWork();
+  // Read the kernel.
   void DrainKernelEvents();
   void CheckProxies();
   absl::Status FullResync(bool initial);
-  void ProcessCommands(std::deque<Command> commands, std::vector<Reply>* replies);
-  absl::Status CheckAgainstHost(const VmSpec& spec,
-                                const std::vector<size_t>& request_index) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  absl::Status Persist() ABSL_SHARED_LOCKS_REQUIRED(mu_);
-  void ReconcileDirty();
-  void MarkDirtyByAddress(const IpAddress& address) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void MarkDirtyByEvent(const kernel::Event& event) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void MarkAllDirty() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  VmView ViewOf(const VmRecord& record) const;
-  void Publish(VmEventType type, VmRecord* record, const std::string& detail)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void PublishOutcome(const std::string& vm_id, VmState old_state,
-                      const std::string& old_message, bool was_programmed,
-                      const std::vector<kernel::Write>& writes)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void UndoMutations() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void SetRecord(const std::string& vm_id, std::optional<VmRecord> record)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::chrono::milliseconds NextWakeup() const;
-  void ProbeDone(const std::string& vm_id, const std::vector<IpAddress>& probed,
-                 const std::vector<AddressAnnouncer::Conflict>& conflicts)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // --dad: the part of the spec that may be published now, starting a
-  // probe of the rest. Sets `pending` when something waits for a probe.
-  VmSpec PublishableSpec(const std::string& vm_id, VmRecord& record, bool* pending)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MarkDirty(const KernelModel::Touched& touched);
+  void MarkAllDirty();
+  // Take requests.
+  void TakeCommands(std::vector<Reply>* replies);
+  absl::Status CheckAttach(const VmSpec& spec) const;
+  void ProbeDone(const ProbeResult& result);
+  // Diff, apply, publish.
+  void Reconcile();
+  std::vector<kernel::Write> PlanRemovals();
+  std::vector<PlannedVm> PlanDirty(std::vector<kernel::Write>* writes);
+  // Applies a batch, keeps the model and the counters; one status per write.
+  std::vector<absl::Status> ApplyWrites(const std::vector<kernel::Write>& writes);
+  void RecordOutcome(const PlannedVm& planned, const std::vector<kernel::Write>& writes,
+                     const std::vector<absl::Status>& results);
+  VmPlan PlanWithDad(const VmRecord& record);
   void Announce(const VmRecord& record, bool everything,
-                const std::vector<kernel::Write>& done)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                const std::vector<kernel::Write>& done);
+  void PublishOutcome(VmRecord& record, VmState old_state, const std::string& old_message,
+                      const std::vector<kernel::Write>& writes);
+  void Publish(VmEventType type, VmRecord& record, const std::string& detail);
+  void Answer(std::vector<Reply>& replies);
+  std::chrono::milliseconds NextWakeup() const;
 
   kernel::Kernel* const kernel_;
   StateStore* const store_;
   VmObserver* const observer_;
   const ReconcilerOptions options_;
+  Clock* const clock_;
 
   int wake_fd_ = -1;
   std::thread thread_;
@@ -244,37 +261,34 @@ class Reconciler {
   vmnet::Mutex queue_mu_;
   std::deque<Command> queue_ ABSL_GUARDED_BY(queue_mu_);
 
-  // Written only by the reconciler thread (under mu_); read by API threads.
-  mutable vmnet::Mutex mu_;
-  absl::flat_hash_map<std::string, VmRecord> vms_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<IpAddress, std::string> vm_of_address_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, std::string> vm_of_interface_ ABSL_GUARDED_BY(mu_);
-  ReconcilerCounters counters_ ABSL_GUARDED_BY(mu_);
-  // VMs with an IPv6 address: the host's IPv6 settings are made for them.
-  size_t ipv6_vms_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t revision_lease_ ABSL_GUARDED_BY(mu_) = 0;
+  // What other threads read: the VMs after each pass, and the counters.
+  VmDirectory directory_;
+  mutable vmnet::Mutex counters_mu_;
+  ReconcilerCounters counters_ ABSL_GUARDED_BY(counters_mu_);
 
   // Reconciler thread only.
+  std::optional<DesiredState> desired_;
+  DadTracker dad_;
   KernelModel model_;
   absl::flat_hash_set<std::string> dirty_;
+  // VMs whose view changed in this pass: the directory gets them after it.
+  absl::flat_hash_set<std::string> changed_views_;
   // Failed VMs by the time of their next attempt: each pass looks only at
   // the due ones, not at every VM.
-  std::set<std::pair<std::chrono::steady_clock::time_point, std::string>> retries_;
+  std::set<std::pair<Clock::TimePoint, std::string>> retries_;
   // Specs removed or replaced since the last reconcile: what they
   // installed must go. Keyed by vm_id; the oldest spec wins.
   absl::flat_hash_map<std::string, VmSpec> removed_;
-  // VMs whose spec changed in this iteration, with the event to publish
-  // once their kernel state is known.
+  // VMs whose spec changed in this pass, with the event to publish once
+  // their kernel state is known; and the VMs detached.
   absl::flat_hash_map<std::string, VmEventType> spec_changed_;
-  // What this iteration's commands changed, to undo if it cannot be made
-  // durable.
-  std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
+  std::vector<VmView> detached_;
   bool sweep_orphans_ = false;
   bool initial_sync_ = false;
   bool resync_wanted_ = false;
-  std::chrono::steady_clock::time_point next_proxy_check_{};
-  std::chrono::steady_clock::time_point next_full_resync_{};
-  std::chrono::steady_clock::time_point last_resync_{};
+  Clock::TimePoint next_proxy_check_{};
+  Clock::TimePoint next_full_resync_{};
+  Clock::TimePoint last_resync_{};
 };
 
 }  // namespace vmnet

@@ -52,6 +52,17 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id, absl::string_view in
 // "ip_addresses[i]" for the address at sorted position `position`.
 std::string AddressField(const std::vector<size_t>& request_index, size_t position);
 
+// An error about one of a spec's addresses, named by its value (the layers
+// below the API know no request): `ip_addresses: "<address>" <reason>`,
+// carrying the address so that the API can name the field the caller sent.
+absl::Status AddressError(absl::StatusCode code, const IpAddress& address,
+                          absl::string_view reason);
+// The API's half: an AddressError about an address of `spec` names the
+// request's field instead, `ip_addresses[i]: ...`, with `request_index` from
+// ParseVmSpec. Any other status is returned as it is.
+absl::Status NameAddressField(const absl::Status& status, const VmSpec& spec,
+                              const std::vector<size_t>& request_index);
+
 // Printable ASCII only, at most 128 bytes: what a request_id may be, so
 // that it can go into a log line as it is.
 absl::Status ValidateRequestId(absl::string_view request_id);

@@ -28,19 +28,19 @@ struct VmView {
 
 enum class VmEventType { kAdded, kChanged, kRemoved, kDriftRepaired };
 
-// Receives every VM change, on the reconciler thread, in order. Returns the
-// revision it gave the change.
+// Receives every VM change, on the reconciler thread, in order, each with
+// the revision the desired state issued for it (strictly increasing).
 class VmObserver {
  public:
   virtual ~VmObserver() = default;
-  // Called once before the first Publish: revisions continue from here
-  // (strictly above every revision issued before a restart).
+  // Called once before the first Publish: the first revision this run
+  // issues (strictly above every revision issued before a restart).
   virtual void StartRevisionsAt(uint64_t first) = 0;
   // A VM as the first sync after a start found it, with the revision of its
   // last change: known to snapshots, not announced as a change.
   virtual void Seed(const VmView& vm) = 0;
-  virtual uint64_t Publish(VmEventType type, const VmView& vm,
-                           const std::string& detail) = 0;
+  // `vm.revision` is the change's revision.
+  virtual void Publish(VmEventType type, const VmView& vm, const std::string& detail) = 0;
 };
 
 }  // namespace vmnet

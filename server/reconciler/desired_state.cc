@@ -1,0 +1,113 @@
+#include "vmnet/reconciler/desired_state.h"
+
+#include <algorithm>
+
+#include "vmnet/log/log.h"
+
+namespace vmnet {
+
+absl::StatusOr<DesiredState> DesiredState::Load(StateStore* store) {
+  auto stored = store->Load();
+  if (!stored.ok()) return stored.status();
+  DesiredState state(store);
+  for (StoredVm& vm : stored->vms) {
+    VmRecord record;
+    record.revision = vm.revision;
+    record.spec = std::move(vm.spec);
+    std::string vm_id = record.spec.vm_id;
+    state.Set(vm_id, std::move(record));
+  }
+  state.revision_lease_ = stored->revision_lease;
+  state.first_revision_ = std::max<uint64_t>(stored->revision_lease, 1);
+  state.last_revision_ = state.first_revision_ - 1;
+  return state;
+}
+
+const VmRecord* DesiredState::Find(const std::string& vm_id) const {
+  auto it = vms_.find(vm_id);
+  return it == vms_.end() ? nullptr : &it->second;
+}
+
+VmRecord* DesiredState::FindMutable(const std::string& vm_id) {
+  auto it = vms_.find(vm_id);
+  return it == vms_.end() ? nullptr : &it->second;
+}
+
+std::string DesiredState::VmOfAddress(const IpAddress& address) const {
+  auto it = vm_of_address_.find(address);
+  return it == vm_of_address_.end() ? "" : it->second;
+}
+
+std::string DesiredState::VmOfInterface(const std::string& interface) const {
+  auto it = vm_of_interface_.find(interface);
+  return it == vm_of_interface_.end() ? "" : it->second;
+}
+
+void DesiredState::Set(const std::string& vm_id, std::optional<VmRecord> record) {
+  if (auto old = vms_.find(vm_id); old != vms_.end()) {
+    if (old->second.spec.has_ipv6()) --ipv6_vms_;
+    for (const IpAddress& a : old->second.spec.addresses) vm_of_address_.erase(a);
+    vm_of_interface_.erase(old->second.spec.interface);
+    vms_.erase(old);
+  }
+  if (!record) return;
+  if (record->spec.has_ipv6()) ++ipv6_vms_;
+  for (const IpAddress& a : record->spec.addresses) vm_of_address_[a] = vm_id;
+  vm_of_interface_[record->spec.interface] = vm_id;
+  vms_.emplace(vm_id, std::move(*record));
+}
+
+void DesiredState::Put(const std::string& vm_id, VmSpec spec) {
+  std::optional<VmRecord> previous;
+  VmRecord record;
+  if (const VmRecord* existing = Find(vm_id)) {
+    previous = *existing;
+    record = *existing;
+  }
+  undo_.emplace_back(vm_id, std::move(previous));
+  record.spec = std::move(spec);
+  record.backoff = std::chrono::milliseconds(0);
+  Set(vm_id, std::move(record));
+}
+
+void DesiredState::Remove(const std::string& vm_id) {
+  const VmRecord* existing = Find(vm_id);
+  if (existing == nullptr) return;
+  undo_.emplace_back(vm_id, *existing);
+  Set(vm_id, std::nullopt);
+}
+
+absl::Status DesiredState::Commit() {
+  if (undo_.empty()) return absl::OkStatus();
+  absl::Status s = Persist();
+  if (!s.ok()) {
+    for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) Set(it->first, it->second);
+  }
+  undo_.clear();
+  return s;
+}
+
+absl::Status DesiredState::Persist() const {
+  StoredState state;
+  state.vms.reserve(vms_.size());
+  for (const auto& [id, r] : vms_) state.vms.push_back({r.spec, r.revision});
+  std::sort(state.vms.begin(), state.vms.end(), [](const StoredVm& a, const StoredVm& b) {
+    return a.spec.vm_id < b.spec.vm_id;
+  });
+  state.revision_lease = revision_lease_;
+  return store_->Save(state);
+}
+
+uint64_t DesiredState::IssueRevision() {
+  uint64_t revision = ++last_revision_;
+  if (revision + kRevisionLease / 2 >= revision_lease_) {
+    revision_lease_ = revision + kRevisionLease;
+    if (absl::Status s = Persist(); !s.ok()) {
+      VMNET_LOG(Error) << "event=persist_failed what=revision_lease error=\""
+                       << s.message() << "\"";
+    }
+  }
+  return revision;
+}
+
+}  // namespace vmnet
