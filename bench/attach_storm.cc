@@ -1,8 +1,10 @@
-// vmnet_attach_storm: attaches VMs 0..count-1 of the lab (bench_common.h)
-// with --concurrency AttachVm calls in flight over --channels connections,
-// and measures the wall time from the first call to the last answer. Every
-// answer must be OK with state PROGRAMMED (AttachVm returns when the kernel
-// holds the state, and only once the desired state is on disk).
+// vmnet_attach_storm: attaches VMs first..first+count-1 of the lab
+// (bench_common.h; --first is 0 unless given) with --concurrency AttachVm
+// calls in flight over --channels connections, and measures the wall time
+// from the first call to the last answer (started_at: the first call's time
+// on CLOCK_MONOTONIC). Every answer must be OK with state PROGRAMMED
+// (AttachVm returns when the kernel holds the state, and only once the
+// desired state is on disk).
 //
 // With --watchers=W, W Watch streams (each on its own connection) are opened
 // and in place (response headers received) before the first attach; each
@@ -29,7 +31,8 @@
 
 ABSL_FLAG(std::string, target, "",
           "vmnetd's gRPC address, e.g. unix:///tmp/x/vmnetd.sock");
-ABSL_FLAG(int, count, 1000, "VMs to attach: lab VMs 0..count-1.");
+ABSL_FLAG(int, count, 1000, "VMs to attach: lab VMs first..first+count-1.");
+ABSL_FLAG(int, first, 0, "The lab index of the first VM to attach.");
 ABSL_FLAG(int, concurrency, 256, "AttachVm calls in flight at once.");
 ABSL_FLAG(int, channels, 4, "Connections the attach calls are spread over.");
 ABSL_FLAG(int, watchers, 0, "Watch streams following the storm, one connection each.");
@@ -61,8 +64,9 @@ struct Outcome {
 // Keeps `concurrency` AttachVm calls in flight; each answer starts the next.
 class Storm {
  public:
-  Storm(std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs, int count, double timeout_s)
-      : stubs_(stubs), count_(count), timeout_s_(timeout_s) {}
+  Storm(std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs, int first, int count,
+        double timeout_s)
+      : stubs_(stubs), first_(first), count_(count), timeout_s_(timeout_s) {}
 
   void Start(int concurrency) {
     for (int i = 0; i < concurrency; ++i) StartNext();
@@ -91,9 +95,9 @@ class Storm {
     int i = next_.fetch_add(1);
     if (i >= count_) return;
     auto* call = new Call;
-    call->request.set_vm_id(VmId(i));
-    call->request.set_interface(Interface(i));
-    call->request.add_ip_addresses(Address(i));
+    call->request.set_vm_id(VmId(first_ + i));
+    call->request.set_interface(Interface(first_ + i));
+    call->request.add_ip_addresses(Address(first_ + i));
     call->context.set_deadline(
         std::chrono::system_clock::now() +
         std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
@@ -133,6 +137,7 @@ class Storm {
   }
 
   std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs_;
+  const int first_;
   const int count_;
   const double timeout_s_;
   std::atomic<int> next_{0};
@@ -143,8 +148,9 @@ class Storm {
 // it has seen of the storm.
 class Watcher {
  public:
-  Watcher(std::shared_ptr<grpc::Channel> channel, int count)
+  Watcher(std::shared_ptr<grpc::Channel> channel, int first, int count)
       : stub_(VmNetwork::NewStub(channel)),
+        first_(first),
         count_(count),
         seen_(static_cast<size_t>(count)) {}
 
@@ -247,7 +253,7 @@ class Watcher {
     }
     int index = -1;
     const std::string& id = e.vm().vm_id();
-    if (id.rfind("bench-", 0) == 0) index = std::atoi(id.c_str() + 6);
+    if (id.rfind("bench-", 0) == 0) index = std::atoi(id.c_str() + 6) - first_;
     if (index < 0 || index >= count_) {
       ++other_events_;
       return;
@@ -282,6 +288,7 @@ class Watcher {
   }
 
   std::unique_ptr<VmNetwork::Stub> stub_;
+  const int first_;
   const int count_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -310,14 +317,17 @@ double CpuSeconds() {
 
 int Main() {
   const std::string target = absl::GetFlag(FLAGS_target);
+  const int first = absl::GetFlag(FLAGS_first);
   const int count = absl::GetFlag(FLAGS_count);
   const int watcher_count = absl::GetFlag(FLAGS_watchers);
-  if (target.empty() || count <= 0 || count > kMaxVms) {
-    std::cerr << "vmnet_attach_storm: give --target and --count (1.." << kMaxVms << ")\n";
+  if (target.empty() || count <= 0 || first < 0 || first + count > kMaxVms) {
+    std::cerr << "vmnet_attach_storm: give --target, --count and --first (first + count "
+              << "at most " << kMaxVms << ")\n";
     return 2;
   }
   JsonObject result;
-  result.Add("count", count)
+  result.Add("first", first)
+      .Add("count", count)
       .Add("concurrency", absl::GetFlag(FLAGS_concurrency))
       .Add("channels", absl::GetFlag(FLAGS_channels))
       .Add("watchers", watcher_count);
@@ -334,7 +344,8 @@ int Main() {
 
   std::vector<std::unique_ptr<Watcher>> watchers;
   for (int i = 0; i < watcher_count; ++i) {
-    watchers.push_back(std::make_unique<Watcher>(Connect(target, 1000 + i), count));
+    watchers.push_back(
+        std::make_unique<Watcher>(Connect(target, 1000 + i), first, count));
     watchers.back()->Start();
   }
   for (auto& w : watchers) {
@@ -348,7 +359,7 @@ int Main() {
 
   double cpu_before = CpuSeconds();
   double start = Now();
-  Storm storm(&stubs, count, absl::GetFlag(FLAGS_timeout_s));
+  Storm storm(&stubs, first, count, absl::GetFlag(FLAGS_timeout_s));
   storm.Start(std::max(1, absl::GetFlag(FLAGS_concurrency)));
   bool finished = storm.Wait(start + absl::GetFlag(FLAGS_timeout_s) + 5);
   Outcome& o = storm.outcome();
@@ -361,6 +372,7 @@ int Main() {
         .Add("programmed", o.programmed)
         .Add("failures", o.failures)
         .Add("first_failure", o.first_failure)
+        .Add("started_at", start)
         .Add("wall_s", wall)
         .Add("attaches_per_s", o.answered / std::max(wall, 1e-9));
   }
