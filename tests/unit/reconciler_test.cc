@@ -14,6 +14,7 @@
 #include <future>
 #include <thread>
 
+#include "fake_clock.h"
 #include "fake_kernel.h"
 #include "vmnet/events/event_log.h"
 
@@ -346,6 +347,70 @@ TEST_F(ReconcilerTest, FailedWritesAreRetriedAndSurfaced) {
   kernel_.FailWrites(0);
   EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
   EXPECT_TRUE(HoldsVm(vme, "198.51.100.201"));
+}
+
+// Backoff, retries and intervals on a fake clock: nothing sleeps, and time
+// moves only when the test says.
+class ReconcilerClockTest : public ReconcilerTest {
+ protected:
+  void SetUp() override {
+    ReconcilerTest::SetUp();
+    options_.clock = &clock_;
+    options_.proxy_check_interval = std::chrono::milliseconds(500);
+  }
+  // Two round trips through the reconciler's loop: the second pass began
+  // after everything the test did before, so it saw the clock as it is now.
+  void Sync() {
+    ASSERT_TRUE(Detach("no-such-vm", /*allow_missing=*/true).ok());
+    ASSERT_TRUE(Detach("no-such-vm", /*allow_missing=*/true).ok());
+  }
+  FakeClock clock_;
+};
+
+TEST_F(ReconcilerClockTest, AFailedVmIsRetriedAfterItsBackoffWhichDoubles) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  kernel_.FailWrites(EPERM);
+  auto vm = Attach("vm-1", "vme1a", {"198.51.100.201"});
+  ASSERT_TRUE(vm.ok());
+  ASSERT_EQ(vm->state, VmState::kFailed);
+  // The first retry is due after 100 ms; it fails again, so the next waits 200 ms.
+  clock_.Advance(std::chrono::milliseconds(100));
+  Sync();
+  kernel_.FailWrites(0);
+  clock_.Advance(std::chrono::milliseconds(199));
+  Sync();
+  EXPECT_EQ(StateOf("vm-1"), VmState::kFailed);
+  EXPECT_FALSE(HoldsVm(vme, "198.51.100.201"));
+  clock_.Advance(std::chrono::milliseconds(1));
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
+  EXPECT_TRUE(HoldsVm(vme, "198.51.100.201"));
+}
+
+TEST_F(ReconcilerClockTest, ProxyEntriesAreReadBackEveryInterval) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  // Deleting a proxy entry raises no kernel event: only the next proxy dump,
+  // one interval after the last, finds it.
+  kernel_.DeleteNeighbor(uplink_, Ip("198.51.100.201"), true);
+  clock_.Advance(std::chrono::milliseconds(400));
+  Sync();
+  EXPECT_FALSE(HoldsVm(vme, "198.51.100.201"));
+  clock_.Advance(std::chrono::milliseconds(100));
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+}
+
+TEST_F(ReconcilerClockTest, TheFullResyncComesEveryInterval) {
+  options_.full_resync_interval = std::chrono::seconds(300);
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  clock_.Advance(std::chrono::seconds(299));
+  Sync();
+  EXPECT_EQ(reconciler_->counters().full_resyncs, 0u);
+  clock_.Advance(std::chrono::seconds(1));
+  EXPECT_TRUE(WaitFor([&] { return reconciler_->counters().full_resyncs == 1u; }));
 }
 
 TEST_F(ReconcilerTest, RestartWithNothingDriftedWritesNothing) {
