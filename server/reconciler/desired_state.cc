@@ -98,8 +98,9 @@ absl::Status DesiredState::Persist() const {
   return store_->Save(state);
 }
 
-uint64_t DesiredState::IssueRevision() {
+uint64_t DesiredState::IssueRevision(VmRecord* vm) {
   uint64_t revision = ++last_revision_;
+  if (vm != nullptr) vm->revision = revision;
   if (revision + kRevisionLease / 2 >= revision_lease_) {
     revision_lease_ = revision + kRevisionLease;
     if (absl::Status s = Persist(); !s.ok()) {

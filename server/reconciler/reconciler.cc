@@ -716,7 +716,7 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
 }
 
 void Reconciler::Publish(VmEventType type, VmRecord& record, const std::string& detail) {
-  record.revision = desired_->IssueRevision();
+  desired_->IssueRevision(&record);
   observer_->Publish(type, record.View(), detail);
   changed_views_.insert(record.spec.vm_id);
 }

@@ -108,9 +108,10 @@ TEST_F(DesiredStateTest, RevisionsIncreaseStrictlyAcrossRestarts) {
 
 TEST_F(DesiredStateTest, TheRevisionOfAVmsLastChangeIsKept) {
   state_->Put("vm-1", Spec("vm-1", "vme1a", {"198.51.100.201"}));
-  state_->FindMutable("vm-1")->revision = state_->IssueRevision();
-  uint64_t revision = state_->Find("vm-1")->revision;
   ASSERT_TRUE(state_->Commit().ok());
+  // The first revision renews the lease, which persists the VM's revision.
+  uint64_t revision = state_->IssueRevision(state_->FindMutable("vm-1"));
+  EXPECT_EQ(state_->Find("vm-1")->revision, revision);
   Reopen();
   EXPECT_EQ(state_->Find("vm-1")->revision, revision);
 }

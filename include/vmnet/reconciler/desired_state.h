@@ -68,10 +68,11 @@ class DesiredState {
   }
 
   // The revision of the next change: strictly above every revision issued
-  // before, this run or any earlier one. Persists a new lease when the
-  // current one runs low (a failure to is logged; the lease still holds
-  // half a block).
-  uint64_t IssueRevision();
+  // before, this run or any earlier one. With `vm` (a record of this
+  // state), it becomes the VM's revision. Persists a new lease when the
+  // current one runs low, VM revisions with it (a failure to is logged; the
+  // lease still holds half a block).
+  uint64_t IssueRevision(VmRecord* vm = nullptr);
   // The first revision this run issues (the event log starts there).
   uint64_t first_revision() const { return first_revision_; }
 
