@@ -341,6 +341,11 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
   auto spec = ParseVmSpec(request->vm_id(), request->interface(), addresses,
                           request->mac_address(), options_.rules, &request_index);
   if (!spec.ok()) return Reply(context, "AttachVm", ToGrpc(spec.status()));
+  std::vector<std::string> prefixes(request->allowed_source_prefixes().begin(),
+                                    request->allowed_source_prefixes().end());
+  auto allowed = ParseSourcePrefixes(prefixes, options_.rules);
+  if (!allowed.ok()) return Reply(context, "AttachVm", ToGrpc(allowed.status()));
+  spec->allowed_source_prefixes = std::move(*allowed);
   auto* reactor = context->DefaultReactor();
   VmSpec sent = *spec;
   reconciler_->Attach(

@@ -40,6 +40,9 @@ v1::Vm ToProto(const VmView& vm) {
   out.set_interface(vm.spec.interface);
   for (const IpAddress& a : vm.spec.addresses) out.add_ip_addresses(a.ToString());
   if (vm.spec.mac) out.set_mac_address(vm.spec.mac->ToString());
+  for (const IpPrefix& p : vm.spec.allowed_source_prefixes) {
+    out.add_allowed_source_prefixes(p.ToString());
+  }
   out.set_state(ToProto(vm.state));
   out.set_message(vm.message);
   out.set_revision(vm.revision);

@@ -123,6 +123,15 @@ bool IpPrefix::Contains(const IpAddress& a) const {
   return (a.bytes()[full_bytes] & mask) == (address.bytes()[full_bytes] & mask);
 }
 
+IpPrefix IpPrefix::Masked() const {
+  std::array<uint8_t, 16> b{};
+  std::memcpy(b.data(), address.bytes(), address.size());
+  for (int bit = length; bit < address.bit_length(); ++bit) {
+    b[bit / 8] &= static_cast<uint8_t>(~(0x80 >> (bit % 8)));
+  }
+  return {IpAddress::FromBytes(address.family(), b.data()), length};
+}
+
 IpAddress IpPrefix::Last() const {
   std::array<uint8_t, 16> b{};
   std::memcpy(b.data(), address.bytes(), address.size());

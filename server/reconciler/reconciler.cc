@@ -333,6 +333,16 @@ absl::Status Reconciler::CheckAttach(const VmSpec& spec) const {
                           absl::StrCat("is held by VM \"", holder, "\""));
     }
   }
+  for (size_t i = 0; i < spec.allowed_source_prefixes.size(); ++i) {
+    const IpPrefix& p = spec.allowed_source_prefixes[i];
+    if (p.length != p.address.bit_length()) continue;
+    if (std::string holder = desired_->VmOfAddress(p.address);
+        !holder.empty() && holder != spec.vm_id) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "allowed_source_prefixes[", i, "]: \"", p.ToString(), "\" is the address of VM \"",
+          holder, "\"; a VM may not send as another"));
+    }
+  }
   for (const std::string& uplink : options_.host.uplinks) {
     if (spec.interface == uplink) {
       return absl::InvalidArgumentError(absl::StrCat(

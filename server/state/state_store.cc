@@ -87,6 +87,9 @@ std::string StateStore::Encode(const StoredState& state) {
     r->set_interface(vm.spec.interface);
     for (const IpAddress& a : vm.spec.addresses) r->add_ip_addresses(a.ToString());
     if (vm.spec.mac) r->set_mac_address(vm.spec.mac->ToString());
+    for (const IpPrefix& p : vm.spec.allowed_source_prefixes) {
+      r->add_allowed_source_prefixes(p.ToString());
+    }
     r->set_revision(vm.revision);
   }
   std::string payload = file.SerializeAsString();
@@ -137,6 +140,14 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
       return absl::DataLossError(
           absl::StrCat("invalid VM record: ", spec.status().message()));
     }
+    std::vector<std::string> prefixes(r.allowed_source_prefixes().begin(),
+                                      r.allowed_source_prefixes().end());
+    auto allowed = ParseSourcePrefixes(prefixes, permissive);
+    if (!allowed.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("invalid VM record: ", allowed.status().message()));
+    }
+    spec->allowed_source_prefixes = std::move(*allowed);
     for (const IpAddress& a : spec->addresses) {
       if (!addresses_seen.insert(a).second) {
         return absl::DataLossError(

@@ -118,6 +118,48 @@ absl::Status NameAddressField(const absl::Status& status, const VmSpec& spec,
                       absl::StrCat(AddressField(request_index, position), message));
 }
 
+absl::StatusOr<std::vector<IpPrefix>> ParseSourcePrefixes(
+    absl::Span<const std::string> prefixes, const SpecRules& rules) {
+  if (prefixes.size() > rules.max_addresses) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "allowed_source_prefixes: has ", prefixes.size(),
+        " prefixes; the limit (--max-addresses-per-vm) is ", rules.max_addresses));
+  }
+  std::vector<IpPrefix> out;
+  for (size_t i = 0; i < prefixes.size(); ++i) {
+    std::string field = absl::StrCat("allowed_source_prefixes[", i, "]");
+    const std::string& text = prefixes[i];
+    auto prefix = text.find('/') == std::string::npos ? std::nullopt : IpPrefix::Parse(text);
+    if (!prefix) {
+      return Invalid(field, text,
+                     "is not a prefix in CIDR notation (e.g. 203.0.113.0/24, 2001:db8::/48)");
+    }
+    if (!(prefix->address == prefix->Masked().address)) {
+      return Invalid(field, text,
+                     absl::StrCat("has host bits set; the prefix is ",
+                                  prefix->Masked().ToString()));
+    }
+    const IpAddress& a = prefix->address;
+    if (prefix->length > 0) {
+      if (a.IsMulticast()) return Invalid(field, text, "is a multicast prefix");
+      if (a.IsLoopback()) return Invalid(field, text, "is a loopback prefix");
+      if (a.IsLinkLocal()) {
+        return Invalid(field, text,
+                       "is link-local; link-local sources reach the host and are never "
+                       "forwarded anyway");
+      }
+      if (a.is_v6() && a.IsV4Mapped()) {
+        return Invalid(field, text, "is IPv4-mapped; give the IPv4 prefix itself");
+      }
+    }
+    if (std::find(out.begin(), out.end(), *prefix) != out.end()) {
+      return Invalid(field, text, "is given twice");
+    }
+    out.push_back(*prefix);
+  }
+  return out;
+}
+
 absl::Status ValidateRequestId(absl::string_view request_id) {
   if (request_id.size() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("request_id: is ", request_id.size(),

@@ -63,6 +63,8 @@ struct IpPrefix {
   // "198.51.100.0/24"; a bare address is a host prefix.
   static std::optional<IpPrefix> Parse(absl::string_view text);
   bool Contains(const IpAddress& a) const;
+  // The prefix with its host bits cleared.
+  IpPrefix Masked() const;
   // The highest address of the prefix (the IPv4 subnet broadcast).
   IpAddress Last() const;
   std::string ToString() const;

@@ -19,6 +19,10 @@ struct VmSpec {
   std::string interface;
   std::vector<IpAddress> addresses;  // sorted (IPv4 before IPv6), no duplicates
   std::optional<MacAddress> mac;
+  // Sources the VM may send from besides its own addresses (port
+  // security), in the order given; 0.0.0.0/0 and ::/0 for a VM that routes
+  // for others.
+  std::vector<IpPrefix> allowed_source_prefixes;
 
   bool has_ipv6() const { return !addresses.empty() && addresses.back().is_v6(); }
 
@@ -48,6 +52,14 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id, absl::string_view in
                                    absl::Span<const std::string> addresses,
                                    absl::string_view mac, const SpecRules& rules,
                                    std::vector<size_t>* request_index = nullptr);
+
+// Validates allowed_source_prefixes: each a CIDR prefix ("203.0.113.0/24",
+// "2001:db8:1::/48", "0.0.0.0/0") with no host bits set, not multicast,
+// loopback, link-local or IPv4-mapped, none twice, at most
+// rules.max_addresses of them. INVALID_ARGUMENT naming
+// allowed_source_prefixes[i] and the reason otherwise.
+absl::StatusOr<std::vector<IpPrefix>> ParseSourcePrefixes(
+    absl::Span<const std::string> prefixes, const SpecRules& rules);
 
 // "ip_addresses[i]" for the address at sorted position `position`.
 std::string AddressField(const std::vector<size_t>& request_index, size_t position);
