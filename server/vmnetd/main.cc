@@ -156,57 +156,10 @@ std::string EpochNow() {
   return absl::FormatTime("%Y%m%dT%H%M%E3SZ", absl::Now(), absl::UTCTimeZone());
 }
 
-// The reconciler's AddressAnnouncer over the raw-socket Announcer.
-class RawAnnouncer : public AddressAnnouncer {
- public:
-  RawAnnouncer(std::unique_ptr<Announcer> announcer, bool announce,
-               absl::Duration dad_timeout)
-      : announcer_(std::move(announcer)),
-        announce_(announce),
-        dad_timeout_(dad_timeout) {}
-
-  void Announce(std::vector<Item> items) override {
-    if (!announce_) return;
-    std::vector<Announcement> out;
-    out.reserve(items.size());
-    for (Item& i : items) {
-      out.push_back(
-          {i.ifindex, std::move(i.interface), i.mac, i.address, i.source, i.router});
-    }
-    announcer_->Announce(std::move(out));
-  }
-
-  void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
-             ProbeDone done) override {
-    std::vector<Announcer::Probe> probes;
-    for (ProbeLink& l : links) {
-      probes.push_back({l.ifindex, std::move(l.interface), l.mac, addresses});
-    }
-    announcer_->ProbeAddresses(
-        std::move(probes), dad_timeout_,
-        [done = std::move(done)](std::vector<Announcer::Conflict> conflicts) {
-          std::vector<Conflict> out;
-          for (Announcer::Conflict& c : conflicts) {
-            out.push_back({c.address, std::move(c.interface), c.answered_by});
-          }
-          done(std::move(out));
-        });
-  }
-
-  Announcer::Stats stats() const { return announcer_->stats(); }
-  // Stops the announcer's thread: no probe answer arrives after this.
-  void Stop() { announcer_.reset(); }
-
- private:
-  std::unique_ptr<Announcer> announcer_;
-  const bool announce_;
-  const absl::Duration dad_timeout_;
-};
-
 // The announcer's counters, read at scrape time.
 class AnnouncerMetrics : public prometheus::Collectable {
  public:
-  explicit AnnouncerMetrics(const RawAnnouncer* announcer) : announcer_(announcer) {}
+  explicit AnnouncerMetrics(const Announcer* announcer) : announcer_(announcer) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     Announcer::Stats stats = announcer_->stats();
@@ -234,7 +187,7 @@ class AnnouncerMetrics : public prometheus::Collectable {
   }
 
  private:
-  const RawAnnouncer* const announcer_;
+  const Announcer* const announcer_;
 };
 
 int Run() {
@@ -315,12 +268,13 @@ int Run() {
   if (dad_timeout < absl::Milliseconds(10) || dad_timeout > absl::Seconds(30)) {
     return Fail("--dad-timeout: give 10ms to 30s");
   }
-  std::unique_ptr<RawAnnouncer> announcer;
+  std::unique_ptr<Announcer> announcer;
   if (announce_count > 0 || absl::GetFlag(FLAGS_dad)) {
-    auto raw = Announcer::Create({std::max(announce_count, 1), announce_interval});
-    if (!raw.ok()) return Fail(raw.status().message());
-    announcer =
-        std::make_unique<RawAnnouncer>(std::move(*raw), announce_count > 0, dad_timeout);
+    // With --announce-count=0 the announcer is there only to probe.
+    auto created = Announcer::Create({std::max(announce_count, 1), announce_interval,
+                                      dad_timeout, /*announce=*/announce_count > 0});
+    if (!created.ok()) return Fail(created.status().message());
+    announcer = std::move(*created);
     options.announcer = announcer.get();
     options.dad = absl::GetFlag(FLAGS_dad);
   }
@@ -338,9 +292,7 @@ int Run() {
   Reconciler reconciler(netlink->get(), &*store, &events, options);
   // On every way out, the announcer stops before the reconciler it calls
   // back goes away.
-  absl::Cleanup stop_announcer = [&announcer] {
-    if (announcer) announcer->Stop();
-  };
+  absl::Cleanup stop_announcer = [&announcer] { announcer.reset(); };
   // Block the shutdown signals before any thread starts, so that only
   // sigwait below receives them.
   sigset_t signals;
