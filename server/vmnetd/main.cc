@@ -29,7 +29,6 @@
 #include "grpcpp/grpcpp.h"
 #include "memory.h"
 #include "prometheus/exposer.h"
-#include "prometheus/metric_family.h"
 #include "systemd/sd-daemon.h"
 #include "vmnet/announce/announcer.h"
 #include "vmnet/api/servers.h"
@@ -37,6 +36,7 @@
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/netlink_kernel.h"
 #include "vmnet/log/log.h"
+#include "vmnet/metrics/announcer_metrics.h"
 #include "vmnet/metrics/metrics.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/state_store.h"
@@ -155,40 +155,6 @@ absl::StatusOr<std::vector<std::string>> DefaultRouteLinks(kernel::Kernel& k) {
 std::string EpochNow() {
   return absl::FormatTime("%Y%m%dT%H%M%E3SZ", absl::Now(), absl::UTCTimeZone());
 }
-
-// The announcer's counters, read at scrape time.
-class AnnouncerMetrics : public prometheus::Collectable {
- public:
-  explicit AnnouncerMetrics(const Announcer* announcer) : announcer_(announcer) {}
-
-  std::vector<prometheus::MetricFamily> Collect() const override {
-    Announcer::Stats stats = announcer_->stats();
-    auto counter = [](std::string name, std::string help, uint64_t value) {
-      prometheus::MetricFamily f{
-          std::move(name), std::move(help), prometheus::MetricType::Counter, {}};
-      prometheus::ClientMetric m;
-      m.counter.value = static_cast<double>(value);
-      f.metric.push_back(std::move(m));
-      return f;
-    };
-    return {
-        counter("vmnet_announcements_sent_total",
-                "Gratuitous ARP and unsolicited neighbour advertisement frames sent.",
-                stats.announcements_sent),
-        counter("vmnet_announce_send_errors_total",
-                "Announcement and probe frames the kernel refused (a link gone or down).",
-                stats.send_errors),
-        counter("vmnet_dad_probes_sent_total",
-                "ARP probe and duplicate-address-detection frames sent (--dad).",
-                stats.probes_sent),
-        counter("vmnet_dad_conflicts_total",
-                "VM addresses another machine answered for (--dad).", stats.conflicts),
-    };
-  }
-
- private:
-  const Announcer* const announcer_;
-};
 
 int Run() {
   TuneAllocator();
@@ -329,7 +295,10 @@ int Run() {
   auto collector = std::make_shared<MetricsCollector>(
       &reconciler, netlink->get(), &events, &request_stats, VMNET_VERSION);
   std::shared_ptr<AnnouncerMetrics> announcer_metrics;
-  if (announcer) announcer_metrics = std::make_shared<AnnouncerMetrics>(announcer.get());
+  if (announcer) {
+    announcer_metrics = std::make_shared<AnnouncerMetrics>(
+        [announcer = announcer.get()] { return announcer->stats(); });
+  }
   std::unique_ptr<prometheus::Exposer> exposer;
   if (std::string a = absl::GetFlag(FLAGS_metrics_listen); !a.empty()) {
     try {
