@@ -154,6 +154,7 @@ void Announcer::Wake() {
 }
 
 void Announcer::Announce(std::vector<Announcement> announcements) {
+  if (!options_.announce) return;
   absl::Time now = absl::Now();
   {
     MutexLock l(&mu_);
@@ -166,12 +167,20 @@ void Announcer::Announce(std::vector<Announcement> announcements) {
   Wake();
 }
 
-void Announcer::ProbeAddresses(std::vector<Probe> probes, absl::Duration timeout,
-                               std::function<void(std::vector<Conflict>)> done) {
+void Announcer::Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
+                      ProbeDone done) {
+  ProbeAddresses(std::move(links), std::move(addresses), options_.dad_timeout,
+                 std::move(done));
+}
+
+void Announcer::ProbeAddresses(std::vector<ProbeLink> links,
+                               std::vector<IpAddress> addresses, absl::Duration timeout,
+                               ProbeDone done) {
   timeout = std::max(timeout, absl::ZeroDuration());
   absl::Time now = absl::Now();
   ProbeRun run;
-  run.probes = std::move(probes);
+  run.links = std::move(links);
+  run.addresses = std::move(addresses);
   run.resend = now + timeout / 2;
   run.deadline = now + timeout;
   run.done = std::move(done);
@@ -267,8 +276,8 @@ void Announcer::StartProbes() {
 
 void Announcer::SendProbes(const ProbeRun& run) {
   uint64_t sent = 0;
-  for (const Probe& p : run.probes) {
-    for (const IpAddress& a : p.addresses) {
+  for (const ProbeLink& p : run.links) {
+    for (const IpAddress& a : run.addresses) {
       if (a.is_v4()) {
         sent += Send(p.ifindex, p.interface, announce::ArpProbe(p.mac, a), ETH_P_ARP);
       } else if (a.is_v6()) {
@@ -345,11 +354,11 @@ void Announcer::Receive(int fd) {
     if (from.sll_pkttype == PACKET_OUTGOING) continue;
     absl::Span<const uint8_t> frame(buffer_.data(), static_cast<size_t>(n));
     for (ProbeRun& run : probes_) {
-      for (const Probe& p : run.probes) {
+      for (const ProbeLink& p : run.links) {
         if (p.ifindex != from.sll_ifindex) continue;
         std::optional<announce::Claim> claim = announce::ParseClaim(frame, p.mac);
-        if (!claim || std::find(p.addresses.begin(), p.addresses.end(), claim->address) ==
-                          p.addresses.end()) {
+        if (!claim || std::find(run.addresses.begin(), run.addresses.end(),
+                                claim->address) == run.addresses.end()) {
           continue;
         }
         bool known = std::any_of(
@@ -361,7 +370,7 @@ void Announcer::Receive(int fd) {
                            << p.interface << " address=" << claim->address.ToString()
                            << " answered_by=" << claim->mac.ToString();
         run.conflicts.push_back(
-            Conflict{claim->address, p.ifindex, p.interface, claim->mac});
+            Conflict{claim->address, p.interface, claim->mac, p.ifindex});
       }
     }
   }

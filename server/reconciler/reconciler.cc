@@ -696,7 +696,7 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
       }
     }
   }
-  std::vector<AddressAnnouncer::Item> items;
+  std::vector<Announcement> items;
   for (const std::string& name : options_.host.uplinks) {
     const kernel::Link* uplink = model_.LinkByName(name);
     if (uplink == nullptr || !uplink->up) continue;

@@ -106,7 +106,7 @@ class AnnouncerTest : public ::testing::Test {
                                                 absl::Duration timeout) {
     auto promise = std::make_shared<std::promise<std::vector<Announcer::Conflict>>>();
     auto future = promise->get_future();
-    announcer.ProbeAddresses({{a_, "a", a_mac_, std::move(addresses)}}, timeout,
+    announcer.ProbeAddresses({{a_, "a", a_mac_}}, std::move(addresses), timeout,
                              [promise](std::vector<Announcer::Conflict> c) {
                                promise->set_value(std::move(c));
                              });
@@ -282,7 +282,7 @@ TEST_F(AnnouncerTest, DestroyedWhileProbingStopsPromptly) {
   ASSERT_TRUE(announcer);
   bool called = false;
   announcer->Announce({On_a("198.51.100.201")});
-  announcer->ProbeAddresses({{a_, "a", a_mac_, {Ip("198.51.100.1")}}}, absl::Seconds(30),
+  announcer->ProbeAddresses({{a_, "a", a_mac_}}, {Ip("198.51.100.1")}, absl::Seconds(30),
                             [&](std::vector<Announcer::Conflict>) { called = true; });
   usleep(50'000);
   absl::Time start = absl::Now();

@@ -7,6 +7,7 @@
 
 #include "fake_kernel.h"
 #include "prometheus/text_serializer.h"
+#include "vmnet/metrics/announcer_metrics.h"
 
 namespace vmnet {
 namespace {
@@ -127,6 +128,34 @@ TEST_F(MetricsTest, TextExpositionHasHelpAndNoTimestamps) {
             std::string::npos);
   // A sample line is "name{labels} value" with no third (timestamp) field.
   EXPECT_EQ(text.find("} 1 "), std::string::npos);
+}
+
+TEST(AnnouncerMetricsTest, ReadsTheAnnouncerCountersAtEachScrape) {
+  Announcer::Stats stats;
+  AnnouncerMetrics metrics([&stats] { return stats; });
+  stats.announcements_sent = 6;
+  stats.send_errors = 1;
+  stats.probes_sent = 4;
+  stats.conflicts = 2;
+  std::string text = prometheus::TextSerializer().Serialize(metrics.Collect());
+  for (const char* line : {
+           "# HELP vmnet_announcements_sent_total Gratuitous ARP and unsolicited "
+           "neighbour advertisement frames sent.",
+           "# TYPE vmnet_announcements_sent_total counter",
+           "vmnet_announcements_sent_total 6",
+           "# HELP vmnet_announce_send_errors_total Announcement and probe frames the "
+           "kernel refused (a link gone or down).",
+           "vmnet_announce_send_errors_total 1",
+           "# HELP vmnet_dad_probes_sent_total ARP probe and duplicate-address-detection "
+           "frames sent (--dad).",
+           "vmnet_dad_probes_sent_total 4",
+           "# HELP vmnet_dad_conflicts_total VM addresses another machine answered for "
+           "(--dad).",
+           "vmnet_dad_conflicts_total 2",
+       }) {
+    EXPECT_NE(text.find(std::string(line) + "\n"), std::string::npos) << line << "\n"
+                                                                      << text;
+  }
 }
 
 }  // namespace

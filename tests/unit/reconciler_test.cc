@@ -527,9 +527,9 @@ TEST_F(ReconcilerTest, RevisionsKeepIncreasingAcrossRestarts) {
 // Records what the reconciler asks of the announcer; the test answers probes.
 class RecordingAnnouncer : public AddressAnnouncer {
  public:
-  void Announce(std::vector<Item> items) override {
+  void Announce(std::vector<Announcement> items) override {
     vmnet::MutexLock lock(&mu_);
-    for (Item& item : items) announced_.push_back(std::move(item));
+    for (Announcement& item : items) announced_.push_back(std::move(item));
   }
   void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
              ProbeDone done) override {
@@ -540,7 +540,7 @@ class RecordingAnnouncer : public AddressAnnouncer {
   std::vector<std::string> announced() const {
     vmnet::MutexLock lock(&mu_);
     std::vector<std::string> out;
-    for (const Item& i : announced_) {
+    for (const Announcement& i : announced_) {
       out.push_back(absl::StrCat(i.interface, " ", i.address.ToString(),
                                  i.router ? " +router" : ""));
     }
@@ -574,7 +574,7 @@ class RecordingAnnouncer : public AddressAnnouncer {
     ProbeDone done;
   };
   mutable vmnet::Mutex mu_;
-  std::vector<Item> announced_;
+  std::vector<Announcement> announced_;
   std::vector<Probe_> probes_;
 };
 

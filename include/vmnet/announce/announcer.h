@@ -23,26 +23,21 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "vmnet/announce/address_announcer.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/net/address.h"
 
 namespace vmnet {
 
-struct Announcement {
-  int ifindex = 0;
-  std::string interface;  // for logs
-  MacAddress mac;         // the link's MAC: Ethernet source and sender hardware address
-  IpAddress address;      // what is announced (IPv4: GARP; IPv6: unsolicited NA)
-  // IPv6 only: the NA's source address (the link's link-local); kNone: `address`.
-  IpAddress source;
-  bool router = false;  // IPv6: set the NA's Router flag (the VM's gateway)
-};
-
-class Announcer {
+class Announcer : public AddressAnnouncer {
  public:
   struct Options {
     int count = 3;  // frames per announcement, at least 1
     absl::Duration interval = absl::Seconds(1);
+    // How long Probe listens for an answer (--dad-timeout).
+    absl::Duration dad_timeout = absl::Seconds(1);
+    // False: Announce does nothing (the announcer is there only to probe).
+    bool announce = true;
   };
 
   // Opens the AF_PACKET sockets and starts the thread. PERMISSION_DENIED,
@@ -51,37 +46,30 @@ class Announcer {
   static absl::StatusOr<std::unique_ptr<Announcer>> Create(Options options);
   // Stops the thread promptly: queued announcements are dropped and the
   // `done` of unfinished probes is never called.
-  ~Announcer();
+  ~Announcer() override;
   Announcer(const Announcer&) = delete;
   Announcer& operator=(const Announcer&) = delete;
 
   // Queues each announcement to be sent `count` times, the first at once,
   // then every `interval`. A newer Announce of the same (ifindex, address)
   // replaces the queued one and restarts its count. Announcements whose
-  // address is neither IPv4 nor IPv6 are ignored.
-  void Announce(std::vector<Announcement> announcements);
+  // address is neither IPv4 nor IPv6 are ignored; all of them when the
+  // options say not to announce.
+  void Announce(std::vector<Announcement> announcements) override;
 
-  struct Probe {
-    int ifindex = 0;
-    std::string interface;  // for logs
-    MacAddress mac;         // the link's MAC
-    std::vector<IpAddress> addresses;
-  };
-  struct Conflict {
-    IpAddress address;
-    int ifindex = 0;
-    std::string interface;
-    MacAddress answered_by;
-  };
+  // ProbeAddresses with the options' dad_timeout.
+  void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
+             ProbeDone done) override;
+
   // Sends a duplicate-address probe (ARP probe for IPv4, DAD Neighbour
   // Solicitation for IPv6) for each address on each link, at once and again
   // at timeout/2, listens on those links until `timeout`, then calls `done`
   // on the announcer's thread with one Conflict per (link, address) some
   // other machine answered for or probed for too (frames.h, ParseClaim).
   // `done` must not call back into the Announcer's destructor; it may call
-  // Announce and ProbeAddresses.
-  void ProbeAddresses(std::vector<Probe> probes, absl::Duration timeout,
-                      std::function<void(std::vector<Conflict>)> done);
+  // Announce and Probe.
+  void ProbeAddresses(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
+                      absl::Duration timeout, ProbeDone done);
 
   struct Stats {
     uint64_t announcements_sent = 0;  // GARP and NA frames sent
@@ -98,11 +86,12 @@ class Announcer {
     absl::Time next;
   };
   struct ProbeRun {
-    std::vector<Probe> probes;
+    std::vector<ProbeLink> links;
+    std::vector<IpAddress> addresses;
     absl::Time resend;
     absl::Time deadline;
     bool resent = false;
-    std::function<void(std::vector<Conflict>)> done;
+    ProbeDone done;
     std::vector<Conflict> conflicts;
   };
   struct Sockets {

@@ -12,6 +12,7 @@
 #include "vmnet/events/event_log.h"
 #include "vmnet/kernel/kernel.h"
 #include "vmnet/metrics/metrics.h"
+#include "vmnet/net/defaults.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/vm_spec.h"
 #include "vmnet/v1/vmnet.grpc.pb.h"
@@ -20,7 +21,7 @@ namespace vmnet {
 
 struct ServiceOptions {
   SpecRules rules;
-  uint8_t route_protocol = 237;
+  uint8_t route_protocol = kDefaultRouteProtocol;
   // Each Watch stream's queue: a watcher further behind is cut off with
   // RESOURCE_EXHAUSTED.
   size_t watch_queue = 4096;

@@ -8,6 +8,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "vmnet/kernel/objects.h"
+#include "vmnet/net/defaults.h"
 #include "vmnet/reconciler/kernel_model.h"
 #include "vmnet/state/vm_spec.h"
 #include "vmnet/vm/vm.h"
@@ -16,13 +17,13 @@ namespace vmnet {
 
 struct HostConfig {
   std::vector<std::string> uplinks;
-  IpAddress gateway = *IpAddress::Parse("169.255.30.1");
+  IpAddress gateway = *IpAddress::Parse(kDefaultGateway);
   // The VMs' IPv6 gateway: a link-local address on each VM link of a VM
   // with IPv6 addresses.
-  IpAddress gateway6 = *IpAddress::Parse("fe80::ffff:1:1");
+  IpAddress gateway6 = *IpAddress::Parse(kDefaultGateway6);
   // The rtm_protocol number that marks our routes, proxy entries,
   // neighbour entries and gateway addresses.
-  uint8_t protocol = 237;
+  uint8_t protocol = kDefaultRouteProtocol;
 };
 
 struct VmPlan {

@@ -35,6 +35,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
+#include "vmnet/announce/address_announcer.h"
 #include "vmnet/base/clock.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/kernel/kernel.h"
@@ -47,42 +48,6 @@
 #include "vmnet/vm/vm.h"
 
 namespace vmnet {
-
-// Announces addresses on the network and probes them for duplicates, beside
-// the kernel's tables. vmnetd wires a raw-socket announcer; tests record the
-// calls. Called on the reconciler thread; implementations must not block.
-class AddressAnnouncer {
- public:
-  struct Item {
-    int ifindex = 0;
-    std::string interface;
-    MacAddress mac;     // the link's MAC: the sender of the announcement
-    IpAddress address;  // gratuitous ARP (IPv4) or unsolicited NA (IPv6)
-    IpAddress source;   // IPv6: the NA's source (the link's link-local); kNone: `address`
-    bool router = false;  // IPv6: the NA's router flag (the VMs' gateway)
-    bool operator==(const Item&) const = default;
-  };
-  struct ProbeLink {
-    int ifindex = 0;
-    std::string interface;
-    MacAddress mac;
-  };
-  struct Conflict {
-    IpAddress address;
-    std::string interface;
-    MacAddress answered_by;
-  };
-  using ProbeDone = std::function<void(std::vector<Conflict>)>;
-
-  virtual ~AddressAnnouncer() = default;
-  // Sends each item a few times (the announcer's count and interval).
-  virtual void Announce(std::vector<Item> items) = 0;
-  // Asks on `links` whether another machine holds any of `addresses` (ARP
-  // probe, duplicate-address-detection NS); `done` runs later, on any
-  // thread, with the answers.
-  virtual void Probe(std::vector<ProbeLink> links, std::vector<IpAddress> addresses,
-                     ProbeDone done) = 0;
-};
 
 struct ReconcilerOptions {
   HostConfig host;

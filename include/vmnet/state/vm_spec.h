@@ -11,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "vmnet/net/address.h"
+#include "vmnet/net/defaults.h"
 
 namespace vmnet {
 
@@ -31,9 +32,9 @@ struct VmSpec {
 
 // The rules that do not depend on the host's current state.
 struct SpecRules {
-  std::regex interface_pattern{"vme[0-9a-f]{1,12}"};
-  IpAddress gateway = *IpAddress::Parse("169.255.30.1");
-  IpAddress gateway6 = *IpAddress::Parse("fe80::ffff:1:1");
+  std::regex interface_pattern{std::string(kDefaultInterfacePattern)};
+  IpAddress gateway = *IpAddress::Parse(kDefaultGateway);
+  IpAddress gateway6 = *IpAddress::Parse(kDefaultGateway6);
   size_t max_addresses = 64;
 };
 

@@ -1,4 +1,4 @@
-#include "memory.h"
+#include "vmnet/agent/memory.h"
 
 #include <malloc.h>
 #include <unistd.h>
