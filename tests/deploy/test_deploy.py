@@ -7,6 +7,7 @@
                         the numeric health port, node-critical priority, every taint tolerated
     deploy/systemd      the unit: Type=notify, the two capabilities, systemd-analyze verify
     Dockerfile          multi-stage, non-root user, file capabilities, vmnetd entrypoint
+    vmnetd --help       names its sources relative to the tree, no path of the build machine
 
 Fast (a second or two) and starts nothing. Tests that need a tool skip and say which package
 brings it: promtool (Debian `prometheus`), PyYAML (`python3-yaml`), systemd-analyze (`systemd`).
@@ -412,6 +413,34 @@ class DockerfileTest(unittest.TestCase):
         script = os.path.join(REPO, "scripts", "build-image.sh")
         self.assertTrue(os.access(script, os.X_OK))
         self.assertEqual(run_tool(["bash", "-n", script]).returncode, 0)
+
+
+class ReproducibleBuildTest(unittest.TestCase):
+    """The binaries name their sources relative to the tree (-ffile-prefix-map), never by a path
+    of the machine that built them."""
+
+    def test_help_names_main_cc_relative_to_the_tree(self):
+        if not os.access(VMNETD, os.X_OK):
+            self.skipTest(f"{VMNETD} is not built")
+        out = run_tool([VMNETD, "--help"])
+        text = out.stdout + out.stderr
+        self.assertIn("Flags from server/vmnetd/main.cc:", text)
+        self.assertNotIn(REPO, text)
+        self.assertNotRegex(text, r"Flags from (/|\.\./)", "a flag's file is not tree-relative")
+
+    def test_no_build_machine_path_in_the_binary(self):
+        if not os.access(VMNETD, os.X_OK):
+            self.skipTest(f"{VMNETD} is not built")
+        with open(VMNETD, "rb") as f:
+            data = f.read()
+        # The source tree that built it, wherever it was, and the build tree it lies in.
+        sources = re.search(rb"(?:/[\w.+-]+)+/server/vmnetd/main\.cc", data)
+        self.assertIsNone(sources, f"{VMNETD} names {sources and sources.group().decode()}")
+        build_dir = os.path.dirname(os.path.dirname(os.path.realpath(VMNETD)))
+        for path in {REPO, build_dir}:
+            with self.subTest(path=path):
+                self.assertFalse(path.encode() in data,
+                                 f"{VMNETD} (debug info included) names {path}")
 
 
 if __name__ == "__main__":
