@@ -204,6 +204,28 @@ class Client {
     }
   }
 
+  // Calls a List RPC of the stub (`call`) page by page, 1000 items a page, until the last
+  // page, each call with its own deadline; `on_page` gets every response in order.
+  // Returns the status of the first call that fails, or OK.
+  template <typename Request, typename Response, typename OnPage>
+  grpc::Status ForEachPage(grpc::Status (vmnet::v1::VmNetwork::Stub::*call)(
+                               grpc::ClientContext*, const Request&, Response*),
+                           Request request, OnPage on_page) {
+    std::string token;
+    do {
+      request.set_page_size(1000);
+      request.set_page_token(token);
+      Response response;
+      grpc::ClientContext context;
+      Prepare(&context);
+      grpc::Status status = ((*stub_).*call)(&context, request, &response);
+      if (!status.ok()) return status;
+      on_page(response);
+      token = response.next_page_token();
+    } while (!token.empty());
+    return grpc::Status::OK;
+  }
+
   int Attach() {
     if (auto e = CheckOptions(args_, {"interface", "ip", "mac", "validate-only"});
         !e.empty()) {
@@ -304,18 +326,10 @@ class Client {
         return Usage("--state: give pending, programmed or failed");
       }
     }
-    std::string token;
+    vmnet::v1::ListVmsRequest request;
+    request.set_state(state);
     bool first_page = true;
-    do {
-      vmnet::v1::ListVmsRequest request;
-      request.set_state(state);
-      request.set_page_size(1000);
-      request.set_page_token(token);
-      vmnet::v1::ListVmsResponse response;
-      grpc::ClientContext context;
-      Prepare(&context);
-      grpc::Status status = stub_->ListVms(&context, request, &response);
-      if (!status.ok()) return ServerError(status);
+    auto print_page = [&](const vmnet::v1::ListVmsResponse& response) {
       if (first_page && args_.output == "text") PrintVmHeader();
       first_page = false;
       for (const auto& vm : response.vms()) {
@@ -325,9 +339,10 @@ class Client {
           PrintVm(vm);
         }
       }
-      token = response.next_page_token();
-    } while (!token.empty());
-    return kExitOk;
+    };
+    grpc::Status status =
+        ForEachPage(&vmnet::v1::VmNetwork::Stub::ListVms, request, print_page);
+    return status.ok() ? kExitOk : ServerError(status);
   }
 
   int Arp() {
@@ -336,22 +351,17 @@ class Client {
     std::vector<vmnet::v1::ArpEntry> entries;
     auto family = FamilyOption(args_);
     if (!family) return Usage("arp: --family: give ipv4, ipv6 or all");
-    std::string token;
-    do {
-      vmnet::v1::ListArpRequest request;
-      request.set_interface(Option(args_, "interface"));
-      request.set_vm_id(Option(args_, "vm"));
-      request.set_family(*family);
-      request.set_page_size(1000);
-      request.set_page_token(token);
-      vmnet::v1::ListArpResponse response;
-      grpc::ClientContext context;
-      Prepare(&context);
-      grpc::Status status = stub_->ListArp(&context, request, &response);
-      if (!status.ok()) return ServerError(status);
-      entries.insert(entries.end(), response.entries().begin(), response.entries().end());
-      token = response.next_page_token();
-    } while (!token.empty());
+    vmnet::v1::ListArpRequest request;
+    request.set_interface(Option(args_, "interface"));
+    request.set_vm_id(Option(args_, "vm"));
+    request.set_family(*family);
+    grpc::Status status =
+        ForEachPage(&vmnet::v1::VmNetwork::Stub::ListArp, request,
+                    [&](const vmnet::v1::ListArpResponse& response) {
+                      entries.insert(entries.end(), response.entries().begin(),
+                                     response.entries().end());
+                    });
+    if (!status.ok()) return ServerError(status);
     if (args_.output == "json") {
       for (const auto& e : entries) std::cout << Json(e) << "\n";
       return kExitOk;
@@ -387,45 +397,38 @@ class Client {
       return Usage(e);
     auto family = FamilyOption(args_);
     if (!family) return Usage("routes: --family: give ipv4, ipv6 or all");
-    std::string token;
-    do {
-      vmnet::v1::ListRoutesRequest request;
-      request.set_interface(Option(args_, "interface"));
-      request.set_vm_id(Option(args_, "vm"));
-      request.set_family(*family);
-      request.set_page_size(1000);
-      request.set_page_token(token);
-      vmnet::v1::ListRoutesResponse response;
-      grpc::ClientContext context;
-      Prepare(&context);
-      grpc::Status status = stub_->ListRoutes(&context, request, &response);
-      if (!status.ok()) return ServerError(status);
-      for (const auto& r : response.routes()) {
-        if (args_.output == "json") {
-          std::cout << Json(r) << "\n";
-          continue;
-        }
-        // Laid out as `ip route` prints the main table.
-        std::string line = r.destination();
-        if (absl::EndsWith(line, "/32") && line.find(':') == std::string::npos) {
-          line.resize(line.size() - 3);
-        } else if (absl::EndsWith(line, "/128")) {
-          line.resize(line.size() - 4);
-        }
-        if (line == "0.0.0.0/0" || line == "::/0") line = "default";
-        if (r.type() != "unicast") line = absl::StrCat(r.type(), " ", line);
-        if (!r.gateway().empty()) absl::StrAppend(&line, " via ", r.gateway());
-        if (!r.interface().empty()) absl::StrAppend(&line, " dev ", r.interface());
-        if (r.protocol() != "boot") absl::StrAppend(&line, " proto ", r.protocol());
-        if (r.scope() != "global") absl::StrAppend(&line, " scope ", r.scope());
-        if (!r.source().empty()) absl::StrAppend(&line, " src ", r.source());
-        if (r.metric() != 0) absl::StrAppend(&line, " metric ", r.metric());
-        if (!r.vm_id().empty()) absl::StrAppend(&line, "  # vm ", r.vm_id());
-        std::cout << line << "\n";
-      }
-      token = response.next_page_token();
-    } while (!token.empty());
-    return kExitOk;
+    vmnet::v1::ListRoutesRequest request;
+    request.set_interface(Option(args_, "interface"));
+    request.set_vm_id(Option(args_, "vm"));
+    request.set_family(*family);
+    grpc::Status status = ForEachPage(
+        &vmnet::v1::VmNetwork::Stub::ListRoutes, request,
+        [&](const vmnet::v1::ListRoutesResponse& response) {
+          for (const auto& r : response.routes()) {
+            if (args_.output == "json") {
+              std::cout << Json(r) << "\n";
+              continue;
+            }
+            // Laid out as `ip route` prints the main table.
+            std::string line = r.destination();
+            if (absl::EndsWith(line, "/32") && line.find(':') == std::string::npos) {
+              line.resize(line.size() - 3);
+            } else if (absl::EndsWith(line, "/128")) {
+              line.resize(line.size() - 4);
+            }
+            if (line == "0.0.0.0/0" || line == "::/0") line = "default";
+            if (r.type() != "unicast") line = absl::StrCat(r.type(), " ", line);
+            if (!r.gateway().empty()) absl::StrAppend(&line, " via ", r.gateway());
+            if (!r.interface().empty()) absl::StrAppend(&line, " dev ", r.interface());
+            if (r.protocol() != "boot") absl::StrAppend(&line, " proto ", r.protocol());
+            if (r.scope() != "global") absl::StrAppend(&line, " scope ", r.scope());
+            if (!r.source().empty()) absl::StrAppend(&line, " src ", r.source());
+            if (r.metric() != 0) absl::StrAppend(&line, " metric ", r.metric());
+            if (!r.vm_id().empty()) absl::StrAppend(&line, "  # vm ", r.vm_id());
+            std::cout << line << "\n";
+          }
+        });
+    return status.ok() ? kExitOk : ServerError(status);
   }
 
   int Watch() {
