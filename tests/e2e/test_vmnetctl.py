@@ -157,6 +157,8 @@ class VmnetctlTest(LabTestCase):
         self.assertEqual(out.returncode, 0)
         for command in ("attach", "detach", "get", "list", "arp", "routes", "watch", "health"):
             self.assertIn(f"  {command}", out.stdout)
+        for flag in ("--ca=PEM", "--cert=PEM", "--key=PEM", "--plaintext"):
+            self.assertIn(f"  {flag}", out.stdout)
 
 
 if __name__ == "__main__":
