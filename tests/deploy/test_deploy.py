@@ -6,7 +6,9 @@
     deploy/kubernetes   the DaemonSet: host network, NET_ADMIN and NET_RAW only, gRPC probes on
                         the numeric health port, node-critical priority, every taint tolerated
     deploy/systemd      the unit: Type=notify, the two capabilities, systemd-analyze verify
-    Dockerfile          multi-stage, non-root user, file capabilities, vmnetd entrypoint
+    Dockerfile          multi-stage, non-root user, file capabilities, vmnetd entrypoint, the
+                        build packages of scripts/install-deps.sh (test_dockerfile_build.py
+                        builds its build stage)
     vmnetd --help       names its sources relative to the tree, no path of the build machine
 
 Fast (a second or two) and starts nothing. Tests that need a tool skip and say which package
@@ -408,6 +410,24 @@ class DockerfileTest(unittest.TestCase):
         self.assertRegex(runtime, r"(?m)^USER vmnetd")
         self.assertRegex(runtime, r'(?m)^ENTRYPOINT \["/usr/sbin/vmnetd"\]$')
         self.assertNotRegex(runtime, r"\b(g\+\+|cmake|ninja-build|-dev)\b")
+
+    def test_build_packages_are_install_deps_build_packages(self):
+        """The build stage installs what scripts/install-deps.sh lists under "# build"."""
+        script = read(os.path.join(REPO, "scripts", "install-deps.sh"))
+        block = re.search(r"packages=\(\s*# build\n(.*?)\n\s*#", script, re.S)
+        self.assertTrue(block, "install-deps.sh has no '# build' group")
+        wanted = set(block.group(1).split())
+        build = self.text.split(" AS build", 1)[1].split("\nFROM ", 1)[0]
+        install = re.search(r"apt-get install -y --no-install-recommends\s*\\\n(.*?)\n \&\&",
+                            build, re.S)
+        self.assertTrue(install, "the build stage has no apt-get install")
+        packages = set(install.group(1).replace("\\", " ").split())
+        self.assertEqual(packages - {"libcap2-bin"}, wanted)
+
+    def test_build_stage_builds_only_the_image_targets(self):
+        self.assertRegex(self.text, r"-DVMNET_BUILD_TESTS=OFF")
+        self.assertRegex(self.text, r"-DVMNET_BUILD_BENCH=OFF")
+        self.assertRegex(self.text, r"--target vmnetd vmnetctl\b")
 
     def test_build_image_script_is_executable(self):
         script = os.path.join(REPO, "scripts", "build-image.sh")
