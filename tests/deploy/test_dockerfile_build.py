@@ -225,7 +225,8 @@ class DockerfileBuildTest(unittest.TestCase):
                              capture_output=True, text=True, timeout=CONFIGURE_TIMEOUT)
         self.assertEqual(out.returncode, 0,
                          f"the Dockerfile's configure fails on what it copies "
-                         f"({' '.join(stage.configure)}):\n{out.stdout[-3000:]}{out.stderr[-6000:]}")
+                         f"({' '.join(stage.configure)}):\n"
+                         f"{out.stdout[-3000:]}{out.stderr[-6000:]}")
         out = subprocess.run(build, cwd=in_root(root, stage.workdir, "."), env=env,
                              capture_output=True, text=True, timeout=BUILD_TIMEOUT)
         self.assertEqual(out.returncode, 0,
