@@ -203,8 +203,7 @@ std::string ReadPem(const std::string& flag, const std::string& path, std::strin
   return "";
 }
 
-// True for a host:port (or gRPC's dns:, ipv4:, ipv6: targets) on this machine's
-// loopback.
+// True for a host:port (or gRPC's dns:, ipv4:, ipv6: targets) on this machine's loopback.
 bool IsLoopbackTarget(std::string target) {
   for (const char* scheme : {"dns:///", "dns:", "ipv4:", "ipv6:"}) {
     if (absl::StartsWith(target, scheme)) {
@@ -228,8 +227,8 @@ bool IsLoopbackTarget(std::string target) {
 // How vmnetctl talks to args.server.
 struct Transport {
   std::shared_ptr<grpc::ChannelCredentials> credentials;
-  // Added to "cannot reach the server": gRPC reports a refused TLS handshake
-  // only as a connection that failed or closed.
+  // Added to "cannot reach the server": gRPC reports a refused TLS handshake only as a
+  // connection that failed or closed.
   std::string unreachable_hint;
 };
 
@@ -244,12 +243,10 @@ std::string MakeTransport(const Args& args, Transport* out) {
   bool unix_socket = absl::StartsWith(args.server, "unix:") ||
                      absl::StartsWith(args.server, "unix-abstract:");
   if (tls_flags && args.plaintext) {
-    return "--plaintext contradicts --ca, --cert and --key: give one or the "
-           "other";
+    return "--plaintext contradicts --ca, --cert and --key: give one or the other";
   }
   if (tls_flags && unix_socket) {
-    return "--ca, --cert and --key are for host:port servers; unix:// sockets "
-           "are "
+    return "--ca, --cert and --key are for host:port servers; unix:// sockets are "
            "plaintext";
   }
   if (args.plaintext || unix_socket || (!tls_flags && IsLoopbackTarget(args.server))) {
@@ -261,20 +258,17 @@ std::string MakeTransport(const Args& args, Transport* out) {
     if (auto e = ReadPem("ca", args.ca, &options.pem_root_certs); !e.empty()) return e;
   }
   if (!args.cert.empty()) {
-    if (auto e = ReadPem("cert", args.cert, &options.pem_cert_chain); !e.empty())
-      return e;
-    if (auto e = ReadPem("key", args.key, &options.pem_private_key); !e.empty()) return e;
+    std::string e = ReadPem("cert", args.cert, &options.pem_cert_chain);
+    if (e.empty()) e = ReadPem("key", args.key, &options.pem_private_key);
+    if (!e.empty()) return e;
   }
   out->credentials = grpc::SslCredentials(options);
   out->unreachable_hint =
       args.cert.empty()
-          ? "TLS without a client certificate: vmnetd's TLS listeners require "
-            "one "
+          ? "TLS without a client certificate: vmnetd's TLS listeners require one "
             "(--cert, --key)"
-          : "TLS: if the server is up, it refused the handshake: is --cert "
-            "issued by a "
-            "CA "
-            "of its --tls-client-ca, and does --ca verify its certificate?";
+          : "TLS: if the server is up, it refused the handshake: is --cert issued "
+            "by a CA of its --tls-client-ca, and does --ca verify its certificate?";
   return "";
 }
 
@@ -334,9 +328,9 @@ class Client {
     }
   }
 
-  // Calls a List RPC of the stub (`call`) page by page, 1000 items a page,
-  // until the last page, each call with its own deadline; `on_page` gets every
-  // response in order. Returns the status of the first call that fails, or OK.
+  // Calls a List RPC of the stub (`call`) page by page, 1000 items a page, until the last
+  // page, each call with its own deadline; `on_page` gets every response in order.
+  // Returns the status of the first call that fails, or OK.
   template <typename Request, typename Response, typename OnPage>
   grpc::Status ForEachPage(grpc::Status (vmnet::v1::VmNetwork::Stub::*call)(
                                grpc::ClientContext*, const Request&, Response*),
