@@ -22,28 +22,29 @@ ARG BASE_IMAGE=debian:bookworm
 
 FROM ${BASE_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive
-# The "build" packages of scripts/install-deps.sh (keep the two in step), plus what the tests/
-# CMake directory needs at configure time (GoogleTest, Google Benchmark, python3) because the
-# project always configures it, and libcap2-bin for setcap.
+# The "build" packages of scripts/install-deps.sh (keep the two in step; tests/deploy checks it),
+# and libcap2-bin for setcap. Tests and benchmarks are not configured here
+# (VMNET_BUILD_TESTS=OFF, VMNET_BUILD_BENCH=OFF), so their packages are not needed.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       cmake ninja-build g++ pkg-config \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto \
       libabsl-dev libnl-3-dev libnl-route-3-dev prometheus-cpp-dev libsystemd-dev \
-      libgtest-dev libgmock-dev libbenchmark-dev python3 \
       libcap2-bin \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-# Only the sources: the work tree's build directories never reach the image.
+# Only the sources the two binaries are built from: the work tree's build directories, tests/
+# and bench/ never reach the image. The suite's deploy.dockerfile_build configures and builds
+# from exactly these paths, with the flags below.
 COPY CMakeLists.txt ./
 COPY proto/ proto/
 COPY include/ include/
 COPY server/ server/
 COPY client/ client/
-COPY tests/ tests/
 
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DVMNET_BUILD_TESTS=OFF -DVMNET_BUILD_BENCH=OFF \
  && cmake --build /build --target vmnetd vmnetctl -j "$(nproc)" \
  && install -D -s -m 0755 /build/server/vmnetd /out/usr/sbin/vmnetd \
  && install -D -s -m 0755 /build/client/vmnetctl /out/usr/bin/vmnetctl \

@@ -1,9 +1,20 @@
 // vmnetctl: the operator's command line for vmnetd.
 //
-//   vmnetctl [--server=ADDR] [--output=text|json] COMMAND [ARGS]
+//   vmnetctl [--server=ADDR] [--ca=PEM --cert=PEM --key=PEM]
+//   [--output=text|json] COMMAND [ARGS]
+//
+// unix:// and loopback servers are spoken to in plaintext; any other host:port
+// with TLS, and vmnetd's remote listeners require a client certificate (--cert
+// and --key).
 //
 // Exit codes: 0 success, 2 usage error, 3 the server answered with an error
 // (the gRPC code is printed), 4 the server could not be reached.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -31,7 +42,8 @@ constexpr int kExitUnreachable = 4;
 constexpr char kUsage[] =
     R"(vmnetctl: talk to vmnetd, the host-routed VM network agent.
 
-Usage: vmnetctl [--server=ADDR] [--output=text|json] [--timeout=SECONDS] COMMAND [ARGS]
+Usage: vmnetctl [--server=ADDR] [--ca=PEM] [--cert=PEM --key=PEM] [--output=text|json]
+                [--timeout=SECONDS] COMMAND [ARGS]
 
 Commands:
   attach VM_ID --interface IF --ip ADDR [--ip ADDR ...] [--mac MAC] [--validate-only]
@@ -52,18 +64,29 @@ Commands:
   health           The agent's health (SERVING once its first sync is done).
 
 Options:
-  --server=ADDR    unix:///path or host:port (default unix:///run/vmnetd/vmnetd.sock)
+  --server=ADDR    unix:///path or host:port (default unix:///run/vmnetd/vmnetd.sock).
+                   unix:// and loopback addresses speak plaintext; any other
+                   host:port speaks TLS, and vmnetd's remote listeners require a
+                   client certificate (--cert, --key).
+  --ca=PEM         CA certificates that verify the server's certificate
+                   (default: the system's trusted CAs). Implies TLS.
+  --cert=PEM       this client's certificate (chain); give --key too. Implies TLS.
+  --key=PEM        the private key of --cert.
+  --plaintext      no TLS, even to a non-loopback host:port (a vmnetd run with
+                   --insecure).
   --output=FORMAT  text (default) or json, for scripts
   --timeout=S      deadline of each call in seconds (default 30; watch has none)
 
 Exit codes: 0 success, 2 usage error, 3 server error (the gRPC code is printed),
-4 server unreachable.
+4 server unreachable (including a refused TLS handshake; the reason is printed).
 )";
 
 struct Args {
   std::string server = "unix:///run/vmnetd/vmnetd.sock";
   std::string output = "text";
   int timeout_s = 30;
+  std::string ca, cert, key;  // PEM file names; any of them means TLS
+  bool plaintext = false;
   std::string command;
   std::vector<std::string> positional;
   std::multimap<std::string, std::string> options;  // --name value
@@ -77,7 +100,7 @@ int Usage(const std::string& error) {
 
 bool IsSwitch(const std::string& name) {
   return name == "validate-only" || name == "allow-missing" || name == "snapshot" ||
-         name == "help";
+         name == "help" || name == "plaintext";
 }
 
 // Returns an error message, or "" when the arguments parse.
@@ -110,6 +133,11 @@ std::string Parse(int argc, char** argv, Args* args) {
       if (!absl::SimpleAtoi(value, &args->timeout_s) || args->timeout_s <= 0) {
         return "--timeout: give a positive number of seconds";
       }
+    } else if (name == "ca" || name == "cert" || name == "key") {
+      if (value.empty()) return absl::StrCat("--", name, ": give a PEM file");
+      (name == "ca" ? args->ca : name == "cert" ? args->cert : args->key) = value;
+    } else if (name == "plaintext") {
+      args->plaintext = true;
     } else if (IsSwitch(name)) {
       args->switches.push_back(name);
     } else {
@@ -154,11 +182,102 @@ std::string CheckOptions(const Args& args, const std::vector<std::string>& allow
   return "";
 }
 
-int ServerError(const grpc::Status& status) {
+// The contents of a PEM file, or an error message naming the flag and the file.
+std::string ReadPem(const std::string& flag, const std::string& path, std::string* pem) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::StrCat("--", flag, ": cannot read ", path, ": ", std::strerror(errno));
+  }
+  pem->clear();
+  char buffer[4096];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) pem->append(buffer, n);
+  int error = errno;
+  close(fd);
+  if (n < 0) {
+    return absl::StrCat("--", flag, ": cannot read ", path, ": ", std::strerror(error));
+  }
+  if (!absl::StrContains(*pem, "-----BEGIN ")) {
+    return absl::StrCat("--", flag, ": ", path, " is not a PEM file");
+  }
+  return "";
+}
+
+// True for a host:port (or gRPC's dns:, ipv4:, ipv6: targets) on this machine's loopback.
+bool IsLoopbackTarget(std::string target) {
+  for (const char* scheme : {"dns:///", "dns:", "ipv4:", "ipv6:"}) {
+    if (absl::StartsWith(target, scheme)) {
+      target = target.substr(std::strlen(scheme));
+      break;
+    }
+  }
+  std::string host = target;
+  if (absl::StartsWith(target, "[")) {
+    host = target.substr(1, target.find(']') - 1);
+  } else if (size_t colon = target.rfind(':'); colon != std::string::npos) {
+    host = target.substr(0, colon);
+  }
+  if (host == "localhost") return true;
+  in_addr v4;
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6;
+  return inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
+// How vmnetctl talks to args.server.
+struct Transport {
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Added to "cannot reach the server": gRPC reports a refused TLS handshake only as a
+  // connection that failed or closed.
+  std::string unreachable_hint;
+};
+
+// The transport to args.server, or an error message (a usage error).
+std::string MakeTransport(const Args& args, Transport* out) {
+  bool tls_flags = !args.ca.empty() || !args.cert.empty() || !args.key.empty();
+  if (args.cert.empty() != args.key.empty()) {
+    return args.cert.empty()
+               ? "--key needs --cert: give the client certificate too"
+               : "--cert needs --key: give the certificate's private key too";
+  }
+  bool unix_socket = absl::StartsWith(args.server, "unix:") ||
+                     absl::StartsWith(args.server, "unix-abstract:");
+  if (tls_flags && args.plaintext) {
+    return "--plaintext contradicts --ca, --cert and --key: give one or the other";
+  }
+  if (tls_flags && unix_socket) {
+    return "--ca, --cert and --key are for host:port servers; unix:// sockets are "
+           "plaintext";
+  }
+  if (args.plaintext || unix_socket || (!tls_flags && IsLoopbackTarget(args.server))) {
+    out->credentials = grpc::InsecureChannelCredentials();
+    return "";
+  }
+  grpc::SslCredentialsOptions options;
+  if (!args.ca.empty()) {
+    if (auto e = ReadPem("ca", args.ca, &options.pem_root_certs); !e.empty()) return e;
+  }
+  if (!args.cert.empty()) {
+    std::string e = ReadPem("cert", args.cert, &options.pem_cert_chain);
+    if (e.empty()) e = ReadPem("key", args.key, &options.pem_private_key);
+    if (!e.empty()) return e;
+  }
+  out->credentials = grpc::SslCredentials(options);
+  out->unreachable_hint =
+      args.cert.empty()
+          ? "TLS without a client certificate: vmnetd's TLS listeners require one "
+            "(--cert, --key)"
+          : "TLS: if the server is up, it refused the handshake: is --cert issued "
+            "by a CA of its --tls-client-ca, and does --ca verify its certificate?";
+  return "";
+}
+
+int ServerError(const grpc::Status& status, const std::string& unreachable_hint) {
   if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
       (absl::StrContains(status.error_message(), "connect") ||
        absl::StrContains(status.error_message(), "No such file"))) {
     std::cerr << "vmnetctl: cannot reach the server: " << status.error_message() << "\n";
+    if (!unreachable_hint.empty()) std::cerr << "vmnetctl: " << unreachable_hint << "\n";
     return kExitUnreachable;
   }
   // gRPC's status codes have absl's numbers and names.
@@ -192,16 +311,43 @@ std::string StateName(vmnet::v1::VmState state) {
 
 class Client {
  public:
-  explicit Client(const Args& args)
+  Client(const Args& args, const Transport& transport)
       : args_(args),
-        channel_(grpc::CreateChannel(args.server, grpc::InsecureChannelCredentials())),
+        unreachable_hint_(transport.unreachable_hint),
+        channel_(grpc::CreateChannel(args.server, transport.credentials)),
         stub_(vmnet::v1::VmNetwork::NewStub(channel_)) {}
+
+  int Error(const grpc::Status& status) const {
+    return ServerError(status, unreachable_hint_);
+  }
 
   void Prepare(grpc::ClientContext* context, bool deadline = true) const {
     if (deadline) {
       context->set_deadline(std::chrono::system_clock::now() +
                             std::chrono::seconds(args_.timeout_s));
     }
+  }
+
+  // Calls a List RPC of the stub (`call`) page by page, 1000 items a page, until the last
+  // page, each call with its own deadline; `on_page` gets every response in order.
+  // Returns the status of the first call that fails, or OK.
+  template <typename Request, typename Response, typename OnPage>
+  grpc::Status ForEachPage(grpc::Status (vmnet::v1::VmNetwork::Stub::*call)(
+                               grpc::ClientContext*, const Request&, Response*),
+                           Request request, OnPage on_page) {
+    std::string token;
+    do {
+      request.set_page_size(1000);
+      request.set_page_token(token);
+      Response response;
+      grpc::ClientContext context;
+      Prepare(&context);
+      grpc::Status status = ((*stub_).*call)(&context, request, &response);
+      if (!status.ok()) return status;
+      on_page(response);
+      token = response.next_page_token();
+    } while (!token.empty());
+    return grpc::Status::OK;
   }
 
   int Attach() {
@@ -221,7 +367,7 @@ class Client {
     grpc::ClientContext context;
     Prepare(&context);
     grpc::Status status = stub_->AttachVm(&context, request, &response);
-    if (!status.ok()) return ServerError(status);
+    if (!status.ok()) return Error(status);
     if (args_.output == "json") {
       std::cout << Json(response) << "\n";
     } else {
@@ -245,7 +391,7 @@ class Client {
     grpc::ClientContext context;
     Prepare(&context);
     grpc::Status status = stub_->DetachVm(&context, request, &response);
-    if (!status.ok()) return ServerError(status);
+    if (!status.ok()) return Error(status);
     if (args_.output == "json") {
       std::cout << "{}\n";
     } else {
@@ -273,7 +419,7 @@ class Client {
     grpc::ClientContext context;
     Prepare(&context);
     grpc::Status status = stub_->GetVm(&context, request, &response);
-    if (!status.ok()) return ServerError(status);
+    if (!status.ok()) return Error(status);
     if (args_.output == "json") {
       std::cout << Json(response.vm()) << "\n";
       return kExitOk;
@@ -304,18 +450,10 @@ class Client {
         return Usage("--state: give pending, programmed or failed");
       }
     }
-    std::string token;
+    vmnet::v1::ListVmsRequest request;
+    request.set_state(state);
     bool first_page = true;
-    do {
-      vmnet::v1::ListVmsRequest request;
-      request.set_state(state);
-      request.set_page_size(1000);
-      request.set_page_token(token);
-      vmnet::v1::ListVmsResponse response;
-      grpc::ClientContext context;
-      Prepare(&context);
-      grpc::Status status = stub_->ListVms(&context, request, &response);
-      if (!status.ok()) return ServerError(status);
+    auto print_page = [&](const vmnet::v1::ListVmsResponse& response) {
       if (first_page && args_.output == "text") PrintVmHeader();
       first_page = false;
       for (const auto& vm : response.vms()) {
@@ -325,9 +463,10 @@ class Client {
           PrintVm(vm);
         }
       }
-      token = response.next_page_token();
-    } while (!token.empty());
-    return kExitOk;
+    };
+    grpc::Status status =
+        ForEachPage(&vmnet::v1::VmNetwork::Stub::ListVms, request, print_page);
+    return status.ok() ? kExitOk : Error(status);
   }
 
   int Arp() {
@@ -336,22 +475,17 @@ class Client {
     std::vector<vmnet::v1::ArpEntry> entries;
     auto family = FamilyOption(args_);
     if (!family) return Usage("arp: --family: give ipv4, ipv6 or all");
-    std::string token;
-    do {
-      vmnet::v1::ListArpRequest request;
-      request.set_interface(Option(args_, "interface"));
-      request.set_vm_id(Option(args_, "vm"));
-      request.set_family(*family);
-      request.set_page_size(1000);
-      request.set_page_token(token);
-      vmnet::v1::ListArpResponse response;
-      grpc::ClientContext context;
-      Prepare(&context);
-      grpc::Status status = stub_->ListArp(&context, request, &response);
-      if (!status.ok()) return ServerError(status);
-      entries.insert(entries.end(), response.entries().begin(), response.entries().end());
-      token = response.next_page_token();
-    } while (!token.empty());
+    vmnet::v1::ListArpRequest request;
+    request.set_interface(Option(args_, "interface"));
+    request.set_vm_id(Option(args_, "vm"));
+    request.set_family(*family);
+    grpc::Status status =
+        ForEachPage(&vmnet::v1::VmNetwork::Stub::ListArp, request,
+                    [&](const vmnet::v1::ListArpResponse& response) {
+                      entries.insert(entries.end(), response.entries().begin(),
+                                     response.entries().end());
+                    });
+    if (!status.ok()) return Error(status);
     if (args_.output == "json") {
       for (const auto& e : entries) std::cout << Json(e) << "\n";
       return kExitOk;
@@ -387,45 +521,38 @@ class Client {
       return Usage(e);
     auto family = FamilyOption(args_);
     if (!family) return Usage("routes: --family: give ipv4, ipv6 or all");
-    std::string token;
-    do {
-      vmnet::v1::ListRoutesRequest request;
-      request.set_interface(Option(args_, "interface"));
-      request.set_vm_id(Option(args_, "vm"));
-      request.set_family(*family);
-      request.set_page_size(1000);
-      request.set_page_token(token);
-      vmnet::v1::ListRoutesResponse response;
-      grpc::ClientContext context;
-      Prepare(&context);
-      grpc::Status status = stub_->ListRoutes(&context, request, &response);
-      if (!status.ok()) return ServerError(status);
-      for (const auto& r : response.routes()) {
-        if (args_.output == "json") {
-          std::cout << Json(r) << "\n";
-          continue;
-        }
-        // Laid out as `ip route` prints the main table.
-        std::string line = r.destination();
-        if (absl::EndsWith(line, "/32") && line.find(':') == std::string::npos) {
-          line.resize(line.size() - 3);
-        } else if (absl::EndsWith(line, "/128")) {
-          line.resize(line.size() - 4);
-        }
-        if (line == "0.0.0.0/0" || line == "::/0") line = "default";
-        if (r.type() != "unicast") line = absl::StrCat(r.type(), " ", line);
-        if (!r.gateway().empty()) absl::StrAppend(&line, " via ", r.gateway());
-        if (!r.interface().empty()) absl::StrAppend(&line, " dev ", r.interface());
-        if (r.protocol() != "boot") absl::StrAppend(&line, " proto ", r.protocol());
-        if (r.scope() != "global") absl::StrAppend(&line, " scope ", r.scope());
-        if (!r.source().empty()) absl::StrAppend(&line, " src ", r.source());
-        if (r.metric() != 0) absl::StrAppend(&line, " metric ", r.metric());
-        if (!r.vm_id().empty()) absl::StrAppend(&line, "  # vm ", r.vm_id());
-        std::cout << line << "\n";
-      }
-      token = response.next_page_token();
-    } while (!token.empty());
-    return kExitOk;
+    vmnet::v1::ListRoutesRequest request;
+    request.set_interface(Option(args_, "interface"));
+    request.set_vm_id(Option(args_, "vm"));
+    request.set_family(*family);
+    grpc::Status status = ForEachPage(
+        &vmnet::v1::VmNetwork::Stub::ListRoutes, request,
+        [&](const vmnet::v1::ListRoutesResponse& response) {
+          for (const auto& r : response.routes()) {
+            if (args_.output == "json") {
+              std::cout << Json(r) << "\n";
+              continue;
+            }
+            // Laid out as `ip route` prints the main table.
+            std::string line = r.destination();
+            if (absl::EndsWith(line, "/32") && line.find(':') == std::string::npos) {
+              line.resize(line.size() - 3);
+            } else if (absl::EndsWith(line, "/128")) {
+              line.resize(line.size() - 4);
+            }
+            if (line == "0.0.0.0/0" || line == "::/0") line = "default";
+            if (r.type() != "unicast") line = absl::StrCat(r.type(), " ", line);
+            if (!r.gateway().empty()) absl::StrAppend(&line, " via ", r.gateway());
+            if (!r.interface().empty()) absl::StrAppend(&line, " dev ", r.interface());
+            if (r.protocol() != "boot") absl::StrAppend(&line, " proto ", r.protocol());
+            if (r.scope() != "global") absl::StrAppend(&line, " scope ", r.scope());
+            if (!r.source().empty()) absl::StrAppend(&line, " src ", r.source());
+            if (r.metric() != 0) absl::StrAppend(&line, " metric ", r.metric());
+            if (!r.vm_id().empty()) absl::StrAppend(&line, "  # vm ", r.vm_id());
+            std::cout << line << "\n";
+          }
+        });
+    return status.ok() ? kExitOk : Error(status);
   }
 
   int Watch() {
@@ -460,7 +587,7 @@ class Client {
       std::cout << std::endl;
     }
     grpc::Status status = reader->Finish();
-    return status.ok() ? kExitOk : ServerError(status);
+    return status.ok() ? kExitOk : Error(status);
   }
 
   int Health() {
@@ -471,7 +598,7 @@ class Client {
     grpc::ClientContext context;
     Prepare(&context);
     grpc::Status status = stub->Check(&context, request, &response);
-    if (!status.ok()) return ServerError(status);
+    if (!status.ok()) return Error(status);
     if (args_.output == "json") {
       std::cout << Json(response) << "\n";
     } else {
@@ -486,6 +613,7 @@ class Client {
 
  private:
   const Args& args_;
+  std::string unreachable_hint_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<vmnet::v1::VmNetwork::Stub> stub_;
 };
@@ -500,7 +628,11 @@ int main(int argc, char** argv) {
     return kExitOk;
   }
   if (args.command.empty()) return Usage("give a command");
-  Client client(args);
+  Transport transport;
+  if (std::string error = MakeTransport(args, &transport); !error.empty()) {
+    return Usage(error);
+  }
+  Client client(args, transport);
   if (args.command == "attach") return client.Attach();
   if (args.command == "detach") return client.Detach();
   if (args.command == "get") return client.Get();

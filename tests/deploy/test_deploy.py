@@ -6,7 +6,10 @@
     deploy/kubernetes   the DaemonSet: host network, NET_ADMIN and NET_RAW only, gRPC probes on
                         the numeric health port, node-critical priority, every taint tolerated
     deploy/systemd      the unit: Type=notify, the two capabilities, systemd-analyze verify
-    Dockerfile          multi-stage, non-root user, file capabilities, vmnetd entrypoint
+    Dockerfile          multi-stage, non-root user, file capabilities, vmnetd entrypoint, the
+                        build packages of scripts/install-deps.sh (test_dockerfile_build.py
+                        builds its build stage)
+    vmnetd --help       names its sources relative to the tree, no path of the build machine
 
 Fast (a second or two) and starts nothing. Tests that need a tool skip and say which package
 brings it: promtool (Debian `prometheus`), PyYAML (`python3-yaml`), systemd-analyze (`systemd`).
@@ -408,10 +411,56 @@ class DockerfileTest(unittest.TestCase):
         self.assertRegex(runtime, r'(?m)^ENTRYPOINT \["/usr/sbin/vmnetd"\]$')
         self.assertNotRegex(runtime, r"\b(g\+\+|cmake|ninja-build|-dev)\b")
 
+    def test_build_packages_are_install_deps_build_packages(self):
+        """The build stage installs what scripts/install-deps.sh lists under "# build"."""
+        script = read(os.path.join(REPO, "scripts", "install-deps.sh"))
+        block = re.search(r"packages=\(\s*# build\n(.*?)\n\s*#", script, re.S)
+        self.assertTrue(block, "install-deps.sh has no '# build' group")
+        wanted = set(block.group(1).split())
+        build = self.text.split(" AS build", 1)[1].split("\nFROM ", 1)[0]
+        install = re.search(r"apt-get install -y --no-install-recommends\s*\\\n(.*?)\n \&\&",
+                            build, re.S)
+        self.assertTrue(install, "the build stage has no apt-get install")
+        packages = set(install.group(1).replace("\\", " ").split())
+        self.assertEqual(packages - {"libcap2-bin"}, wanted)
+
+    def test_build_stage_builds_only_the_image_targets(self):
+        self.assertRegex(self.text, r"-DVMNET_BUILD_TESTS=OFF")
+        self.assertRegex(self.text, r"-DVMNET_BUILD_BENCH=OFF")
+        self.assertRegex(self.text, r"--target vmnetd vmnetctl\b")
+
     def test_build_image_script_is_executable(self):
         script = os.path.join(REPO, "scripts", "build-image.sh")
         self.assertTrue(os.access(script, os.X_OK))
         self.assertEqual(run_tool(["bash", "-n", script]).returncode, 0)
+
+
+class ReproducibleBuildTest(unittest.TestCase):
+    """The binaries name their sources relative to the tree (-ffile-prefix-map), never by a path
+    of the machine that built them."""
+
+    def test_help_names_main_cc_relative_to_the_tree(self):
+        if not os.access(VMNETD, os.X_OK):
+            self.skipTest(f"{VMNETD} is not built")
+        out = run_tool([VMNETD, "--help"])
+        text = out.stdout + out.stderr
+        self.assertIn("Flags from server/vmnetd/main.cc:", text)
+        self.assertNotIn(REPO, text)
+        self.assertNotRegex(text, r"Flags from (/|\.\./)", "a flag's file is not tree-relative")
+
+    def test_no_build_machine_path_in_the_binary(self):
+        if not os.access(VMNETD, os.X_OK):
+            self.skipTest(f"{VMNETD} is not built")
+        with open(VMNETD, "rb") as f:
+            data = f.read()
+        # The source tree that built it, wherever it was, and the build tree it lies in.
+        sources = re.search(rb"(?:/[\w.+-]+)+/server/vmnetd/main\.cc", data)
+        self.assertIsNone(sources, f"{VMNETD} names {sources and sources.group().decode()}")
+        build_dir = os.path.dirname(os.path.dirname(os.path.realpath(VMNETD)))
+        for path in {REPO, build_dir}:
+            with self.subTest(path=path):
+                self.assertFalse(path.encode() in data,
+                                 f"{VMNETD} (debug info included) names {path}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lab  # noqa: E402
 
+VMNETCTL = os.environ.get("VMNETCTL") or os.path.join(lab.REPO, "build", "client", "vmnetctl")
+EXIT_OK, EXIT_USAGE, EXIT_SERVER_ERROR, EXIT_UNREACHABLE = 0, 2, 3, 4
 PORT = 7443
 ADDRESS = f"{lab.HOST_ADDRESS}:{PORT}"
 CONTROL_PLANE = "spiffe://cloud.example/control-plane"
@@ -167,11 +169,105 @@ class TlsTest(unittest.TestCase):
         self.assertEqual(self.call("control-plane")["code"], "OK")
 
     def test_local_socket_stays_plaintext_and_trusted(self):
-        out = subprocess.run([os.environ.get("VMNETCTL") or os.path.join(
-            lab.REPO, "build", "client", "vmnetctl"),
-            f"--server={self.lab.daemon.target}", "routes"],
-            capture_output=True, text=True, timeout=20)
+        out = subprocess.run([VMNETCTL, f"--server={self.lab.daemon.target}", "routes"],
+                             capture_output=True, text=True, timeout=20)
         self.assertEqual(out.returncode, 0, out.stderr)
+
+    # vmnetctl, the real binary, from X's namespace against the host's mTLS listener.
+
+    def require_vmnetctl(self):
+        if not os.access(VMNETCTL, os.X_OK):
+            self.skipTest(f"vmnetctl not built at {VMNETCTL}")
+
+    def ctl(self, *args, client="control-plane", ca=True):
+        """vmnetctl run in X's namespace with `client`'s certificate (None: without one)."""
+        self.require_vmnetctl()
+        flags = [f"--server={ADDRESS}", "--timeout=10"]
+        if ca:
+            flags.append(f"--ca={self.pki.ca_cert}")
+        if client:
+            cert, key = self.clients[client]
+            flags += [f"--cert={cert}", f"--key={key}"]
+        out = self.lab.run(self.lab.x, VMNETCTL, *flags, *args, check=False, timeout=30)
+        return out.returncode, out.stdout, out.stderr
+
+    def test_vmnetctl_with_a_client_certificate_attaches_lists_and_gets(self):
+        # An interface that does not exist: the VM stays pending and touches nothing.
+        code, out, err = self.ctl("attach", "vm-tls", "--interface", "vme99",
+                                  "--ip", "198.51.100.250")
+        self.addCleanup(self.ctl, "detach", "vm-tls", "--allow-missing")
+        self.assertEqual(code, EXIT_OK, err)
+        self.assertIn("vm-tls pending", out)
+        code, out, err = self.ctl("list")
+        self.assertEqual(code, EXIT_OK, err)
+        rows = [line.split() for line in out.splitlines()]
+        self.assertEqual(rows[0][:2], ["VM", "STATE"])
+        self.assertIn(["vm-tls", "pending", "vme99", "198.51.100.250"], [r[:4] for r in rows])
+        code, out, err = self.ctl("get", "vm-tls")
+        self.assertEqual(code, EXIT_OK, err)
+        self.assertIn("state:       pending", out)
+        self.assertIn("addresses:   198.51.100.250", out)
+        # The reader may list, but not mutate.
+        code, out, err = self.ctl("--output=json", "list", client="reader")
+        self.assertEqual(code, EXIT_OK, err)
+        self.assertIn("vm-tls", [json.loads(line)["vm_id"] for line in out.splitlines()])
+
+    def test_vmnetctl_without_a_client_certificate_cannot_reach(self):
+        code, out, err = self.ctl("list", client=None)
+        self.assertEqual(code, EXIT_UNREACHABLE, out + err)
+        self.assertIn("cannot reach the server", err)
+        self.assertIn("TLS without a client certificate", err, "the likely reason is printed")
+        self.assertNotIn("VM", out, "nothing was listed")
+        # Nor with no TLS flags at all: a non-loopback host:port speaks TLS, and the system's
+        # CAs do not know the test's CA.
+        code, out, err = self.ctl("list", client=None, ca=False)
+        self.assertEqual(code, EXIT_UNREACHABLE, out + err)
+
+    def test_vmnetctl_with_a_certificate_of_another_ca_cannot_reach(self):
+        code, out, err = self.ctl("routes", client="other-ca")
+        self.assertEqual(code, EXIT_UNREACHABLE, out + err)
+        self.assertIn("cannot reach the server", err)
+        self.assertIn("refused the handshake", err)
+
+    def test_vmnetctl_plaintext_to_the_tls_listener_cannot_reach(self):
+        out = self.lab.run(self.lab.x, VMNETCTL, f"--server={ADDRESS}", "--timeout=10",
+                           "--plaintext", "list", check=False, timeout=30)
+        self.assertEqual(out.returncode, EXIT_UNREACHABLE, out.stdout + out.stderr)
+
+    def test_vmnetctl_identity_the_policy_denies(self):
+        code, out, err = self.ctl("list", client="stranger")
+        self.assertEqual(code, EXIT_SERVER_ERROR, out + err)
+        self.assertIn("PERMISSION_DENIED", err)
+        code, out, err = self.ctl("attach", "vm-denied", "--interface", "vme98",
+                                  "--ip", "198.51.100.251", client="reader")
+        self.assertEqual(code, EXIT_SERVER_ERROR, out + err)
+        self.assertIn("PERMISSION_DENIED", err)
+        self.assertIn(READER_DNS, err)
+        self.assertEqual(self.ctl("get", "vm-denied")[0], EXIT_SERVER_ERROR, "never attached")
+
+    def test_vmnetctl_tls_usage_errors(self):
+        self.require_vmnetctl()
+        cert, key = self.clients["control-plane"]
+        missing = os.path.join(self.tmp, "no-such.pem")
+        cases = [
+            ([f"--cert={cert}"], "--cert needs --key"),
+            ([f"--key={key}"], "--key needs --cert"),
+            ([f"--ca={missing}"], f"--ca: cannot read {missing}: No such file or directory"),
+            ([f"--cert={cert}", f"--key={missing}"], f"--key: cannot read {missing}"),
+            ([f"--ca={self.policy}"], f"--ca: {self.policy} is not a PEM file"),
+            ([f"--ca={self.pki.ca_cert}", "--plaintext"], "--plaintext contradicts"),
+        ]
+        for flags, message in cases:
+            with self.subTest(flags=flags):
+                out = subprocess.run([VMNETCTL, f"--server={ADDRESS}", *flags, "list"],
+                                     capture_output=True, text=True, timeout=20)
+                self.assertEqual(out.returncode, EXIT_USAGE, out.stderr)
+                self.assertIn(message, out.stderr)
+        out = subprocess.run([VMNETCTL, f"--server={self.lab.daemon.target}",
+                              f"--ca={self.pki.ca_cert}", "list"],
+                             capture_output=True, text=True, timeout=20)
+        self.assertEqual(out.returncode, EXIT_USAGE, out.stderr)
+        self.assertIn("unix:// sockets are plaintext", out.stderr)
 
 
 if __name__ == "__main__":

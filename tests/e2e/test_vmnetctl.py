@@ -95,6 +95,26 @@ class VmnetctlTest(LabTestCase):
         for line in out.splitlines():
             json.loads(line)
 
+    def test_routes_and_arp_longer_than_a_page(self):
+        """1,100 IPv6 routes and proxy entries: more than a page (1,000) of each, and every one
+        is printed exactly once."""
+        addresses = [f"2001:db8:ffff::{i:x}" for i in range(1, 1101)]
+        self.lab.ip_batch(self.lab.host, [f"route add blackhole {a}/128" for a in addresses]
+                          + [f"neigh add proxy {a} dev {lab.UPLINK}" for a in addresses])
+        self.addCleanup(self.lab.ip_batch, self.lab.host,
+                        [f"route del blackhole {a}/128" for a in addresses]
+                        + [f"neigh del proxy {a} dev {lab.UPLINK}" for a in addresses])
+        code, out, err = self.ctl("routes", "--family", "ipv6")
+        self.assertEqual(code, EXIT_OK, err)
+        routes = [line.split()[1] for line in out.splitlines()
+                  if line.startswith("blackhole 2001:db8:ffff::")]
+        self.assertEqual(sorted(routes), sorted(addresses))
+        code, out, err = self.ctl("--output=json", "arp", "--family", "ipv6")
+        self.assertEqual(code, EXIT_OK, err)
+        proxies = [e["ip_address"] for e in map(json.loads, out.splitlines())
+                   if e.get("proxy") and e["ip_address"].startswith("2001:db8:ffff::")]
+        self.assertEqual(sorted(proxies), sorted(addresses))
+
     def test_watch_prints_one_line_per_event(self):
         proc = subprocess.Popen([VMNETCTL, f"--server={self.lab.daemon.target}", "watch",
                                  "--snapshot"], stdout=subprocess.PIPE, text=True)
@@ -137,6 +157,8 @@ class VmnetctlTest(LabTestCase):
         self.assertEqual(out.returncode, 0)
         for command in ("attach", "detach", "get", "list", "arp", "routes", "watch", "health"):
             self.assertIn(f"  {command}", out.stdout)
+        for flag in ("--ca=PEM", "--cert=PEM", "--key=PEM", "--plaintext"):
+            self.assertIn(f"  {flag}", out.stdout)
 
 
 if __name__ == "__main__":
