@@ -267,10 +267,7 @@ void NftKernel::ApplyTransaction(const std::vector<size_t>& indices,
   append(batch_edge(NFNL_MSG_BATCH_BEGIN), kNobody);
   for (size_t k = 0; k < indices.size(); ++k) {
     for (const NftMessage& m : messages[indices[k]]) {
-      std::vector<uint8_t> copy = m;
-      auto* nlh = reinterpret_cast<nlmsghdr*>(copy.data());
-      nlh->nlmsg_flags |= NLM_F_REQUEST;
-      append(nlh, k);
+      append(reinterpret_cast<const nlmsghdr*>(m.data()), k);
     }
   }
   append(batch_edge(NFNL_MSG_BATCH_END), kNobody);
