@@ -657,3 +657,46 @@ TEST_F(NftKernelTest, DISABLED_MeasureTenThousandVms) {
 
 }  // namespace
 }  // namespace vmnet::kernel
+
+namespace vmnet::kernel {
+namespace {
+
+// X on a LAN behind eth0: every legitimate path still works with port
+// security on (X to the VM, the VM to X, forwarded both ways, IPv4 and
+// IPv6), and a spoofed source never reaches X.
+TEST_F(NftKernelTest, LegitimatePathsThroughTheHostStillWork) {
+  MakeVm();
+  std::string x_ns = vm_ns_ + "x";
+  std::string in_x = "ip netns exec " + x_ns + " ";
+  ASSERT_EQ(Sh("ip netns add " + x_ns +
+               " && ip link add eth0 type veth peer name lan0 netns " + x_ns +
+               " && ip link set eth0 up && ip addr add 198.51.100.1/24 dev eth0"
+               " && ip neigh add proxy 198.51.100.201 dev eth0"
+               " && ip -6 addr add 2001:db8:2::1/64 dev eth0 nodad"
+               " && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && " +
+               in_x +
+               "sh -c 'ip link set lo up && ip link set lan0 up"
+               " && ip addr add 198.51.100.10/24 dev lan0"
+               " && ip -6 addr add 2001:db8:2::10/64 dev lan0 nodad"
+               " && ip route add default via 198.51.100.1"
+               " && ip -6 route add default via 2001:db8:2::1'"),
+            "");
+  ExpectAllOk(kernel_->Apply({EnsurePortSecurityBase{config_}}));
+  ExpectAllOk(kernel_->Apply(VmWrites("vme1a", 201)));
+  EXPECT_TRUE(PingFromVm("198.51.100.201", "198.51.100.10", 2));
+  EXPECT_TRUE(PingFromVm("2001:db8:1::201", "2001:db8:2::10", 2));
+  EXPECT_EQ(Sh(in_x + "ping -q -c 2 -i 0.2 -W 1 198.51.100.201 >/dev/null && " + in_x +
+               "ping -q -c 2 -i 0.2 -W 1 2001:db8:1::201 >/dev/null && echo ok"),
+            "ok\n");
+  // The spoofed ping is dropped before routing: X sees none of it (the
+  // counter on X's link does not move).
+  std::string x_rx = Sh(in_x + "cat /sys/class/net/lan0/statistics/rx_packets");
+  EXPECT_FALSE(PingFromVm("198.51.100.202", "198.51.100.10", 3));
+  EXPECT_EQ(Sh(in_x + "cat /sys/class/net/lan0/statistics/rx_packets"), x_rx);
+  EXPECT_EQ(DropPackets("vme1a", DropReason::kSpoofedSource), 3u);
+  EXPECT_EQ(DropPackets("vme1a", DropReason::kToHost), 0u);
+  Sh("ip link del eth0 2>/dev/null; ip netns del " + x_ns + " 2>/dev/null");
+}
+
+}  // namespace
+}  // namespace vmnet::kernel
