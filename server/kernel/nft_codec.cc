@@ -252,14 +252,20 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
   TableSpec inet{NFPROTO_INET, {}, {}, {}};
   inet.sets = {
       {"vm_links", 0, kTypeIfname, kIfnameLen, {}, false, {}},
-      {"src4",
+      // The VMs' own addresses: exact matches in hash sets (O(1) per
+      // packet at any number of VMs). Allowed prefixes: concatenated-range
+      // sets, reached only by packets the hash sets did not accept (the
+      // kernel's range lookup costs grow with the number of elements).
+      {"src4", 0, Concat(kTypeIfname, kTypeIpAddr), kIfnameLen + 4, {}, false, {}},
+      {"src6", 0, Concat(kTypeIfname, kTypeIp6Addr), kIfnameLen + 16, {}, false, {}},
+      {"src4_ranges",
        NFT_SET_INTERVAL | NFT_SET_CONCAT,
        Concat(kTypeIfname, kTypeIpAddr),
        kIfnameLen + 4,
        {16, 4},
        false,
        {}},
-      {"src6",
+      {"src6_ranges",
        NFT_SET_INTERVAL | NFT_SET_CONCAT,
        Concat(kTypeIfname, kTypeIp6Addr),
        kIfnameLen + 16,
@@ -271,12 +277,12 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
       {"icmpv6_to_host", 0, kTypeIcmp6Type, 1, {}, false, {}},
   };
   for (const VmToHostPort& p : config.vm_to_host_allow) {
-    inet.sets[3].constant_elements.push_back({static_cast<uint8_t>(p.protocol), 0, 0, 0,
+    inet.sets[5].constant_elements.push_back({static_cast<uint8_t>(p.protocol), 0, 0, 0,
                                               static_cast<uint8_t>(p.port >> 8),
                                               static_cast<uint8_t>(p.port & 0xff), 0, 0});
   }
-  for (uint8_t t : kIcmpToHost) inet.sets[4].constant_elements.push_back({t});
-  for (uint8_t t : kIcmp6ToHost) inet.sets[5].constant_elements.push_back({t});
+  for (uint8_t t : kIcmpToHost) inet.sets[6].constant_elements.push_back({t});
+  for (uint8_t t : kIcmp6ToHost) inet.sets[7].constant_elements.push_back({t});
   for (DropReason reason :
        {DropReason::kSpoofedSource, DropReason::kSpoofedArpNd, DropReason::kToHost}) {
     inet.sets.push_back(
@@ -289,12 +295,20 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
                  {"drop_to_host", std::nullopt, 0}};
   inet.rules = {
       {"prerouting", "vmnetd: not from a VM link: not checked", NotFromVmLink},
-      {"prerouting", "vmnetd: IPv4 from the VM's addresses and allowed prefixes",
+      {"prerouting", "vmnetd: IPv4 from the VM's addresses",
        [](Rule r) {
          Family(r, NFPROTO_IPV4);
          Meta(r, NFT_META_IIFNAME, NFT_REG_1);
          Payload(r, NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_2);
          Lookup(r, "src4");
+         Accept(r);
+       }},
+      {"prerouting", "vmnetd: IPv4 from the VM's allowed prefixes",
+       [](Rule r) {
+         Family(r, NFPROTO_IPV4);
+         Meta(r, NFT_META_IIFNAME, NFT_REG_1);
+         Payload(r, NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_2);
+         Lookup(r, "src4_ranges");
          Accept(r);
        }},
       {"prerouting", "vmnetd: a VM sends no router advertisement",
@@ -316,12 +330,20 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
          Lookup(r, "src6", /*invert=*/true);
          Goto(r, "drop_spoofed_arp_nd");
        }},
-      {"prerouting", "vmnetd: IPv6 from the VM's addresses and allowed prefixes",
+      {"prerouting", "vmnetd: IPv6 from the VM's addresses",
        [](Rule r) {
          Family(r, NFPROTO_IPV6);
          Meta(r, NFT_META_IIFNAME, NFT_REG_1);
          Payload(r, NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_2);
          Lookup(r, "src6");
+         Accept(r);
+       }},
+      {"prerouting", "vmnetd: IPv6 from the VM's allowed prefixes",
+       [](Rule r) {
+         Family(r, NFPROTO_IPV6);
+         Meta(r, NFT_META_IIFNAME, NFT_REG_1);
+         Payload(r, NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_2);
+         Lookup(r, "src6_ranges");
          Accept(r);
        }},
       {"prerouting", "vmnetd: link-local to link-local (never forwarded)",
@@ -642,9 +664,16 @@ absl::Status EncodeElement(const NftElement& element, bool add,
       return absl::InvalidArgumentError(
           absl::StrCat(ToString(element), ": not a prefix (or host bits set)"));
     }
-    out->push_back(ElementsMessage(
-        elem_type, NFPROTO_INET, flags, p.address.is_v4() ? "src4" : "src6",
-        {{AddressKey(src->ifname, p.address), AddressKey(src->ifname, p.Last()), ""}}));
+    if (p.length == p.address.bit_length()) {
+      out->push_back(ElementsMessage(elem_type, NFPROTO_INET, flags,
+                                     p.address.is_v4() ? "src4" : "src6",
+                                     {{AddressKey(src->ifname, p.address), {}, ""}}));
+    } else {
+      out->push_back(ElementsMessage(
+          elem_type, NFPROTO_INET, flags,
+          p.address.is_v4() ? "src4_ranges" : "src6_ranges",
+          {{AddressKey(src->ifname, p.address), AddressKey(src->ifname, p.Last()), ""}}));
+    }
     return absl::OkStatus();
   }
   const auto& arp = std::get<NftArpSender>(element);
@@ -1048,6 +1077,21 @@ NftSnapshot NftDumpParser::Finish() const {
     size_t alen = std::string(name) == "src4" ? 4 : 16;
     auto fam = alen == 4 ? IpAddress::Family::kV4 : IpAddress::Family::kV6;
     for (const auto& [key, obj] : s->elements) {
+      if (key.size() != IFNAMSIZ + alen) {
+        ++snap.foreign_elements;
+        continue;
+      }
+      snap.elements.push_back(NftSourcePrefix{
+          IfnameOf(key.data()),
+          IpPrefix::Host(IpAddress::FromBytes(fam, key.data() + IFNAMSIZ))});
+    }
+  }
+  for (const char* name : {"src4_ranges", "src6_ranges"}) {
+    const Set* s = set_of(NFPROTO_INET, name);
+    if (s == nullptr) continue;
+    size_t alen = std::string(name) == "src4_ranges" ? 4 : 16;
+    auto fam = alen == 4 ? IpAddress::Family::kV4 : IpAddress::Family::kV6;
+    for (const auto& [key, obj] : s->elements) {
       if (key.size() != 2 * (IFNAMSIZ + alen)) {
         ++snap.foreign_elements;
         continue;
@@ -1208,8 +1252,9 @@ std::vector<NftEvent> ParseNftEvent(const nlmsghdr* msg, uint32_t own_portid) {
                   len == IFNAMSIZ) {
                 ev.kind = c->kind;
                 ev.element = NftVmLink{ifname};
-              } else if ((set == "src4" && len == IFNAMSIZ + 4) ||
-                         (set == "src6" && len == IFNAMSIZ + 16)) {
+              } else if ((set == "src4" || set == "src4_ranges" || set == "src6" ||
+                          set == "src6_ranges") &&
+                         len == IFNAMSIZ + (set[3] == '4' ? 4 : 16)) {
                 auto fam =
                     len == IFNAMSIZ + 4 ? IpAddress::Family::kV4 : IpAddress::Family::kV6;
                 IpAddress first = IpAddress::FromBytes(fam, key + IFNAMSIZ);

@@ -51,6 +51,7 @@ class NftKernelTest : public ::testing::Test {
   void TearDown() override {
     if (!KernelTestsIsolated()) return;
     Sh("ip link del vme1a 2>/dev/null; ip netns del " + vm_ns_ + " 2>/dev/null");
+    Sh("ip link del eth0 2>/dev/null; ip netns del " + x_ns() + " 2>/dev/null");
     Sh("for t in 'inet vmnet' 'arp vmnet' 'inet other' 'arp other'; do "
        "nft delete table $t 2>/dev/null; done");
   }
@@ -90,6 +91,39 @@ class NftKernelTest : public ::testing::Test {
            " && ip neigh replace 169.255.30.1 lladdr 02:00:00:00:00:aa dev vm0 nud "
            "permanent"
            " && ip -6 neigh replace fe80::ffff:1:1 lladdr 02:00:00:00:00:aa dev vm0 nud "
+           "permanent'"),
+        "");
+  }
+
+  // X: lan0 in a namespace of its own, 198.51.100.10/24 and 2001:db8:2::10/64,
+  // behind the host's eth0 (198.51.100.1, 2001:db8:2::1), which proxies ARP
+  // for the VM's address; the host forwards.
+  std::string x_ns() const { return vm_ns_ + "x"; }
+  void MakeX() {
+    std::string x_ns = this->x_ns();
+    std::string in_x = "ip netns exec " + x_ns + " ";
+    ASSERT_EQ(
+        Sh("ip netns add " + x_ns +
+           " && ip link add eth0 type veth peer name lan0 netns " + x_ns +
+           " && ip link set eth0 address 02:00:00:00:00:11 && ip link set eth0 up"
+           " && ip addr add 198.51.100.1/24 dev eth0"
+           " && ip -6 neigh replace 2001:db8:2::10 lladdr 02:00:00:00:00:10 dev eth0 nud "
+           "permanent"
+           " && ip neigh replace 198.51.100.10 lladdr 02:00:00:00:00:10 dev eth0 nud "
+           "permanent"
+           " && ip neigh add proxy 198.51.100.201 dev eth0"
+           " && ip -6 addr add 2001:db8:2::1/64 dev eth0 nodad"
+           " && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && " +
+           in_x +
+           "sh -c 'ip link set lo up && ip link set lan0 address 02:00:00:00:00:10"
+           " && ip link set lan0 up"
+           " && ip addr add 198.51.100.10/24 dev lan0"
+           " && ip -6 addr add 2001:db8:2::10/64 dev lan0 nodad"
+           " && ip route add default via 198.51.100.1"
+           " && ip -6 route add default via 2001:db8:2::1"
+           " && ip neigh replace 198.51.100.1 lladdr 02:00:00:00:00:11 dev lan0 nud "
+           "permanent"
+           " && ip -6 neigh replace 2001:db8:2::1 lladdr 02:00:00:00:00:11 dev lan0 nud "
            "permanent'"),
         "");
   }
@@ -206,9 +240,9 @@ TEST_F(NftKernelTest, ElementsAreAddedAndDeletedIncrementally) {
   ExpectAllOk(kernel_->Apply(writes));
   EXPECT_THAT(Sh("nft list set inet vmnet src4"),
               HasSubstr("\"vme1a\" . 198.51.100.201"));
-  EXPECT_THAT(Sh("nft list set inet vmnet src4"),
+  EXPECT_THAT(Sh("nft list set inet vmnet src4_ranges"),
               HasSubstr("\"vme1a\" . 203.0.113.0/24"));
-  EXPECT_THAT(Sh("nft list set inet vmnet src6"), HasSubstr("\"vme1a\" . ::/0"));
+  EXPECT_THAT(Sh("nft list set inet vmnet src6_ranges"), HasSubstr("\"vme1a\" . ::/0"));
   EXPECT_THAT(Sh("nft list set inet vmnet vm_links"), HasSubstr("\"vme1a\""));
   EXPECT_THAT(Sh("nft list map inet vmnet to_host"),
               HasSubstr("\"vme1a\" : \"to_host.vme1a\""));
@@ -246,7 +280,8 @@ TEST_F(NftKernelTest, ElementsAreAddedAndDeletedIncrementally) {
        DeleteNftElement{NftSourcePrefix{"vme1a", Prefix("203.0.113.0/24")}},
        DeleteNftElement{NftArpSender{"vme1b", Ip("198.51.100.9")}}});
   ExpectAllOk(deleted);
-  EXPECT_THAT(Sh("nft list set inet vmnet src4"), Not(HasSubstr("203.0.113.0/24")));
+  EXPECT_THAT(Sh("nft list set inet vmnet src4_ranges"),
+              Not(HasSubstr("203.0.113.0/24")));
   ExpectAllOk(kernel_->Apply(VmWrites("vme1a", 201, /*add=*/false)));
   snap = kernel_->Dump();
   ASSERT_TRUE(snap.ok());
@@ -300,7 +335,7 @@ TEST_F(NftKernelTest, RuleCountDoesNotDependOnTheNumberOfVms) {
   }
   ExpectAllOk(kernel_->Apply(writes));
   EXPECT_EQ(CountRules(), rules_10);
-  EXPECT_EQ(rules_10, 28);  // 22 in inet vmnet, 6 in arp vmnet
+  EXPECT_EQ(rules_10, 30);  // 24 in inet vmnet, 6 in arp vmnet
   auto snap = kernel_->Dump();
   ASSERT_TRUE(snap.ok()) << snap.status();
   EXPECT_TRUE(snap->BaseMatches(config_));
@@ -666,21 +701,8 @@ namespace {
 // IPv6), and a spoofed source never reaches X.
 TEST_F(NftKernelTest, LegitimatePathsThroughTheHostStillWork) {
   MakeVm();
-  std::string x_ns = vm_ns_ + "x";
-  std::string in_x = "ip netns exec " + x_ns + " ";
-  ASSERT_EQ(Sh("ip netns add " + x_ns +
-               " && ip link add eth0 type veth peer name lan0 netns " + x_ns +
-               " && ip link set eth0 up && ip addr add 198.51.100.1/24 dev eth0"
-               " && ip neigh add proxy 198.51.100.201 dev eth0"
-               " && ip -6 addr add 2001:db8:2::1/64 dev eth0 nodad"
-               " && sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && " +
-               in_x +
-               "sh -c 'ip link set lo up && ip link set lan0 up"
-               " && ip addr add 198.51.100.10/24 dev lan0"
-               " && ip -6 addr add 2001:db8:2::10/64 dev lan0 nodad"
-               " && ip route add default via 198.51.100.1"
-               " && ip -6 route add default via 2001:db8:2::1'"),
-            "");
+  MakeX();
+  std::string in_x = "ip netns exec " + x_ns() + " ";
   ExpectAllOk(kernel_->Apply({EnsurePortSecurityBase{config_}}));
   ExpectAllOk(kernel_->Apply(VmWrites("vme1a", 201)));
   EXPECT_TRUE(PingFromVm("198.51.100.201", "198.51.100.10", 2));
@@ -688,14 +710,56 @@ TEST_F(NftKernelTest, LegitimatePathsThroughTheHostStillWork) {
   EXPECT_EQ(Sh(in_x + "ping -q -c 2 -i 0.2 -W 1 198.51.100.201 >/dev/null && " + in_x +
                "ping -q -c 2 -i 0.2 -W 1 2001:db8:1::201 >/dev/null && echo ok"),
             "ok\n");
-  // The spoofed ping is dropped before routing: X sees none of it (the
-  // counter on X's link does not move).
-  std::string x_rx = Sh(in_x + "cat /sys/class/net/lan0/statistics/rx_packets");
+  // The spoofed ping is dropped before routing: X sees none of it (a
+  // counter in X's own namespace).
+  ASSERT_EQ(
+      Sh(in_x + "nft add table inet sniff && " + in_x +
+         "nft add chain inet sniff c '{ type filter hook prerouting priority 0; }' && " +
+         in_x + "nft add rule inet sniff c ip saddr 198.51.100.202 counter"),
+      "");
   EXPECT_FALSE(PingFromVm("198.51.100.202", "198.51.100.10", 3));
-  EXPECT_EQ(Sh(in_x + "cat /sys/class/net/lan0/statistics/rx_packets"), x_rx);
+  EXPECT_THAT(Sh(in_x + "nft list chain inet sniff c"),
+              HasSubstr("counter packets 0 bytes 0"));
   EXPECT_EQ(DropPackets("vme1a", DropReason::kSpoofedSource), 3u);
   EXPECT_EQ(DropPackets("vme1a", DropReason::kToHost), 0u);
-  Sh("ip link del eth0 2>/dev/null; ip netns del " + x_ns + " 2>/dev/null");
+}
+
+}  // namespace
+}  // namespace vmnet::kernel
+
+namespace vmnet::kernel {
+namespace {
+
+// Run by hand: iperf3 from X to the VM through the host, port security off,
+// then on with 10,000 other VMs' elements installed (issue 12 wants at
+// least 0.95x).
+TEST_F(NftKernelTest, DISABLED_MeasureForwardingWithTenThousandVms) {
+  MakeVm();
+  MakeX();
+  std::string in_x = "ip netns exec " + x_ns() + " ";
+  auto gbits = [&] {
+    InVm("iperf3 -s -1 -D >/dev/null 2>&1");
+    poll(nullptr, 0, 300);
+    return Sh(in_x +
+              "iperf3 -c 198.51.100.201 -t 5 -J | /usr/bin/python3 -c 'import json,sys; "
+              "print(round(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_"
+              "second\"]/1e9, 2))'");
+  };
+  std::vector<NftWrite> writes = {EnsurePortSecurityBase{config_}};
+  for (int i = 0; i < 10000; ++i) {
+    IpAddress v4 = IpAddress::V4(0xc6336400u + 0x10000u + static_cast<uint32_t>(i));
+    std::string name = absl::StrCat("vmx", i);
+    writes.push_back(AddNftElement{NftVmLink{name}});
+    writes.push_back(AddNftElement{NftSourcePrefix{name, IpPrefix::Host(v4)}});
+    writes.push_back(AddNftElement{NftArpSender{name, v4}});
+  }
+  for (auto& w : VmWrites("vme1a", 201)) writes.push_back(w);
+  for (int round = 0; round < 3; ++round) {
+    std::cout << "off: " << gbits();
+    ExpectAllOk(kernel_->Apply(writes));
+    std::cout << "on (10,000 VMs): " << gbits();
+    ExpectAllOk(kernel_->Apply({DeletePortSecurityBase{}}));
+  }
 }
 
 }  // namespace
