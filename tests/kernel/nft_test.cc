@@ -230,6 +230,11 @@ TEST_F(NftKernelTest, BaseIsInstalledOnceAndMatches) {
   ExpectAllOk(kernel_->Apply({DeletePortSecurityBase{}}));
   EXPECT_THAT(Sh("nft list ruleset"), Not(HasSubstr("vmnet")));
   ExpectAllOk(kernel_->Apply({DeletePortSecurityBase{}}));  // absent: OK
+  // Elements of absent tables: NOT_FOUND (the table is missing, not the
+  // element); the caller rebuilds the base instead.
+  auto gone = kernel_->Apply({DeleteNftElement{NftVmLink{"vme1a"}}});
+  ASSERT_EQ(gone.size(), 1u);
+  EXPECT_TRUE(absl::IsNotFound(gone[0])) << gone[0];
 }
 
 TEST_F(NftKernelTest, ElementsAreAddedAndDeletedIncrementally) {
