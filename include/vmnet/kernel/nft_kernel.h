@@ -30,7 +30,10 @@ class PortSecurityKernel {
   // all or nothing: when one write in it fails (its errno, the object and
   // the kernel's extended ack in the message), the kernel rolls back the
   // others, which come back ABORTED naming the failure. Adds of what exists
-  // and deletes of what is absent are OK (never ALREADY_EXISTS/NOT_FOUND).
+  // and deletes of what is absent are OK. Element writes while vmnetd's
+  // tables are absent are NOT_FOUND (rebuild the base instead); an allowed
+  // range overlapping another of the same link is ALREADY_EXISTS (plan with
+  // NonOverlappingPrefixes). Deletes need Linux 6.3+ (DESTROY messages).
   // A write that cannot be encoded is INVALID_ARGUMENT and is not sent.
   // Called by one thread at a time.
   virtual std::vector<absl::Status> Apply(absl::Span<const NftWrite> writes) = 0;

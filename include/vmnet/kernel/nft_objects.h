@@ -59,10 +59,11 @@ struct NftVmLink {
   std::string ifname;
   auto operator<=>(const NftVmLink&) const = default;
 };
-// A source a VM may send from: one of its addresses (a /32 or /128) or an
-// allowed source prefix (any length, 0.0.0.0/0 and ::/0 included). The
-// prefixes of one link must not overlap (the kernel's concatenated-range
-// sets refuse overlaps): plan them with NonOverlappingPrefixes.
+// A source a VM may send from: one of its addresses (a /32 or /128: a hash
+// set) or an allowed source prefix (any length, 0.0.0.0/0 and ::/0
+// included: a concatenated-range set). The shorter-than-host prefixes of one
+// link must not overlap (the kernel's range sets refuse overlaps): plan them
+// with NonOverlappingPrefixes.
 struct NftSourcePrefix {
   std::string ifname;
   IpPrefix prefix;
