@@ -36,7 +36,8 @@ TEST(NftObjects, FingerprintIsCanonicalAndShort) {
   EXPECT_EQ(a.Fingerprint(), "vmnetd-portsec-1 allow=tcp/80,udp/53");
   EXPECT_NE(a.Fingerprint(), PortSecurityConfig{}.Fingerprint());
   PortSecurityConfig many;
-  for (uint16_t p = 1000; p < 1100; ++p) many.vm_to_host_allow.push_back({VmToHostPort::Protocol::kTcp, p});
+  for (uint16_t p = 1000; p < 1100; ++p)
+    many.vm_to_host_allow.push_back({VmToHostPort::Protocol::kTcp, p});
   EXPECT_LE(many.Fingerprint().size(), 100u);
 }
 
