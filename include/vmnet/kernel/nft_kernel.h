@@ -92,7 +92,6 @@ class NftKernel : public PortSecurityKernel {
         write_portid_(write_portid),
         events_fd_(events_fd) {}
 
-  struct Pending;
   void ApplyTransaction(const std::vector<size_t>& writes, absl::Span<const NftWrite> all,
                         const std::vector<std::vector<std::vector<uint8_t>>>& messages,
                         std::vector<absl::Status>* result);
