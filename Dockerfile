@@ -30,6 +30,7 @@ RUN apt-get update \
       cmake ninja-build g++ pkg-config \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto \
       libabsl-dev libnl-3-dev libnl-route-3-dev prometheus-cpp-dev libsystemd-dev \
+      libnftnl-dev libmnl-dev libnetfilter-conntrack-dev \
       libcap2-bin \
  && rm -rf /var/lib/apt/lists/*
 

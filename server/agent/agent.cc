@@ -59,6 +59,7 @@ absl::Status Agent::Start() {
     // 1. The kernel.
     kernel::NetlinkKernel::Options netlink_options;
     netlink_options.event_rcvbuf = config_.netlink_rcvbuf;
+    netlink_options.require_nftables = config_.reconciler.host.port_security.has_value();
     auto netlink = kernel::NetlinkKernel::Create(netlink_options);
     if (!netlink.ok()) return netlink.status();
     kernel_ = std::move(*netlink);

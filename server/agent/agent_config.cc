@@ -4,6 +4,7 @@
 #include <regex>
 
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -18,6 +19,22 @@ std::vector<std::string> SplitList(absl::string_view list) {
     out.emplace_back(absl::StripAsciiWhitespace(item));
   }
   return out;
+}
+
+// "udp/53", "tcp/80".
+std::optional<kernel::VmToHostPort> ParseVmToHostPort(absl::string_view text) {
+  kernel::VmToHostPort port;
+  if (absl::ConsumePrefix(&text, "tcp/")) {
+    port.protocol = kernel::VmToHostPort::Protocol::kTcp;
+  } else if (absl::ConsumePrefix(&text, "udp/")) {
+    port.protocol = kernel::VmToHostPort::Protocol::kUdp;
+  } else {
+    return std::nullopt;
+  }
+  int number = 0;
+  if (!absl::SimpleAtoi(text, &number) || number < 1 || number > 65535) return std::nullopt;
+  port.port = static_cast<uint16_t>(number);
+  return port;
 }
 
 }  // namespace
@@ -60,6 +77,27 @@ absl::StatusOr<AgentConfig> AgentConfig::FromFlags(const RawFlags& flags) {
   options.full_resync_interval = std::chrono::seconds(flags.full_resync_interval_s);
   options.max_pending_requests = static_cast<size_t>(flags.max_pending_requests);
   options.host.uplinks = SplitList(flags.uplinks);
+  if (flags.port_security) {
+    kernel::PortSecurityConfig port_security;
+    for (const std::string& entry : SplitList(flags.vm_to_host_allow)) {
+      auto port = ParseVmToHostPort(entry);
+      if (!port) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--vm-to-host-allow: \"", entry,
+            "\" is not PROTOCOL/PORT; give e.g. udp/53,tcp/80 (tcp or udp, port 1-65535)"));
+      }
+      port_security.vm_to_host_allow.push_back(*port);
+    }
+    std::sort(port_security.vm_to_host_allow.begin(), port_security.vm_to_host_allow.end());
+    port_security.vm_to_host_allow.erase(
+        std::unique(port_security.vm_to_host_allow.begin(),
+                    port_security.vm_to_host_allow.end()),
+        port_security.vm_to_host_allow.end());
+    options.host.port_security = std::move(port_security);
+  } else if (!flags.vm_to_host_allow.empty()) {
+    return absl::InvalidArgumentError(
+        "--vm-to-host-allow: needs --port-security (without it VMs reach the host freely)");
+  }
 
   if (flags.announce_count < 0 || flags.announce_count > 100) {
     return absl::InvalidArgumentError(

@@ -401,8 +401,13 @@ Msg Encode(const DeleteNeighbor& w) {
 std::vector<uint8_t> EncodeWrite(const Write& write) {
   return std::visit(
       [](const auto& w) {
-        if constexpr (std::is_same_v<std::decay_t<decltype(w)>, SetIpv6Conf>) {
-          return std::vector<uint8_t>();  // not a netlink message: see objects.h
+        using T = std::decay_t<decltype(w)>;
+        if constexpr (std::is_same_v<T, SetIpv6Conf> || std::is_same_v<T, AddNftElement> ||
+                      std::is_same_v<T, DeleteNftElement> ||
+                      std::is_same_v<T, EnsurePortSecurityBase> ||
+                      std::is_same_v<T, DeletePortSecurityBase> ||
+                      std::is_same_v<T, DeleteConntrack>) {
+          return std::vector<uint8_t>();  // not an rtnetlink message: see objects.h
         } else {
           return Bytes(Encode(w));
         }

@@ -6,6 +6,7 @@
 #include <linux/rtnetlink.h>
 #include <netlink/attr.h>
 #include <netlink/msg.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -254,8 +255,34 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options opt
                            RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH},
                           options.event_rcvbuf);
   if (!events.ok()) return events.status();
-  return std::unique_ptr<NetlinkKernel>(
-      new NetlinkKernel(options, std::move(*writes), std::move(*events)));
+  std::unique_ptr<PortSecurityKernel> nft;
+  NftKernel::Options nft_options;
+  nft_options.event_rcvbuf = options.event_rcvbuf;
+  if (auto created = NftKernel::Create(nft_options); created.ok()) {
+    nft = std::move(*created);
+  } else if (options.require_nftables) {
+    return absl::Status(created.status().code(),
+                        absl::StrCat("nftables (port security): ", created.status().message()));
+  }
+  int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+  if (epoll_fd < 0) return ErrnoStatus(errno, "epoll_create1");
+  for (int fd : {events->fd(), nft ? nft->event_fd() : -1}) {
+    if (fd < 0) continue;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      int err = errno;
+      close(epoll_fd);
+      return ErrnoStatus(err, "epoll_ctl");
+    }
+  }
+  return std::unique_ptr<NetlinkKernel>(new NetlinkKernel(
+      options, std::move(*writes), std::move(*events), std::move(nft), epoll_fd));
+}
+
+NetlinkKernel::~NetlinkKernel() {
+  if (epoll_fd_ >= 0) close(epoll_fd_);
 }
 
 namespace {
@@ -366,6 +393,11 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
     if (auto s = DumpProxies(&snap.neighbors); !s.ok()) return s;
   }
   if (what.links) snap.ipv6_forwarding_all = ReadIpv6Conf("all", "forwarding");
+  if (what.port_security && nft_ != nullptr) {
+    auto tables = nft_->Dump();
+    if (!tables.ok()) return tables.status();
+    snap.port_security = std::move(*tables);
+  }
   return snap;
 }
 
@@ -376,36 +408,77 @@ absl::StatusOr<std::vector<Neighbor>> NetlinkKernel::DumpProxyNeighbors() {
 }
 
 std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
-  // The IPv6 settings first (files, in order), then every netlink write in
-  // one pipeline: a link brought up after its setting announces the new
-  // value in its RTM_NEWLINK, never a stale one.
-  bool any_conf = std::any_of(writes.begin(), writes.end(), [](const Write& w) {
-    return std::holds_alternative<SetIpv6Conf>(w);
+  // The IPv6 settings first (files, in order), then every rtnetlink write in
+  // one pipeline (a link brought up after its setting announces the new
+  // value in its RTM_NEWLINK, never a stale one), then the nftables writes as
+  // one transaction, then the conntrack deletions (after the elements that
+  // let the address's packets in are gone).
+  bool any_other = std::any_of(writes.begin(), writes.end(), [](const Write& w) {
+    return std::holds_alternative<SetIpv6Conf>(w) || IsNftWrite(w) ||
+           std::holds_alternative<DeleteConntrack>(w);
   });
-  if (!any_conf) {
+  if (!any_other) {
     std::vector<absl::Status> result;
     result.reserve(writes.size());
     ApplyNetlink(writes, &result);
     return result;
   }
   std::vector<absl::Status> result(writes.size());
-  std::vector<Write> netlink;
-  std::vector<size_t> netlink_index;
+  std::vector<Write> netlink, nft;
+  std::vector<size_t> netlink_index, nft_index;
   for (size_t i = 0; i < writes.size(); ++i) {
     if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[i])) {
       result[i] = WriteIpv6Conf(*conf);
+    } else if (IsNftWrite(writes[i]) || std::holds_alternative<DeleteConntrack>(writes[i])) {
+      nft.push_back(writes[i]);
+      nft_index.push_back(i);
     } else {
       netlink.push_back(writes[i]);
       netlink_index.push_back(i);
     }
   }
-  std::vector<absl::Status> netlink_result;
-  netlink_result.reserve(netlink.size());
-  ApplyNetlink(netlink, &netlink_result);
-  for (size_t i = 0; i < netlink.size(); ++i) {
-    result[netlink_index[i]] = std::move(netlink_result[i]);
-  }
+  std::vector<absl::Status> part;
+  part.reserve(netlink.size());
+  ApplyNetlink(netlink, &part);
+  for (size_t i = 0; i < netlink.size(); ++i) result[netlink_index[i]] = std::move(part[i]);
+  part.clear();
+  ApplyNft(nft, &part);
+  for (size_t i = 0; i < nft.size(); ++i) result[nft_index[i]] = std::move(part[i]);
   return result;
+}
+
+void NetlinkKernel::ApplyNft(absl::Span<const Write> writes,
+                             std::vector<absl::Status>* result) {
+  result->assign(writes.size(), absl::OkStatus());
+  if (writes.empty()) return;
+  if (nft_ == nullptr) {
+    for (size_t i = 0; i < writes.size(); ++i) {
+      (*result)[i] = absl::FailedPreconditionError(
+          absl::StrCat(ToString(writes[i]), ": this kernel has no nftables"));
+    }
+    return;
+  }
+  std::vector<NftWrite> transaction;
+  std::vector<size_t> index;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (auto w = AsNftWrite(writes[i])) {
+      transaction.push_back(std::move(*w));
+      index.push_back(i);
+    }
+  }
+  std::vector<absl::Status> done = nft_->Apply(transaction);
+  for (size_t i = 0; i < index.size(); ++i) (*result)[index[i]] = std::move(done[i]);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    const auto* conntrack = std::get_if<DeleteConntrack>(&writes[i]);
+    if (conntrack == nullptr) continue;
+    auto deleted = nft_->DeleteConntrack(conntrack->address);
+    if (!deleted.ok()) (*result)[i] = deleted.status();
+  }
+}
+
+absl::StatusOr<std::vector<DropCounter>> NetlinkKernel::ReadDropCounters() {
+  if (nft_ == nullptr) return std::vector<DropCounter>{};
+  return nft_->ReadDropCounters();
 }
 
 void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
@@ -482,11 +555,20 @@ absl::Status NetlinkKernel::ReadEvents(std::vector<Event>* events) {
       if (auto e = ParseEvent(msg)) events->push_back(std::move(*e));
     });
   }
-  if (overflow) {
+  absl::Status nft_status;
+  if (nft_ != nullptr) {
+    std::vector<NftEvent> nft_events;
+    nft_status = nft_->ReadEvents(&nft_events);
+    // Our own writes are in the model already.
+    for (NftEvent& e : nft_events) {
+      if (!e.own) events->push_back(std::move(e));
+    }
+  }
+  if (overflow || absl::IsResourceExhausted(nft_status)) {
     return absl::ResourceExhaustedError(
         "netlink event socket overflowed (ENOBUFS): events were lost");
   }
-  return absl::OkStatus();
+  return nft_status;
 }
 
 }  // namespace vmnet::kernel

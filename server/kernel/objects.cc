@@ -74,6 +74,17 @@ struct WriteNamer {
   std::string operator()(const DeleteNeighbor& w) const {
     return "delete " + w.neighbor.ToString();
   }
+  std::string operator()(const AddNftElement& w) const { return ToString(NftWrite(w)); }
+  std::string operator()(const DeleteNftElement& w) const { return ToString(NftWrite(w)); }
+  std::string operator()(const EnsurePortSecurityBase& w) const {
+    return ToString(NftWrite(w));
+  }
+  std::string operator()(const DeletePortSecurityBase& w) const {
+    return ToString(NftWrite(w));
+  }
+  std::string operator()(const DeleteConntrack& w) const {
+    return "delete conntrack entries of " + w.address.ToString();
+  }
 };
 
 }  // namespace
@@ -92,7 +103,24 @@ const char* Ipv6ConfKeyName(SetIpv6Conf::Key key) {
 
 std::string ToString(const Write& write) { return std::visit(WriteNamer{}, write); }
 
+bool IsNftWrite(const Write& write) {
+  return std::holds_alternative<AddNftElement>(write) ||
+         std::holds_alternative<DeleteNftElement>(write) ||
+         std::holds_alternative<EnsurePortSecurityBase>(write) ||
+         std::holds_alternative<DeletePortSecurityBase>(write);
+}
+
+std::optional<NftWrite> AsNftWrite(const Write& write) {
+  if (const auto* w = std::get_if<AddNftElement>(&write)) return NftWrite(*w);
+  if (const auto* w = std::get_if<DeleteNftElement>(&write)) return NftWrite(*w);
+  if (const auto* w = std::get_if<EnsurePortSecurityBase>(&write)) return NftWrite(*w);
+  if (const auto* w = std::get_if<DeletePortSecurityBase>(&write)) return NftWrite(*w);
+  return std::nullopt;
+}
+
 ObjectKind KindOf(const Write& write) {
+  if (IsNftWrite(write)) return ObjectKind::kPortSecurity;
+  if (std::holds_alternative<DeleteConntrack>(write)) return ObjectKind::kConntrack;
   if (std::holds_alternative<SetLinkUp>(write) ||
       std::holds_alternative<SetIpv4Forwarding>(write) ||
       std::holds_alternative<SetIpv6Conf>(write)) {
@@ -124,6 +152,10 @@ const char* ObjectKindName(ObjectKind kind) {
       return "proxy_neighbor";
     case ObjectKind::kNeighbor:
       return "neighbor";
+    case ObjectKind::kPortSecurity:
+      return "port_security";
+    case ObjectKind::kConntrack:
+      return "conntrack";
   }
   return "unknown";
 }

@@ -125,6 +125,29 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
     out->push_back(std::move(f));
   }
 
+  // Port security's drops, read from the kernel's counters in the same
+  // scrape (the VM's view: packets the VM sent that the host dropped).
+  if (auto drops = kernel_->ReadDropCounters(); drops.ok()) {
+    absl::flat_hash_map<std::string, const VmView*> vm_of_link;
+    for (const VmView& vm : vms) vm_of_link.emplace(vm.spec.interface, &vm);
+    MetricFamily f = Family("vmnet_vm_dropped_packets_total",
+                            "Packets from the VM that port security dropped, by reason: "
+                            "spoofed_source (a source address not the VM's), "
+                            "spoofed_arp_nd (ARP or neighbour discovery claiming "
+                            "another's address, router advertisements, redirects), "
+                            "to_host (to the host's own addresses, not allowed).",
+                            MetricType::Counter);
+    for (const kernel::DropCounter& d : *drops) {
+      auto it = vm_of_link.find(d.ifname);
+      if (it == vm_of_link.end()) continue;
+      f.metric.push_back(Sample({{"vm_id", it->second->spec.vm_id},
+                                 {"interface", d.ifname},
+                                 {"reason", kernel::DropReasonName(d.reason)}},
+                                static_cast<double>(d.packets), MetricType::Counter));
+    }
+    out->push_back(std::move(f));
+  }
+
   MetricFamily info =
       Family("vmnet_vm_info", "Attributes of each attached VM; the value is always 1.",
              MetricType::Gauge);

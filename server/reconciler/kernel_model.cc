@@ -14,6 +14,15 @@ using kernel::Neighbor;
 using kernel::Route;
 
 void KernelModel::Reset(kernel::Snapshot snapshot) {
+  nft_fingerprint_.reset();
+  nft_intact_ = false;
+  nft_elements_.clear();
+  if (snapshot.port_security) {
+    nft_fingerprint_ = snapshot.port_security->fingerprint;
+    nft_intact_ = snapshot.port_security->base_intact;
+    nft_elements_.insert(snapshot.port_security->elements.begin(),
+                         snapshot.port_security->elements.end());
+  }
   links_.clear();
   link_by_name_.clear();
   addresses_.clear();
@@ -183,12 +192,37 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
       neighbors_[key] = e->neighbor;
     }
     touched.addresses.push_back(e->neighbor.address);
+  } else if (auto* e = std::get_if<kernel::NftEvent>(&event)) {
+    using Kind = kernel::NftEvent::Kind;
+    if (e->kind == Kind::kBaseChanged || !e->element) {
+      nft_intact_ = false;
+      touched.everything = true;
+    } else {
+      if (e->kind == Kind::kElementAdded) {
+        nft_elements_.insert(*e->element);
+      } else {
+        nft_elements_.erase(*e->element);
+      }
+      touched.links.push_back(std::visit([](const auto& x) { return x.ifname; }, *e->element));
+    }
   }
   return touched;
 }
 
 void KernelModel::ApplyWrite(const kernel::Write& write) {
-  if (auto* w = std::get_if<kernel::SetLinkUp>(&write)) {
+  if (auto* w = std::get_if<kernel::EnsurePortSecurityBase>(&write)) {
+    nft_fingerprint_ = w->config.Fingerprint();
+    nft_intact_ = true;
+    nft_elements_.clear();
+  } else if (std::holds_alternative<kernel::DeletePortSecurityBase>(write)) {
+    nft_fingerprint_.reset();
+    nft_intact_ = false;
+    nft_elements_.clear();
+  } else if (auto* w = std::get_if<kernel::AddNftElement>(&write)) {
+    nft_elements_.insert(w->element);
+  } else if (auto* w = std::get_if<kernel::DeleteNftElement>(&write)) {
+    nft_elements_.erase(w->element);
+  } else if (auto* w = std::get_if<kernel::SetLinkUp>(&write)) {
     if (auto it = links_.find(w->ifindex); it != links_.end()) it->second.up = true;
   } else if (auto* w = std::get_if<kernel::SetIpv4Forwarding>(&write)) {
     if (auto it = links_.find(w->ifindex); it != links_.end()) {

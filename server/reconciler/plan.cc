@@ -4,6 +4,9 @@
 #include <linux/neighbour.h>
 #include <linux/rtnetlink.h>
 
+#include <algorithm>
+#include <set>
+
 #include "absl/strings/str_cat.h"
 
 namespace vmnet {
@@ -143,7 +146,30 @@ void PlanNeighbor(const IpAddress& address, const Link& link, const MacAddress& 
   plan->writes.push_back(kernel::SetNeighbor{want});
 }
 
+void PlanPortSecurity(const VmSpec& spec, const KernelModel& model,
+                      const HostConfig& config, VmPlan* plan) {
+  if (!config.port_security) return;
+  for (kernel::NftElement& e : PortSecurityElements(spec)) {
+    if (!model.HasNftElement(e, *config.port_security)) {
+      plan->writes.push_back(kernel::AddNftElement{std::move(e)});
+    }
+  }
+}
+
 }  // namespace
+
+std::vector<kernel::NftElement> PortSecurityElements(const VmSpec& spec) {
+  std::set<kernel::NftElement> out;
+  out.insert(kernel::NftVmLink{spec.interface});
+  for (const IpAddress& a : spec.addresses) {
+    out.insert(kernel::NftSourcePrefix{spec.interface, IpPrefix::Host(a)});
+    if (a.is_v4()) out.insert(kernel::NftArpSender{spec.interface, a});
+  }
+  for (const IpPrefix& p : kernel::NonOverlappingPrefixes(spec.allowed_source_prefixes)) {
+    out.insert(kernel::NftSourcePrefix{spec.interface, p});
+  }
+  return {out.begin(), out.end()};
+}
 
 VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& config) {
   VmPlan plan;
@@ -190,6 +216,7 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
       plan.writes.push_back(kernel::DeleteNeighbor{*n});
     }
   }
+  PlanPortSecurity(spec, model, config, &plan);
   return plan;
 }
 
@@ -232,6 +259,24 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
       }
     }
   }
+  // Port security: the elements the new spec no longer asks for (a base
+  // about to be rebuilt loses them all anyway).
+  if (config.port_security) {
+    std::vector<kernel::NftElement> kept_elements;
+    if (new_spec != nullptr) kept_elements = PortSecurityElements(*new_spec);
+    for (kernel::NftElement& e : PortSecurityElements(old_spec)) {
+      if (!std::binary_search(kept_elements.begin(), kept_elements.end(), e) &&
+          model.HasNftElement(e, *config.port_security)) {
+        writes.push_back(kernel::DeleteNftElement{std::move(e)});
+      }
+    }
+  }
+  // No flow or NAT binding follows an address that left the VM to its next
+  // owner (conntrack deletions go after the elements: nothing new is
+  // tracked in between).
+  for (const IpAddress& address : old_spec.addresses) {
+    if (!kept(address)) writes.push_back(kernel::DeleteConntrack{address});
+  }
   if (old_link != nullptr && old_spec.has_ipv6() &&
       !(link_kept && new_spec->has_ipv6())) {
     RemoveGateway(*old_link, config.gateway6, model, config, &writes);
@@ -253,6 +298,13 @@ std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfi
                                        bool ipv6) {
   using Key = kernel::SetIpv6Conf::Key;
   std::vector<kernel::Write> writes;
+  // Port security's base first: the VMs' elements planned after it go into
+  // the same transaction.
+  if (config.port_security && !model.PortSecurityBaseMatches(*config.port_security)) {
+    writes.push_back(kernel::EnsurePortSecurityBase{*config.port_security});
+  } else if (!config.port_security && model.PortSecurityTablesPresent()) {
+    writes.push_back(kernel::DeletePortSecurityBase{});
+  }
   ipv6 = ipv6 && model.ipv6_forwarding_all().has_value();
   // Only while forwarding is still off: once on, accept_ra 1 on an uplink
   // means what it says (no router advertisements), and is left alone.
@@ -306,6 +358,33 @@ std::vector<kernel::Write> PlanOrphans(
       writes.push_back(kernel::DeleteAddress{a});
     }
   });
+  return writes;
+}
+
+}  // namespace vmnet
+
+namespace vmnet {
+
+std::vector<kernel::Write> PlanOrphans(const KernelModel& model, const HostConfig& config,
+                                       const std::vector<const VmSpec*>& desired) {
+  absl::flat_hash_map<IpAddress, AddressOwner> owner;
+  absl::flat_hash_map<std::string, std::string> vm_of_interface;
+  std::set<kernel::NftElement> wanted;
+  for (const VmSpec* spec : desired) {
+    for (const IpAddress& a : spec->addresses) {
+      owner[a] = {spec->interface, spec->mac.has_value()};
+    }
+    vm_of_interface[spec->interface] = spec->vm_id;
+    if (config.port_security) {
+      for (kernel::NftElement& e : PortSecurityElements(*spec)) wanted.insert(std::move(e));
+    }
+  }
+  std::vector<kernel::Write> writes = PlanOrphans(model, config, owner, vm_of_interface);
+  if (config.port_security && model.PortSecurityBaseMatches(*config.port_security)) {
+    model.ForEachNftElement([&](const kernel::NftElement& e) {
+      if (!wanted.contains(e)) writes.push_back(kernel::DeleteNftElement{e});
+    });
+  }
   return writes;
 }
 

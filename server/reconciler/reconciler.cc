@@ -249,6 +249,7 @@ void Reconciler::MarkAllDirty() {
 }
 
 void Reconciler::MarkDirty(const KernelModel::Touched& touched) {
+  if (touched.everything) MarkAllDirty();
   for (const std::string& link : touched.links) {
     if (std::string vm = desired_->VmOfInterface(link); !vm.empty()) dirty_.insert(vm);
     // An uplink that changes (appears, goes down) affects every VM's proxy
@@ -535,15 +536,10 @@ std::vector<kernel::Write> Reconciler::PlanRemovals() {
   }
   removed_.clear();
   if (sweep_orphans_) {
-    absl::flat_hash_map<IpAddress, AddressOwner> owner;
-    absl::flat_hash_map<std::string, std::string> vm_of_interface;
-    for (const auto& [vm_id, r] : desired_->vms()) {
-      for (const IpAddress& a : r.spec.addresses) {
-        owner[a] = {r.spec.interface, r.spec.mac.has_value()};
-      }
-      vm_of_interface[r.spec.interface] = vm_id;
-    }
-    auto w = PlanOrphans(model_, options_.host, owner, vm_of_interface);
+    std::vector<const VmSpec*> desired;
+    desired.reserve(desired_->size());
+    for (const auto& [vm_id, r] : desired_->vms()) desired.push_back(&r.spec);
+    auto w = PlanOrphans(model_, options_.host, desired);
     removals.insert(removals.end(), w.begin(), w.end());
     sweep_orphans_ = false;
   }

@@ -65,6 +65,16 @@ ABSL_FLAG(
     "live migration the old host still answers for the address.");
 ABSL_FLAG(absl::Duration, dad_timeout, Defaults().dad_timeout,
           "How long --dad listens for an answer.");
+ABSL_FLAG(bool, port_security, Defaults().port_security,
+          "Port security: a VM sends only from its own addresses and its "
+          "allowed_source_prefixes, claims only its own addresses in ARP and neighbour "
+          "discovery, sends no router advertisement or redirect, and reaches the host "
+          "itself only with ICMP echo/errors, neighbour discovery and --vm-to-host-allow. "
+          "Enforced in nftables tables of vmnetd's own (inet vmnet, arp vmnet). "
+          "--port-security=false removes them.");
+ABSL_FLAG(std::string, vm_to_host_allow, Defaults().vm_to_host_allow,
+          "Comma-separated PROTOCOL/PORT a VM may reach on the host's own addresses "
+          "(e.g. udp/53,tcp/80 for a DNS or metadata service); tcp or udp.");
 ABSL_FLAG(std::string, interface_pattern, Defaults().interface_pattern,
           "Regular expression (full match) of the host-side VM links the agent may "
           "manage. Links matching it are the agent's to configure while attached.");
@@ -136,6 +146,8 @@ RawFlags ReadFlags() {
   f.announce_interval = absl::GetFlag(FLAGS_announce_interval);
   f.dad = absl::GetFlag(FLAGS_dad);
   f.dad_timeout = absl::GetFlag(FLAGS_dad_timeout);
+  f.port_security = absl::GetFlag(FLAGS_port_security);
+  f.vm_to_host_allow = absl::GetFlag(FLAGS_vm_to_host_allow);
   f.interface_pattern = absl::GetFlag(FLAGS_interface_pattern);
   f.route_protocol = absl::GetFlag(FLAGS_route_protocol);
   f.proxy_check_interval_ms = absl::GetFlag(FLAGS_proxy_check_interval_ms);

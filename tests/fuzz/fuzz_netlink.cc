@@ -55,11 +55,15 @@ std::string Describe(const Event& e) {
   return std::visit(
       [](const auto& ev) {
         using T = std::decay_t<decltype(ev)>;
+        if constexpr (std::is_same_v<T, NftEvent>) {
+          return ev.ToString();
+        } else {
         std::string s = ev.deleted ? "deleted " : "";
         if constexpr (std::is_same_v<T, LinkEvent>) return s + ev.link.ToString();
         if constexpr (std::is_same_v<T, AddressEvent>) return s + ev.address.ToString();
         if constexpr (std::is_same_v<T, RouteEvent>) return s + ev.route.ToString();
         if constexpr (std::is_same_v<T, NeighborEvent>) return s + ev.neighbor.ToString();
+        }
       },
       e);
 }
@@ -173,7 +177,15 @@ void ParseOne(const nlmsghdr* msg) {
   if (!event) return;
 
   std::string text = Describe(*event);
-  bool deleted = std::visit([](const auto& ev) { return ev.deleted; }, *event);
+  bool deleted = std::visit(
+      [](const auto& ev) {
+        if constexpr (std::is_same_v<std::decay_t<decltype(ev)>, NftEvent>) {
+          return false;
+        } else {
+          return ev.deleted;
+        }
+      },
+      *event);
   EXPECT(deleted == IsDelete(msg->nlmsg_type), text);
 
   if (link) {

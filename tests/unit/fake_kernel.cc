@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <linux/neighbour.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -16,9 +17,21 @@ using kernel::Link;
 using kernel::Neighbor;
 using kernel::Route;
 
-FakeKernel::FakeKernel() { event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
+FakeKernel::FakeKernel() {
+  event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  for (int fd : {event_fd_, port_security_.event_fd()}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  }
+}
 
-FakeKernel::~FakeKernel() { close(event_fd_); }
+FakeKernel::~FakeKernel() {
+  close(epoll_fd_);
+  close(event_fd_);
+}
 
 void FakeKernel::Emit(kernel::Event event) {
   events_.push_back(std::move(event));
@@ -34,6 +47,11 @@ absl::StatusOr<kernel::Snapshot> FakeKernel::Dump(const kernel::DumpSelection& w
   std::erase_if(s.neighbors, [&](const kernel::Neighbor& n) {
     return n.proxy ? !what.proxies : !what.neighbors;
   });
+  if (what.port_security) {
+    auto tables = port_security_.Dump();
+    if (!tables.ok()) return tables.status();
+    s.port_security = std::move(*tables);
+  }
   return s;
 }
 
@@ -66,6 +84,12 @@ absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
 }
 
 absl::Status FakeKernel::ReadEvents(std::vector<kernel::Event>* events) {
+  std::vector<kernel::NftEvent> nft_events;
+  absl::Status nft_status = port_security_.ReadEvents(&nft_events);
+  for (kernel::NftEvent& e : nft_events) {
+    if (!e.own) events->push_back(std::move(e));  // as NetlinkKernel does
+  }
+  if (!nft_status.ok()) return nft_status;
   vmnet::MutexLock lock(&mu_);
   uint64_t ignored;
   [[maybe_unused]] ssize_t n = read(event_fd_, &ignored, sizeof(ignored));
@@ -176,9 +200,31 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
 }
 
 std::vector<absl::Status> FakeKernel::Apply(absl::Span<const kernel::Write> writes) {
-  vmnet::MutexLock lock(&mu_);
-  std::vector<absl::Status> out;
-  for (const kernel::Write& w : writes) out.push_back(ApplyOne(w));
+  // As NetlinkKernel: rtnetlink writes in order, then the nftables writes as
+  // one transaction, then conntrack.
+  std::vector<absl::Status> out(writes.size());
+  std::vector<kernel::NftWrite> nft;
+  std::vector<size_t> nft_index;
+  {
+    vmnet::MutexLock lock(&mu_);
+    for (size_t i = 0; i < writes.size(); ++i) {
+      const kernel::Write& w = writes[i];
+      if (auto x = kernel::AsNftWrite(w)) {
+        nft.push_back(std::move(*x));
+        nft_index.push_back(i);
+      } else if (!std::holds_alternative<kernel::DeleteConntrack>(w)) {
+        out[i] = ApplyOne(w);
+      }
+    }
+  }
+  std::vector<absl::Status> done = port_security_.Apply(nft);
+  for (size_t i = 0; i < nft.size(); ++i) out[nft_index[i]] = std::move(done[i]);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (const auto* c = std::get_if<kernel::DeleteConntrack>(&writes[i])) {
+      auto deleted = port_security_.DeleteConntrack(c->address);
+      if (!deleted.ok()) out[i] = deleted.status();
+    }
+  }
   return out;
 }
 
@@ -274,6 +320,7 @@ void FakeKernel::Overflow() {
 }
 
 void FakeKernel::FailWrites(int err) {
+  port_security_.FailWrites(err);
   vmnet::MutexLock lock(&mu_);
   fail_errno_ = err;
 }

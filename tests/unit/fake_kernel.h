@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "vmnet/base/mutex.h"
+#include "fake_port_security_kernel.h"
 #include "vmnet/kernel/kernel.h"
 
 namespace vmnet::testing {
@@ -27,8 +28,14 @@ class FakeKernel : public kernel::Kernel {
   // Sets a link's counters (host's view).
   void SetStats(const std::string& name, const kernel::LinkStats& stats);
   std::vector<absl::Status> Apply(absl::Span<const kernel::Write> writes) override;
-  int event_fd() const override { return event_fd_; }
+  // Readable when either the fake's own events or its port security's are.
+  int event_fd() const override { return epoll_fd_; }
   absl::Status ReadEvents(std::vector<kernel::Event>* events) override;
+  absl::StatusOr<std::vector<kernel::DropCounter>> ReadDropCounters() override {
+    return port_security_.ReadDropCounters();
+  }
+  // vmnetd's nftables tables and conntrack, behind the same Apply.
+  FakePortSecurityKernel& port_security() { return port_security_; }
 
   // Changes made by "someone else".
   int AddLink(const std::string& name, bool up = false);
@@ -58,6 +65,8 @@ class FakeKernel : public kernel::Kernel {
 
   mutable vmnet::Mutex mu_;
   int event_fd_ = -1;
+  int epoll_fd_ = -1;
+  FakePortSecurityKernel port_security_;
   bool ipv6_forwarding_all_ ABSL_GUARDED_BY(mu_) = false;
   int next_ifindex_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<int, kernel::Link> links_ ABSL_GUARDED_BY(mu_);

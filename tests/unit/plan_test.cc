@@ -135,6 +135,7 @@ TEST_F(Ipv6PlanTest, DroppingIpv6RemovesItsObjectsAndTheIpv6GatewayOnly) {
   EXPECT_THAT(text, ::testing::UnorderedElementsAre(
                         HasSubstr("delete route 2001:db8:1::201/128"),
                         HasSubstr("delete proxy neighbour 2001:db8:1::201"),
+                        HasSubstr("delete conntrack entries of 2001:db8:1::201"),
                         HasSubstr("delete address fe80::ffff:1:1/128")));
 }
 
@@ -192,8 +193,9 @@ TEST_F(PlanTest, RemovalTouchesOnlyOurs) {
   foreign.proxy = true;
   model_.Apply(kernel::NeighborEvent{false, foreign});
   auto writes = PlanRemoval(spec_, nullptr, model_, config_);
-  // route, proxy, neighbour, gateway address, forwarding off.
-  EXPECT_EQ(writes.size(), 5u);
+  // route, proxy, neighbour, gateway address, forwarding off, and the
+  // address's conntrack entries (issue 12).
+  EXPECT_EQ(writes.size(), 6u);
   for (const auto& w : writes) {
     EXPECT_EQ(kernel::ToString(w).find("198.51.100.99"), std::string::npos);
   }

@@ -34,6 +34,8 @@ struct RawFlags {
   bool dad = false;
   absl::Duration dad_timeout = Announcer::Options{}.dad_timeout;
   std::string interface_pattern{kDefaultInterfacePattern};
+  bool port_security = true;
+  std::string vm_to_host_allow;
   int route_protocol = kDefaultRouteProtocol;
   int proxy_check_interval_ms =
       static_cast<int>(ReconcilerOptions{}.proxy_check_interval.count());

@@ -31,7 +31,9 @@ class Kernel {
 
   // Applies the writes in order, many in flight at once, and returns one
   // status per write. (SetIpv6Conf writes, which are no netlink messages,
-  // go first, in their own order.) A create of an object that exists already is an
+  // go first, in their own order; the nftables writes follow the rtnetlink
+  // ones as one transaction, all or nothing; conntrack deletions come
+  // last.) A create of an object that exists already is an
   // error (ALREADY_EXISTS): callers decide what may be replaced. A delete of
   // an object that is already gone is OK. Other failures carry the object
   // and the errno in the message. Called by one thread at a time.
@@ -43,6 +45,10 @@ class Kernel {
   // buffer overflowed): the caller must re-dump. Called by one thread.
   virtual int event_fd() const = 0;
   virtual absl::Status ReadEvents(std::vector<Event>* events) = 0;
+
+  // Port security's per-VM drop counters, as a scrape reads them. Any
+  // thread. Empty when the kernel has no nftables.
+  virtual absl::StatusOr<std::vector<DropCounter>> ReadDropCounters() = 0;
 };
 
 }  // namespace vmnet::kernel

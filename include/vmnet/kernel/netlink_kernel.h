@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "vmnet/kernel/kernel.h"
+#include "vmnet/kernel/nft_kernel.h"
 
 namespace vmnet::kernel {
 
@@ -66,6 +67,10 @@ class NetlinkKernel : public Kernel {
     int event_rcvbuf = 0;
     // Requests in flight at once in Apply.
     size_t write_window = 512;
+    // nftables (port security): without it, Create fails when
+    // `require_nftables`; otherwise the kernel has no port security, and its
+    // writes fail.
+    bool require_nftables = true;
   };
 
   static absl::StatusOr<std::unique_ptr<NetlinkKernel>> Create(Options options);
@@ -75,12 +80,22 @@ class NetlinkKernel : public Kernel {
   absl::StatusOr<std::vector<Link>> DumpLinks() override;
   absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() override;
   std::vector<absl::Status> Apply(absl::Span<const Write> writes) override;
-  int event_fd() const override { return events_.fd(); }
+  // Readable when either event socket (rtnetlink, nftables) is.
+  int event_fd() const override { return epoll_fd_; }
   absl::Status ReadEvents(std::vector<Event>* events) override;
+  absl::StatusOr<std::vector<DropCounter>> ReadDropCounters() override;
+  ~NetlinkKernel() override;
 
  private:
-  NetlinkKernel(Options options, NetlinkSocket writes, NetlinkSocket events)
-      : options_(options), writes_(std::move(writes)), events_(std::move(events)) {}
+  NetlinkKernel(Options options, NetlinkSocket writes, NetlinkSocket events,
+                std::unique_ptr<PortSecurityKernel> nft, int epoll_fd)
+      : options_(options),
+        writes_(std::move(writes)),
+        events_(std::move(events)),
+        nft_(std::move(nft)),
+        epoll_fd_(epoll_fd) {}
+  // The nftables writes, in order, as one transaction; and conntrack.
+  void ApplyNft(absl::Span<const Write> writes, std::vector<absl::Status>* result);
 
   void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);
   // net.ipv6.conf.<name>.<key>, through /proc/sys: the only way the kernel
@@ -91,6 +106,8 @@ class NetlinkKernel : public Kernel {
   Options options_;
   NetlinkSocket writes_;
   NetlinkSocket events_;
+  std::unique_ptr<PortSecurityKernel> nft_;  // null: no nftables here
+  int epoll_fd_ = -1;
   std::vector<uint8_t> event_buffer_;
 };
 

@@ -8,6 +8,7 @@
 #include <variant>
 #include <vector>
 
+#include "vmnet/kernel/nft_objects.h"
 #include "vmnet/net/address.h"
 
 namespace vmnet::kernel {
@@ -94,6 +95,9 @@ struct Snapshot {
   std::vector<Neighbor> neighbors;  // ARP and NDP, proxy entries included
   // net.ipv6.conf.all.forwarding; absent when the kernel has no IPv6.
   std::optional<bool> ipv6_forwarding_all;
+  // vmnetd's nftables tables (port security); absent when not dumped or
+  // when the kernel has no nftables.
+  std::optional<NftSnapshot> port_security;
 };
 
 // Which tables a dump reads.
@@ -103,11 +107,12 @@ struct DumpSelection {
   bool routes = true;
   bool neighbors = true;  // ordinary neighbour entries (ARP and NDP)
   bool proxies = true;    // proxy entries (ARP and NDP)
+  bool port_security = true;  // vmnetd's nftables tables
 
   static DumpSelection All() { return {}; }
   static DumpSelection Only(bool links, bool addresses, bool routes, bool neighbors,
                             bool proxies) {
-    return {links, addresses, routes, neighbors, proxies};
+    return {links, addresses, routes, neighbors, proxies, false};
   }
 };
 
@@ -165,16 +170,40 @@ struct DeleteNeighbor {
   bool operator==(const DeleteNeighbor&) const = default;
 };
 
+// Deletes the connection-tracking entries whose original or reply source is
+// the address (an address that left a VM: no flow or NAT binding follows it
+// to its next owner). Nothing when the kernel tracks no connections here.
+struct DeleteConntrack {
+  IpAddress address;
+  bool operator==(const DeleteConntrack&) const = default;
+};
+
+// The port-security writes (AddNftElement, DeleteNftElement,
+// EnsurePortSecurityBase, DeletePortSecurityBase) are in nft_objects.h.
 using Write =
     std::variant<SetLinkUp, SetIpv4Forwarding, SetIpv6Conf, AddAddress, DeleteAddress,
-                 AddRoute, DeleteRoute, SetNeighbor, DeleteNeighbor>;
+                 AddRoute, DeleteRoute, SetNeighbor, DeleteNeighbor, AddNftElement,
+                 DeleteNftElement, EnsurePortSecurityBase, DeletePortSecurityBase,
+                 DeleteConntrack>;
+// Whether the write goes to nftables (one transaction per Apply), and the
+// write as the nftables layer takes it.
+bool IsNftWrite(const Write& write);
+std::optional<NftWrite> AsNftWrite(const Write& write);
 
 std::string ToString(const Write& write);
 
 // What a write is about, for metrics: link, address, route, proxy_neighbor,
-// neighbor.
-enum class ObjectKind { kLink = 0, kAddress, kRoute, kProxyNeighbor, kNeighbor };
-constexpr int kObjectKinds = 5;
+// neighbor, port_security (vmnetd's nftables objects), conntrack.
+enum class ObjectKind {
+  kLink = 0,
+  kAddress,
+  kRoute,
+  kProxyNeighbor,
+  kNeighbor,
+  kPortSecurity,
+  kConntrack
+};
+constexpr int kObjectKinds = 7;
 ObjectKind KindOf(const Write& write);
 const char* ObjectKindName(ObjectKind kind);
 
@@ -195,6 +224,8 @@ struct NeighborEvent {
   bool deleted = false;
   Neighbor neighbor;
 };
-using Event = std::variant<LinkEvent, AddressEvent, RouteEvent, NeighborEvent>;
+// NftEvent (nft_objects.h): a change to vmnetd's nftables tables by
+// someone else.
+using Event = std::variant<LinkEvent, AddressEvent, RouteEvent, NeighborEvent, NftEvent>;
 
 }  // namespace vmnet::kernel

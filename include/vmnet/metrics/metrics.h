@@ -7,6 +7,7 @@
 //   vmnet_vm_{receive,transmit}_{bytes,packets,errors,dropped}_total{vm_id,interface}
 //       from the VM's point of view: what the VM received is what its
 //       host-side link transmitted.
+//   vmnet_vm_dropped_packets_total{vm_id,interface,reason}: port security's drops
 //   vmnet_vm_info{vm_id,interface,mac_address} 1
 //   vmnet_vm_state{vm_id,interface,state} 1 for the current state, 0 otherwise
 //   vmnet_vms{state}, vmnet_watchers, vmnet_build_info{version}

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,7 @@ class KernelModel {
   struct Touched {
     std::vector<std::string> links;
     std::vector<IpAddress> addresses;
+    bool everything = false;  // a host-wide object: every VM is planned again
   };
 
   void Reset(kernel::Snapshot snapshot);
@@ -38,6 +40,23 @@ class KernelModel {
   const std::vector<kernel::Route>* RoutesTo(const IpPrefix& prefix) const;
   const kernel::Neighbor* FindNeighbor(int ifindex, const IpAddress& address,
                                        bool proxy) const;
+
+  // Port security (vmnetd's nftables tables): whether the base is the one
+  // `config` wants, and whether an element is in place. An element of a
+  // base that does not match counts as absent: rebuilding the base drops
+  // every element, and they are added again in the same transaction.
+  bool PortSecurityBaseMatches(const kernel::PortSecurityConfig& config) const {
+    return nft_intact_ && nft_fingerprint_ == config.Fingerprint();
+  }
+  bool PortSecurityTablesPresent() const { return nft_fingerprint_.has_value(); }
+  bool HasNftElement(const kernel::NftElement& element,
+                     const kernel::PortSecurityConfig& config) const {
+    return PortSecurityBaseMatches(config) && nft_elements_.contains(element);
+  }
+  template <typename Fn>
+  void ForEachNftElement(Fn&& fn) const {
+    for (const kernel::NftElement& e : nft_elements_) fn(e);
+  }
 
   // net.ipv6.conf.all.forwarding; absent when the kernel has no IPv6.
   std::optional<bool> ipv6_forwarding_all() const { return ipv6_forwarding_all_; }
@@ -105,6 +124,9 @@ class KernelModel {
   absl::flat_hash_map<IpPrefix, std::vector<kernel::Route>> routes_;
   absl::flat_hash_map<NeighborKey, kernel::Neighbor> neighbors_;
   std::optional<bool> ipv6_forwarding_all_;
+  std::optional<std::string> nft_fingerprint_;
+  bool nft_intact_ = false;
+  std::set<kernel::NftElement> nft_elements_;
   absl::flat_hash_map<int, IpAddress> link_local6_;
 };
 

@@ -3,6 +3,7 @@
 // tested over a model built by hand.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,9 @@ struct HostConfig {
   // The VMs' IPv6 gateway: a link-local address on each VM link of a VM
   // with IPv6 addresses.
   IpAddress gateway6 = *IpAddress::Parse(kDefaultGateway6);
+  // Port security (vmnetd's nftables tables) for every VM; absent: off,
+  // and vmnetd's tables are removed.
+  std::optional<kernel::PortSecurityConfig> port_security;
   // The rtm_protocol number that marks our routes, proxy entries,
   // neighbour entries and gateway addresses.
   uint8_t protocol = kDefaultRouteProtocol;
@@ -53,6 +57,11 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
 std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfig& config,
                                        bool ipv6);
 
+// The port-security elements a VM's spec asks for: its link, each address
+// as a permitted source (and IPv4 ones as ARP senders), and its allowed
+// source prefixes (those another one covers left out). Sorted.
+std::vector<kernel::NftElement> PortSecurityElements(const VmSpec& spec);
+
 // Where a desired VM address lives.
 struct AddressOwner {
   std::string interface;
@@ -66,5 +75,8 @@ std::vector<kernel::Write> PlanOrphans(
     const KernelModel& model, const HostConfig& config,
     const absl::flat_hash_map<IpAddress, AddressOwner>& owner_of_address,
     const absl::flat_hash_map<std::string, std::string>& vm_of_interface);
+// The same for the desired VMs' specs, port-security elements included.
+std::vector<kernel::Write> PlanOrphans(const KernelModel& model, const HostConfig& config,
+                                       const std::vector<const VmSpec*>& desired);
 
 }  // namespace vmnet
