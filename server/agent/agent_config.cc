@@ -32,7 +32,8 @@ std::optional<kernel::VmToHostPort> ParseVmToHostPort(absl::string_view text) {
     return std::nullopt;
   }
   int number = 0;
-  if (!absl::SimpleAtoi(text, &number) || number < 1 || number > 65535) return std::nullopt;
+  if (!absl::SimpleAtoi(text, &number) || number < 1 || number > 65535)
+    return std::nullopt;
   port.port = static_cast<uint16_t>(number);
   return port;
 }
@@ -82,13 +83,15 @@ absl::StatusOr<AgentConfig> AgentConfig::FromFlags(const RawFlags& flags) {
     for (const std::string& entry : SplitList(flags.vm_to_host_allow)) {
       auto port = ParseVmToHostPort(entry);
       if (!port) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--vm-to-host-allow: \"", entry,
-            "\" is not PROTOCOL/PORT; give e.g. udp/53,tcp/80 (tcp or udp, port 1-65535)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--vm-to-host-allow: \"", entry,
+                         "\" is not PROTOCOL/PORT; give e.g. udp/53,tcp/80 (tcp or udp, "
+                         "port 1-65535)"));
       }
       port_security.vm_to_host_allow.push_back(*port);
     }
-    std::sort(port_security.vm_to_host_allow.begin(), port_security.vm_to_host_allow.end());
+    std::sort(port_security.vm_to_host_allow.begin(),
+              port_security.vm_to_host_allow.end());
     port_security.vm_to_host_allow.erase(
         std::unique(port_security.vm_to_host_allow.begin(),
                     port_security.vm_to_host_allow.end()),
@@ -96,7 +99,8 @@ absl::StatusOr<AgentConfig> AgentConfig::FromFlags(const RawFlags& flags) {
     options.host.port_security = std::move(port_security);
   } else if (!flags.vm_to_host_allow.empty()) {
     return absl::InvalidArgumentError(
-        "--vm-to-host-allow: needs --port-security (without it VMs reach the host freely)");
+        "--vm-to-host-allow: needs --port-security (without it VMs reach the host "
+        "freely)");
   }
 
   if (flags.announce_count < 0 || flags.announce_count > 100) {

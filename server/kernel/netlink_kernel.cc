@@ -261,8 +261,9 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options opt
   if (auto created = NftKernel::Create(nft_options); created.ok()) {
     nft = std::move(*created);
   } else if (options.require_nftables) {
-    return absl::Status(created.status().code(),
-                        absl::StrCat("nftables (port security): ", created.status().message()));
+    return absl::Status(
+        created.status().code(),
+        absl::StrCat("nftables (port security): ", created.status().message()));
   }
   int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
   if (epoll_fd < 0) return ErrnoStatus(errno, "epoll_create1");
@@ -429,7 +430,8 @@ std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
   for (size_t i = 0; i < writes.size(); ++i) {
     if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[i])) {
       result[i] = WriteIpv6Conf(*conf);
-    } else if (IsNftWrite(writes[i]) || std::holds_alternative<DeleteConntrack>(writes[i])) {
+    } else if (IsNftWrite(writes[i]) ||
+               std::holds_alternative<DeleteConntrack>(writes[i])) {
       nft.push_back(writes[i]);
       nft_index.push_back(i);
     } else {
@@ -440,7 +442,8 @@ std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
   std::vector<absl::Status> part;
   part.reserve(netlink.size());
   ApplyNetlink(netlink, &part);
-  for (size_t i = 0; i < netlink.size(); ++i) result[netlink_index[i]] = std::move(part[i]);
+  for (size_t i = 0; i < netlink.size(); ++i)
+    result[netlink_index[i]] = std::move(part[i]);
   part.clear();
   ApplyNft(nft, &part);
   for (size_t i = 0; i < nft.size(); ++i) result[nft_index[i]] = std::move(part[i]);

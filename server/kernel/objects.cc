@@ -75,7 +75,9 @@ struct WriteNamer {
     return "delete " + w.neighbor.ToString();
   }
   std::string operator()(const AddNftElement& w) const { return ToString(NftWrite(w)); }
-  std::string operator()(const DeleteNftElement& w) const { return ToString(NftWrite(w)); }
+  std::string operator()(const DeleteNftElement& w) const {
+    return ToString(NftWrite(w));
+  }
   std::string operator()(const EnsurePortSecurityBase& w) const {
     return ToString(NftWrite(w));
   }

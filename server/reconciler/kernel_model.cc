@@ -203,7 +203,8 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
       } else {
         nft_elements_.erase(*e->element);
       }
-      touched.links.push_back(std::visit([](const auto& x) { return x.ifname; }, *e->element));
+      touched.links.push_back(
+          std::visit([](const auto& x) { return x.ifname; }, *e->element));
     }
   }
   return touched;

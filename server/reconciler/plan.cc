@@ -376,7 +376,8 @@ std::vector<kernel::Write> PlanOrphans(const KernelModel& model, const HostConfi
     }
     vm_of_interface[spec->interface] = spec->vm_id;
     if (config.port_security) {
-      for (kernel::NftElement& e : PortSecurityElements(*spec)) wanted.insert(std::move(e));
+      for (kernel::NftElement& e : PortSecurityElements(*spec))
+        wanted.insert(std::move(e));
     }
   }
   std::vector<kernel::Write> writes = PlanOrphans(model, config, owner, vm_of_interface);

@@ -340,8 +340,8 @@ absl::Status Reconciler::CheckAttach(const VmSpec& spec) const {
     if (std::string holder = desired_->VmOfAddress(p.address);
         !holder.empty() && holder != spec.vm_id) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "allowed_source_prefixes[", i, "]: \"", p.ToString(), "\" is the address of VM \"",
-          holder, "\"; a VM may not send as another"));
+          "allowed_source_prefixes[", i, "]: \"", p.ToString(),
+          "\" is the address of VM \"", holder, "\"; a VM may not send as another"));
     }
   }
   for (const std::string& uplink : options_.host.uplinks) {

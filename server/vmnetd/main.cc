@@ -65,13 +65,14 @@ ABSL_FLAG(
     "live migration the old host still answers for the address.");
 ABSL_FLAG(absl::Duration, dad_timeout, Defaults().dad_timeout,
           "How long --dad listens for an answer.");
-ABSL_FLAG(bool, port_security, Defaults().port_security,
-          "Port security: a VM sends only from its own addresses and its "
-          "allowed_source_prefixes, claims only its own addresses in ARP and neighbour "
-          "discovery, sends no router advertisement or redirect, and reaches the host "
-          "itself only with ICMP echo/errors, neighbour discovery and --vm-to-host-allow. "
-          "Enforced in nftables tables of vmnetd's own (inet vmnet, arp vmnet). "
-          "--port-security=false removes them.");
+ABSL_FLAG(
+    bool, port_security, Defaults().port_security,
+    "Port security: a VM sends only from its own addresses and its "
+    "allowed_source_prefixes, claims only its own addresses in ARP and neighbour "
+    "discovery, sends no router advertisement or redirect, and reaches the host "
+    "itself only with ICMP echo/errors, neighbour discovery and --vm-to-host-allow. "
+    "Enforced in nftables tables of vmnetd's own (inet vmnet, arp vmnet). "
+    "--port-security=false removes them.");
 ABSL_FLAG(std::string, vm_to_host_allow, Defaults().vm_to_host_allow,
           "Comma-separated PROTOCOL/PORT a VM may reach on the host's own addresses "
           "(e.g. udp/53,tcp/80 for a DNS or metadata service); tcp or udp.");

@@ -58,11 +58,12 @@ std::string Describe(const Event& e) {
         if constexpr (std::is_same_v<T, NftEvent>) {
           return ev.ToString();
         } else {
-        std::string s = ev.deleted ? "deleted " : "";
-        if constexpr (std::is_same_v<T, LinkEvent>) return s + ev.link.ToString();
-        if constexpr (std::is_same_v<T, AddressEvent>) return s + ev.address.ToString();
-        if constexpr (std::is_same_v<T, RouteEvent>) return s + ev.route.ToString();
-        if constexpr (std::is_same_v<T, NeighborEvent>) return s + ev.neighbor.ToString();
+          std::string s = ev.deleted ? "deleted " : "";
+          if constexpr (std::is_same_v<T, LinkEvent>) return s + ev.link.ToString();
+          if constexpr (std::is_same_v<T, AddressEvent>) return s + ev.address.ToString();
+          if constexpr (std::is_same_v<T, RouteEvent>) return s + ev.route.ToString();
+          if constexpr (std::is_same_v<T, NeighborEvent>)
+            return s + ev.neighbor.ToString();
         }
       },
       e);

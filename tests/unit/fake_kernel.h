@@ -10,8 +10,8 @@
 #include <tuple>
 #include <vector>
 
-#include "vmnet/base/mutex.h"
 #include "fake_port_security_kernel.h"
+#include "vmnet/base/mutex.h"
 #include "vmnet/kernel/kernel.h"
 
 namespace vmnet::testing {

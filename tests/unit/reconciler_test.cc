@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <set>
 #include <thread>
 
 #include "fake_clock.h"
@@ -411,6 +412,123 @@ TEST_F(ReconcilerClockTest, TheFullResyncComesEveryInterval) {
   EXPECT_EQ(reconciler_->counters().full_resyncs, 0u);
   clock_.Advance(std::chrono::seconds(1));
   EXPECT_TRUE(WaitFor([&] { return reconciler_->counters().full_resyncs == 1u; }));
+}
+
+// Port security's nftables objects, owned like every other kind.
+class PortSecurityTest : public ReconcilerTest {
+ protected:
+  void SetUp() override {
+    ReconcilerTest::SetUp();
+    kernel::PortSecurityConfig config;
+    config.vm_to_host_allow = {{kernel::VmToHostPort::Protocol::kUdp, 53}};
+    options_.host.port_security = config;
+  }
+  std::set<kernel::NftElement> Elements() { return kernel_.port_security().elements(); }
+  static kernel::NftElement Source(const char* link, const char* prefix) {
+    return kernel::NftSourcePrefix{link, *IpPrefix::Parse(prefix)};
+  }
+};
+
+TEST_F(PortSecurityTest, AttachInstallsTheVmsElementsAndDetachRemovesThem) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  ASSERT_TRUE(kernel_.port_security().base().has_value());
+  ASSERT_TRUE(Attach("vm-2", "vme2a", {"198.51.100.202"}).ok());
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}, "",
+                          options_.rules);
+  ASSERT_TRUE(spec.ok());
+  spec->allowed_source_prefixes = {*IpPrefix::Parse("203.0.113.0/24"),
+                                   *IpPrefix::Parse("203.0.113.128/25")};
+  std::promise<absl::StatusOr<VmView>> done;
+  reconciler_->Attach(*spec, false, "",
+                      [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+  auto vm = done.get_future().get();
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_EQ(vm->state, VmState::kProgrammed);
+  std::set<kernel::NftElement> want = {
+      kernel::NftVmLink{"vme1a"},
+      Source("vme1a", "198.51.100.201/32"),
+      Source("vme1a", "2001:db8:1::201/128"),
+      Source("vme1a", "203.0.113.0/24"),  // the /25 inside it is left out
+      kernel::NftArpSender{"vme1a", Ip("198.51.100.201")},
+      kernel::NftVmLink{"vme2a"},
+      Source("vme2a", "198.51.100.202/32"),
+      kernel::NftArpSender{"vme2a", Ip("198.51.100.202")}};
+  EXPECT_EQ(Elements(), want);
+
+  kernel_.port_security().AddConntrackEntries(Ip("198.51.100.201"), 2);
+  ASSERT_TRUE(Detach("vm-1").ok());
+  EXPECT_EQ(Elements(),
+            (std::set<kernel::NftElement>{
+                kernel::NftVmLink{"vme2a"}, Source("vme2a", "198.51.100.202/32"),
+                kernel::NftArpSender{"vme2a", Ip("198.51.100.202")}}));
+  EXPECT_THAT(
+      kernel_.port_security().conntrack_deletions(),
+      ::testing::UnorderedElementsAre(Ip("198.51.100.201"), Ip("2001:db8:1::201")));
+}
+
+TEST_F(PortSecurityTest, ADeletedTableIsRebuiltWithEveryElement) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  auto before = Elements();
+  kernel_.port_security().DeleteTable();
+  EXPECT_TRUE(WaitFor([&] {
+    return kernel_.port_security().base().has_value() && Elements() == before;
+  }));
+  EXPECT_TRUE(WaitFor([&] { return CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED) >= 1; }));
+}
+
+TEST_F(PortSecurityTest, ADeletedElementIsPutBack) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  kernel_.port_security().RemoveElement(Source("vme1a", "198.51.100.201/32"));
+  EXPECT_TRUE(
+      WaitFor([&] { return Elements().contains(Source("vme1a", "198.51.100.201/32")); }));
+}
+
+TEST_F(PortSecurityTest, RestartWithNothingDriftedWritesNoElement) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  StopAgent();
+  size_t transactions = kernel_.port_security().transactions();
+  StartAgent();
+  EXPECT_EQ(kernel_.port_security().transactions(), transactions);
+  EXPECT_EQ(StateOf("vm-1"), VmState::kProgrammed);
+}
+
+TEST_F(PortSecurityTest, TurnedOffTheTablesGo) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  StopAgent();
+  options_.host.port_security.reset();
+  StartAgent();
+  EXPECT_FALSE(kernel_.port_security().base().has_value());
+  EXPECT_TRUE(Elements().empty());
+}
+
+TEST_F(PortSecurityTest, ASourcePrefixThatIsAnotherVmsAddressIsRefused) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  auto spec = ParseVmSpec("vm-2", "vme2a", {"198.51.100.202"}, "", options_.rules);
+  ASSERT_TRUE(spec.ok());
+  spec->allowed_source_prefixes = {*IpPrefix::Parse("198.51.100.201/32")};
+  std::promise<absl::StatusOr<VmView>> done;
+  reconciler_->Attach(*spec, false, "",
+                      [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+  auto vm = done.get_future().get();
+  EXPECT_EQ(vm.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(
+      std::string(vm.status().message()),
+      HasSubstr("allowed_source_prefixes[0]: \"198.51.100.201/32\" is the address of VM "
+                "\"vm-1\""));
+  EXPECT_FALSE(reconciler_->FindVm("vm-2"));
 }
 
 TEST_F(ReconcilerTest, RestartWithNothingDriftedWritesNothing) {

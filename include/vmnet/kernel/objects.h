@@ -105,8 +105,8 @@ struct DumpSelection {
   bool links = true;
   bool addresses = true;
   bool routes = true;
-  bool neighbors = true;  // ordinary neighbour entries (ARP and NDP)
-  bool proxies = true;    // proxy entries (ARP and NDP)
+  bool neighbors = true;      // ordinary neighbour entries (ARP and NDP)
+  bool proxies = true;        // proxy entries (ARP and NDP)
   bool port_security = true;  // vmnetd's nftables tables
 
   static DumpSelection All() { return {}; }
