@@ -46,8 +46,11 @@ Usage: vmnetctl [--server=ADDR] [--ca=PEM] [--cert=PEM --key=PEM] [--output=text
                 [--timeout=SECONDS] COMMAND [ARGS]
 
 Commands:
-  attach VM_ID --interface IF --ip ADDR [--ip ADDR ...] [--mac MAC] [--validate-only]
+  attach VM_ID --interface IF --ip ADDR [--ip ADDR ...] [--mac MAC]
+               [--allow-source PREFIX ...] [--validate-only]
                    Attach a VM (an upsert: the same spec again changes nothing).
+                   --allow-source: a source prefix the VM may send from besides
+                   its addresses (port security), e.g. 203.0.113.0/24.
   detach VM_ID [--allow-missing]
                    Remove what the VM's attach installed.
   get VM_ID        One VM: its spec, state and message.
@@ -351,7 +354,8 @@ class Client {
   }
 
   int Attach() {
-    if (auto e = CheckOptions(args_, {"interface", "ip", "mac", "validate-only"});
+    if (auto e = CheckOptions(args_,
+                              {"interface", "ip", "mac", "allow-source", "validate-only"});
         !e.empty()) {
       return Usage(e);
     }
@@ -361,6 +365,8 @@ class Client {
     request.set_interface(Option(args_, "interface"));
     auto [begin, end] = args_.options.equal_range("ip");
     for (auto it = begin; it != end; ++it) request.add_ip_addresses(it->second);
+    auto [first, last] = args_.options.equal_range("allow-source");
+    for (auto it = first; it != last; ++it) request.add_allowed_source_prefixes(it->second);
     request.set_mac_address(Option(args_, "mac"));
     request.set_validate_only(Has(args_, "validate-only"));
     vmnet::v1::AttachVmResponse response;
@@ -430,6 +436,11 @@ class Client {
               << "interface:   " << vm.interface() << "\n"
               << "addresses:   " << absl::StrJoin(vm.ip_addresses(), ", ") << "\n"
               << "mac_address: " << (vm.mac_address().empty() ? "-" : vm.mac_address())
+              << "\n"
+              << "allowed_source_prefixes: "
+              << (vm.allowed_source_prefixes().empty()
+                      ? "-"
+                      : absl::StrJoin(vm.allowed_source_prefixes(), ", "))
               << "\n"
               << "revision:    " << vm.revision() << "\n";
     if (!vm.message().empty()) std::cout << "message:     " << vm.message() << "\n";

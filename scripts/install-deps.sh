@@ -7,7 +7,7 @@ set -euo pipefail
 
 packages=(
   # build
-  cmake ninja-build g++ pkg-config
+  cmake ninja-build g++ pkg-config ccache
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libnl-3-dev libnl-route-3-dev prometheus-cpp-dev libsystemd-dev
   libnftnl-dev libmnl-dev libnetfilter-conntrack-dev
