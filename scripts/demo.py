@@ -12,7 +12,8 @@ It builds a small lab out of network namespaces (nothing outside them changes):
 
 starts vmnetd on the host, attaches both VMs (dual stack) with vmnetctl, shows what the host
 now holds, that X learned of the VMs from the agent's announcements, and that X and the VMs
-reach each other over IPv4 and IPv6, detaches VM 1 and shows that X no longer reaches it, and
+reach each other over IPv4 and IPv6, shows a spoofed ping from VM 1 that X never receives,
+detaches VM 1 and shows that X no longer reaches it, and
 tears everything down. The binaries are <repo>/build/server/vmnetd and
 <repo>/build/client/vmnetctl (override with VMNETD and VMNETCTL).
 
@@ -21,6 +22,7 @@ run here (not root, binaries not built).
 """
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -147,6 +149,21 @@ def run_demo(the_lab):
     demo.ping(vm1.ns, vm2.address)
     demo.ping(the_lab.x, vm1.address6)
     demo.ping(vm2.ns, lab.X_ADDRESS6)
+
+    demo.step("Port security", f"VM 1 takes VM 2's address {vm2.address} as well and pings X "
+              f"from it. The host drops every such packet before routing it (vmnetd's own "
+              f"nftables tables; per-VM data in set elements), so X never receives one, and "
+              f"VM 1's spoofed_source counter counts them.")
+    demo.sh(vm1.ns, "ip", "addr", "add", f"{vm2.address}/32", "dev", "eth0")
+    spoofed = demo.sh(vm1.ns, "ping", "-c", "3", "-W", "1", "-I", vm2.address, lab.X_ADDRESS)
+    demo.expect(spoofed.returncode != 0, f"X does not answer a ping spoofed as {vm2.address}")
+    demo.sh(vm1.ns, "ip", "addr", "del", f"{vm2.address}/32", "dev", "eth0")
+    counter = demo.sh(the_lab.host, "nft", "list", "counter", "inet", "vmnet",
+                      f"spoofed_source.{vm1.interface}")
+    dropped = re.search(r"packets (\d+)", counter.stdout)
+    demo.expect(dropped is not None and int(dropped.group(1)) >= 3,
+                "the host counted the 3 spoofed packets")
+    demo.ping(vm1.ns, lab.X_ADDRESS)
 
     demo.step("Detach VM 1", f"vmnetd removes exactly what it installed for VM 1; the link "
               f"{vm1.interface} stays (the hypervisor owns it). VM 2 is not disturbed.")
