@@ -644,6 +644,36 @@ class HostileInputTest(HostileTestCase):
                         OK, check=expect_vm(ip_addresses=too_many[:-1])))
         self.run_rows(rows)
 
+    def test_attach_allowed_source_prefixes(self):
+        cases = [
+            ("not a prefix", "zz", ("CIDR",)),
+            ("without a length", "203.0.113.0", ("CIDR",)),
+            ("with a length of 33", "203.0.113.0/33", ("CIDR",)),
+            ("with a negative length", "203.0.113.0/-1", ("CIDR",)),
+            ("with host bits set", "203.0.113.1/24", ("host bits", "203.0.113.0/24")),
+            ("IPv6 with host bits set", "2001:db8:2::1/48", ("host bits",)),
+            ("multicast", "224.0.0.0/4", ("multicast",)),
+            ("loopback", "127.0.0.0/8", ("loopback",)),
+            ("link-local", "fe80::/10", ("link-local",)),
+            ("IPv4-mapped", "::ffff:203.0.113.0/120", ("IPv4-mapped",)),
+            ("with a NUL byte", "203.0.113.0/24\x00", ("CIDR",)),
+        ]
+        rows = [Row(f"with allowed_source_prefixes[1] {what}", "AttachVm",
+                    self.valid(allowed_source_prefixes=["198.51.100.128/25", prefix]),
+                    names=("allowed_source_prefixes[1]", *reason))
+                for what, prefix, reason in cases]
+        rows.append(Row("with a prefix given twice", "AttachVm",
+                        self.valid(allowed_source_prefixes=["203.0.113.0/24", "203.0.113.0/24"]),
+                        names=("allowed_source_prefixes[1]", "twice")))
+        rows.append(Row("with VM 1's address as an allowed source", "AttachVm",
+                        self.valid(allowed_source_prefixes=[f"{self.vm1.address}/32"]),
+                        names=("allowed_source_prefixes[0]", self.vm1.address, "vm-1")))
+        rows.append(Row("with 0.0.0.0/0 and ::/0, validate_only", "AttachVm",
+                        self.valid(allowed_source_prefixes=["0.0.0.0/0", "::/0"],
+                                   validate_only=True), OK,
+                        check=expect_vm(allowed_source_prefixes=["0.0.0.0/0", "::/0"])))
+        self.run_rows(rows)
+
     def test_attach_mac_address(self):
         cases = [
             ("not a MAC", "zz", ()),

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "vmnet/net/address.h"
@@ -133,6 +134,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!s.ok()) CheckRefusal(s, f);
   }
 
+  // allowed_source_prefixes: every field after the first three, as prefixes.
+  auto prefixes = vmnet::ParseSourcePrefixes(addresses, *rules);
+  if (!prefixes.ok()) {
+    CheckRefusal(prefixes.status(), input);
+    EXPECT(absl::StartsWith(prefixes.status().message(), "allowed_source_prefixes"), input);
+  } else {
+    EXPECT(prefixes->size() == addresses.size(), input);
+    for (size_t i = 0; i < prefixes->size(); ++i) {
+      const IpPrefix& p = (*prefixes)[i];
+      // As given (request order), canonical, no host bits, none twice.
+      EXPECT(IpPrefix::Parse(addresses[i]) == p, input);
+      EXPECT(p.Masked() == p, input);
+      EXPECT(!(p.address.is_v6() && p.length > 0 && p.address.IsV4Mapped()), input);
+      for (size_t j = 0; j < i; ++j) EXPECT((*prefixes)[j] != p, input);
+    }
+    std::vector<std::string> printed;
+    for (const IpPrefix& p : *prefixes) printed.push_back(p.ToString());
+    auto again = vmnet::ParseSourcePrefixes(printed, *rules);
+    EXPECT(again.ok() && *again == *prefixes, input);
+  }
+
   absl::Status id_status = vmnet::ValidateVmId(vm_id);
   if (!id_status.ok()) CheckRefusal(id_status, input);
 
@@ -176,6 +198,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     EXPECT(!spec->mac.has_value(), input);
   } else {
     EXPECT(spec->mac.has_value() && !spec->mac->IsZero() && !spec->mac->IsMulticast(),
+           input);
+  }
+
+  // An error about an address, named by value below the API, names the
+  // field the caller sent.
+  for (size_t i = 0; i < spec->addresses.size(); ++i) {
+    absl::Status named = vmnet::NameAddressField(
+        vmnet::AddressError(absl::StatusCode::kAlreadyExists, spec->addresses[i], "is held"),
+        *spec, request_index);
+    EXPECT(absl::StartsWith(named.message(), vmnet::AddressField(request_index, i) + ": "),
            input);
   }
 
