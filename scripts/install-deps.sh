@@ -7,12 +7,12 @@ set -euo pipefail
 
 packages=(
   # build
-  cmake ninja-build g++ pkg-config ccache
+  cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev libnl-3-dev libnl-route-3-dev prometheus-cpp-dev libsystemd-dev
   libnftnl-dev libmnl-dev libnetfilter-conntrack-dev
   # tests, fuzzing and benchmarks
-  libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev llvm
+  libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev llvm ccache
   iproute2 net-tools iputils-ping nftables conntrack iperf3 curl openssl python3 python3-grpcio python3-protobuf
   python3-yaml prometheus prometheus-node-exporter
 )
