@@ -2,20 +2,30 @@
 """vmnet benchmarks: vmnetd and the kernel's own tools side by side, in a namespace lab.
 
     bench/run.sh [--vms N] [--quick] [--json FILE] [--profile DIR | --heaptrack DIR]
-                 [--agent-flags '--flag=value ...'] [--only baseline,watch,getvm,agent]
+                 [--agent-flags '--flag=value ...'] [--only baseline,watch,getvm,agent,portsec]
 
 A "host" is a network namespace with an uplink veth (eth0) to a namespace of its own standing
 for computer X, and N tap devices vme0, vme1, ... created with `ip -batch`. Host b gets the
 baseline `ip -batch`; host d the same batch VM by VM (for information); host c a vmnetd whose
 attach storm is followed by 100 Watch streams; host g (N+1 taps) a vmnetd read by GetVm while
-idle and during its storm; host a a vmnetd for everything else. --only runs some of these
-phases (baseline: b and d, watch: c, getvm: g, agent: a). Rows, each with its baseline in the
-same run:
+idle and during its storm; host a a vmnetd for everything else; hosts r (10 taps) and p (N
+taps and a veth to a VM namespace) a vmnetd with port security (issue 12). --only runs some of
+these phases (baseline: b and d, watch: c, getvm: g, agent: a, portsec: r and p). Rows, each
+with its baseline in the same run:
 
   attach storm    N AttachVm calls, 256 in flight over 4 connections (durable state on the
                   local disk), until all answered PROGRAMMED  vs  `ip -batch` installing the
                   same objects: link up, gateway 169.255.30.1/32 per link, /32 route, proxy
-                  entry on eth0
+                  entry on eth0; with port security (vmnetd's default) followed by `nft -f` of
+                  the same nftables objects: per VM the link in both vm_links sets, 4 named
+                  counters, 4 map elements, `ifname . addr` in src4 and arp_src4, into
+                  vmnetd's own tables (its base, dumped by host n's vmnetd with 0 VMs and
+                  loaded untimed before, as vmnetd installs it at start)
+  port security   (portsec) the storm in host p with port security on, vs the same baseline;
+                  the ruleset's rule count with 10 VMs (host r) and N VMs (host p): must be
+                  equal; forwarding X -> the VM of host p (203.0.113.2, behind a veth, with N
+                  other VMs attached): iperf3 TCP, rounds alternating port security on and off
+                  (the same agent and state, restarted with --port-security=false and back)
   restart         process start to health SERVING with N VMs, and zero kernel writes
                   (vmnet_kernel_writes_total and `ip monitor`)  vs  `ip` dumping the routes,
                   proxy entries and addresses
@@ -36,7 +46,8 @@ net.ipv4.ip_forward=1 before its links exist, as a routing host does, so new lin
 both sides install exactly the four objects per VM named above.
 
 Addresses: VMs get /32s in 198.18.0.0/15 and no traffic is ever sent to them; the uplink uses
-198.51.100.0/24; the gateway is 169.255.30.1. The root namespace is never changed. Every
+198.51.100.0/24; the gateway is 169.255.30.1. The one exception is the forwarding row's VM,
+203.0.113.2, a namespace of the lab: iperf3 and one ping from X reach it. The root namespace is never changed. Every
 namespace and process is removed on every exit path (normal end, exception, SIGINT, SIGTERM,
 the overall --time-limit), and the kernel's teardown of the lab is waited for.
 
@@ -47,7 +58,8 @@ separate runs. The binaries are copied at start, so a rebuild during the run cha
 Exit status: 0 when every measurement ran and its checks held (targets met or not: the table
 says), 1 when a check failed (an attach not programmed, a watcher missing events, a route not
 repaired, a kernel object count off, a kernel write on restart, a GetVm call failed or none
-measured), 2 on usage or environment
+measured, nftables objects missing, the rule count growing with the VMs, the baseline's
+nftables objects differing from vmnetd's, iperf3 failing), 2 on usage or environment
 errors, 77 when the lab cannot be built here (not root, no namespaces). Run as root with
 Debian's /usr/bin/python3. The numbers are noisy on a small shared machine; compare the ratios
 of one run.
@@ -1244,6 +1256,8 @@ class Bench:
         self.results["lab_build_s"] = {}
 
         only = self.args.only
+        if "baseline" in only or "agent" in only:
+            self.nft_base()  # host n, before any other host exists
 
         def build(name, vms=self.n):
             took = self.lab.add_host(name, vms)
@@ -1324,7 +1338,7 @@ class Bench:
                    f"port security: {result['rules_10']} rules with 10 VMs, "
                    f"{result['rules_n']} with {self.n}: the rule count must not grow")
         base = self.results.get("nft_objects_baseline")
-        if base is not None and self.results.get("vms") == self.n:
+        if base is not None:
             differ = sorted(k for k in set(base) | set(counts) if base.get(k) != counts.get(k))
             self.check(not differ, "the baseline's nftables objects differ from vmnetd's: " +
                        ", ".join(f"{k} {base.get(k)} vs {counts.get(k)}" for k in differ))
@@ -1355,18 +1369,18 @@ class Bench:
                 if agent is not current:
                     current.stop()
                     result["restart_s"].append(agent.start())
-                    if mode == "on":
-                        _, waited = wait_nft(
-                            ns, lambda c: not nft_per_vm_mismatches(c, self.n + 1), 60)
-                    else:
-                        _, waited = wait_nft(ns, lambda c: not c, 30)
-                    result["nft_ready_s"].append(waited)
                     current = agent
-                    if mode == "on":
-                        self.check_nft(ns, "vmnetd restarted with port security", self.n + 1)
-                    else:
-                        self.check(not nft_objects(ns), "vmnetd restarted with "
-                                   "--port-security=false left its nftables tables in place")
+                    if mode == "on":  # the agent rebuilds its tables and all elements
+                        counts, waited = wait_nft(
+                            ns, lambda c: not nft_per_vm_mismatches(c, self.n + 1), 60)
+                        wrong = nft_per_vm_mismatches(counts, self.n + 1)
+                        self.check(not wrong, "vmnetd restarted with port security: "
+                                   f"nftables objects {', '.join(wrong)} after {waited:.1f} s")
+                    else:  # the agent deletes its tables
+                        counts, waited = wait_nft(ns, lambda c: not c, 30)
+                        self.check(not counts, "vmnetd restarted with --port-security=false "
+                                   f"left its nftables objects in place: {counts}")
+                    result["nft_ready_s"].append(waited)
                 time.sleep(1.0)  # the restart's own work is over
                 gbits = self.iperf3(x_ns, seconds)
                 result[f"{mode}_gbits"].append(gbits)
@@ -1474,7 +1488,8 @@ def table(r):
                 f"{s['wall_s']:.3f}", f"{vm_order:.3f}", v, "-", None)
             base_cpu = r["attach_baseline_cpu_s"] + nft_cpu
             v = ratio(s["agent_cpu_s"], base_cpu)
-            add(f"  (information: CPU s, vmnetd vs {base_name.replace(' -batch', '').replace(' -f', '')})",
+            add("  (information: CPU s, vmnetd vs ip" + (" + nft)" if nft_s is not None
+                                                         else ")"),
                 f"{s['agent_cpu_s']:.3f}", f"{base_cpu:.3f}", v, "-", None)
         elif s:
             add(f"{what}, {n} VMs (wall s)", f"{s['wall_s']:.3f}", "not run (--only)", None,
