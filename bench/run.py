@@ -1628,10 +1628,13 @@ def details(r):
         sp = r.get("storm_portsec", {})
         lines.append(
             f"port security: storm vmnetd CPU {sp.get('agent_cpu_s', 0):.2f} s, kernel writes "
-            f"{sp.get('kernel_writes', 0):.0f}; nft -f CPU "
-            f"{r.get('attach_baseline_nft_cpu_s', 0):.2f} s, base loaded in "
-            f"{r.get('nft_base_load_s', 0):.3f} s; forwarding ({ps['iperf_seconds']} s per "
-            f"run, alternating) on {', '.join(f'{g:.2f}' for g in ps['on_gbits'])}, off "
+            f"{sp.get('kernel_writes', 0):.0f}; " +
+            (f"nft -f {', '.join(f'{t:.3f}' for t in r['attach_baseline_nft_times_s'])} s "
+             f"(median CPU {r['attach_baseline_nft_cpu_s']:.2f} s), base loaded in "
+             f"{r.get('nft_base_load_s', 0):.3f} s; " if "attach_baseline_nft_times_s" in r
+             else "") +
+            f"forwarding ({ps['iperf_seconds']} s per run after {ps.get('iperf_omit_s', 0)} s "
+            f"omitted, alternating) on {', '.join(f'{g:.2f}' for g in ps['on_gbits'])}, off "
             f"{', '.join(f'{g:.2f}' for g in ps['off_gbits'])} Gbit/s; restarts to SERVING "
             f"{', '.join(f'{t:.2f}' for t in ps['restart_s'])} s, then nftables ready "
             f"{', '.join(f'{t:.2f}' for t in ps['nft_ready_s'])} s later")
