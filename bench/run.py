@@ -1398,7 +1398,11 @@ class Bench:
                                    f"left its nftables objects in place: {counts}")
                     result["nft_ready_s"].append(waited)
                 time.sleep(1.0 if quick else 2.0)  # the restart's own work is over
+                cpu = current.cpu_seconds()
                 gbits = self.iperf3(x_ns, seconds, omit)
+                # vmnetd's CPU during the run: competition for the cores iperf3 uses.
+                result.setdefault(f"{mode}_agent_cpu_s", []).append(
+                    round(current.cpu_seconds() - cpu, 3))
                 result[f"{mode}_gbits"].append(gbits)
                 log(f"forwarding X -> VM with {self.n + 1} VMs, port security {mode}: "
                     f"{gbits:.2f} Gbit/s")
@@ -1635,7 +1639,10 @@ def details(r):
              else "") +
             f"forwarding ({ps['iperf_seconds']} s per run after {ps.get('iperf_omit_s', 0)} s "
             f"omitted, alternating) on {', '.join(f'{g:.2f}' for g in ps['on_gbits'])}, off "
-            f"{', '.join(f'{g:.2f}' for g in ps['off_gbits'])} Gbit/s; restarts to SERVING "
+            f"{', '.join(f'{g:.2f}' for g in ps['off_gbits'])} Gbit/s" +
+            (f" (vmnetd CPU during them: on {ps['on_agent_cpu_s']}, off "
+             f"{ps['off_agent_cpu_s']} s)" if "on_agent_cpu_s" in ps else "") +
+            "; restarts to SERVING "
             f"{', '.join(f'{t:.2f}' for t in ps['restart_s'])} s, then nftables ready "
             f"{', '.join(f'{t:.2f}' for t in ps['nft_ready_s'])} s later")
     if "idle_cpu_percent" in r:
