@@ -47,9 +47,9 @@ both sides install exactly the four objects per VM named above.
 
 Addresses: VMs get /32s in 198.18.0.0/15 and no traffic is ever sent to them; the uplink uses
 198.51.100.0/24; the gateway is 169.255.30.1. The one exception is the forwarding row's VM,
-203.0.113.2, a namespace of the lab: iperf3 and one ping from X reach it. The root namespace is never changed. Every
-namespace and process is removed on every exit path (normal end, exception, SIGINT, SIGTERM,
-the overall --time-limit), and the kernel's teardown of the lab is waited for.
+203.0.113.2, a namespace of the lab: iperf3 and one ping from X reach it. The root namespace is
+never changed. Every namespace and process is removed on every exit path (normal end, exception,
+SIGINT, SIGTERM, the overall --time-limit), and the kernel's teardown of the lab is waited for.
 
 --profile DIR writes perf reports per phase (DWARF call graphs of vmnetd, and the whole
 machine); --heaptrack DIR runs host a's vmnetd under heaptrack. Both perturb the numbers: use
