@@ -2,20 +2,30 @@
 """vmnet benchmarks: vmnetd and the kernel's own tools side by side, in a namespace lab.
 
     bench/run.sh [--vms N] [--quick] [--json FILE] [--profile DIR | --heaptrack DIR]
-                 [--agent-flags '--flag=value ...'] [--only baseline,watch,getvm,agent]
+                 [--agent-flags '--flag=value ...'] [--only baseline,watch,getvm,agent,portsec]
 
 A "host" is a network namespace with an uplink veth (eth0) to a namespace of its own standing
 for computer X, and N tap devices vme0, vme1, ... created with `ip -batch`. Host b gets the
 baseline `ip -batch`; host d the same batch VM by VM (for information); host c a vmnetd whose
 attach storm is followed by 100 Watch streams; host g (N+1 taps) a vmnetd read by GetVm while
-idle and during its storm; host a a vmnetd for everything else. --only runs some of these
-phases (baseline: b and d, watch: c, getvm: g, agent: a). Rows, each with its baseline in the
-same run:
+idle and during its storm; host a a vmnetd for everything else; hosts r (10 taps) and p (N
+taps and a veth to a VM namespace) a vmnetd with port security (issue 12). --only runs some of
+these phases (baseline: b and d, watch: c, getvm: g, agent: a, portsec: r and p). Rows, each
+with its baseline in the same run:
 
   attach storm    N AttachVm calls, 256 in flight over 4 connections (durable state on the
                   local disk), until all answered PROGRAMMED  vs  `ip -batch` installing the
                   same objects: link up, gateway 169.255.30.1/32 per link, /32 route, proxy
-                  entry on eth0
+                  entry on eth0; with port security (vmnetd's default) followed by `nft -f` of
+                  the same nftables objects: per VM the link in both vm_links sets, 4 named
+                  counters, 4 map elements, `ifname . addr` in src4 and arp_src4, into
+                  vmnetd's own tables (its base, dumped by host n's vmnetd with 0 VMs and
+                  loaded untimed before, as vmnetd installs it at start)
+  port security   (portsec) the storm in host p with port security on, vs the same baseline;
+                  the ruleset's rule count with 10 VMs (host r) and N VMs (host p): must be
+                  equal; forwarding X -> the VM of host p (203.0.113.2, behind a veth, with N
+                  other VMs attached): iperf3 TCP, rounds alternating port security on and off
+                  (the same agent and state, restarted with --port-security=false and back)
   restart         process start to health SERVING with N VMs, and zero kernel writes
                   (vmnet_kernel_writes_total and `ip monitor`)  vs  `ip` dumping the routes,
                   proxy entries and addresses
@@ -36,9 +46,10 @@ net.ipv4.ip_forward=1 before its links exist, as a routing host does, so new lin
 both sides install exactly the four objects per VM named above.
 
 Addresses: VMs get /32s in 198.18.0.0/15 and no traffic is ever sent to them; the uplink uses
-198.51.100.0/24; the gateway is 169.255.30.1. The root namespace is never changed. Every
-namespace and process is removed on every exit path (normal end, exception, SIGINT, SIGTERM,
-the overall --time-limit), and the kernel's teardown of the lab is waited for.
+198.51.100.0/24; the gateway is 169.255.30.1. The one exception is the forwarding row's VM,
+203.0.113.2, a namespace of the lab: iperf3 and one ping from X reach it. The root namespace is
+never changed. Every namespace and process is removed on every exit path (normal end, exception,
+SIGINT, SIGTERM, the overall --time-limit), and the kernel's teardown of the lab is waited for.
 
 --profile DIR writes perf reports per phase (DWARF call graphs of vmnetd, and the whole
 machine); --heaptrack DIR runs host a's vmnetd under heaptrack. Both perturb the numbers: use
@@ -47,7 +58,8 @@ separate runs. The binaries are copied at start, so a rebuild during the run cha
 Exit status: 0 when every measurement ran and its checks held (targets met or not: the table
 says), 1 when a check failed (an attach not programmed, a watcher missing events, a route not
 repaired, a kernel object count off, a kernel write on restart, a GetVm call failed or none
-measured), 2 on usage or environment
+measured, nftables objects missing, the rule count growing with the VMs, the baseline's
+nftables objects differing from vmnetd's, iperf3 failing), 2 on usage or environment
 errors, 77 when the lab cannot be built here (not root, no namespaces). Run as root with
 Debian's /usr/bin/python3. The numbers are noisy on a small shared machine; compare the ratios
 of one run.
@@ -84,7 +96,20 @@ SKIPPED = 77  # exit status when the lab cannot be built here (CTest SKIP_RETURN
 TOOLS = ("vmnet_attach_storm", "vmnet_getvm_latency", "vmnet_list_pages", "vmnet_wait_serving",
          "vmnet_drift_repair")
 # --only: the phases, each in hosts of its own (see Bench.run).
-PHASES = ("baseline", "watch", "getvm", "agent")
+PHASES = ("baseline", "watch", "getvm", "agent", "portsec")
+# The port-security phase's forwarding row: the one VM that traffic is sent to (iperf3 from X),
+# in a namespace of its own behind a veth, with an address of TEST-NET-3 (never 198.18.0.0/15).
+FORWARD_VM_ADDRESS = "203.0.113.2"
+FORWARD_VM_ID = "bench-forward"
+IPERF_PORT = 5201
+NFT_TABLES = (("inet", "vmnet"), ("arp", "vmnet"))  # vmnetd's own (NFT_NOTES.md)
+# Per VM link, vmnetd's port security installs (NFT_NOTES.md): the link in both `vm_links`
+# sets, 3 named counters in `inet vmnet` and 1 in `arp vmnet`, an element `ifname : counter`
+# in each of the 4 maps, and per IPv4 address `ifname . addr` in `src4` and `arp_src4`.
+NFT_PER_VM = ("inet counters", "inet set vm_links", "inet set src4", "inet map spoofed_source",
+              "inet map spoofed_arp_nd", "inet map to_host", "arp counters",
+              "arp set vm_links", "arp set arp_src4", "arp map spoofed_arp_nd")
+NFT_COUNTERS_PER_VM = {"inet counters": 3, "arp counters": 1}
 
 
 class BenchError(Exception):
@@ -206,10 +231,34 @@ class Lab:
         run("ip", "-n", host, "-batch", "-", input=batch, timeout=120 + vms * 0.02)
         return time.monotonic() - start
 
+    def vm_namespace(self, name):
+        return f"{self.prefix}{name}-vm"
+
+    def add_vm(self, name, link, address):
+        """A namespace standing for one VM of host `name`: a veth whose host end is `link`
+        (DOWN: attaching the VM brings it up) and whose VM end, eth0, holds `address`/32 with
+        a default route through the gateway, as a host-routed VM is configured. X routes the
+        address through the host. IPv6 is off in the VM so that it sends nothing unasked."""
+        host, vm, x = self.host(name), self.vm_namespace(name), f"{self.prefix}{name}-x"
+        run("ip", "netns", "add", vm)
+        self.namespaces.append(vm)
+        run("ip", "netns", "exec", vm, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1")
+        run("ip", "-n", vm, "link", "set", "lo", "up")
+        run("ip", "-n", host, "link", "add", link, "type", "veth", "peer", "name", "eth0",
+            "netns", vm)
+        run("ip", "-n", vm, "addr", "add", f"{address}/32", "dev", "eth0")
+        run("ip", "-n", vm, "link", "set", "eth0", "up")
+        run("ip", "-n", vm, "route", "add", GATEWAY, "dev", "eth0", "scope", "link")
+        run("ip", "-n", vm, "route", "add", "default", "via", GATEWAY, "dev", "eth0")
+        run("ip", "-n", x, "route", "add", f"{address}/32", "via", HOST_ADDRESS.split("/")[0])
+        return vm
+
     def remove_host(self, name):
-        for ns in (self.host(name), f"{self.prefix}{name}-x"):
-            run("ip", "netns", "delete", ns, timeout=60)
-            self.namespaces.remove(ns)
+        for ns in (self.host(name), f"{self.prefix}{name}-x", self.vm_namespace(name)):
+            if ns in self.namespaces:
+                run("ip", "netns", "delete", ns, timeout=60)
+                self.namespaces.remove(ns)
 
     def spawn(self, cmd, **kwargs):
         """A background process that the lab stops in close()."""
@@ -307,6 +356,144 @@ def count_kernel_objects(ns):
     addresses = run("ip", "-n", ns, "-4", "-o", "addr", "show", timeout=60).stdout.count(
         f" {GATEWAY}/32 ")
     return routes, proxies, addresses
+
+
+# -- nftables (port security) ----------------------------------------------------------------
+
+def port_security_enabled(flags):
+    """Whether vmnetd runs with port security given its extra `flags` (on by default)."""
+    enabled = True
+    for flag in flags:
+        name, _, value = flag.lstrip("-").partition("=")
+        name = name.replace("_", "-")
+        if name == "port-security":
+            enabled = value.lower() not in ("false", "0", "no")
+        elif name == "noport-security":
+            enabled = False
+    return enabled
+
+
+def nft_objects(ns):
+    """vmnetd's nftables objects in namespace `ns`, counted from `nft -j list ruleset`:
+    {"<family> counters": n, "<family> set|map <name>": elements, "<family> rules": n} over
+    the tables named vmnet only (empty when there are none)."""
+    out = run("ip", "netns", "exec", ns, "nft", "-j", "list", "ruleset", timeout=120).stdout
+    counts = {}
+    for item in json.loads(out).get("nftables", []):
+        (kind, value), = item.items()
+        if not isinstance(value, dict) or value.get("table") != "vmnet":
+            continue
+        family = value.get("family")
+        if kind == "counter":
+            key = f"{family} counters"
+            counts[key] = counts.get(key, 0) + 1
+        elif kind in ("set", "map"):
+            counts[f"{family} {kind} {value['name']}"] = len(value.get("elem", []))
+        elif kind == "rule":
+            key = f"{family} rules"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def nft_per_vm_mismatches(counts, vms):
+    """The per-VM objects of `counts` (nft_objects) that are not there `vms` times (one IPv4
+    address per VM): a list of "what: have, want" strings, empty when all are right."""
+    wrong = []
+    for key in NFT_PER_VM:
+        want = vms * NFT_COUNTERS_PER_VM.get(key, 1)
+        if counts.get(key, 0) != want:
+            wrong.append(f"{key}: {counts.get(key, 0)}, want {want}")
+    return wrong
+
+
+def nft_rule_count(ns):
+    """The rules of the whole ruleset of namespace `ns`: the lines of `nft -a -t list ruleset`
+    that carry a handle inside a chain (-t leaves set elements out; rules are the same)."""
+    out = run("ip", "netns", "exec", ns, "nft", "-a", "-t", "list", "ruleset",
+              timeout=120).stdout
+    rules, in_chain = 0, False
+    for line in out.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("chain ") and stripped.split("#")[0].rstrip().endswith("{"):
+            in_chain = True
+        elif in_chain and stripped == "}":
+            in_chain = False
+        elif in_chain and "# handle " in stripped:
+            rules += 1
+    return rules
+
+
+def wait_nft(ns, want, timeout):
+    """Polls nft_objects(ns) until `want(counts)` holds or `timeout` s pass; returns the
+    counts last seen and the seconds until the listing that showed them had begun (0 when the
+    first one did: a listing of 10,000 VMs' objects takes about 1.5 s by itself)."""
+    start = began = time.monotonic()
+    while True:
+        counts = nft_objects(ns)
+        if want(counts) or began - start > timeout:
+            return counts, began - start
+        time.sleep(0.1)
+        began = time.monotonic()
+
+
+# nft prints vmnetd's neighbour-advertisement check, `iifname . <16 raw bytes>` looked up in
+# the `ifname . ipv6_addr` set src6, but cannot parse it back (NFT_NOTES.md: the bytecode is
+# built by hand). The baseline loads the same rule with the VM's IPv6 source in place of the
+# raw target: the same lookup in the same set, for the same packets (NAs only).
+_NFT_UNPARSABLE = (("iifname . @th,64,128 != @src6", "iifname . ip6 saddr != @src6"),)
+
+
+def nft_base_from_dump(text):
+    """vmnetd's base ruleset as `nft list ruleset` printed it with 0 VMs, made loadable by
+    `nft -f`: only its own tables, the counters' values left out, the unparsable rule
+    rewritten (see _NFT_UNPARSABLE). Returns (text, rewritten rules)."""
+    rewritten = 0
+    for old, new in _NFT_UNPARSABLE:
+        rewritten += text.count(old)
+        text = text.replace(old, new)
+    keep, lines, inside = [], text.splitlines(), False
+    for line in lines:
+        if re.match(r"^table (inet|arp) vmnet \{", line):
+            inside = True
+        if inside:
+            keep.append(line)
+        if inside and line == "}":
+            inside = False
+    return "\n".join(keep) + "\n", rewritten
+
+
+def nft_elements_file(path, vms):
+    """Writes the `nft -f` file that adds what vmnetd's port security adds for VMs 0..vms-1
+    (one IPv4 address each) to its existing tables: the named counters (in table blocks, the
+    fastest form measured: 0.9 s for 10,000 VMs, as fast as `add counter` lines) and one
+    `add element` statement per set and map with every VM's element."""
+    r = range(vms)
+    lines = ["table inet vmnet {"]
+    lines += [f"\tcounter {reason}.{interface(i)} {{ }}"
+              for reason in ("spoofed_source", "spoofed_arp_nd", "to_host") for i in r]
+    lines += ["}", "table arp vmnet {"]
+    lines += [f"\tcounter spoofed_arp_nd.{interface(i)} {{ }}" for i in r]
+    lines.append("}")
+
+    def add(family, name, elements):
+        if elements:
+            lines.append(f"add element {family} vmnet {name} {{ " + ", ".join(elements) + " }")
+
+    for family in ("inet", "arp"):
+        add(family, "vm_links", [f'"{interface(i)}"' for i in r])
+    add("inet", "src4", [f'"{interface(i)}" . {vm_address(i)}' for i in r])
+    add("arp", "arp_src4", [f'"{interface(i)}" . {vm_address(i)}' for i in r])
+    for reason in ("spoofed_source", "spoofed_arp_nd", "to_host"):
+        add("inet", reason, [f'"{interface(i)}" : "{reason}.{interface(i)}"' for i in r])
+    add("arp", "spoofed_arp_nd", [f'"{interface(i)}" : "spoofed_arp_nd.{interface(i)}"'
+                                  for i in r])
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def iperf3_gbits(result):
+    """Received Gbit/s of an iperf3 -J result."""
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 # -- vmnetd -----------------------------------------------------------------------------------
@@ -660,6 +847,14 @@ class Bench:
         path = os.path.join(self.workdir, f"attach-{order}.batch")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
+        base = self.nft_base() if order == "kind" else None
+        if base:
+            # vmnetd installs its tables when it starts, before any VM: not timed here either.
+            base_path = os.path.join(self.workdir, "nft-base.nft")
+            with open(base_path, "w") as f:
+                f.write(base)
+            self.results["nft_base_load_s"] = timed("ip", "netns", "exec", ns, "nft", "-f",
+                                                    base_path)
         cpu = []
         with self.profiler.phase(key, comm="ip"):
             seconds = timed("ip", "-n", ns, "-batch", path, timeout=120 + self.n * 0.05, cpu=cpu)
@@ -668,6 +863,73 @@ class Bench:
         self.results[f"{key}_cpu_s"] = cpu[0]
         log(f"ip -batch ({order} order) installed {4 * self.n} objects in {seconds:.3f} s "
             f"(CPU {cpu[0]:.2f} s)")
+        if base:
+            # Median of 3 loads (1 with --quick): nft -f of 10,000 VMs' elements took 1.0 to
+            # 3.5 s on this shared machine. Between loads vmnetd's tables are deleted and the
+            # base loaded again; the last load stays for the checks.
+            elements = os.path.join(self.workdir, "nft-elements.nft")
+            nft_elements_file(elements, self.n)
+            times, cpu = [], []
+            for attempt in range(1 if self.args.quick else 3):
+                if attempt:
+                    run("ip", "netns", "exec", ns, "nft", "delete table inet vmnet; "
+                        "delete table arp vmnet", timeout=120)
+                    run("ip", "netns", "exec", ns, "nft", "-f", base_path, timeout=120)
+                    time.sleep(0.5)
+                with self.profiler.phase(f"{key}_nft_{attempt}", comm="nft"):
+                    times.append(timed("ip", "netns", "exec", ns, "nft", "-f", elements,
+                                       timeout=120 + self.n * 0.05, cpu=cpu))
+            nft_s = statistics.median(times)
+            cpu = [statistics.median(cpu)]
+            self.results[f"{key}_nft_times_s"] = times
+            counts = nft_objects(ns)
+            wrong = nft_per_vm_mismatches(counts, self.n)
+            self.check(not wrong, f"nft -f (baseline): {', '.join(wrong)} in {ns}")
+            self.results["nft_objects_baseline"] = counts
+            self.results["nft_rules_baseline"] = nft_rule_count(ns)
+            self.results[f"{key}_nft_s"] = nft_s
+            self.results[f"{key}_nft_cpu_s"] = cpu[0]
+            log(f"nft -f installed port security's {10 * self.n} per-VM objects in "
+                f"{', '.join(f'{t:.3f}' for t in times)} s (median CPU {cpu[0]:.2f} s); "
+                f"ip -batch + nft -f {seconds + nft_s:.3f} s")
+
+    def nft_base(self):
+        """vmnetd's base ruleset (its tables, chains, rules and constant sets; no VM), as the
+        agent installs it, for the baseline to load with `nft -f`: dumped once from a vmnetd
+        with 0 VMs in a host of its own (host n) and cached. None when port security is off
+        in --agent-flags, or when this vmnetd installs no nftables table (a build without
+        port security): the baseline then installs no nftables objects, like the agent."""
+        if hasattr(self, "_nft_base"):
+            return self._nft_base
+        self._nft_base = None
+        if not port_security_enabled(self.args.agent_flags):
+            log("port security is off in --agent-flags: the baseline installs no nftables")
+            return None
+        if not self.port_security_supported():
+            return None
+        self.lab.add_host("n", 0)
+        try:
+            agent = Agent(self.lab, self.lab.host("n"), self.vmnetd, self.tools,
+                          os.path.join(self.workdir, "agent-n"), self.args.agent_flags)
+            agent.start()
+            counts, _ = wait_nft(agent.ns, lambda c: "inet rules" in c and "arp rules" in c,
+                                 5.0)
+            dump = run("ip", "netns", "exec", agent.ns, "nft", "list", "ruleset").stdout
+            agent.stop()
+        finally:
+            self.lab.remove_host("n")
+        if "inet rules" not in counts:
+            log("this vmnetd installed no nftables table with 0 VMs: no port security; the "
+                "baseline installs no nftables objects")
+            self.results["nft_base"] = None
+            return None
+        text, rewritten = nft_base_from_dump(dump)
+        self.results["nft_base"] = {"objects": counts, "rewritten_rules": rewritten,
+                                    "lines": text.count("\n")}
+        log(f"vmnetd's base ruleset with 0 VMs: {counts.get('inet rules', 0)} + "
+            f"{counts.get('arp rules', 0)} rules ({rewritten} rewritten to be loadable)")
+        self._nft_base = text
+        return text
 
     def storm(self, agent, watchers, key, before_scrape=None):
         """One attach storm of N VMs; `before_scrape` runs after it and before /metrics is
@@ -714,8 +976,22 @@ class Bench:
 
         self.storm(agent, 0, "storm", before_scrape=settle_and_note_rss)
         self.check_objects(agent.ns, "vmnetd")
+        if self.nft_base():  # port security on, and this vmnetd has it
+            self.check_nft(agent.ns, "vmnetd", self.n)
         self.results["stop_s"] = agent.stop()
         self.heap.report("storm")
+
+    def check_nft(self, ns, who, vms, timeout=30.0):
+        """Port security's per-VM objects for `vms` VMs are all in `ns` (waited for up to
+        `timeout` s: PROGRAMMED need not wait for them); returns nft_objects(ns)."""
+        counts, waited = wait_nft(ns, lambda c: not nft_per_vm_mismatches(c, vms), timeout)
+        wrong = nft_per_vm_mismatches(counts, vms)
+        self.check(not wrong, f"{who}: nftables objects {', '.join(wrong)} in {ns} after "
+                              f"{waited:.1f} s")
+        if waited > 0:
+            log(f"{who}: nftables objects not all there at first; complete within "
+                f"{waited:.1f} s")
+        return counts
 
     def note_rss(self, agent, when):
         """Records vmnetd's RSS now, and (RSS - RSS empty) / N."""
@@ -995,6 +1271,8 @@ class Bench:
         self.results["lab_build_s"] = {}
 
         only = self.args.only
+        if "baseline" in only or "agent" in only:
+            self.nft_base()  # host n, before any other host exists
 
         def build(name, vms=self.n):
             took = self.lab.add_host(name, vms)
@@ -1024,8 +1302,157 @@ class Bench:
             remove("g")
         if "agent" in only:
             self.host_a(build("a"))
+        if "portsec" in only:
+            if "agent" in only:
+                remove("a")
+            if self.port_security_supported():
+                self.portsec(build, remove)
         self.results["load_average_at_end"] = os.getloadavg()
         self.completed = True
+
+    def portsec(self, build, remove):
+        """Issue 12's rows. Host r: a vmnetd with port security attaches 10 VMs; the rules of
+        its ruleset are counted. Host p (N taps, and a veth to a VM namespace with
+        FORWARD_VM_ADDRESS): a vmnetd with port security attaches N VMs (the storm row, vs the
+        baseline phase's ip -batch + nft -f), the ruleset's rules are counted (must equal host
+        r's) and its objects compared with the baseline's; then the forwarding VM is attached
+        and iperf3 runs from X to it in alternating rounds with port security on and off (the
+        same agent, state and N+1 VMs, restarted with --port-security=false and back)."""
+        quick = self.args.quick
+        flags = [f for f in self.args.agent_flags  # on and off are set here
+                 if not re.match(r"--?(no)?port[-_]security(=|$)", f)]
+        result = self.results["portsec"] = {}
+
+        agent = Agent(self.lab, build("r", 10), self.vmnetd, self.tools,
+                      os.path.join(self.workdir, "agent-r"), flags)
+        agent.start()
+        storm = run_json(self.tools["vmnet_attach_storm"], f"--target={agent.target}",
+                         "--count=10", "--concurrency=10", "--channels=1", "--timeout_s=60",
+                         timeout=120)
+        self.check(storm["ok"], f"port security, 10 VMs: {json.dumps(storm)[:600]}")
+        self.check_nft(agent.ns, "vmnetd with 10 VMs", 10)
+        result["rules_10"] = nft_rule_count(agent.ns)
+        agent.stop()
+        remove("r")
+
+        ns = build("p")
+        link = interface(self.n)
+        vm_ns = self.lab.add_vm("p", link, FORWARD_VM_ADDRESS)
+        x_ns = f"{self.lab.prefix}p-x"
+        workdir = os.path.join(self.workdir, "agent-p")
+        on = Agent(self.lab, ns, self.vmnetd, self.tools, workdir, flags)
+        off = Agent(self.lab, ns, self.vmnetd, self.tools, workdir,
+                    flags + ["--port-security=false"])
+        on.start()
+        self.storm(on, 0, "storm_portsec")
+        self.check_objects(ns, "vmnetd with port security")
+        counts = self.check_nft(ns, "vmnetd with port security", self.n)
+        result["objects"] = counts
+        result["rules_n"] = nft_rule_count(ns)
+        self.check(result["rules_n"] == result["rules_10"],
+                   f"port security: {result['rules_10']} rules with 10 VMs, "
+                   f"{result['rules_n']} with {self.n}: the rule count must not grow")
+        base = self.results.get("nft_objects_baseline")
+        if base is not None:
+            differ = sorted(k for k in set(base) | set(counts) if base.get(k) != counts.get(k))
+            self.check(not differ, "the baseline's nftables objects differ from vmnetd's: " +
+                       ", ".join(f"{k} {base.get(k)} vs {counts.get(k)}" for k in differ))
+        log(f"port security: {result['rules_10']} rules with 10 VMs, {result['rules_n']} with "
+            f"{self.n}")
+
+        # The forwarding VM, N + 1st.
+        attach = run(self.tools["vmnetctl"], f"--server={on.target}", "attach", FORWARD_VM_ID,
+                     "--interface", link, "--ip", FORWARD_VM_ADDRESS, timeout=60)
+        log(f"vmnetctl attach: {attach.stdout.strip()}")
+        self.wait_programmed(on, FORWARD_VM_ID)
+        self.check_objects(ns, "vmnetd with the forwarding VM", want=self.n + 1)
+        self.check_nft(ns, "vmnetd with the forwarding VM", self.n + 1)
+        ping = run("ip", "netns", "exec", x_ns, "ping", "-c", "1", "-W", "3",
+                   FORWARD_VM_ADDRESS, check=False, timeout=30)
+        self.check(ping.returncode == 0, f"X cannot ping the forwarding VM: {ping.stdout}")
+        server = self.lab.spawn(["ip", "netns", "exec", vm_ns, "iperf3", "-s", "-p",
+                                 str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        rounds, seconds, omit = (1, 1, 0) if quick else (3, 3, 1)
+        result.update(iperf_seconds=seconds, iperf_omit_s=omit, on_gbits=[], off_gbits=[],
+                      restart_s=[], nft_ready_s=[])
+        current = on
+        try:
+            result["warmup_gbits"] = self.iperf3(x_ns, 1, 0)  # not counted
+            for mode in ["on", "off"] * rounds:
+                agent = on if mode == "on" else off
+                if agent is not current:
+                    current.stop()
+                    result["restart_s"].append(agent.start())
+                    current = agent
+                    if mode == "on":  # the agent rebuilds its tables and all elements
+                        counts, waited = wait_nft(
+                            ns, lambda c: not nft_per_vm_mismatches(c, self.n + 1), 60)
+                        wrong = nft_per_vm_mismatches(counts, self.n + 1)
+                        self.check(not wrong, "vmnetd restarted with port security: "
+                                   f"nftables objects {', '.join(wrong)} after {waited:.1f} s")
+                    else:  # the agent deletes its tables
+                        counts, waited = wait_nft(ns, lambda c: not c, 30)
+                        self.check(not counts, "vmnetd restarted with --port-security=false "
+                                   f"left its nftables objects in place: {counts}")
+                    result["nft_ready_s"].append(waited)
+                time.sleep(1.0 if quick else 2.0)  # the restart's own work is over
+                cpu = current.cpu_seconds()
+                gbits = self.iperf3(x_ns, seconds, omit)
+                # vmnetd's CPU during the run: competition for the cores iperf3 uses.
+                result.setdefault(f"{mode}_agent_cpu_s", []).append(
+                    round(current.cpu_seconds() - cpu, 3))
+                result[f"{mode}_gbits"].append(gbits)
+                log(f"forwarding X -> VM with {self.n + 1} VMs, port security {mode}: "
+                    f"{gbits:.2f} Gbit/s")
+        finally:
+            current.stop()
+            stop_process(server)
+            self.lab.processes.remove(server)
+        if result["on_gbits"] and result["off_gbits"]:
+            result["on_mean_gbits"] = statistics.fmean(result["on_gbits"])
+            result["off_mean_gbits"] = statistics.fmean(result["off_gbits"])
+            result["ratio"] = result["on_mean_gbits"] / result["off_mean_gbits"]
+        remove("p")
+
+    def port_security_supported(self):
+        """Whether this vmnetd has --port-security (issue 12). Without it (an older build)
+        the portsec phase is skipped, not failed, and the baseline installs no nftables."""
+        if not hasattr(self, "_port_security"):
+            out = run(self.vmnetd, "--helpfull", check=False, timeout=30)
+            self._port_security = bool(re.search(r"port[-_]security", out.stdout + out.stderr))
+            if not self._port_security:
+                log("this vmnetd has no --port-security flag: no port security rows")
+                self.results["portsec"] = {"skipped": "vmnetd has no --port-security"}
+        return self._port_security
+
+    def wait_programmed(self, agent, vm_id, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            out = run(self.tools["vmnetctl"], f"--server={agent.target}", "get", vm_id,
+                      check=False, timeout=30).stdout
+            m = re.search(r"^state:\s+(\S+)", out, re.M)
+            if m and m.group(1).upper() == "PROGRAMMED":
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{vm_id} not PROGRAMMED within {timeout} s: {out.strip()}")
+            time.sleep(0.1)
+
+    def iperf3(self, x_ns, seconds, omit):
+        """One iperf3 TCP run from X to the forwarding VM, `seconds` measured after `omit`
+        (slow start); returns the received Gbit/s."""
+        out = run("ip", "netns", "exec", x_ns, "iperf3", "-c", FORWARD_VM_ADDRESS, "-p",
+                  str(IPERF_PORT), "-t", str(seconds), "-O", str(omit), "-J",
+                  "--connect-timeout", "5000", timeout=seconds + omit + 60, check=False)
+        try:
+            gbits = iperf3_gbits(json.loads(out.stdout))
+        except (ValueError, KeyError) as e:
+            raise BenchError(f"iperf3 X -> {FORWARD_VM_ADDRESS} failed ({out.returncode}): "
+                             f"{(out.stdout + out.stderr).strip()[-600:]}") from e
+        self.check(out.returncode == 0 and gbits > 0,
+                   f"iperf3 X -> {FORWARD_VM_ADDRESS}: exit {out.returncode}, {gbits} Gbit/s")
+        return gbits
 
     def host_a(self, ns):
         """Host a (namespace `ns`, built): the storm without watchers and memory, then
@@ -1060,20 +1487,49 @@ def table(r):
         rows.append((what, ours, baseline, "-" if value is None else f"{value:.2f}", target,
                      "n/a" if met is None else ("yes" if met else "NO")))
 
+    # With port security (vmnetd's default, and the base found in the agent), the baseline is
+    # ip -batch followed by nft -f of the same nftables elements (issue 12).
+    nft_s = r.get("attach_baseline_nft_s")
+    nft_cpu = r.get("attach_baseline_nft_cpu_s", 0.0)
+    base_s = r["attach_baseline_s"] + (nft_s or 0.0) if "attach_baseline_s" in r else None
+    base_name = "ip -batch + nft -f" if nft_s is not None else "ip -batch"
+
+    def storm_rows(s, what):
+        if s and base_s is not None:
+            v = ratio(s["wall_s"], base_s)
+            add(f"{what}, {n} VMs (wall s)", f"{s['wall_s']:.3f}",
+                f"{base_s:.3f} ({base_name})", v, "ratio <= 1.0", v <= 1.0)
+            if nft_s is not None:
+                add("  (information: of which ip -batch / nft -f)", "-",
+                    f"{r['attach_baseline_s']:.3f} / {nft_s:.3f}", None, "-", None)
+            vm_order = r["attach_baseline_vm_order_s"] + (nft_s or 0.0)
+            v = ratio(s["wall_s"], vm_order)
+            add("  (information: vs ip -batch VM by VM" + (" + nft -f)" if nft_s is not None
+                                                           else ")"),
+                f"{s['wall_s']:.3f}", f"{vm_order:.3f}", v, "-", None)
+            base_cpu = r["attach_baseline_cpu_s"] + nft_cpu
+            v = ratio(s["agent_cpu_s"], base_cpu)
+            add("  (information: CPU s, vmnetd vs ip" + (" + nft)" if nft_s is not None
+                                                         else ")"),
+                f"{s['agent_cpu_s']:.3f}", f"{base_cpu:.3f}", v, "-", None)
+        elif s:
+            add(f"{what}, {n} VMs (wall s)", f"{s['wall_s']:.3f}", "not run (--only)", None,
+                "ratio <= 1.0", None)
+
+    storm_rows(r.get("storm"), "attach storm")
     s = r.get("storm")
-    if s and "attach_baseline_s" in r:
-        v = ratio(s["wall_s"], r["attach_baseline_s"])
-        add(f"attach storm, {n} VMs (wall s)", f"{s['wall_s']:.3f}",
-            f"{r['attach_baseline_s']:.3f} (ip -batch)", v, "ratio <= 1.0", v <= 1.0)
-        v = ratio(s["wall_s"], r["attach_baseline_vm_order_s"])
-        add("  (information: vs ip -batch VM by VM)", f"{s['wall_s']:.3f}",
-            f"{r['attach_baseline_vm_order_s']:.3f}", v, "-", None)
-        v = ratio(s["agent_cpu_s"], r["attach_baseline_cpu_s"])
-        add("  (information: CPU s, vmnetd vs ip)", f"{s['agent_cpu_s']:.3f}",
-            f"{r['attach_baseline_cpu_s']:.3f}", v, "-", None)
-    elif s:
-        add(f"attach storm, {n} VMs (wall s)", f"{s['wall_s']:.3f}", "not run (--only)", None,
-            "ratio <= 1.0", None)
+    ps = r.get("portsec") or {}
+    if ps.get("skipped"):
+        add("port security (issue 12)", "not run", ps["skipped"], None, "-", None)
+    storm_rows(r.get("storm_portsec"), "attach storm, port security on")
+    if "rules_n" in ps:
+        add(f"nftables rules, 10 / {n} VMs", f"{ps['rules_10']} / {ps['rules_n']}",
+            f"{r['nft_rules_baseline']} (nft -f, {n} VMs)" if "nft_rules_baseline" in r
+            else "none", None, "equal", ps["rules_10"] == ps["rules_n"])
+    if "ratio" in ps:
+        add(f"forwarding X -> VM, {n + 1} VMs (iperf3 Gbit/s)",
+            f"{ps['on_mean_gbits']:.2f} on", f"{ps['off_mean_gbits']:.2f} off", ps["ratio"],
+            "on/off >= 0.95", ps["ratio"] >= 0.95)
     if "restart" in r:
         rs = r["restart"]
         v = ratio(rs["median_s"], rs["baseline_median_s"])
@@ -1171,6 +1627,24 @@ def details(r):
             f"floor (a minimal netlink repairer on routes not vmnetd's, same deletes): p90 "
             f"{r.get('drift_control', {}).get('p90_ms', -1):.2f} ms, max "
             f"{r.get('drift_control', {}).get('max_ms', -1):.2f} ms")
+    ps = r.get("portsec") or {}
+    if "ratio" in ps:
+        sp = r.get("storm_portsec", {})
+        lines.append(
+            f"port security: storm vmnetd CPU {sp.get('agent_cpu_s', 0):.2f} s, kernel writes "
+            f"{sp.get('kernel_writes', 0):.0f}; " +
+            (f"nft -f {', '.join(f'{t:.3f}' for t in r['attach_baseline_nft_times_s'])} s "
+             f"(median CPU {r['attach_baseline_nft_cpu_s']:.2f} s), base loaded in "
+             f"{r.get('nft_base_load_s', 0):.3f} s; " if "attach_baseline_nft_times_s" in r
+             else "") +
+            f"forwarding ({ps['iperf_seconds']} s per run after {ps.get('iperf_omit_s', 0)} s "
+            f"omitted, alternating) on {', '.join(f'{g:.2f}' for g in ps['on_gbits'])}, off "
+            f"{', '.join(f'{g:.2f}' for g in ps['off_gbits'])} Gbit/s" +
+            (f" (vmnetd CPU during them: on {ps['on_agent_cpu_s']}, off "
+             f"{ps['off_agent_cpu_s']} s)" if "on_agent_cpu_s" in ps else "") +
+            "; restarts to SERVING "
+            f"{', '.join(f'{t:.2f}' for t in ps['restart_s'])} s, then nftables ready "
+            f"{', '.join(f'{t:.2f}' for t in ps['nft_ready_s'])} s later")
     if "idle_cpu_percent" in r:
         lines.append(f"idle with {r['vms']} VMs: vmnetd uses {r['idle_cpu_percent']:.1f}% of "
                      f"a core")
@@ -1200,6 +1674,8 @@ def find_binaries(args, workdir):
     cannot swap them; waits up to 2 minutes for a binary that is briefly missing."""
     wanted = {"vmnetd": args.vmnetd}
     wanted.update({tool: os.path.join(args.bin_dir, tool) for tool in TOOLS})
+    if "portsec" in args.only:  # attaches the forwarding VM, whose address is not bench's
+        wanted["vmnetctl"] = args.vmnetctl
     copies = {}
     for name, path in wanted.items():
         deadline = time.monotonic() + 120
@@ -1263,6 +1739,9 @@ def main():
                         os.path.join(REPO, "build", "bench"),
                         help="the vmnet_* bench programs (default $VMNET_BENCH_BIN or "
                              "build/bench)")
+    parser.add_argument("--vmnetctl", default=os.environ.get("VMNETCTL"),
+                        help="the client, for the portsec phase (default $VMNETCTL or "
+                             "client/vmnetctl next to --bin-dir)")
     parser.add_argument("--time-limit", type=int,
                         help="seconds before the run gives up and cleans up (default 13 min, "
                              "25 min with --profile)")
@@ -1270,12 +1749,17 @@ def main():
                         help="run only these phases, comma-separated: baseline (hosts b and "
                              "d: ip -batch), watch (host c: the storm with 100 watchers), "
                              "getvm (host g: GetVm latency idle and during the storm), agent "
-                             "(host a: the storm, memory, restart, scrape, lists, drift); the "
-                             "table then has only their rows (default: all)")
+                             "(host a: the storm, memory, restart, scrape, lists, drift), "
+                             "portsec (hosts r and p: port security's storm, rule count and "
+                             "forwarding on/off); the table then has only their rows "
+                             "(default: all)")
     parser.add_argument("--report", metavar="FILE",
                         help="print the table of an earlier run's --json FILE and exit")
     args = parser.parse_args()
     args.agent_flags = args.agent_flags.split()
+    if not args.vmnetctl:
+        args.vmnetctl = os.path.join(os.path.dirname(os.path.abspath(args.bin_dir)), "client",
+                                     "vmnetctl")
     args.only = [phase.strip() for phase in args.only.split(",") if phase.strip()]
     if not args.only or any(phase not in PHASES for phase in args.only):
         parser.error(f"--only: give some of {','.join(PHASES)}")
