@@ -255,7 +255,9 @@ std::optional<Event> ParseEvent(const nlmsghdr* msg) {
     case RTM_NEWROUTE:
     case RTM_DELROUTE:
       if (auto r = ParseRoute(msg)) {
-        return RouteEvent{msg->nlmsg_type == RTM_DELROUTE, *r};
+        return RouteEvent{msg->nlmsg_type == RTM_DELROUTE, *r,
+                          msg->nlmsg_type == RTM_NEWROUTE &&
+                              (msg->nlmsg_flags & NLM_F_REPLACE) != 0};
       }
       break;
     case RTM_NEWNEIGH:

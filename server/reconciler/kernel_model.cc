@@ -143,6 +143,17 @@ void KernelModel::AddRoute(const Route& r) {
   list.push_back(r);
 }
 
+void KernelModel::ReplaceRoute(const Route& r) {
+  auto it = routes_.find(r.destination);
+  if (it == routes_.end()) return;
+  // The kernel keeps one route per (table, destination, metric) that a
+  // replace overwrites, whatever its link or protocol was.
+  std::erase_if(it->second, [&](const Route& existing) {
+    return existing.table == r.table && existing.metric == r.metric;
+  });
+  if (it->second.empty()) routes_.erase(it);
+}
+
 void KernelModel::RemoveRoute(const Route& r) {
   auto it = routes_.find(r.destination);
   if (it == routes_.end()) return;
@@ -180,6 +191,7 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
     if (e->deleted) {
       RemoveRoute(e->route);
     } else {
+      if (e->replaced) ReplaceRoute(e->route);
       AddRoute(e->route);
     }
     const IpPrefix& d = e->route.destination;

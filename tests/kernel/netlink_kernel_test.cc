@@ -195,6 +195,40 @@ TEST_F(NetlinkKernelTest, EventsReportChangesBySomeoneElse) {
   EXPECT_TRUE(neighbor_deleted);
 }
 
+// `ip route replace` of a VM's route to another link raises one
+// RTM_NEWROUTE (NLM_F_REPLACE) and no deletion of ours; deleting the
+// replacement afterwards must leave the model with no route at all (issue 13,
+// case 1: the VM was reported programmed with no route until the full
+// re-read).
+TEST_F(NetlinkKernelTest, ARouteReplacedThenDeletedLeavesNoRouteInTheModel) {
+  ExpectAllOk(kernel_->Apply(VmWrites()));
+  auto snap = kernel_->Dump();
+  ASSERT_TRUE(snap.ok());
+  KernelModel model;
+  model.Reset(*snap);
+  std::vector<Event> drained;
+  ASSERT_TRUE(kernel_->ReadEvents(&drained).ok());
+  IpPrefix vm = IpPrefix::Host(Ip("198.51.100.201"));
+  auto apply_events = [&] {
+    std::vector<Event> events;
+    EXPECT_TRUE(kernel_->ReadEvents(&events).ok());
+    for (const Event& e : events) model.Apply(e);
+    return events.size();
+  };
+
+  ASSERT_EQ(Sh("ip route replace 198.51.100.201/32 dev eth0"), "");
+  EXPECT_GE(apply_events(), 1u);
+  ASSERT_NE(model.RoutesTo(vm), nullptr);
+  ASSERT_EQ(model.RoutesTo(vm)->size(), 1u) << "the replaced route is still in the model";
+  EXPECT_EQ(model.RoutesTo(vm)->front().ifindex, eth0_);
+  EXPECT_NE(model.RoutesTo(vm)->front().protocol, kProto);
+
+  ASSERT_EQ(Sh("ip route del 198.51.100.201/32 dev eth0"), "");
+  EXPECT_GE(apply_events(), 1u);
+  EXPECT_EQ(Sh("ip route show 198.51.100.201/32"), "");
+  EXPECT_EQ(model.RoutesTo(vm), nullptr) << "the kernel holds no route to the VM";
+}
+
 // The model assumes what the kernel does silently when a link goes down:
 // its routes, neighbour and proxy entries are gone, its addresses stay.
 TEST_F(NetlinkKernelTest, LinkDownFlushesRoutesNeighboursAndProxies) {

@@ -219,6 +219,10 @@ struct AddressEvent {
 struct RouteEvent {
   bool deleted = false;
   Route route;
+  // NLM_F_REPLACE (`ip route replace`): the route took the place of the one
+  // with the same table, destination and metric; no event says the old one
+  // went.
+  bool replaced = false;
 };
 struct NeighborEvent {
   bool deleted = false;

@@ -114,6 +114,8 @@ class KernelModel {
   void RemoveAddress(const kernel::Address& a);
   void AddRoute(const kernel::Route& r);
   void RemoveRoute(const kernel::Route& r);
+  // Drops the route a replace overwrote (same table and metric).
+  void ReplaceRoute(const kernel::Route& r);
 
   absl::flat_hash_map<int, kernel::Link> links_;
   absl::flat_hash_map<std::string, int> link_by_name_;
