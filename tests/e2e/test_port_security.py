@@ -63,6 +63,7 @@ WRITES_METRIC = "vmnet_kernel_writes_total"
 # lab: X is .10, the neighbour .11) and a made-up address outside the LAN.
 NEIGHBOUR4, NEIGHBOUR6 = "198.51.100.11", "2001:db8:1::11"
 MADE_UP4, MADE_UP6 = "203.0.113.7", "2001:db8:2::7"
+OUTSIDE4 = "203.0.113.77"  # outside 203.0.113.0/28, the allowed prefix of DriftTest, RestartTest
 
 REPAIR_DEADLINE = 1.0  # issue 12: vmnetd's tables deleted or flushed are back within 1 s
 MARKER_DEADLINE = 5.0  # for a legitimate marker packet to arrive
@@ -1129,10 +1130,10 @@ class DriftTest(PortSecurityTestCase):
         # And the repaired tables work.
         self.assertReaches(self.vm1.ns, lab.X_ADDRESS, "VM 1")
         marker, seen = self.send_echo_with_marker(self.vm1, self.x_sniffer, lab.X_ADDRESS,
-                                                  [MADE_UP4, "203.0.113.5"])
+                                                  [OUTSIDE4, "203.0.113.5"])
         self.assertTrue(marker, "X's sniffer never saw VM 1's marker after the repair")
         self.assertEqual({s: bool(p) for s, p in seen.items()},
-                         {MADE_UP4: False, "203.0.113.5": True},
+                         {OUTSIDE4: False, "203.0.113.5": True},
                          "after the repair, which spoofed/allowed sources reached X")
         self.assertOtherTableUntouched()
 
@@ -1239,10 +1240,10 @@ class RestartTest(PortSecurityTestCase):
         with Sniffer(self.lab.x) as sniffer:
             self.assertReaches(self.vm1.ns, lab.X_ADDRESS, "VM 1")
             marker, seen = self.send_echo_with_marker(self.vm1, sniffer, lab.X_ADDRESS,
-                                                      [MADE_UP4, "203.0.113.5"])
+                                                      [OUTSIDE4, "203.0.113.5"])
         self.assertTrue(marker, "X's sniffer never saw VM 1's marker")
         self.assertEqual({s: bool(p) for s, p in seen.items()},
-                         {MADE_UP4: False, "203.0.113.5": True})
+                         {OUTSIDE4: False, "203.0.113.5": True})
 
 
 # -- off -------------------------------------------------------------------------------------------
