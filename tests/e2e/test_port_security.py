@@ -1043,15 +1043,17 @@ class ConntrackTest(PortSecurityTestCase):
 
     @classmethod
     def entries_for(cls, addresses):
-        """{address: [conntrack -L lines of UDP port 40002 with it as a source or
-        destination]} for those of `addresses` that have some."""
+        """{address: [conntrack -L lines (without the seconds left) of UDP port 40002 with it
+        as a source or destination]} for those of `addresses` that have some."""
         lines = []
         for family in ("ipv4", "ipv6"):
             lines += cls.lab.run(cls.lab.host, "conntrack", "-L", "-f", family,
                                  check=False).stdout.splitlines()
         found = {}
         for address in addresses:
-            mine = [line for line in lines if "dport=40002" in line
+            # The remaining seconds (third column) left out: they count down.
+            mine = [re.sub(r"^(\S+\s+\d+\s+)\d+", r"\1-", line) for line in lines
+                    if "dport=40002" in line
                     and re.search(rf"\b(src|dst)={re.escape(address)}\s", line)]
             if mine:
                 found[address] = mine
