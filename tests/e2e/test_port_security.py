@@ -761,19 +761,59 @@ class SpoofingTest(PortSecurityTestCase):
     def test_other_table_untouched(self):
         self.assertOtherTableUntouched()
 
-    def test_rules_do_not_depend_on_the_vm_count(self):
-        def rules():
-            text = self.nft("list", "ruleset")
-            return len(re.findall(r'comment "vmnetd:', text))
+    def rule_handles(self):
+        """(family, chain, handle) of every rule of vmnetd's two tables (`nft -j list table`):
+        a table or chain written again gets new handles."""
+        handles = []
+        for family in ("inet", "arp"):
+            items = json.loads(self.nft("-j", "list", "table", family, "vmnet"))["nftables"]
+            handles += [(family, i["rule"]["chain"], i["rule"]["handle"]) for i in items
+                        if "rule" in i]
+        return handles
 
-        with_two = rules()
+    def test_rules_do_not_depend_on_the_vm_count(self):
+        with_two = self.rule_handles()
         self.detach(self.vm2.vm_id)
         try:
-            with_one = rules()
+            with_one = self.rule_handles()
         finally:
             self.attach(self.vm2)
-        self.assertGreater(with_two, 0, "vmnetd's tables hold no rule with a vmnetd comment")
-        self.assertEqual(with_one, with_two, "the rule count changed with the number of VMs")
+        again = self.rule_handles()
+        self.assertGreater(len(with_two), 0, "vmnetd's tables hold no rule")
+        self.assertEqual(len(with_one), len(with_two),
+                         "the rule count changed with the number of VMs")
+        self.assertEqual((with_one, again), (with_two, with_two),
+                         "detaching or attaching a VM rewrote vmnetd's rules (new handles): "
+                         "it must only delete or add that VM's set elements")
+
+    def test_link_local_source_to_a_global_destination_dropped(self):
+        vm1 = self.vm1
+        self.assertReaches(vm1.ns, lab.X_ADDRESS6, "VM 1")
+        vm_ll = next(a["local"] for a in self.lab.addresses6(lab.VM_LINK, ns=vm1.ns)
+                     if a["local"].startswith("fe80:"))
+        before = self.dropped(vm1, "spoofed_source")
+        marker, seen = self.send_echo_with_marker(vm1, self.x_sniffer, lab.X_ADDRESS6,
+                                                  [vm_ll, "::"], count=2)
+        self.assertTrue(marker, "X's sniffer never saw VM 1's marker")
+        self.assertEqual({s: len(p) for s, p in seen.items()}, {vm_ll: 0, "::": 0},
+                         f"X saw VM 1's echo requests from a link-local or the unspecified "
+                         f"source: {seen}")
+        self.assertEqual(self.dropped(vm1, "spoofed_source") - before, 4,
+                         f"{DROPPED_METRIC} reason=spoofed_source after 4 echo requests to X "
+                         f"from {vm_ll} and ::")
+
+    def test_spoofed_sources_never_reach_vm2(self):
+        with Sniffer(self.vm2.ns) as vm2_sniffer:
+            for family6 in (False, True):
+                dst = self.vm2.address6 if family6 else self.vm2.address
+                self.assertReaches(self.vm1.ns, dst, "VM 1")
+                sources = [MADE_UP6, lab.X_ADDRESS6] if family6 else [MADE_UP4, lab.X_ADDRESS]
+                marker, seen = self.send_echo_with_marker(self.vm1, vm2_sniffer, dst, sources)
+                self.assertTrue(marker, "VM 2's sniffer never saw VM 1's marker")
+                self.assertEqual({s: len(p) for s, p in seen.items()},
+                                 {s: 0 for s in sources},
+                                 f"VM 2 received VM 1's echo requests from addresses not VM "
+                                 f"1's: {seen}")
 
 
 # -- services on the host ------------------------------------------------------------------------
@@ -883,6 +923,10 @@ class AllowedPrefixesTest(PortSecurityTestCase):
                   for v in self.call("ListVms").get("vms", [])}
         self.assertEqual(listed.get("vm-1"), self.PREFIXES, f"ListVms: {listed}")
         self.assertEqual(listed.get("vm-2"), [], f"ListVms: {listed}")
+        events, _ = self.watch_after_snapshot()
+        snapshot = {e["vm"]["vm_id"]: e["vm"].get("allowed_source_prefixes")
+                    for e in events.seen if e["type"] == "EVENT_TYPE_SNAPSHOT"}
+        self.assertEqual(snapshot.get("vm-1"), self.PREFIXES, f"Watch's snapshot: {snapshot}")
 
     def test_exactly_the_prefixes_pass(self):
         for address in (lab.X_ADDRESS, lab.X_ADDRESS6):
