@@ -21,14 +21,16 @@ frames, the same sender sends a legitimate packet along the same path (from VM 1
 and the check is made only once that marker has been seen where the spoofed ones would have
 arrived.
 
-Classes: SpoofingTest (spoofed sources of both families, legitimate paths, ARP/NDP, drop
-counters, the VM's traffic to the host), HostServicesTest (TCP listeners on the uplink and gateway
+Classes: SpoofingTest (spoofed sources of both families towards X and VM 2, link-local and ::
+sources to a global destination, legitimate paths, ARP/NDP/RA, drop counters, the VM's UDP to
+the host, rules that keep their handles whatever the VMs), HostServicesTest (TCP listeners on the uplink and gateway
 addresses), VmToHostAllowTest (--vm-to-host-allow=tcp/PORT), AllowedPrefixesTest
 (allowed_source_prefixes, upserts, vmnetctl), HostileTest (bad allowed_source_prefixes),
 ConntrackTest (entries of an address that leaves a VM are deleted), DriftTest (vmnetd's tables
 deleted or flushed are back within 1 s), RestartTest (zero writes), PortSecurityOffTest
 (--port-security=false: the spoofed packets get through, which shows the sniffer checks can fail,
-and vmnetd's tables are removed).
+and vmnetd's tables are removed). Run against a vmnetd that always has --port-security=false,
+every check of port security fails (the API, conntrack and X's own paths do not).
 
 Needs root, vmnetd (VMNETD) and vmnetctl (VMNETCTL); skips otherwise:
 
