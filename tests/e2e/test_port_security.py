@@ -23,16 +23,17 @@ arrived.
 
 Classes: SpoofingTest (spoofed sources of both families towards X and VM 2, link-local and ::
 sources to a global destination, legitimate paths, ARP/NDP/RA, drop counters, the VM's UDP to
-the host, rules that keep their handles whatever the VMs), HostServicesTest (TCP listeners on the uplink and gateway
-addresses), VmToHostAllowTest (--vm-to-host-allow=tcp/PORT), AllowedPrefixesTest
-(allowed_source_prefixes, upserts, vmnetctl), HostileTest (bad allowed_source_prefixes),
+the host, rules that keep their handles whatever the VMs), HostServicesTest (TCP listeners on
+the uplink and gateway addresses), VmToHostAllowTest (--vm-to-host-allow=tcp/PORT),
+AllowedPrefixesTest (allowed_source_prefixes, upserts, vmnetctl), HostileTest (bad allowed_source_prefixes),
 ConntrackTest (entries of an address that leaves a VM are deleted), DriftTest (vmnetd's tables
 deleted or flushed are back within 1 s), RestartTest (zero writes), PortSecurityOffTest
 (--port-security=false: the spoofed packets get through, which shows the sniffer checks can fail,
 and vmnetd's tables are removed). Run against a vmnetd that always has --port-security=false,
 every check of port security fails (the API, conntrack and X's own paths do not).
 
-Needs root, vmnetd (VMNETD) and vmnetctl (VMNETCTL); skips otherwise:
+Needs root and vmnetd (<repo>/build/server/vmnetd, or set VMNETD), skips otherwise; the vmnetctl
+check fails without vmnetctl (<repo>/build/client/vmnetctl, or VMNETCTL):
 
     /usr/bin/python3 tests/e2e/test_port_security.py [-v] [TestClass.test_method]
 """
