@@ -25,9 +25,10 @@ Classes: SpoofingTest (spoofed sources of both families towards X and VM 2, link
 sources to a global destination, legitimate paths, ARP/NDP/RA, drop counters, the VM's UDP to
 the host, rules that keep their handles whatever the VMs), HostServicesTest (TCP listeners on
 the uplink and gateway addresses), VmToHostAllowTest (--vm-to-host-allow=tcp/PORT),
-AllowedPrefixesTest (allowed_source_prefixes, upserts, vmnetctl), HostileTest (bad allowed_source_prefixes),
-ConntrackTest (entries of an address that leaves a VM are deleted), DriftTest (vmnetd's tables
-deleted or flushed are back within 1 s), RestartTest (zero writes), PortSecurityOffTest
+AllowedPrefixesTest (allowed_source_prefixes, upserts, vmnetctl), HostileTest (bad
+allowed_source_prefixes), ConntrackTest (entries of an address that leaves a VM are deleted),
+DriftTest (vmnetd's tables deleted or flushed are back within 1 s), RestartTest (zero writes),
+PortSecurityOffTest
 (--port-security=false: the spoofed packets get through, which shows the sniffer checks can fail,
 and vmnetd's tables are removed). Run against a vmnetd that always has --port-security=false,
 every check of port security fails (the API, conntrack and X's own paths do not).
