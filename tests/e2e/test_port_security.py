@@ -29,8 +29,9 @@ AllowedPrefixesTest (allowed_source_prefixes, upserts, vmnetctl), HostileTest (b
 allowed_source_prefixes), ConntrackTest (entries of an address that leaves a VM are deleted),
 DriftTest (vmnetd's tables deleted or flushed are back within 1 s), RestartTest (zero writes),
 PortSecurityOffTest (--port-security=false: the spoofed packets get through, which shows the
-sniffer checks can fail, and vmnetd's tables are removed). Run against a vmnetd that always has --port-security=false,
-every check of port security fails (the API, conntrack and X's own paths do not).
+sniffer checks can fail, and vmnetd's tables are removed). Run against a vmnetd that always has
+--port-security=false, every check of port security fails (the API, conntrack and X's own paths
+do not).
 
 Needs root and vmnetd (<repo>/build/server/vmnetd, or set VMNETD), skips otherwise; the vmnetctl
 check fails without vmnetctl (<repo>/build/client/vmnetctl, or VMNETCTL):
