@@ -1125,6 +1125,9 @@ class Bench:
                                if result["idle"]["p99_ms"] > 0 else None)
         cs, ci = result["storm"]["control"], result["idle"]["control"]
         result["control_ratio_p99"] = cs["p99_ms"] / ci["p99_ms"] if ci["p99_ms"] > 0 else None
+        # The same window, the same loop: what GetVm adds over a call that reads nothing.
+        result["storm_p99_getvm_over_control"] = (result["storm"]["p99_ms"] / cs["p99_ms"]
+                                                  if cs["p99_ms"] > 0 else None)
         self.results["getvm"] = result
         log(f"GetVm p99 during the storm / idle: {result['ratio_p99']}; control "
             f"(Health/Check) in the same windows: {result['control_ratio_p99']}")
@@ -1696,6 +1699,11 @@ def details(r):
             f"with 1 VM {stats(g['idle'])}; during the storm ({g['storm']['window_s']:.3f} s, "
             f"{gs.get('reconcile_passes', 0):.0f} reconcile passes) {stats(g['storm'])}; idle "
             f"with {r['vms'] + 1} VMs after it {stats(g['idle_after'])}")
+        if g.get("storm_p99_getvm_over_control") is not None:
+            lines.append(
+                f"GetVm vs its control: p99 ratio storm/idle {g['ratio_p99']:.2f} for GetVm, "
+                f"{g['control_ratio_p99']:.2f} for Health/Check; during the storm GetVm's p99 "
+                f"is {g['storm_p99_getvm_over_control']:.2f}x the control's")
     lines.append("machine: " + ", ".join(f"{k} {v}" for k, v in r.get("machine", {}).items()))
     lines.append(f"load average (1, 5, 15 min) at start {r.get('load_average_at_start')}, at "
                  f"end {r.get('load_average_at_end')}; {os.cpu_count()} CPUs")
