@@ -157,7 +157,8 @@ int Main() {
       samples.push_back({start, latency, true});
       calls.latencies.push_back(latency);
       if (!status.ok()) {
-        calls.Error(absl::StrCat("grpc_code_", status.error_code()), status.error_message());
+        calls.Error(absl::StrCat("grpc_code_", status.error_code()),
+                    status.error_message());
       } else if (response.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
         calls.Error("not_serving", absl::StrCat("health status ", response.status()));
       } else {
@@ -172,7 +173,8 @@ int Main() {
       samples.push_back({start, latency, false});
       calls.latencies.push_back(latency);
       if (!status.ok()) {
-        calls.Error(absl::StrCat("grpc_code_", status.error_code()), status.error_message());
+        calls.Error(absl::StrCat("grpc_code_", status.error_code()),
+                    status.error_message());
       } else if (response.vm().vm_id() != vm_id) {
         calls.Error("wrong_vm", "answered " + response.vm().vm_id());
       } else {
@@ -202,7 +204,9 @@ int Main() {
   JsonObject result;
   result.Add("vm_id", vm_id);
   getvm_calls.AddTo(result);
-  result.Add("started_at", started).Add("ended_at", ended).Add("gap_us", absl::GetFlag(FLAGS_gap_us));
+  result.Add("started_at", started)
+      .Add("ended_at", ended)
+      .Add("gap_us", absl::GetFlag(FLAGS_gap_us));
   if (!control.empty()) {
     JsonObject control_result;
     control_result.Add("method", "grpc.health.v1.Health/Check");
