@@ -36,7 +36,10 @@ with its baseline in the same run:
   ListRoutes/Arp  every page of 1000  vs  `ip route show` / `ip neigh show proxy`
   GetVm           p99 latency of GetVm on VM N (attached first), one call in flight on its own
                   connection, 1 ms between calls, during the N-VM attach storm  vs  the same
-                  loop on the same agent just before the storm (holding only VM N)
+                  loop on the same agent just before the storm (holding only VM N); the loop
+                  alternates GetVm with a control call, grpc.health.v1.Health/Check, which
+                  touches none of the reconciler's state: its own p99 ratio, next to GetVm's,
+                  is what the machine alone adds during the storm
 
 Fairness: the kernel's neighbour and proxy tables are shared by all namespaces (the proxy
 table has 16 hash buckets), so one host's N proxy entries slow down another host's inserts and
@@ -92,6 +95,7 @@ CONTROL_PROTOCOL = 238            # routes of the drift-repair control, never vm
 METRICS = "127.0.0.1:9447"        # vmnetd's /metrics, on each host namespace's loopback
 NODE_EXPORTER = "127.0.0.1:9100"  # prometheus-node-exporter, in host a
 GETVM_GAP_US = 1000  # the GetVm loop's pause between an answer and the next call
+GETVM_CONTROL = "health"  # the loop alternates GetVm with grpc.health.v1.Health/Check
 SKIPPED = 77  # exit status when the lab cannot be built here (CTest SKIP_RETURN_CODE)
 TOOLS = ("vmnet_attach_storm", "vmnet_getvm_latency", "vmnet_list_pages", "vmnet_wait_serving",
          "vmnet_drift_repair")
@@ -1014,6 +1018,7 @@ class Bench:
         samples = os.path.join(self.workdir, f"getvm-{name}.txt")
         cmd = [self.tools["vmnet_getvm_latency"], f"--target={agent.target}",
                f"--vm_id={vm_id}", f"--gap_us={GETVM_GAP_US}", f"--samples={samples}",
+               f"--control={GETVM_CONTROL}",
                f"--duration_s={seconds if seconds else 900}"]
         if stop_file:
             cmd.append(f"--stop_file={stop_file}")
@@ -1023,8 +1028,9 @@ class Bench:
                               text=True), samples
 
     def getvm_result(self, process, samples, name, window=None):
-        """Waits for a vmnet_getvm_latency run; returns its statistics, over the calls that
-        overlapped `window` (start, end) when given, else over all of them."""
+        """Waits for a vmnet_getvm_latency run; returns GetVm's statistics, over the calls
+        that overlapped `window` (start, end) when given, else over all of them, and the
+        control calls' (Health/Check, same loop, same window) under "control"."""
         try:
             out, err = process.communicate(timeout=60)
         except subprocess.TimeoutExpired as e:
@@ -1037,21 +1043,34 @@ class Bench:
             raise BenchError(f"vmnet_getvm_latency ({name}) printed no result "
                              f"({process.returncode}): {err.strip()[:2000]}")
         tool = json.loads(lines[-1])
-        calls = []
+        calls = {"getvm": [], GETVM_CONTROL: []}
         with open(samples) as f:
             for line in f:
-                start, latency = map(float, line.split())
-                calls.append((start, latency))
+                start, latency, method = line.split()
+                calls[method].append((float(start), float(latency)))
         if window:
-            calls = [(t, lat) for t, lat in calls if t < window[1] and t + lat > window[0]]
-        result = latency_stats([lat for _, lat in calls])
+            calls = {m: [(t, lat) for t, lat in c if t < window[1] and t + lat > window[0]]
+                     for m, c in calls.items()}
+        result = latency_stats([lat for _, lat in calls["getvm"]])
         result.update(calls_total=tool["count"], errors=tool["errors"],
                       error_codes=tool["error_codes"], first_error=tool["first_error"])
-        self.check(tool["ok"] and result["count"] > 0,
+        self.check(tool["count"] > 0 and tool["errors"] == 0 and result["count"] > 0,
                    f"GetVm {name}: {result['count']} calls measured, {tool['errors']} errors "
                    f"{tool['error_codes']} {tool['first_error']}; {err.strip()[:300]}")
+        ctool = tool["control"]
+        control = latency_stats([lat for _, lat in calls[GETVM_CONTROL]])
+        control.update(method=ctool["method"], calls_total=ctool["count"],
+                       errors=ctool["errors"], error_codes=ctool["error_codes"],
+                       first_error=ctool["first_error"])
+        self.check(ctool["count"] > 0 and ctool["errors"] == 0 and control["count"] > 0,
+                   f"control {ctool['method']} {name}: {control['count']} calls measured, "
+                   f"{ctool['errors']} errors {ctool['error_codes']} {ctool['first_error']}")
+        self.check(tool["ok"], f"vmnet_getvm_latency ({name}) failed: {err.strip()[:300]}")
+        result["control"] = control
         log(f"GetVm {name}: {result['count']} calls, p50 {result['p50_ms']:.3f} ms, "
-            f"p99 {result['p99_ms']:.3f} ms, max {result['max_ms']:.3f} ms")
+            f"p99 {result['p99_ms']:.3f} ms, max {result['max_ms']:.3f} ms; control "
+            f"Health/Check: {control['count']} calls, p50 {control['p50_ms']:.3f} ms, "
+            f"p99 {control['p99_ms']:.3f} ms, max {control['max_ms']:.3f} ms")
         return result
 
     def getvm_during_storm(self, agent, idle_seconds):
@@ -1062,7 +1081,9 @@ class Bench:
         does not depend on how many VMs are held; the same loop after the storm, holding
         N+1, is recorded for information). During the storm: the same loop, one call in
         flight on its own connection, started before the storm; the calls that overlapped
-        the storm (first AttachVm to last answer) are counted."""
+        the storm (first AttachVm to last answer) are counted. The loop alternates GetVm with
+        the control, grpc.health.v1.Health/Check (no reconciler state): the control's p99
+        ratio is what the machine alone adds in the same windows."""
         agent.start()
         vm_id = f"bench-{self.n}"
         probe = run_json(self.tools["vmnet_attach_storm"], f"--target={agent.target}",
@@ -1102,8 +1123,14 @@ class Bench:
         result["idle_after"] = self.getvm_result(process, samples, f"idle with {self.n + 1} VMs")
         result["ratio_p99"] = (result["storm"]["p99_ms"] / result["idle"]["p99_ms"]
                                if result["idle"]["p99_ms"] > 0 else None)
+        cs, ci = result["storm"]["control"], result["idle"]["control"]
+        result["control_ratio_p99"] = cs["p99_ms"] / ci["p99_ms"] if ci["p99_ms"] > 0 else None
+        # The same window, the same loop: what GetVm adds over a call that reads nothing.
+        result["storm_p99_getvm_over_control"] = (result["storm"]["p99_ms"] / cs["p99_ms"]
+                                                  if cs["p99_ms"] > 0 else None)
         self.results["getvm"] = result
-        log(f"GetVm p99 during the storm / idle: {result['ratio_p99']}")
+        log(f"GetVm p99 during the storm / idle: {result['ratio_p99']}; control "
+            f"(Health/Check) in the same windows: {result['control_ratio_p99']}")
         agent.stop()
 
     def restart(self, agent, repeats):
@@ -1582,6 +1609,11 @@ def table(r):
             f"p50 {g['storm']['p50_ms']:.3f} / p99 {g['storm']['p99_ms']:.3f} in storm",
             f"p50 {g['idle']['p50_ms']:.3f} / p99 {g['idle']['p99_ms']:.3f} idle", v,
             "p99 ratio <= 2.0", None if v is None else v <= 2.0)
+        c, cv = (g["storm"]["control"], g["idle"]["control"]), g.get("control_ratio_p99")
+        add("  control: Health/Check, same loop (ms)",
+            f"p50 {c[0]['p50_ms']:.3f} / p99 {c[0]['p99_ms']:.3f} in storm",
+            f"p50 {c[1]['p50_ms']:.3f} / p99 {c[1]['p99_ms']:.3f} idle", cv,
+            "(reference: the machine)", None)
 
     headers = ("what", "ours", "baseline", "ratio", "target", "met?")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
@@ -1652,8 +1684,14 @@ def details(r):
         g = r["getvm"]
 
         def stats(x):
-            return (f"{x['count']} calls, p50 {x['p50_ms']:.3f} / p90 {x['p90_ms']:.3f} / "
-                    f"p99 {x['p99_ms']:.3f} / max {x['max_ms']:.3f} ms")
+            one = (f"{x['count']} calls, p50 {x['p50_ms']:.3f} / p90 {x['p90_ms']:.3f} / "
+                   f"p99 {x['p99_ms']:.3f} / max {x['max_ms']:.3f} ms")
+            c = x.get("control")
+            if c:
+                one += (f" (control Health/Check: {c['count']} calls, p50 {c['p50_ms']:.3f} / "
+                        f"p90 {c['p90_ms']:.3f} / p99 {c['p99_ms']:.3f} / max "
+                        f"{c['max_ms']:.3f} ms)")
+            return one
 
         gs = r.get("getvm_storm", {})
         lines.append(
@@ -1661,6 +1699,11 @@ def details(r):
             f"with 1 VM {stats(g['idle'])}; during the storm ({g['storm']['window_s']:.3f} s, "
             f"{gs.get('reconcile_passes', 0):.0f} reconcile passes) {stats(g['storm'])}; idle "
             f"with {r['vms'] + 1} VMs after it {stats(g['idle_after'])}")
+        if g.get("storm_p99_getvm_over_control") is not None:
+            lines.append(
+                f"GetVm vs its control: p99 ratio storm/idle {g['ratio_p99']:.2f} for GetVm, "
+                f"{g['control_ratio_p99']:.2f} for Health/Check; during the storm GetVm's p99 "
+                f"is {g['storm_p99_getvm_over_control']:.2f}x the control's")
     lines.append("machine: " + ", ".join(f"{k} {v}" for k, v in r.get("machine", {}).items()))
     lines.append(f"load average (1, 5, 15 min) at start {r.get('load_average_at_start')}, at "
                  f"end {r.get('load_average_at_end')}; {os.cpu_count()} CPUs")
