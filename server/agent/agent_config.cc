@@ -21,6 +21,9 @@ std::vector<std::string> SplitList(absl::string_view list) {
   return out;
 }
 
+// The allow set goes to the kernel in one message.
+constexpr size_t kMaxVmToHostAllow = 256;
+
 // "udp/53", "tcp/80".
 std::optional<kernel::VmToHostPort> ParseVmToHostPort(absl::string_view text) {
   kernel::VmToHostPort port;
@@ -89,6 +92,11 @@ absl::StatusOr<AgentConfig> AgentConfig::FromFlags(const RawFlags& flags) {
                          "port 1-65535)"));
       }
       port_security.vm_to_host_allow.push_back(*port);
+    }
+    if (port_security.vm_to_host_allow.size() > kMaxVmToHostAllow) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--vm-to-host-allow: ", port_security.vm_to_host_allow.size(),
+                       " entries; give at most ", kMaxVmToHostAllow));
     }
     std::sort(port_security.vm_to_host_allow.begin(),
               port_security.vm_to_host_allow.end());

@@ -8,9 +8,11 @@
 #include <netlink/msg.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 
@@ -258,7 +260,20 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options opt
   std::unique_ptr<PortSecurityKernel> nft;
   NftKernel::Options nft_options;
   nft_options.event_rcvbuf = options.event_rcvbuf;
-  if (auto created = NftKernel::Create(nft_options); created.ok()) {
+  absl::StatusOr<std::unique_ptr<NftKernel>> created = NftKernel::Create(nft_options);
+  // The nftables layer deletes with the kernel's "destroy" messages (delete
+  // if present), which Linux has since 6.3.
+  utsname uts{};
+  int major = 0, minor = 0;
+  if (created.ok() && uname(&uts) == 0 &&
+      std::sscanf(uts.release, "%d.%d", &major, &minor) == 2 &&
+      (major < 6 || (major == 6 && minor < 3))) {
+    created = absl::FailedPreconditionError(absl::StrCat(
+        "this kernel (", uts.release,
+        ") lacks nftables' destroy messages (Linux 6.3 or newer); upgrade it, or run "
+        "with --port-security=false"));
+  }
+  if (created.ok()) {
     nft = std::move(*created);
   } else if (options.require_nftables) {
     return absl::Status(
@@ -409,11 +424,13 @@ absl::StatusOr<std::vector<Neighbor>> NetlinkKernel::DumpProxyNeighbors() {
 }
 
 std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
-  // The IPv6 settings first (files, in order), then every rtnetlink write in
+  // The port-security base and element additions first, as one nftables
+  // transaction (a VM's link is filtered before it is up and forwarding);
+  // then the IPv6 settings (files, in order); then every rtnetlink write in
   // one pipeline (a link brought up after its setting announces the new
-  // value in its RTM_NEWLINK, never a stale one), then the nftables writes as
-  // one transaction, then the conntrack deletions (after the elements that
-  // let the address's packets in are gone).
+  // value in its RTM_NEWLINK, never a stale one); then the nftables
+  // deletions as one transaction, then the conntrack deletions (after the
+  // elements that let the address's packets in are gone).
   bool any_other = std::any_of(writes.begin(), writes.end(), [](const Write& w) {
     return std::holds_alternative<SetIpv6Conf>(w) || IsNftWrite(w) ||
            std::holds_alternative<DeleteConntrack>(w);
@@ -425,28 +442,39 @@ std::vector<absl::Status> NetlinkKernel::Apply(absl::Span<const Write> writes) {
     return result;
   }
   std::vector<absl::Status> result(writes.size());
-  std::vector<Write> netlink, nft;
-  std::vector<size_t> netlink_index, nft_index;
+  std::vector<Write> before, netlink, after;
+  std::vector<size_t> before_index, netlink_index, after_index;
   for (size_t i = 0; i < writes.size(); ++i) {
-    if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[i])) {
-      result[i] = WriteIpv6Conf(*conf);
-    } else if (IsNftWrite(writes[i]) ||
-               std::holds_alternative<DeleteConntrack>(writes[i])) {
-      nft.push_back(writes[i]);
-      nft_index.push_back(i);
-    } else {
-      netlink.push_back(writes[i]);
+    const Write& w = writes[i];
+    if (std::holds_alternative<EnsurePortSecurityBase>(w) ||
+        std::holds_alternative<AddNftElement>(w)) {
+      before.push_back(w);
+      before_index.push_back(i);
+    } else if (IsNftWrite(w) || std::holds_alternative<DeleteConntrack>(w)) {
+      after.push_back(w);
+      after_index.push_back(i);
+    } else if (!std::holds_alternative<SetIpv6Conf>(w)) {
+      netlink.push_back(w);
       netlink_index.push_back(i);
     }
   }
   std::vector<absl::Status> part;
+  ApplyNft(before, &part);
+  for (size_t i = 0; i < before.size(); ++i) result[before_index[i]] = std::move(part[i]);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (const auto* conf = std::get_if<SetIpv6Conf>(&writes[i])) {
+      result[i] = WriteIpv6Conf(*conf);
+    }
+  }
+  part.clear();
   part.reserve(netlink.size());
   ApplyNetlink(netlink, &part);
-  for (size_t i = 0; i < netlink.size(); ++i)
+  for (size_t i = 0; i < netlink.size(); ++i) {
     result[netlink_index[i]] = std::move(part[i]);
+  }
   part.clear();
-  ApplyNft(nft, &part);
-  for (size_t i = 0; i < nft.size(); ++i) result[nft_index[i]] = std::move(part[i]);
+  ApplyNft(after, &part);
+  for (size_t i = 0; i < after.size(); ++i) result[after_index[i]] = std::move(part[i]);
   return result;
 }
 

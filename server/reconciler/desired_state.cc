@@ -38,6 +38,11 @@ std::string DesiredState::VmOfAddress(const IpAddress& address) const {
   return it == vm_of_address_.end() ? "" : it->second;
 }
 
+std::string DesiredState::VmAllowingAddress(const IpAddress& address) const {
+  auto it = vm_allowing_address_.find(address);
+  return it == vm_allowing_address_.end() ? "" : it->second;
+}
+
 std::string DesiredState::VmOfInterface(const std::string& interface) const {
   auto it = vm_of_interface_.find(interface);
   return it == vm_of_interface_.end() ? "" : it->second;
@@ -47,12 +52,18 @@ void DesiredState::Set(const std::string& vm_id, std::optional<VmRecord> record)
   if (auto old = vms_.find(vm_id); old != vms_.end()) {
     if (old->second.spec.has_ipv6()) --ipv6_vms_;
     for (const IpAddress& a : old->second.spec.addresses) vm_of_address_.erase(a);
+    for (const IpPrefix& p : old->second.spec.allowed_source_prefixes) {
+      if (p.length == p.address.bit_length()) vm_allowing_address_.erase(p.address);
+    }
     vm_of_interface_.erase(old->second.spec.interface);
     vms_.erase(old);
   }
   if (!record) return;
   if (record->spec.has_ipv6()) ++ipv6_vms_;
   for (const IpAddress& a : record->spec.addresses) vm_of_address_[a] = vm_id;
+  for (const IpPrefix& p : record->spec.allowed_source_prefixes) {
+    if (p.length == p.address.bit_length()) vm_allowing_address_[p.address] = vm_id;
+  }
   vm_of_interface_[record->spec.interface] = vm_id;
   vms_.emplace(vm_id, std::move(*record));
 }

@@ -212,6 +212,7 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
     } else {
       if (e->kind == Kind::kElementAdded) {
         nft_elements_.insert(*e->element);
+        touched.added = true;
       } else {
         nft_elements_.erase(*e->element);
       }

@@ -179,6 +179,9 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
     plan.message = absl::StrCat("interface ", spec.interface, " does not exist yet");
     return plan;
   }
+  // The filter first: whatever else fails below, a link vmnetd brings up
+  // is a filtered one.
+  PlanPortSecurity(spec, model, config, &plan);
   if (!link->up) plan.writes.push_back(kernel::SetLinkUp{link->ifindex, link->name});
   if (link->ipv4_forwarding != true) {
     plan.writes.push_back(kernel::SetIpv4Forwarding{link->ifindex, link->name, true});
@@ -216,7 +219,6 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
       plan.writes.push_back(kernel::DeleteNeighbor{*n});
     }
   }
-  PlanPortSecurity(spec, model, config, &plan);
   return plan;
 }
 
@@ -292,6 +294,12 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
     }
   }
   return writes;
+}
+
+bool ReplansEveryVm(const std::vector<kernel::Write>& host_writes) {
+  return std::any_of(host_writes.begin(), host_writes.end(), [](const kernel::Write& w) {
+    return std::holds_alternative<kernel::EnsurePortSecurityBase>(w);
+  });
 }
 
 std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfig& config,

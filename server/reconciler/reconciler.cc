@@ -250,6 +250,8 @@ void Reconciler::MarkAllDirty() {
 
 void Reconciler::MarkDirty(const KernelModel::Touched& touched) {
   if (touched.everything) MarkAllDirty();
+  // Something may have been added that no VM wants: plan the orphans.
+  if (touched.added) sweep_orphans_ = true;
   for (const std::string& link : touched.links) {
     if (std::string vm = desired_->VmOfInterface(link); !vm.empty()) dirty_.insert(vm);
     // An uplink that changes (appears, goes down) affects every VM's proxy
@@ -332,6 +334,13 @@ absl::Status Reconciler::CheckAttach(const VmSpec& spec) const {
         !holder.empty() && holder != spec.vm_id) {
       return AddressError(absl::StatusCode::kAlreadyExists, a,
                           absl::StrCat("is held by VM \"", holder, "\""));
+    }
+    if (std::string holder = desired_->VmAllowingAddress(a);
+        !holder.empty() && holder != spec.vm_id) {
+      return AddressError(absl::StatusCode::kAlreadyExists, a,
+                          absl::StrCat("is an allowed source of VM \"", holder,
+                                       "\" (its allowed_source_prefixes); a VM may not "
+                                       "send as another"));
     }
   }
   for (size_t i = 0; i < spec.allowed_source_prefixes.size(); ++i) {
@@ -499,7 +508,10 @@ void Reconciler::Reconcile() {
   // What replaced or detached specs installed goes first, so that the
   // plans below see the kernel without it.
   std::vector<kernel::Write> removals = PlanRemovals();
-  ApplyWrites(removals);
+  for (const absl::Status& s : ApplyWrites(removals)) {
+    // What failed to go is found again by the re-read (orphans).
+    if (!s.ok()) resync_wanted_ = true;
+  }
 
   std::vector<kernel::Write> writes;
   std::vector<PlannedVm> planned = PlanDirty(&writes);
@@ -549,6 +561,7 @@ std::vector<kernel::Write> Reconciler::PlanRemovals() {
 std::vector<Reconciler::PlannedVm> Reconciler::PlanDirty(
     std::vector<kernel::Write>* writes) {
   *writes = PlanUplinks(model_, options_.host, desired_->ipv6_vms() > 0);
+  if (ReplansEveryVm(*writes)) MarkAllDirty();
   std::vector<PlannedVm> planned;
   for (const std::string& vm_id : dirty_) {
     const VmRecord* record = desired_->Find(vm_id);
@@ -582,7 +595,8 @@ std::vector<absl::Status> Reconciler::ApplyWrites(
     VMNET_LOG(Debug) << "event=kernel_write_failed error=\"" << results[i].message()
                      << "\"";
     // The model disagreed with the kernel: re-read it soon.
-    if (absl::IsAlreadyExists(results[i]) || absl::IsNotFound(results[i])) {
+    if (absl::IsAlreadyExists(results[i]) || absl::IsNotFound(results[i]) ||
+        absl::IsUnavailable(results[i])) {
       resync_wanted_ = true;
     }
   }

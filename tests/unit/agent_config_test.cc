@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "vmnet/net/defaults.h"
 
 namespace vmnet {
@@ -202,6 +203,52 @@ TEST(AgentConfigTest, RefusesBadAnnouncerTimesWithoutAnnouncements) {
   flags.announce_count = 0;
   flags.dad_timeout = absl::Milliseconds(1);
   EXPECT_EQ(Refusal(flags), "--dad-timeout: give 10ms to 30s");
+}
+
+}  // namespace
+}  // namespace vmnet
+
+namespace vmnet {
+namespace {
+
+TEST(AgentConfigTest, PortSecurityIsOnByDefaultWithNothingAllowedToTheHost) {
+  auto config = AgentConfig::FromFlags(RawFlags{});
+  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_TRUE(config->reconciler.host.port_security.has_value());
+  EXPECT_THAT(config->reconciler.host.port_security->vm_to_host_allow, IsEmpty());
+  RawFlags off;
+  off.port_security = false;
+  config = AgentConfig::FromFlags(off);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_FALSE(config->reconciler.host.port_security.has_value());
+}
+
+TEST(AgentConfigTest, VmToHostAllowIsProtocolSlashPortSortedOnce) {
+  RawFlags flags;
+  flags.vm_to_host_allow = "udp/53, tcp/80,udp/53";
+  auto config = AgentConfig::FromFlags(flags);
+  ASSERT_TRUE(config.ok()) << config.status();
+  using P = kernel::VmToHostPort::Protocol;
+  EXPECT_EQ(config->reconciler.host.port_security->vm_to_host_allow,
+            (std::vector<kernel::VmToHostPort>{{P::kTcp, 80}, {P::kUdp, 53}}));
+}
+
+TEST(AgentConfigTest, RefusesABadVmToHostAllow) {
+  for (const char* bad :
+       {"53", "icmp/1", "tcp/0", "tcp/65536", "udp/", "tcp/8o", "tcp:80"}) {
+    RawFlags flags;
+    flags.vm_to_host_allow = bad;
+    EXPECT_THAT(Refusal(flags), HasSubstr("--vm-to-host-allow: \"")) << bad;
+  }
+  RawFlags many;
+  for (int port = 1; port <= 257; ++port) {
+    many.vm_to_host_allow += absl::StrCat(port > 1 ? "," : "", "tcp/", port);
+  }
+  EXPECT_THAT(Refusal(many), HasSubstr("give at most 256"));
+  RawFlags without;
+  without.port_security = false;
+  without.vm_to_host_allow = "tcp/80";
+  EXPECT_THAT(Refusal(without), HasSubstr("needs --port-security"));
 }
 
 }  // namespace

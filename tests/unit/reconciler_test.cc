@@ -531,6 +531,42 @@ TEST_F(PortSecurityTest, ASourcePrefixThatIsAnotherVmsAddressIsRefused) {
   EXPECT_FALSE(reconciler_->FindVm("vm-2"));
 }
 
+TEST_F(PortSecurityTest, AnAddressAnotherVmMaySendAsIsRefused) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "", options_.rules);
+  ASSERT_TRUE(spec.ok());
+  spec->allowed_source_prefixes = {*IpPrefix::Parse("198.51.100.202/32")};
+  std::promise<absl::StatusOr<VmView>> done;
+  reconciler_->Attach(*spec, false, "",
+                      [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+  ASSERT_TRUE(done.get_future().get().ok());
+  auto second = Attach("vm-2", "vme2a", {"198.51.100.202"});
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("is an allowed source of VM \"vm-1\""));
+}
+
+TEST_F(PortSecurityTest, ARebuiltBaseTakesEveryVmsElementsAlong) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  ASSERT_TRUE(Attach("vm-2", "vme2a", {"198.51.100.202"}).ok());
+  auto before = Elements();
+  // The table goes while the kernel refuses writes; then an event about one
+  // VM comes first: the rebuild that follows must carry both VMs' elements.
+  kernel_.FailWrites(ENOMEM);
+  kernel_.port_security().DeleteTable();
+  ASSERT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kFailed; }));
+  kernel_.FailWrites(0);
+  kernel_.DeleteRoute(IpPrefix::Host(Ip("198.51.100.201")));
+  EXPECT_TRUE(WaitFor([&] {
+    return kernel_.port_security().base().has_value() && Elements() == before;
+  }));
+}
+
 TEST_F(ReconcilerTest, RestartWithNothingDriftedWritesNothing) {
   kernel_.AddLink("vme1a");
   kernel_.AddLink("vme2a");

@@ -49,6 +49,9 @@ class DesiredState {
   // The VM that holds an address or an interface; empty when none.
   std::string VmOfAddress(const IpAddress& address) const;
   std::string VmOfInterface(const std::string& interface) const;
+  // The VM whose allowed_source_prefixes name exactly this address (a /32
+  // or /128); empty when none.
+  std::string VmAllowingAddress(const IpAddress& address) const;
   size_t size() const { return vms_.size(); }
   // VMs with an IPv6 address: the host's IPv6 settings are made for them.
   size_t ipv6_vms() const { return ipv6_vms_; }
@@ -85,6 +88,7 @@ class DesiredState {
   absl::flat_hash_map<std::string, VmRecord> vms_;
   absl::flat_hash_map<IpAddress, std::string> vm_of_address_;
   absl::flat_hash_map<std::string, std::string> vm_of_interface_;
+  absl::flat_hash_map<IpAddress, std::string> vm_allowing_address_;
   size_t ipv6_vms_ = 0;
   std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
   uint64_t revision_lease_ = 0;

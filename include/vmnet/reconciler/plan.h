@@ -62,6 +62,11 @@ std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfi
 // source prefixes (those another one covers left out). Sorted.
 std::vector<kernel::NftElement> PortSecurityElements(const VmSpec& spec);
 
+// Whether host-wide writes (PlanUplinks) drop objects of every VM, which
+// must then all be planned again in the same pass (a rebuilt port-security
+// base loses every element).
+bool ReplansEveryVm(const std::vector<kernel::Write>& host_writes);
+
 // Where a desired VM address lives.
 struct AddressOwner {
   std::string interface;
