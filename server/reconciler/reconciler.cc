@@ -471,10 +471,16 @@ void Reconciler::TakeCommands(std::vector<Reply>* replies) {
         dirty_.erase(vm_id);
       }
     }
+    // The store's code is kept: FAILED_PRECONDITION when the state directory
+    // was removed or replaced (the operator must act), INTERNAL otherwise.
+    absl::StatusCode code = s.code() == absl::StatusCode::kFailedPrecondition
+                                ? absl::StatusCode::kFailedPrecondition
+                                : absl::StatusCode::kInternal;
     for (size_t i : mutating) {
-      (*replies)[i].status = absl::InternalError(absl::StrCat(
-          "the desired state could not be made durable, nothing was changed: ",
-          s.message()));
+      (*replies)[i].status = absl::Status(
+          code, absl::StrCat("the desired state could not be made durable, nothing was "
+                             "changed: ",
+                             s.message()));
     }
     return;
   }

@@ -12,9 +12,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/state/state_file.pb.h"
+#include "vmnet/log/log.h"
 
 namespace vmnet {
 namespace {
+
+constexpr char kStateFile[] = "state.bin";
+constexpr char kTempFile[] = "state.bin.tmp";
+constexpr char kLockFile[] = "lock";
 
 constexpr char kMagic[8] = {'V', 'M', 'N', 'E', 'T', 'S', 'T', '1'};
 constexpr size_t kHeader = sizeof(kMagic) + 8;  // magic, length, crc32
@@ -49,33 +54,88 @@ absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
 
 }  // namespace
 
-StateStore::StateStore(std::string dir, int lock_fd)
-    : dir_(std::move(dir)), path_(dir_ + "/state.bin"), lock_fd_(lock_fd) {}
+StateStore::StateStore(std::string dir, int dir_fd, int lock_fd)
+    : dir_(std::move(dir)),
+      path_(absl::StrCat(dir_, "/", kStateFile)),
+      dir_fd_(dir_fd),
+      lock_fd_(lock_fd) {}
 
 StateStore::StateStore(StateStore&& other) noexcept
     : dir_(std::move(other.dir_)),
       path_(std::move(other.path_)),
+      dir_fd_(other.dir_fd_),
       lock_fd_(other.lock_fd_) {
+  other.dir_fd_ = -1;
   other.lock_fd_ = -1;
 }
 
 StateStore::~StateStore() {
   if (lock_fd_ >= 0) close(lock_fd_);
+  if (dir_fd_ >= 0) close(dir_fd_);
 }
 
 absl::StatusOr<StateStore> StateStore::Open(const std::string& dir) {
   if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
     return ErrnoError("create state directory", dir);
   }
-  std::string lock_path = dir + "/lock";
-  int fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return ErrnoError("open", lock_path);
+  // Everything from here on is relative to this open directory, never to
+  // its path: the lock is then on the directory the state is written to.
+  int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return ErrnoError("open state directory", dir);
+  std::string lock_path = absl::StrCat(dir, "/", kLockFile);
+  int fd = openat(dir_fd, kLockFile, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    absl::Status s = ErrnoError("open", lock_path);
+    close(dir_fd);
+    return s;
+  }
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     close(fd);
+    close(dir_fd);
     return absl::FailedPreconditionError(absl::StrCat(
         "state directory ", dir, " is locked by another vmnetd (", lock_path, ")"));
   }
-  return StateStore(dir, fd);
+  StateStore store(dir, dir_fd, fd);
+  // Removed or replaced between the open and the lock: start on nothing.
+  if (absl::Status s = store.CheckDirectory(); !s.ok()) return s;
+  return store;
+}
+
+absl::Status StateStore::CheckDirectory() const {
+  struct stat held;
+  if (fstat(dir_fd_, &held) != 0) return ErrnoError("fstat state directory", dir_);
+  struct stat now;
+  int stat_errno = stat(dir_.c_str(), &now) == 0 ? 0 : errno;
+  bool same = stat_errno == 0 && now.st_dev == held.st_dev && now.st_ino == held.st_ino;
+  if (same && held.st_nlink > 0) return absl::OkStatus();
+  std::string what;
+  // What the operator can do: the locked directory, moved elsewhere, can be
+  // moved back; a removed one is gone with the state file in it.
+  std::string remedy =
+      "restart vmnetd (it then starts on the directory at that path) and attach its VMs "
+      "again";
+  if (held.st_nlink == 0) {
+    what =
+        stat_errno == ENOENT
+            ? "was removed"
+            : "was removed (the directory now at that path is a new one, not the one it "
+              "locked)";
+  } else {
+    what = stat_errno == 0
+               ? "was replaced (the directory now at that path is not the one it locked, "
+                 "which was moved away)"
+               : absl::StrCat("is no longer at its path (", strerror(stat_errno),
+                              "; the directory it locked was moved away)");
+    remedy = absl::StrCat("move the directory it locked back to ", dir_, ", or ", remedy);
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("state directory ", dir_, " ", what,
+                   " while this vmnetd was running: no change can be made durable there, "
+                   "so AttachVm and "
+                   "DetachVm are refused; the VMs it acknowledged are in no state file "
+                   "at that path. To "
+                   "recover, ",
+                   remedy));
 }
 
 std::string StateStore::Encode(const StoredState& state) {
@@ -160,7 +220,8 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
 }
 
 absl::StatusOr<StoredState> StateStore::Load() const {
-  int fd = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (absl::Status s = CheckDirectory(); !s.ok()) return s;
+  int fd = openat(dir_fd_, kStateFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) return StoredState{};
     return absl::FailedPreconditionError(
@@ -192,20 +253,33 @@ absl::StatusOr<StoredState> StateStore::Load() const {
 }
 
 absl::Status StateStore::Save(const StoredState& state) {
-  std::string tmp = path_ + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return ErrnoError("create", tmp);
+  // Checked before the write (nothing is written into a new directory at the
+  // path, nor into the removed one) and after it (the directory may have
+  // been moved away while it was written): either way the caller changes
+  // nothing and acknowledges nothing.
+  auto lost = [this](const absl::Status& s) {
+    VMNET_LOG(Error) << "event=state_dir_lost state_dir=" << dir_ << " error=\""
+                     << s.message() << "\"";
+    return s;
+  };
+  if (absl::Status s = CheckDirectory(); !s.ok()) return lost(s);
+  std::string tmp = absl::StrCat(dir_, "/", kTempFile);
+  int fd = openat(dir_fd_, kTempFile,
+                  O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    absl::Status s = ErrnoError("create", tmp);
+    if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+    return s;
+  }
   absl::Status s = WriteAll(fd, Encode(state), tmp);
   if (s.ok() && fsync(fd) != 0) s = ErrnoError("fsync", tmp);
   close(fd);
-  if (!s.ok()) return s;
-  if (rename(tmp.c_str(), path_.c_str()) != 0) return ErrnoError("rename to", path_);
-  int dir_fd = open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return ErrnoError("open", dir_);
-  int rc = fsync(dir_fd);
-  close(dir_fd);
-  if (rc != 0) return ErrnoError("fsync", dir_);
-  return absl::OkStatus();
+  if (s.ok() && renameat(dir_fd_, kTempFile, dir_fd_, kStateFile) != 0) {
+    s = ErrnoError("rename to", path_);
+  }
+  if (s.ok() && fsync(dir_fd_) != 0) s = ErrnoError("fsync", dir_);
+  if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+  return s;
 }
 
 }  // namespace vmnet

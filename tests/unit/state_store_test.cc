@@ -98,5 +98,73 @@ TEST_F(StateStoreTest, LeftoverTemporaryFileDoesNotBlockStart) {
   ASSERT_TRUE(store->Save(Example()).ok());
 }
 
+// Issue 13, item 7: `rm -rf` of the state directory and a `mkdir` of it under
+// a running agent.
+TEST_F(StateStoreTest, SaveFailsWhenTheDirectoryWasRemoved) {
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  ASSERT_TRUE(store->Save(Example()).ok());
+  std::filesystem::remove_all(dir_);
+  absl::Status s = store->Save(Example());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr(dir_));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("was removed"));
+  EXPECT_FALSE(std::filesystem::exists(dir_)) << "Save recreated the directory";
+}
+
+TEST_F(StateStoreTest, SaveFailsWhenTheDirectoryWasReplacedAndWritesNothingThere) {
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  ASSERT_TRUE(store->Save(Example()).ok());
+  std::filesystem::remove_all(dir_);
+  ASSERT_TRUE(std::filesystem::create_directory(dir_));
+
+  absl::Status s = store->Save(Example());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr(dir_));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("was removed"));
+  EXPECT_TRUE(store->CheckDirectory().code() == absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(std::filesystem::is_empty(dir_)) << "Save wrote into the new directory";
+
+  // A second agent on the new directory takes its lock and sees no state.
+  auto second = StateStore::Open(dir_);
+  ASSERT_TRUE(second.ok()) << second.status();
+  auto state = second->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_TRUE(state->vms.empty());
+  // And the first still refuses, while the second saves.
+  EXPECT_FALSE(store->Save(Example()).ok());
+  ASSERT_TRUE(second->Save(StoredState{}).ok());
+  EXPECT_FALSE(store->Save(Example()).ok());
+  state = second->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_TRUE(state->vms.empty()) << "the first store's write reached the new directory";
+}
+
+TEST_F(StateStoreTest, SaveFailsWhenTheDirectoryWasMovedAway) {
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::string moved = dir_ + ".moved";
+  std::filesystem::rename(dir_, moved);
+  absl::Status s = store->Save(Example());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr(dir_));
+  ASSERT_TRUE(std::filesystem::create_directory(dir_));
+  s = store->Save(Example());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("was replaced"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("move the directory it locked back"));
+  EXPECT_TRUE(std::filesystem::is_empty(dir_));
+  // Put back where it was, it is the locked directory again.
+  std::filesystem::remove(dir_);
+  std::filesystem::rename(moved, dir_);
+  ASSERT_TRUE(store->Save(Example()).ok());
+  auto state = store->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(*state, Example());
+}
+
 }  // namespace
 }  // namespace vmnet

@@ -3,6 +3,15 @@
 // directory). A crash at any moment leaves either the old file or the new
 // one, never a mix. The file carries a checksum, so a damaged file is
 // reported, never mistaken for an empty state.
+//
+// The directory is opened once; the lock, the reads and the writes are all
+// relative to that open directory, never to its path. Before and after each
+// write the store checks that the directory at the configured path is still
+// the one it locked: when it was removed (rm -rf) or replaced (by a mkdir or a
+// rename), nothing more is made durable and every Save fails with
+// FAILED_PRECONDITION naming the path, so that no acknowledgement is given
+// that a restart could lose, and a second agent started on the new directory
+// is the only one that acknowledges.
 #pragma once
 
 #include <cstdint>
@@ -28,8 +37,9 @@ struct StoredState {
 
 class StateStore {
  public:
-  // Takes an exclusive lock on the directory (a second agent on the same
-  // state fails to start). Creates the directory if missing.
+  // Opens the directory and takes an exclusive lock on a file in it (a second
+  // agent on the same directory fails to start). Creates the directory if
+  // missing.
   static absl::StatusOr<StateStore> Open(const std::string& dir);
   StateStore(StateStore&& other) noexcept;
   StateStore& operator=(StateStore&&) = delete;
@@ -38,7 +48,14 @@ class StateStore {
   // The stored state; an empty state when the directory holds none yet.
   // FAILED_PRECONDITION naming the file when it is unreadable or damaged.
   absl::StatusOr<StoredState> Load() const;
+  // Writes `state` durably. FAILED_PRECONDITION, logged at error level as
+  // event=state_dir_lost, when the directory this store locked is no longer
+  // the one at its path (see above); nothing is then written to the path.
   absl::Status Save(const StoredState& state);
+
+  // OK while the directory at the path is the one this store locked;
+  // otherwise the FAILED_PRECONDITION that Save answers.
+  absl::Status CheckDirectory() const;
 
   const std::string& path() const { return path_; }
 
@@ -47,10 +64,11 @@ class StateStore {
   static absl::StatusOr<StoredState> Decode(absl::string_view bytes);
 
  private:
-  StateStore(std::string dir, int lock_fd);
+  StateStore(std::string dir, int dir_fd, int lock_fd);
   std::string dir_;
   std::string path_;
-  int lock_fd_ = -1;
+  int dir_fd_ = -1;   // the directory locked, opened once
+  int lock_fd_ = -1;  // "lock" in it, flock()ed
 };
 
 }  // namespace vmnet
