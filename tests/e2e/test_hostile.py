@@ -959,6 +959,61 @@ class HostileInputTest(HostileTestCase):
         self.assertStillServing(self.valid())
 
 
+class DeadlineTest(HostileTestCase):
+    """An AttachVm whose deadline is shorter than the work (issue 13, item 9): the caller sees
+    DEADLINE_EXCEEDED, the agent may still apply it, Watch and GetVm show what it did, and
+    retrying the same spec succeeds and changes nothing."""
+
+    vm_count = 4
+
+    def test_attach_past_its_deadline(self):
+        events, _ = self.watch_after_snapshot()
+        applied = None
+        for vm in self.lab.vms.values():
+            request = vm_request(vm)
+            try:
+                self.api.call("AttachVm", request, timeout=0.001)
+                self.rpc("DetachVm", {"vm_id": vm.vm_id})  # answered in time: not the case
+                continue
+            except grpcurl.RpcError as e:
+                self.assertEqual(e.code, StatusCode.DEADLINE_EXCEEDED, e)
+            # The outcome is on the Watch stream, whatever the caller saw.
+            added = events.next_matching(
+                lambda e, vm_id=vm.vm_id: (e["type"] == "EVENT_TYPE_VM_ADDED" and
+                                           e.get("vm", {}).get("vm_id") == vm_id), timeout=3)
+            if added is None:
+                # It never reached the agent: then nothing of it may be there either.
+                with self.assertRaises(grpcurl.RpcError) as cm:
+                    self.rpc("GetVm", {"vm_id": vm.vm_id})
+                self.assertEqual(cm.exception.code, NOT_FOUND)
+                continue
+            applied = (vm, request, added)
+            break
+        self.assertIsNotNone(applied, "no AttachVm with a 1 ms deadline reached the agent "
+                                      "(each one tried expired before it was sent)")
+        vm, request, added = applied
+        # Watch and GetVm agree, and the kernel holds the VM.
+        self.assertEqual(added["vm"]["state"], "VM_STATE_PROGRAMMED", added)
+        got = to_dict(self.rpc("GetVm", {"vm_id": vm.vm_id}))["vm"]
+        self.assertEqual(got["state"], "VM_STATE_PROGRAMMED", got)
+        self.assertEqual(str(got["revision"]), str(added["vm"]["revision"]), (got, added))
+        self.assertTrue(any(r.get("dst") == vm.address for r in self.lab.routes()),
+                        f"the agent reports {vm.vm_id} PROGRAMMED; the host has no route to "
+                        f"{vm.address}")
+        # Retrying the same spec: OK, the same VM, the same revision, nothing changed.
+        kernel_before, agent_before = self.settled_kernel_state(), self.agent_state()
+        retried = to_dict(self.rpc("AttachVm", request))["vm"]
+        self.assertEqual(retried["state"], "VM_STATE_PROGRAMMED", retried)
+        self.assertEqual(str(retried["revision"]), str(got["revision"]), retried)
+        self.assertEqual(kernel_state(self.lab), kernel_before,
+                         "\n".join(describe_changes(kernel_before, kernel_state(self.lab))))
+        self.assertEqual(self.agent_state(), agent_before)
+        events.next_matching(lambda e: False, timeout=0.3)
+        stray = [e for e in events.seen if e.get("vm", {}).get("vm_id") == vm.vm_id and
+                 e is not added]
+        self.assertEqual(stray, [], "the retry of the same spec produced events")
+
+
 class PermissiveInterfaceTest(HostileTestCase):
     """--interface-pattern='.*': the rules behind the pattern must still hold."""
 
