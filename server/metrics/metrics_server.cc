@@ -243,6 +243,20 @@ void MetricsServer::Loop() {
         if (closed || c.in.size() > options_.max_request_bytes) drop(it);
         continue;
       }
+      // Memory: at most max_responses copies of the answer are held.
+      size_t responding = 0;
+      auto oldest_answer = conns.end();
+      for (auto j = conns.begin(); j != conns.end(); ++j) {
+        if (!j->second.responding) continue;
+        ++responding;
+        if (oldest_answer == conns.end() ||
+            j->second.deadline < oldest_answer->second.deadline) {
+          oldest_answer = j;
+        }
+      }
+      if (responding >= options_.max_responses && oldest_answer != conns.end()) {
+        drop(oldest_answer);
+      }
       // "METHOD TARGET VERSION"
       std::string line = c.in.substr(0, c.in.find("\r\n"));
       size_t sp1 = line.find(' ');

@@ -32,6 +32,9 @@ class MetricsServer {
     // From the end of the request to the last byte of the answer taken.
     absl::Duration response_timeout = absl::Seconds(10);
     size_t max_request_bytes = 8192;
+    // Answers being written at once, each a copy of the metrics text: a
+    // new one beyond this closes the oldest (a client not taking its answer).
+    size_t max_responses = 16;
   };
 
   // `listen` is "HOST:PORT", "[V6]:PORT" or "PORT" (all IPv4 addresses).
