@@ -10,7 +10,6 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "prometheus/exposer.h"
 #include "vmnet/agent/memory.h"
 #include "vmnet/announce/announcer.h"
 #include "vmnet/api/servers.h"
@@ -19,6 +18,7 @@
 #include "vmnet/log/log.h"
 #include "vmnet/metrics/announcer_metrics.h"
 #include "vmnet/metrics/metrics.h"
+#include "vmnet/metrics/metrics_server.h"
 #include "vmnet/reconciler/reconciler.h"
 #include "vmnet/state/state_store.h"
 
@@ -102,8 +102,8 @@ absl::Status Agent::Start() {
     VMNET_LOG(Info) << "event=listening listen=" << config_.listen
                     << " health_listen=" << config_.listeners.health_address;
 
-    // 5. Metrics and the memory trimmer. The Exposer holds collectables by
-    // weak_ptr; ours live until Stop.
+    // 5. Metrics and the memory trimmer. The metrics server holds collectables
+    // by weak_ptr; ours live until Stop.
     collector_ = std::make_shared<MetricsCollector>(reconciler_.get(), kernel_.get(),
                                                     events_.get(), request_stats_.get(),
                                                     VMNET_VERSION);
@@ -112,16 +112,17 @@ absl::Status Agent::Start() {
           [announcer = announcer_.get()] { return announcer->stats(); });
     }
     if (!config_.metrics_listen.empty()) {
-      try {
-        exposer_ = std::make_unique<prometheus::Exposer>(config_.metrics_listen,
-                                                         /*num_threads=*/2);
-      } catch (const std::exception& e) {
+      // Our own epoll server, not the Exposer: idle or slow clients cannot
+      // hold a scrape up (metrics_server.h).
+      std::vector<std::weak_ptr<prometheus::Collectable>> collectables = {collector_};
+      if (announcer_metrics_) collectables.push_back(announcer_metrics_);
+      auto server = MetricsServer::Start(config_.metrics_listen, std::move(collectables));
+      if (!server.ok()) {
         return absl::UnavailableError(
             absl::StrCat("could not listen on --metrics-listen=", config_.metrics_listen,
-                         ": ", e.what()));
+                         ": ", server.status().message()));
       }
-      exposer_->RegisterCollectable(collector_);
-      if (announcer_metrics_) exposer_->RegisterCollectable(announcer_metrics_);
+      metrics_server_ = std::move(*server);
     }
     // Returns what a scrape, a list snapshot or a storm's calls freed.
     trimmer_ = std::make_unique<MemoryTrimmer>();
@@ -145,7 +146,7 @@ void Agent::Stop() {
     servers_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
   }
   // 4. No scrape after this.
-  exposer_.reset();
+  metrics_server_.reset();
   // 5. The reconciler's thread, the announcer's only caller.
   if (reconciler_) reconciler_->Stop();
   // 6. The announcer's probe answers call the reconciler back: it goes

@@ -32,10 +32,10 @@ const grpc::Status kStarting(grpc::StatusCode::UNAVAILABLE,
 
 }  // namespace
 
-void VmNetworkService::Finish(grpc::ServerUnaryReactor* reactor, const char* method,
+void VmNetworkService::Finish(UnaryCall* call, const char* method,
                               const grpc::Status& status) const {
   if (stats_ != nullptr) stats_->Record(method, status.error_code());
-  reactor->Finish(status);
+  call->Complete(status);
 }
 
 grpc::Status VmNetworkService::Authorize(const grpc::CallbackServerContext& context,
@@ -45,13 +45,87 @@ grpc::Status VmNetworkService::Authorize(const grpc::CallbackServerContext& cont
                                     absl::StrCat("/vmnet.v1.VmNetwork/", method));
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::Reply(grpc::CallbackServerContext* context,
-                                                  const char* method,
-                                                  const grpc::Status& status) const {
-  auto* reactor = context->DefaultReactor();
-  Finish(reactor, method, status);
-  return reactor;
+void VmNetworkService::Reply(UnaryCall* call, const char* method,
+                             const grpc::Status& status) const {
+  Finish(call, method, status);
 }
+
+constexpr char kUnparsable[] =
+    " (invalid protobuf encoding, or a string field that is not UTF-8)";
+
+void UnaryCall::Complete(const grpc::Status& status) {
+  if (status.ok() && !SerializeResponse()) {
+    Finish(
+        grpc::Status(grpc::StatusCode::INTERNAL, "the response could not be serialized"));
+    return;
+  }
+  Finish(status);
+}
+
+namespace {
+
+// One unary call's typed request and response, served from raw bytes.
+template <class Request, class Response>
+class TypedCall final : public UnaryCall {
+ public:
+  explicit TypedCall(grpc::ByteBuffer* out) : out_(out) {}
+  Request request;
+  Response response;
+
+ private:
+  bool SerializeResponse() override {
+    bool own_buffer = false;
+    return grpc::SerializationTraits<Response>::Serialize(response, out_, &own_buffer)
+        .ok();
+  }
+  grpc::ByteBuffer* const out_;
+};
+
+}  // namespace
+
+// gRPC 1.51's typed callback handler (CallbackUnaryHandler::RunHandler)
+// answers a request that does not parse with UNIMPLEMENTED and no message:
+// it drops the deserialisation status. The methods are registered raw and
+// parsed here, after the authorization check, so that it is INVALID_ARGUMENT
+// saying so.
+template <class Request, class Response>
+grpc::ServerUnaryReactor* VmNetworkService::Serve(
+    const char* method, grpc::CallbackServerContext* context, const grpc::ByteBuffer* in,
+    grpc::ByteBuffer* out,
+    void (VmNetworkService::*serve)(UnaryCall*, const Request*, Response*)) {
+  auto* call = new TypedCall<Request, Response>(out);
+  if (auto denied = Authorize(*context, method); !denied.ok()) {
+    Reply(call, method, denied);
+    return call;
+  }
+  // Deserialize consumes its buffer; an empty message has no payload.
+  grpc::ByteBuffer bytes = in != nullptr ? *in : grpc::ByteBuffer();
+  if (bytes.Length() > 0 &&
+      !grpc::SerializationTraits<Request>::Deserialize(&bytes, &call->request).ok()) {
+    Reply(call, method,
+          grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                       absl::StrCat("the request could not be parsed as a ",
+                                    Request::descriptor()->full_name(), kUnparsable)));
+    return call;
+  }
+  (this->*serve)(call, &call->request, &call->response);
+  return call;
+}
+
+#define VMNET_RAW_METHOD(Name)                                                           \
+  grpc::ServerUnaryReactor* VmNetworkService::Name(grpc::CallbackServerContext* context, \
+                                                   const grpc::ByteBuffer* request,      \
+                                                   grpc::ByteBuffer* response) {         \
+    return Serve<v1::Name##Request, v1::Name##Response>(                                 \
+        #Name, context, request, response, &VmNetworkService::Serve##Name);              \
+  }
+VMNET_RAW_METHOD(AttachVm)
+VMNET_RAW_METHOD(DetachVm)
+VMNET_RAW_METHOD(GetVm)
+VMNET_RAW_METHOD(ListVms)
+VMNET_RAW_METHOD(ListArp)
+VMNET_RAW_METHOD(ListRoutes)
+#undef VMNET_RAW_METHOD
 
 namespace {
 
@@ -325,28 +399,24 @@ VmNetworkService::VmNetworkService(Reconciler* reconciler, kernel::Kernel* kerne
 
 VmNetworkService::~VmNetworkService() = default;
 
-grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext* context,
-                                                     const v1::AttachVmRequest* request,
-                                                     v1::AttachVmResponse* response) {
-  if (auto denied = Authorize(*context, "AttachVm"); !denied.ok()) {
-    return Reply(context, "AttachVm", denied);
-  }
+void VmNetworkService::ServeAttachVm(UnaryCall* call, const v1::AttachVmRequest* request,
+                                     v1::AttachVmResponse* response) {
   if (auto s = ValidateRequestId(request->request_id()); !s.ok()) {
-    return Reply(context, "AttachVm", ToGrpc(s));
+    return Reply(call, "AttachVm", ToGrpc(s));
   }
-  if (!reconciler_->ready()) return Reply(context, "AttachVm", kStarting);
+  if (!reconciler_->ready()) return Reply(call, "AttachVm", kStarting);
   std::vector<std::string> addresses(request->ip_addresses().begin(),
                                      request->ip_addresses().end());
   std::vector<size_t> request_index;
   auto spec = ParseVmSpec(request->vm_id(), request->interface(), addresses,
                           request->mac_address(), options_.rules, &request_index);
-  if (!spec.ok()) return Reply(context, "AttachVm", ToGrpc(spec.status()));
+  if (!spec.ok()) return Reply(call, "AttachVm", ToGrpc(spec.status()));
   std::vector<std::string> prefixes(request->allowed_source_prefixes().begin(),
                                     request->allowed_source_prefixes().end());
   auto allowed = ParseSourcePrefixes(prefixes, options_.rules);
-  if (!allowed.ok()) return Reply(context, "AttachVm", ToGrpc(allowed.status()));
+  if (!allowed.ok()) return Reply(call, "AttachVm", ToGrpc(allowed.status()));
   spec->allowed_source_prefixes = std::move(*allowed);
-  auto* reactor = context->DefaultReactor();
+  auto* reactor = call;
   VmSpec sent = *spec;
   reconciler_->Attach(
       std::move(*spec), request->validate_only(), request->request_id(),
@@ -360,59 +430,45 @@ grpc::ServerUnaryReactor* VmNetworkService::AttachVm(grpc::CallbackServerContext
         *response->mutable_vm() = ToProto(*vm);
         Finish(reactor, "AttachVm", grpc::Status::OK);
       });
-  return reactor;
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::DetachVm(grpc::CallbackServerContext* context,
-                                                     const v1::DetachVmRequest* request,
-                                                     v1::DetachVmResponse*) {
-  if (auto denied = Authorize(*context, "DetachVm"); !denied.ok()) {
-    return Reply(context, "DetachVm", denied);
-  }
+void VmNetworkService::ServeDetachVm(UnaryCall* call, const v1::DetachVmRequest* request,
+                                     v1::DetachVmResponse*) {
   if (auto s = ValidateVmId(request->vm_id()); !s.ok())
-    return Reply(context, "DetachVm", ToGrpc(s));
+    return Reply(call, "DetachVm", ToGrpc(s));
   if (auto s = ValidateRequestId(request->request_id()); !s.ok()) {
-    return Reply(context, "DetachVm", ToGrpc(s));
+    return Reply(call, "DetachVm", ToGrpc(s));
   }
-  if (!reconciler_->ready()) return Reply(context, "DetachVm", kStarting);
-  auto* reactor = context->DefaultReactor();
+  if (!reconciler_->ready()) return Reply(call, "DetachVm", kStarting);
+  auto* reactor = call;
   reconciler_->Detach(
       request->vm_id(), request->allow_missing(), request->request_id(),
       [this, reactor](absl::Status s) { Finish(reactor, "DetachVm", ToGrpc(s)); });
-  return reactor;
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::GetVm(grpc::CallbackServerContext* context,
-                                                  const v1::GetVmRequest* request,
-                                                  v1::GetVmResponse* response) {
-  if (auto denied = Authorize(*context, "GetVm"); !denied.ok()) {
-    return Reply(context, "GetVm", denied);
-  }
+void VmNetworkService::ServeGetVm(UnaryCall* call, const v1::GetVmRequest* request,
+                                  v1::GetVmResponse* response) {
   if (auto s = ValidateVmId(request->vm_id()); !s.ok()) {
-    return Reply(context, "GetVm", ToGrpc(s));
+    return Reply(call, "GetVm", ToGrpc(s));
   }
   auto vm = reconciler_->FindVm(request->vm_id());
   if (!vm) {
-    return Reply(context, "GetVm",
+    return Reply(call, "GetVm",
                  grpc::Status(grpc::StatusCode::NOT_FOUND,
                               absl::StrCat("vm_id: no VM \"", request->vm_id(),
                                            "\" is attached")));
   }
   *response->mutable_vm() = ToProto(*vm);
-  return Reply(context, "GetVm", grpc::Status::OK);
+  return Reply(call, "GetVm", grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext* context,
-                                                    const v1::ListVmsRequest* request,
-                                                    v1::ListVmsResponse* response) {
-  if (auto denied = Authorize(*context, "ListVms"); !denied.ok()) {
-    return Reply(context, "ListVms", denied);
-  }
+void VmNetworkService::ServeListVms(UnaryCall* call, const v1::ListVmsRequest* request,
+                                    v1::ListVmsResponse* response) {
   auto page = ParsePaging("vms", request->page_size(), request->page_token(), "", "");
-  if (!page.ok()) return Reply(context, "ListVms", ToGrpc(page.status()));
+  if (!page.ok()) return Reply(call, "ListVms", ToGrpc(page.status()));
   if (!v1::VmState_IsValid(request->state())) {
     return Reply(
-        context, "ListVms",
+        call, "ListVms",
         grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                      absl::StrCat("state: ", request->state(), " is not a VmState")));
   }
@@ -432,7 +488,7 @@ grpc::ServerUnaryReactor* VmNetworkService::ListVms(grpc::CallbackServerContext*
       },
       [&](const v1::Vm& vm) { *response->add_vms() = vm; });
   response->set_next_page_token(*token);  // reading the VMs cannot fail
-  return Reply(context, "ListVms", grpc::Status::OK);
+  return Reply(call, "ListVms", grpc::Status::OK);
 }
 
 absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>>
@@ -542,32 +598,25 @@ absl::StatusOr<std::string> ServeFilteredPage(SnapshotCache<Entry>& cache,
 
 }  // namespace
 
-grpc::ServerUnaryReactor* VmNetworkService::ListArp(grpc::CallbackServerContext* context,
-                                                    const v1::ListArpRequest* request,
-                                                    v1::ListArpResponse* response) {
-  if (auto denied = Authorize(*context, "ListArp"); !denied.ok()) {
-    return Reply(context, "ListArp", denied);
-  }
+void VmNetworkService::ServeListArp(UnaryCall* call, const v1::ListArpRequest* request,
+                                    v1::ListArpResponse* response) {
   auto token = ServeFilteredPage(
       caches_->arp, "arp", *request, [&] { return ReadArp(*request); },
       [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
-  if (!token.ok()) return Reply(context, "ListArp", ToGrpc(token.status()));
+  if (!token.ok()) return Reply(call, "ListArp", ToGrpc(token.status()));
   response->set_next_page_token(*token);
-  return Reply(context, "ListArp", grpc::Status::OK);
+  return Reply(call, "ListArp", grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* VmNetworkService::ListRoutes(
-    grpc::CallbackServerContext* context, const v1::ListRoutesRequest* request,
-    v1::ListRoutesResponse* response) {
-  if (auto denied = Authorize(*context, "ListRoutes"); !denied.ok()) {
-    return Reply(context, "ListRoutes", denied);
-  }
+void VmNetworkService::ServeListRoutes(UnaryCall* call,
+                                       const v1::ListRoutesRequest* request,
+                                       v1::ListRoutesResponse* response) {
   auto token = ServeFilteredPage(
       caches_->routes, "routes", *request, [&] { return ReadRoutes(*request); },
       [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
-  if (!token.ok()) return Reply(context, "ListRoutes", ToGrpc(token.status()));
+  if (!token.ok()) return Reply(call, "ListRoutes", ToGrpc(token.status()));
   response->set_next_page_token(*token);
-  return Reply(context, "ListRoutes", grpc::Status::OK);
+  return Reply(call, "ListRoutes", grpc::Status::OK);
 }
 
 namespace {
@@ -692,8 +741,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* VmNetworkService::Watch(
   v1::WatchRequest parsed;
   grpc::ByteBuffer bytes(*raw_request);  // Deserialize consumes its buffer
   if (!grpc::SerializationTraits<v1::WatchRequest>::Deserialize(&bytes, &parsed).ok()) {
-    reactor->Close(
-        absl::InvalidArgumentError("the request is not a vmnet.v1.WatchRequest"));
+    reactor->Close(absl::InvalidArgumentError(
+        absl::StrCat("the request could not be parsed as a ",
+                     v1::WatchRequest::descriptor()->full_name(), kUnparsable)));
     return reactor;
   }
   const v1::WatchRequest* request = &parsed;

@@ -57,9 +57,11 @@ EXHAUSTED = StatusCode.RESOURCE_EXHAUSTED
 OUT_OF_RANGE = StatusCode.OUT_OF_RANGE
 OK = StatusCode.OK
 
-# gRPC (not vmnetd) answers a request that does not parse as the method's message. The C++
-# callback API answers UNIMPLEMENTED with an empty message; the synchronous API, INTERNAL.
-UNPARSABLE = (StatusCode.UNIMPLEMENTED, StatusCode.INTERNAL)
+# A request that does not parse as the method's message (issue 13, item 8): INVALID_ARGUMENT
+# saying so. (gRPC 1.51's typed callback handler would answer UNIMPLEMENTED with an empty
+# message; vmnetd registers its methods raw and parses the requests itself.)
+UNPARSABLE = INVALID
+UNPARSABLE_NAMES = ("could not be parsed",)
 
 
 # -- the API, with messages compiled from the repository's .proto ----------------------------
@@ -770,18 +772,57 @@ class HostileInputTest(HostileTestCase):
         request_class = Api.classes("AttachVm")[0]
         rest = request_class(interface=self.vm2.interface, ip_addresses=[self.vm2.address],
                              validate_only=True).SerializeToString()
+        # A complete, valid attach of a new VM (not validate_only), then a broken field: the
+        # agent must not apply the valid part.
+        applied = request_class(vm_id=self.vm2.vm_id, interface=self.vm2.interface,
+                                ip_addresses=[self.vm2.address]).SerializeToString()
+        kept = next(iter(self.specs))
         self.run_rows([
             Row("with a vm_id that is not UTF-8", "AttachVm", b"\x0a\x03\xff\xfe\x41" + rest,
-                UNPARSABLE),
+                UNPARSABLE, UNPARSABLE_NAMES),
             Row("with an address that is not UTF-8", "AttachVm",
-                b"\x0a\x04vm-9\x1a\x02\xc3\x28" + rest, UNPARSABLE),
-            Row("of four 0xff bytes", "AttachVm", b"\xff\xff\xff\xff", UNPARSABLE),
-            Row("with a length past the end", "AttachVm", b"\x0a\x7fvm-9", UNPARSABLE),
+                b"\x0a\x04vm-9\x1a\x02\xc3\x28" + rest, UNPARSABLE, UNPARSABLE_NAMES),
+            Row("of four 0xff bytes", "AttachVm", b"\xff\xff\xff\xff", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a length past the end", "AttachVm", b"\x0a\x7fvm-9", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a truncated varint (validate_only)", "AttachVm", rest + b"\x30\x80",
+                UNPARSABLE, UNPARSABLE_NAMES),
+            Row("of a valid new VM followed by a truncated varint", "AttachVm",
+                applied + b"\x30\x80", UNPARSABLE, UNPARSABLE_NAMES),
+            Row("of a valid new VM followed by a string that is not UTF-8", "AttachVm",
+                applied + b"\x2a\x02\xc3\x28", UNPARSABLE, UNPARSABLE_NAMES),
             # A field of the wrong wire type is an unknown field: vm_id stays empty.
             Row("with vm_id sent as a number", "AttachVm", b"\x08\x01" + rest,
                 names=("vm_id",)),
             Row("with a vm_id that is not UTF-8", "DetachVm", b"\x0a\x02\xc3\x28",
-                UNPARSABLE),
+                UNPARSABLE, UNPARSABLE_NAMES),
+            Row("of a kept VM with a truncated varint", "DetachVm",
+                b"\x0a" + bytes([len(kept)]) + kept.encode() + b"\x10\x80", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("of a kept VM with a request_id that is not UTF-8", "DetachVm",
+                b"\x0a" + bytes([len(kept)]) + kept.encode() + b"\x1a\x02\xc3\x28",
+                UNPARSABLE, UNPARSABLE_NAMES),
+            Row("with a vm_id that is not UTF-8", "GetVm", b"\x0a\x02\xc3\x28", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a length past the end", "GetVm", b"\x0a\x7fvm", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a truncated varint", "ListVms", b"\x10\xff", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a page_token that is not UTF-8", "ListVms", b"\x1a\x02\xc3\x28",
+                UNPARSABLE, UNPARSABLE_NAMES),
+            Row("with a truncated varint", "ListArp", b"\x18\xff", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with an interface that is not UTF-8", "ListArp", b"\x0a\x02\xc3\x28",
+                UNPARSABLE, UNPARSABLE_NAMES),
+            Row("with a truncated varint", "ListRoutes", b"\x28\x80", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a vm_id that is not UTF-8", "ListRoutes", b"\x12\x02\xc3\x28",
+                UNPARSABLE, UNPARSABLE_NAMES),
+            Row("with a vm_id that is not UTF-8", "Watch", b"\x0a\x02\xc3\x28", UNPARSABLE,
+                UNPARSABLE_NAMES),
+            Row("with a truncated varint", "Watch", b"\x10\x80", UNPARSABLE,
+                UNPARSABLE_NAMES),
             Row("with an unknown field (ignored), validate_only", "AttachVm",
                 b"\x0a\x04vm-9" + rest + b"\xf8\x07\x01", OK),
         ])
@@ -916,6 +957,61 @@ class HostileInputTest(HostileTestCase):
 
     def test_z_still_serving(self):  # z: runs after the other tests of the class
         self.assertStillServing(self.valid())
+
+
+class DeadlineTest(HostileTestCase):
+    """An AttachVm whose deadline is shorter than the work (issue 13, item 9): the caller sees
+    DEADLINE_EXCEEDED, the agent may still apply it, Watch and GetVm show what it did, and
+    retrying the same spec succeeds and changes nothing."""
+
+    vm_count = 4
+
+    def test_attach_past_its_deadline(self):
+        events, _ = self.watch_after_snapshot()
+        applied = None
+        for vm in self.lab.vms.values():
+            request = vm_request(vm)
+            try:
+                self.api.call("AttachVm", request, timeout=0.001)
+                self.rpc("DetachVm", {"vm_id": vm.vm_id})  # answered in time: not the case
+                continue
+            except grpcurl.RpcError as e:
+                self.assertEqual(e.code, StatusCode.DEADLINE_EXCEEDED, e)
+            # The outcome is on the Watch stream, whatever the caller saw.
+            added = events.next_matching(
+                lambda e, vm_id=vm.vm_id: (e["type"] == "EVENT_TYPE_VM_ADDED" and
+                                           e.get("vm", {}).get("vm_id") == vm_id), timeout=3)
+            if added is None:
+                # It never reached the agent: then nothing of it may be there either.
+                with self.assertRaises(grpcurl.RpcError) as cm:
+                    self.rpc("GetVm", {"vm_id": vm.vm_id})
+                self.assertEqual(cm.exception.code, NOT_FOUND)
+                continue
+            applied = (vm, request, added)
+            break
+        self.assertIsNotNone(applied, "no AttachVm with a 1 ms deadline reached the agent "
+                                      "(each one tried expired before it was sent)")
+        vm, request, added = applied
+        # Watch and GetVm agree, and the kernel holds the VM.
+        self.assertEqual(added["vm"]["state"], "VM_STATE_PROGRAMMED", added)
+        got = to_dict(self.rpc("GetVm", {"vm_id": vm.vm_id}))["vm"]
+        self.assertEqual(got["state"], "VM_STATE_PROGRAMMED", got)
+        self.assertEqual(str(got["revision"]), str(added["vm"]["revision"]), (got, added))
+        self.assertTrue(any(r.get("dst") == vm.address for r in self.lab.routes()),
+                        f"the agent reports {vm.vm_id} PROGRAMMED; the host has no route to "
+                        f"{vm.address}")
+        # Retrying the same spec: OK, the same VM, the same revision, nothing changed.
+        kernel_before, agent_before = self.settled_kernel_state(), self.agent_state()
+        retried = to_dict(self.rpc("AttachVm", request))["vm"]
+        self.assertEqual(retried["state"], "VM_STATE_PROGRAMMED", retried)
+        self.assertEqual(str(retried["revision"]), str(got["revision"]), retried)
+        self.assertEqual(kernel_state(self.lab), kernel_before,
+                         "\n".join(describe_changes(kernel_before, kernel_state(self.lab))))
+        self.assertEqual(self.agent_state(), agent_before)
+        events.next_matching(lambda e: False, timeout=0.3)
+        stray = [e for e in events.seen if e.get("vm", {}).get("vm_id") == vm.vm_id and
+                 e is not added]
+        self.assertEqual(stray, [], "the retry of the same spec produced events")
 
 
 class PermissiveInterfaceTest(HostileTestCase):

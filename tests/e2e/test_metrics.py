@@ -184,5 +184,41 @@ class PrometheusScrapeTest(LabTestCase):
         self.assertEqual(up[0]["value"][1], "1", "Prometheus sees the agent down")
 
 
+class SlowClientsTest(LabTestCase):
+    """Idle and slow clients must not keep a scrape waiting (issue 13, item 6): 2 connections
+    that send nothing and 300 that send a byte every 0.5 s, and every scrape taken while they
+    hang on is answered within 1 s; when they are gone, the agent holds no more descriptors
+    than before."""
+
+    vm_count = 1
+    daemon_flags = (f"--metrics-listen={METRICS_ADDRESS}",)
+    HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_clients.py")
+
+    def open_fds(self):
+        return len(os.listdir(f"/proc/{self.lab.daemon.process.pid}/fd"))
+
+    def test_scrapes_answered_within_a_second_under_300_slow_clients(self):
+        before = self.open_fds()
+        out = self.lab.run(self.lab.host, sys.executable, self.HELPER, METRICS_ADDRESS,
+                           "--idle=2", "--slow=300", "--interval=0.5", "--duration=4",
+                           "--scrape-timeout=3", timeout=60)
+        result = json.loads(out.stdout)
+        self.assertEqual(result["connected"], 302, result)
+        scrapes = result["scrapes"]
+        latencies = [s["latency"] for s in scrapes if s["latency"] is not None]
+        print(f"\n{len(scrapes)} scrapes under 300 slow + 2 idle clients, answered: "
+              f"{len(latencies)}, slowest {max(latencies, default=float('nan')):.3f} s",
+              file=sys.stderr)
+        self.assertGreaterEqual(len(scrapes), 2, result)
+        for s in scrapes:
+            self.assertIsNotNone(s["latency"], f"a scrape was not answered within 3 s: {s}")
+            self.assertLess(s["latency"], 1.0, f"a scrape took over 1 s: {s}")
+            self.assertIn(" 200 ", s["status"] + " ", s)
+            self.assertTrue(s["expected"], f"the scrape has no vmnet_ series: {s}")
+        # The clients are gone: so are their descriptors.
+        settled = lab.wait_until(lambda: self.open_fds() <= before + 2, timeout=5)
+        self.assertTrue(settled, f"{self.open_fds()} descriptors open, {before} before the load")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -41,13 +41,10 @@
 #include "absl/status/status.h"
 #include "vmnet/agent/agent_config.h"
 
-namespace prometheus {
-class Exposer;
-}
-
 namespace vmnet {
 
 class Announcer;
+class MetricsServer;
 class ApiServers;
 class EventLog;
 class MemoryTrimmer;
@@ -85,7 +82,7 @@ class Agent {
   std::unique_ptr<ApiServers> servers_;
   std::shared_ptr<MetricsCollector> collector_;
   std::shared_ptr<AnnouncerMetrics> announcer_metrics_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsServer> metrics_server_;
   std::unique_ptr<MemoryTrimmer> trimmer_;
 };
 

@@ -38,13 +38,27 @@ grpc::Status ToGrpc(const absl::Status& status);
 // is the same). Spelled out rather than WithRawCallbackMethod_Watch on top of
 // CallbackService, which would hide its callback Watch (-Woverloaded-virtual).
 // A new RPC needs its WithCallbackMethod_ here.
-using VmNetworkCallbackService =
-    v1::VmNetwork::WithCallbackMethod_AttachVm<v1::VmNetwork::WithCallbackMethod_DetachVm<
-        v1::VmNetwork::WithCallbackMethod_GetVm<v1::VmNetwork::WithCallbackMethod_ListVms<
-            v1::VmNetwork::WithCallbackMethod_ListArp<
-                v1::VmNetwork::WithCallbackMethod_ListRoutes<
-                    v1::VmNetwork::WithRawCallbackMethod_Watch<
-                        v1::VmNetwork::Service>>>>>>>;
+// Every method raw (grpc::ByteBuffer in and out), parsed by the service: see
+// VmNetworkService::Serve.
+using VmNetworkCallbackService = v1::VmNetwork::WithRawCallbackMethod_AttachVm<
+    v1::VmNetwork::WithRawCallbackMethod_DetachVm<
+        v1::VmNetwork::WithRawCallbackMethod_GetVm<
+            v1::VmNetwork::WithRawCallbackMethod_ListVms<
+                v1::VmNetwork::WithRawCallbackMethod_ListArp<
+                    v1::VmNetwork::WithRawCallbackMethod_ListRoutes<
+                        v1::VmNetwork::WithRawCallbackMethod_Watch<
+                            v1::VmNetwork::Service>>>>>>>;
+
+// One unary call: a reactor that owns the typed request and response and
+// serialises the response into the raw one when it finishes OK.
+class UnaryCall : public grpc::ServerUnaryReactor {
+ public:
+  void Complete(const grpc::Status& status);
+  void OnDone() override { delete this; }
+
+ private:
+  virtual bool SerializeResponse() = 0;
+};
 
 class VmNetworkService final : public VmNetworkCallbackService {
  public:
@@ -54,24 +68,25 @@ class VmNetworkService final : public VmNetworkCallbackService {
                    RequestStats* stats, ServiceOptions options);
   ~VmNetworkService() override;
 
+  // Each a vmnet.v1.<Name>Request in, a vmnet.v1.<Name>Response out.
   grpc::ServerUnaryReactor* AttachVm(grpc::CallbackServerContext* context,
-                                     const v1::AttachVmRequest* request,
-                                     v1::AttachVmResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* DetachVm(grpc::CallbackServerContext* context,
-                                     const v1::DetachVmRequest* request,
-                                     v1::DetachVmResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* GetVm(grpc::CallbackServerContext* context,
-                                  const v1::GetVmRequest* request,
-                                  v1::GetVmResponse* response) override;
+                                  const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListVms(grpc::CallbackServerContext* context,
-                                    const v1::ListVmsRequest* request,
-                                    v1::ListVmsResponse* response) override;
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListArp(grpc::CallbackServerContext* context,
-                                    const v1::ListArpRequest* request,
-                                    v1::ListArpResponse* response) override;
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListRoutes(grpc::CallbackServerContext* context,
-                                       const v1::ListRoutesRequest* request,
-                                       v1::ListRoutesResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   // A vmnet.v1.WatchRequest in, a stream of vmnet.v1.WatchEvent out.
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Watch(
       grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
@@ -83,10 +98,28 @@ class VmNetworkService final : public VmNetworkCallbackService {
   grpc::Status Authorize(const grpc::CallbackServerContext& context,
                          const char* method) const;
   // Finishes a unary call and counts it.
-  void Finish(grpc::ServerUnaryReactor* reactor, const char* method,
-              const grpc::Status& status) const;
-  grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context,
-                                  const char* method, const grpc::Status& status) const;
+  void Finish(UnaryCall* call, const char* method, const grpc::Status& status) const;
+  void Reply(UnaryCall* call, const char* method, const grpc::Status& status) const;
+
+  // Authorizes the call, parses its request (INVALID_ARGUMENT when it does
+  // not parse), then runs `serve`, which finishes `call`.
+  template <class Request, class Response>
+  grpc::ServerUnaryReactor* Serve(
+      const char* method, grpc::CallbackServerContext* context,
+      const grpc::ByteBuffer* in, grpc::ByteBuffer* out,
+      void (VmNetworkService::*serve)(UnaryCall*, const Request*, Response*));
+  void ServeAttachVm(UnaryCall* call, const v1::AttachVmRequest* request,
+                     v1::AttachVmResponse* response);
+  void ServeDetachVm(UnaryCall* call, const v1::DetachVmRequest* request,
+                     v1::DetachVmResponse* response);
+  void ServeGetVm(UnaryCall* call, const v1::GetVmRequest* request,
+                  v1::GetVmResponse* response);
+  void ServeListVms(UnaryCall* call, const v1::ListVmsRequest* request,
+                    v1::ListVmsResponse* response);
+  void ServeListArp(UnaryCall* call, const v1::ListArpRequest* request,
+                    v1::ListArpResponse* response);
+  void ServeListRoutes(UnaryCall* call, const v1::ListRoutesRequest* request,
+                       v1::ListRoutesResponse* response);
 
   // The kernel's tables as list entries, keyed by their sort keys, filtered
   // by the request.
