@@ -106,8 +106,8 @@ PHASES = ("baseline", "watch", "getvm", "agent", "portsec")
 FORWARD_VM_ADDRESS = "203.0.113.2"
 FORWARD_VM_ID = "bench-forward"
 IPERF_PORT = 5201
-NFT_TABLES = (("inet", "vmnet"), ("arp", "vmnet"))  # vmnetd's own (NFT_NOTES.md)
-# Per VM link, vmnetd's port security installs (NFT_NOTES.md): the link in both `vm_links`
+NFT_TABLES = (("inet", "vmnet"), ("arp", "vmnet"))  # vmnetd's own (docs/port-security.md)
+# Per VM link, vmnetd's port security installs (docs/port-security.md): the link in both `vm_links`
 # sets, 3 named counters in `inet vmnet` and 1 in `arp vmnet`, an element `ifname : counter`
 # in each of the 4 maps, and per IPv4 address `ifname . addr` in `src4` and `arp_src4`.
 NFT_PER_VM = ("inet counters", "inet set vm_links", "inet set src4", "inet map spoofed_source",
@@ -441,7 +441,7 @@ def wait_nft(ns, want, timeout):
 
 
 # nft prints vmnetd's neighbour-advertisement check, `iifname . <16 raw bytes>` looked up in
-# the `ifname . ipv6_addr` set src6, but cannot parse it back (NFT_NOTES.md: the bytecode is
+# the `ifname . ipv6_addr` set src6, but cannot parse it back (docs/port-security.md: the bytecode is
 # built by hand). The baseline loads the same rule with the VM's IPv6 source in place of the
 # raw target: the same lookup in the same set, for the same packets (NAs only).
 _NFT_UNPARSABLE = (("iifname . @th,64,128 != @src6", "iifname . ip6 saddr != @src6"),)

@@ -1,5 +1,5 @@
 // The ruleset vmnetd installs, as bytecode built with libnftnl. Reading it
-// as `nft list ruleset` prints it: NFT_NOTES.md.
+// as `nft list ruleset` prints it: docs/port-security.md.
 //
 // Registers: NFT_REG_1 and NFT_REG_2 are 16 bytes each and adjacent, so a
 // concatenation `iifname . address` is the name in REG_1 and the address

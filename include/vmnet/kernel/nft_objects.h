@@ -5,7 +5,7 @@
 // other. Their chains and rules (the "base") do not depend on the VMs: every
 // per-VM fact is a set or map element or a named counter, so the rule count
 // is the same for 10 or 10,000 VMs and a packet from a VM costs one lookup
-// per check. The base is shown in NFT_NOTES.md as `nft list ruleset` prints
+// per check. The base is shown in docs/port-security.md as `nft list ruleset` prints
 // it.
 #pragma once
 
