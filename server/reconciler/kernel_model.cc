@@ -175,6 +175,12 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
   };
   if (auto* e = std::get_if<kernel::LinkEvent>(&event)) {
     touched.links.push_back(e->link.name);
+    // A rename is the old name's link leaving and the new one's appearing.
+    if (const kernel::Link* before = LinkByIndex(e->link.ifindex);
+        before != nullptr && before->name != e->link.name) {
+      touched.links.push_back(before->name);
+      touched.sweep_orphans = true;
+    }
     if (e->deleted) {
       RemoveLink(e->link.ifindex);
     } else {
@@ -212,7 +218,7 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
     } else {
       if (e->kind == Kind::kElementAdded) {
         nft_elements_.insert(*e->element);
-        touched.added = true;
+        touched.sweep_orphans = true;
       } else {
         nft_elements_.erase(*e->element);
       }

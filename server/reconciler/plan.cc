@@ -177,6 +177,19 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
   if (link == nullptr) {
     plan.state = VmState::kPending;
     plan.message = absl::StrCat("interface ", spec.interface, " does not exist yet");
+    // A pending VM publishes nothing: a proxy entry for an address the host
+    // has no route to would draw the LAN's traffic into a black hole. They
+    // come back, announced, when the link does.
+    for (const IpAddress& address : spec.addresses) {
+      for (const std::string& uplink_name : config.uplinks) {
+        const Link* uplink = model.LinkByName(uplink_name);
+        if (uplink == nullptr) continue;
+        const Neighbor* n = model.FindNeighbor(uplink->ifindex, address, true);
+        if (n != nullptr && n->protocol == config.protocol) {
+          plan.writes.push_back(kernel::DeleteNeighbor{*n});
+        }
+      }
+    }
     return plan;
   }
   // The filter first: whatever else fails below, a link vmnetd brings up

@@ -250,8 +250,7 @@ void Reconciler::MarkAllDirty() {
 
 void Reconciler::MarkDirty(const KernelModel::Touched& touched) {
   if (touched.everything) MarkAllDirty();
-  // Something may have been added that no VM wants: plan the orphans.
-  if (touched.added) sweep_orphans_ = true;
+  if (touched.sweep_orphans) sweep_orphans_ = true;
   for (const std::string& link : touched.links) {
     if (std::string vm = desired_->VmOfInterface(link); !vm.empty()) dirty_.insert(vm);
     // An uplink that changes (appears, goes down) affects every VM's proxy

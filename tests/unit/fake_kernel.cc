@@ -270,6 +270,15 @@ void FakeKernel::SetLinkUp(const std::string& name, bool up) {
   Emit(kernel::LinkEvent{false, *l});
 }
 
+void FakeKernel::RenameLink(const std::string& name, const std::string& new_name) {
+  int ifindex = IfIndex(name);
+  vmnet::MutexLock lock(&mu_);
+  Link* l = FindLink(ifindex);
+  if (l == nullptr) return;
+  l->name = new_name;
+  Emit(kernel::LinkEvent{false, *l});
+}
+
 void FakeKernel::AddForeignAddress(const std::string& link, const std::string& prefix) {
   int ifindex = IfIndex(link);
   vmnet::MutexLock lock(&mu_);

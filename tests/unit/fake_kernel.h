@@ -41,6 +41,8 @@ class FakeKernel : public kernel::Kernel {
   int AddLink(const std::string& name, bool up = false);
   void RemoveLink(const std::string& name);
   void SetLinkUp(const std::string& name, bool up);
+  // `ip link set NAME name NEW`: the same ifindex, its objects stay on it.
+  void RenameLink(const std::string& name, const std::string& new_name);
   void AddForeignAddress(const std::string& link, const std::string& prefix);
   void AddForeignRoute(const kernel::Route& route);
   void AddForeignNeighbor(const kernel::Neighbor& neighbor);

@@ -292,6 +292,27 @@ TEST_F(ReconcilerTest, PendingUntilTheInterfaceAppearsThenFollowsIt) {
   EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
 }
 
+// Issue 13, case 2: a rename is the VM's link leaving (PENDING, nothing
+// published, our objects on the renamed link swept) and, renamed back, the
+// link coming back.
+TEST_F(ReconcilerTest, ARenamedLinkIsTheLinkLeavingAndComingBack) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  ASSERT_TRUE(HoldsVm(vme, "198.51.100.201"));
+  kernel_.RenameLink("vme1a", "vme1f");
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kPending; }));
+  EXPECT_TRUE(WaitFor([&] {
+    auto s = kernel_.State();
+    return FindRoute(s, "198.51.100.201") == nullptr &&
+           FindNeighbor(s, uplink_, "198.51.100.201", true) == nullptr &&
+           FindAddress(s, vme, "169.255.30.1/32") == nullptr;
+  })) << "the renamed link keeps the VM's objects, or the uplink still publishes it";
+  kernel_.RenameLink("vme1f", "vme1a");
+  EXPECT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kProgrammed; }));
+  EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+}
+
 TEST_F(ReconcilerTest, DriftIsRepaired) {
   int vme = kernel_.AddLink("vme1a");
   StartAgent();

@@ -24,9 +24,9 @@ class KernelModel {
     std::vector<std::string> links;
     std::vector<IpAddress> addresses;
     bool everything = false;  // a host-wide object: every VM is planned again
-    // An object of ours appeared that no write of ours made (someone added
-    // to our tables): what no VM wants must be swept.
-    bool added = false;
+    // Objects of ours may now be where no VM wants them (someone added to
+    // our tables; a link with our objects was renamed): sweep the orphans.
+    bool sweep_orphans = false;
   };
 
   void Reset(kernel::Snapshot snapshot);
