@@ -206,6 +206,10 @@ class Watcher {
       request_.set_from_revision(from_revision);
     }
     void Begin(VmNetwork::Stub* stub) {
+      // 100 channels connect at once: one whose first attempt is slow (an
+      // agent under a sanitizer) waits for the connection instead of failing
+      // the stream at once; WaitInPlace bounds the wait.
+      context_.set_wait_for_ready(true);
       stub->async()->Watch(&context_, &request_, this);
       StartRead(&event_);
       StartCall();
