@@ -6,6 +6,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/neighbour.h>
+#include <linux/netconf.h>
 #include <linux/rtnetlink.h>
 #include <netlink/attr.h>
 #include <netlink/msg.h>
@@ -238,6 +239,39 @@ std::optional<Neighbor> ParseNeighbor(const nlmsghdr* msg) {
   return n;
 }
 
+std::optional<SettingsChanged> ParseSettingsChanged(const nlmsghdr* msg) {
+  auto* hdr = const_cast<nlmsghdr*>(msg);
+  if (msg->nlmsg_type == RTM_NEWLINK) {
+    if (msg->nlmsg_len < NLMSG_LENGTH(sizeof(ifinfomsg))) return std::nullopt;
+    auto* ifi = static_cast<const ifinfomsg*>(nlmsg_data(hdr));
+    if (ifi->ifi_family != AF_INET6 || ifi->ifi_index <= 0) return std::nullopt;
+    return SettingsChanged{ifi->ifi_index, std::nullopt};
+  }
+  if (msg->nlmsg_type != RTM_NEWNETCONF && msg->nlmsg_type != RTM_DELNETCONF) {
+    return std::nullopt;
+  }
+  static const std::array<nla_policy, NETCONFA_MAX + 1> policy = [] {
+    std::array<nla_policy, NETCONFA_MAX + 1> p{};
+    p[NETCONFA_IFINDEX].type = NLA_S32;
+    p[NETCONFA_FORWARDING].type = NLA_S32;
+    return p;
+  }();
+  nlattr* tb[NETCONFA_MAX + 1] = {};
+  if (nlmsg_parse(hdr, sizeof(netconfmsg), tb, NETCONFA_MAX,
+                  const_cast<nla_policy*>(policy.data())) < 0 ||
+      tb[NETCONFA_IFINDEX] == nullptr) {
+    return std::nullopt;
+  }
+  auto* ncm = static_cast<const netconfmsg*>(nlmsg_data(hdr));
+  int ifindex = nla_get_s32(tb[NETCONFA_IFINDEX]);
+  if (ifindex > 0) return SettingsChanged{ifindex, std::nullopt};
+  if (ifindex == NETCONFA_IFINDEX_ALL && ncm->ncm_family == AF_INET6 &&
+      tb[NETCONFA_FORWARDING] != nullptr) {
+    return SettingsChanged{0, nla_get_s32(tb[NETCONFA_FORWARDING]) != 0};
+  }
+  return std::nullopt;
+}
+
 std::optional<Event> ParseEvent(const nlmsghdr* msg) {
   switch (msg->nlmsg_type) {
     case RTM_NEWLINK:
@@ -399,6 +433,23 @@ Msg Encode(const DeleteNeighbor& w) {
 }
 
 }  // namespace
+
+std::vector<uint8_t> EncodeGetLink(int ifindex) {
+  ifinfomsg ifi{};
+  ifi.ifi_family = AF_UNSPEC;
+  ifi.ifi_index = ifindex;
+  return Bytes(NewMessage(RTM_GETLINK, 0, &ifi, sizeof(ifi)));
+}
+
+std::vector<uint8_t> EncodeGetProxy(const Neighbor& proxy) {
+  ndmsg ndm{};
+  ndm.ndm_family = static_cast<uint8_t>(FamilyOf(proxy.address));
+  ndm.ndm_ifindex = proxy.ifindex;
+  ndm.ndm_flags = NTF_PROXY;
+  Msg msg = NewMessage(RTM_GETNEIGH, 0, &ndm, sizeof(ndm));
+  PutAddress(msg.get(), NDA_DST, proxy.address);
+  return Bytes(msg);
+}
 
 std::vector<uint8_t> EncodeWrite(const Write& write) {
   return std::visit(

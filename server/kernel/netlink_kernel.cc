@@ -189,7 +189,7 @@ absl::Status NetlinkSocket::Dump(uint16_t type, const void* header, size_t heade
 
 std::vector<int> NetlinkSocket::Transact(
     const std::vector<std::vector<uint8_t>>& requests, std::vector<std::string>* errors,
-    size_t window) {
+    size_t window, const ReplyFn& on_reply) {
   std::vector<int> result(requests.size(), 0);
   errors->assign(requests.size(), "");
   const uint32_t first_seq = next_seq_;
@@ -221,9 +221,12 @@ std::vector<int> NetlinkSocket::Transact(
       return result;
     }
     ForEachMessage(buffer.data(), *n, [&](const nlmsghdr* msg) {
-      if (msg->nlmsg_type != NLMSG_ERROR) return;
       uint32_t index = msg->nlmsg_seq - first_seq;
       if (index >= requests.size()) return;
+      if (msg->nlmsg_type != NLMSG_ERROR) {
+        if (on_reply) on_reply(index, msg);
+        return;
+      }
       auto* err = static_cast<const nlmsgerr*>(NLMSG_DATA(msg));
       result[index] = -err->error;
       if (err->error != 0) (*errors)[index] = ExtendedAckMessage(msg);
@@ -254,7 +257,11 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options opt
   if (!writes.ok()) return writes.status();
   auto events =
       NetlinkSocket::Open({RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE,
-                           RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH},
+                           RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH,
+                           // Settings: sysctls that raise netconf events, and
+                           // a link's IPv6 coming and going (MTU).
+                           RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF,
+                           RTNLGRP_IPV6_IFINFO},
                           options.event_rcvbuf);
   if (!events.ok()) return events.status();
   std::unique_ptr<PortSecurityKernel> nft;
@@ -512,15 +519,67 @@ absl::StatusOr<std::vector<DropCounter>> NetlinkKernel::ReadDropCounters() {
   return nft_->ReadDropCounters();
 }
 
+std::vector<std::optional<Neighbor>> NetlinkKernel::ReadProxies(
+    absl::Span<const Neighbor> proxies) {
+  std::vector<std::vector<uint8_t>> requests;
+  requests.reserve(proxies.size());
+  for (const Neighbor& n : proxies) requests.push_back(EncodeGetProxy(n));
+  std::vector<std::optional<Neighbor>> found(proxies.size());
+  std::vector<std::string> ignored;
+  writes_.Transact(requests, &ignored, options_.write_window,
+                   [&](size_t index, const nlmsghdr* reply) {
+                     if (auto n = ParseNeighbor(reply); n && n->proxy) found[index] = *n;
+                   });
+  return found;
+}
+
 void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
                                  std::vector<absl::Status>* result) {
-  std::vector<std::vector<uint8_t>> requests;
-  requests.reserve(writes.size());
-  for (const Write& w : writes) requests.push_back(EncodeWrite(w));
-  std::vector<std::string> ack_messages;
-  std::vector<int> errnos =
-      writes_.Transact(requests, &ack_messages, options_.write_window);
+  // A proxy entry is created only where none is: read them first.
+  std::vector<Neighbor> proxies;
+  std::vector<size_t> proxy_index;
   for (size_t i = 0; i < writes.size(); ++i) {
+    const auto* set = std::get_if<SetNeighbor>(&writes[i]);
+    if (set != nullptr && set->neighbor.proxy) {
+      proxies.push_back(set->neighbor);
+      proxy_index.push_back(i);
+    }
+  }
+  std::vector<std::optional<absl::Status>> decided(writes.size());
+  if (!proxies.empty()) {
+    std::vector<std::optional<Neighbor>> existing = ReadProxies(proxies);
+    for (size_t k = 0; k < proxies.size(); ++k) {
+      if (!existing[k]) continue;
+      decided[proxy_index[k]] =
+          existing[k]->protocol == proxies[k].protocol
+              ? absl::OkStatus()
+              : absl::AlreadyExistsError(absl::StrCat(
+                    existing[k]->ToString(),
+                    " is not vmnetd's: left alone (adding ours would relabel it)"));
+    }
+  }
+  std::vector<std::vector<uint8_t>> requests;
+  std::vector<size_t> request_index;
+  requests.reserve(writes.size());
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (decided[i]) continue;
+    requests.push_back(EncodeWrite(writes[i]));
+    request_index.push_back(i);
+  }
+  std::vector<std::string> sent_messages;
+  std::vector<int> sent_errnos =
+      writes_.Transact(requests, &sent_messages, options_.write_window);
+  std::vector<int> errnos(writes.size(), 0);
+  std::vector<std::string> ack_messages(writes.size());
+  for (size_t k = 0; k < request_index.size(); ++k) {
+    errnos[request_index[k]] = sent_errnos[k];
+    ack_messages[request_index[k]] = std::move(sent_messages[k]);
+  }
+  for (size_t i = 0; i < writes.size(); ++i) {
+    if (decided[i]) {
+      result->push_back(std::move(*decided[i]));
+      continue;
+    }
     int err = errnos[i];
     bool is_delete = std::holds_alternative<DeleteRoute>(writes[i]) ||
                      std::holds_alternative<DeleteAddress>(writes[i]) ||
@@ -576,15 +635,53 @@ absl::Status NetlinkKernel::WriteIpv6Conf(const SetIpv6Conf& conf) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<Link>> NetlinkKernel::ReadLinks(absl::Span<const int> ifindexes) {
+  std::vector<std::vector<uint8_t>> requests;
+  requests.reserve(ifindexes.size());
+  for (int ifindex : ifindexes) requests.push_back(EncodeGetLink(ifindex));
+  std::vector<std::optional<Link>> found(ifindexes.size());
+  std::vector<std::string> ignored;
+  std::vector<int> errnos = writes_.Transact(
+      requests, &ignored, options_.write_window, [&](size_t index, const nlmsghdr* reply) {
+        if (auto l = ParseLink(reply)) found[index] = std::move(*l);
+      });
+  std::vector<Link> links;
+  for (size_t i = 0; i < found.size(); ++i) {
+    if (found[i]) {
+      links.push_back(std::move(*found[i]));
+    } else if (errnos[i] != 0 && errnos[i] != ENODEV) {
+      return ErrnoStatus(errnos[i], absl::StrCat("read link #", ifindexes[i]));
+    }
+  }
+  return links;
+}
+
 absl::Status NetlinkKernel::ReadEvents(std::vector<Event>* events) {
+  std::vector<int> reread;
   bool overflow = false;
   while (true) {
     auto n = events_.ReceiveNonBlocking(&event_buffer_, &overflow);
     if (!n.ok()) return n.status();
     if (*n == 0) break;
     ForEachMessage(event_buffer_.data(), *n, [&](const nlmsghdr* msg) {
-      if (auto e = ParseEvent(msg)) events->push_back(std::move(*e));
+      if (auto changed = ParseSettingsChanged(msg)) {
+        if (changed->ifindex > 0) {
+          if (std::find(reread.begin(), reread.end(), changed->ifindex) == reread.end())
+            reread.push_back(changed->ifindex);
+        } else if (changed->ipv6_forwarding_all) {
+          events->push_back(HostSettingsEvent{changed->ipv6_forwarding_all});
+        }
+      } else if (auto e = ParseEvent(msg)) {
+        events->push_back(std::move(*e));
+      }
     });
+  }
+  // Read the links again whose settings changed: the events say which, not
+  // what they are now. (A link gone in between raised its own RTM_DELLINK.)
+  if (!reread.empty()) {
+    auto links = ReadLinks(reread);
+    if (!links.ok()) return links.status();
+    for (Link& link : *links) events->push_back(LinkEvent{false, std::move(link)});
   }
   absl::Status nft_status;
   if (nft_ != nullptr) {

@@ -184,6 +184,10 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
     if (e->deleted) {
       RemoveLink(e->link.ifindex);
     } else {
+      const kernel::Link* before = LinkByIndex(e->link.ifindex);
+      if (e->link.up && (before == nullptr || !before->up)) {
+        touched.came_up.push_back(e->link.name);
+      }
       UpsertLink(e->link);
     }
   } else if (auto* e = std::get_if<kernel::AddressEvent>(&event)) {
@@ -210,6 +214,11 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
       neighbors_[key] = e->neighbor;
     }
     touched.addresses.push_back(e->neighbor.address);
+  } else if (auto* e = std::get_if<kernel::HostSettingsEvent>(&event)) {
+    if (e->ipv6_forwarding_all && e->ipv6_forwarding_all != ipv6_forwarding_all_) {
+      ipv6_forwarding_all_ = e->ipv6_forwarding_all;
+      touched.everything = true;
+    }
   } else if (auto* e = std::get_if<kernel::NftEvent>(&event)) {
     using Kind = kernel::NftEvent::Kind;
     if (e->kind == Kind::kBaseChanged || !e->element) {

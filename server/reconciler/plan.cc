@@ -211,16 +211,27 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
       plan.writes.push_back(Ipv6Conf(*link, kernel::SetIpv6Conf::Key::kAcceptRa, 0));
     }
     PlanGateway(*link, config.gateway6, model, config, &plan);
+  } else {
+    // Ours from when the spec had IPv6 (a restart may come between the
+    // durable spec change and its kernel write).
+    RemoveGateway(*link, config.gateway6, model, config, &plan.writes);
   }
   for (const IpAddress& address : spec.addresses) {
     PlanRoute(address, *link, model, config, &plan);
     for (const std::string& uplink_name : config.uplinks) {
       const Link* uplink = model.LinkByName(uplink_name);
       if (uplink == nullptr) continue;
-      // A proxy entry is the same whoever made it: one that exists serves.
-      if (model.FindNeighbor(uplink->ifindex, address, true) == nullptr) {
+      // Someone else's proxy entry is theirs: DetachVm would delete it if
+      // vmnetd took it over (and the kernel relabels an entry added again,
+      // so adding ours over it would do just that).
+      const Neighbor* have = model.FindNeighbor(uplink->ifindex, address, true);
+      if (have == nullptr) {
         plan.writes.push_back(
             kernel::SetNeighbor{ProxyEntry(address, uplink->ifindex, config)});
+      } else if (have->protocol != config.protocol) {
+        Conflict(&plan, absl::StrCat(have->ToString(),
+                                     " is not vmnetd's and stands where the VM's "
+                                     "proxy entry must be; remove it"));
       }
     }
     if (spec.mac) {

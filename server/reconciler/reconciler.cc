@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -19,6 +20,10 @@ constexpr milliseconds kFirstBackoff{100};
 constexpr milliseconds kMaxBackoff{30000};
 // A resync asked for by an unexpected kernel answer is rate limited.
 constexpr milliseconds kMinResyncGap{1000};
+// VM links whose settings one proxy check reads again (one GETLINK each,
+// pipelined): every IPv6 VM's accept_ra is checked each proxy-check
+// interval up to this many VMs, and every ceil(n / 512) intervals beyond.
+constexpr size_t kLinkSettingsPerCheck = 512;
 
 absl::Status ShuttingDown() {
   return absl::UnavailableError("vmnetd is shutting down; retry");
@@ -259,6 +264,14 @@ void Reconciler::MarkDirty(const KernelModel::Touched& touched) {
       if (uplink == link) MarkAllDirty();
     }
   }
+  // An uplink back up: the LAN lost what was announced while it was down
+  // (the proxy entries put back meanwhile could not be announced).
+  for (const std::string& link : touched.came_up) {
+    if (std::find(options_.host.uplinks.begin(), options_.host.uplinks.end(), link) !=
+        options_.host.uplinks.end()) {
+      announce_everything_ = true;
+    }
+  }
   for (const IpAddress& address : touched.addresses) {
     if (std::string vm = desired_->VmOfAddress(address); !vm.empty()) dirty_.insert(vm);
   }
@@ -272,7 +285,40 @@ void Reconciler::CheckProxies() {
                        << "\"";
     return;
   }
-  MarkDirty({{}, model_.ReplaceProxies(*proxies)});
+  KernelModel::Touched touched;
+  touched.addresses = model_.ReplaceProxies(*proxies);
+  MarkDirty(touched);
+  CheckLinkSettings();
+}
+
+void Reconciler::CheckLinkSettings() {
+  if (settings_round_.empty()) {
+    for (const auto& [id, r] : desired_->vms()) {
+      if (r.spec.has_ipv6()) settings_round_.push_back(r.spec.interface);
+    }
+  }
+  std::vector<int> ifindexes;
+  while (!settings_round_.empty() && ifindexes.size() < kLinkSettingsPerCheck) {
+    if (const kernel::Link* link = model_.LinkByName(settings_round_.back())) {
+      ifindexes.push_back(link->ifindex);
+    }
+    settings_round_.pop_back();
+  }
+  if (ifindexes.empty()) return;
+  auto links = kernel_->ReadLinks(ifindexes);
+  if (!links.ok()) {
+    VMNET_LOG(Warning) << "event=link_read_failed error=\"" << links.status().message()
+                       << "\"";
+    return;
+  }
+  for (kernel::Link& link : *links) {
+    const kernel::Link* known = model_.LinkByIndex(link.ifindex);
+    if (known != nullptr && known->name == link.name && known->up == link.up &&
+        known->ipv4_forwarding == link.ipv4_forwarding && known->ipv6 == link.ipv6) {
+      continue;
+    }
+    MarkDirty(model_.Apply(kernel::LinkEvent{false, std::move(link)}));
+  }
 }
 
 absl::Status Reconciler::FullResync(bool initial) {
@@ -522,6 +568,7 @@ void Reconciler::Reconcile() {
   std::vector<PlannedVm> planned = PlanDirty(&writes);
   std::vector<absl::Status> results = ApplyWrites(writes);
   for (const PlannedVm& p : planned) RecordOutcome(p, writes, results);
+  announce_everything_ = false;  // every VM was planned (an uplink marks them all)
 
   // VMs whose spec changed but needed no planning still get their event.
   for (auto& [vm_id, type] : spec_changed_) {
@@ -672,8 +719,8 @@ void Reconciler::RecordOutcome(const PlannedVm& p,
     }
   }
   if (r.state == VmState::kProgrammed && options_.announcer != nullptr) {
-    bool everything =
-        old_state != VmState::kProgrammed || spec_changed_.contains(p.vm_id);
+    bool everything = old_state != VmState::kProgrammed ||
+                      spec_changed_.contains(p.vm_id) || announce_everything_;
     Announce(r, everything, done);
   }
   bool dad_failed = !dad_.Failure(p.vm_id).empty();
@@ -699,16 +746,29 @@ void Reconciler::RecordOutcome(const PlannedVm& p,
 
 void Reconciler::Announce(const VmRecord& record, bool everything,
                           const std::vector<kernel::Write>& done) {
+  // What a repair brought back, the LAN and the VM may have given up on:
+  // an address whose proxy entry was published again (an uplink that came
+  // back) or whose route was (the VM's link went down and up); a gateway
+  // address put back on the VM's link.
+  std::set<IpAddress> back;
+  bool gateway_back = false, gateway6_back = false;
+  for (const kernel::Write& w : done) {
+    if (std::holds_alternative<kernel::SetLinkUp>(w)) everything = true;
+    if (const auto* set = std::get_if<kernel::SetNeighbor>(&w); set && set->neighbor.proxy) {
+      back.insert(set->neighbor.address);
+    } else if (const auto* route = std::get_if<kernel::AddRoute>(&w)) {
+      back.insert(route->route.destination.address);
+    } else if (const auto* address = std::get_if<kernel::AddAddress>(&w)) {
+      gateway_back |= address->address.prefix.address == options_.host.gateway;
+      gateway6_back |= address->address.prefix.address == options_.host.gateway6;
+    }
+  }
   std::vector<IpAddress> addresses;
   if (everything) {
     addresses = record.spec.addresses;
   } else {
-    // A proxy entry published again (an uplink that came back, a repair).
-    for (const kernel::Write& w : done) {
-      if (const auto* set = std::get_if<kernel::SetNeighbor>(&w);
-          set && set->neighbor.proxy) {
-        addresses.push_back(set->neighbor.address);
-      }
+    for (const IpAddress& a : record.spec.addresses) {
+      if (back.contains(a)) addresses.push_back(a);
     }
   }
   std::vector<Announcement> items;
@@ -724,9 +784,11 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   // The gateway on the VM's link: a VM that moved here learns this host's
   // MAC for it at once.
   const kernel::Link* link = model_.LinkByName(record.spec.interface);
-  if (everything && link != nullptr) {
+  if ((everything || gateway_back) && link != nullptr) {
     items.push_back(
         {link->ifindex, link->name, link->mac, options_.host.gateway, {}, false});
+  }
+  if ((everything || gateway6_back) && link != nullptr) {
     if (record.spec.has_ipv6()) {
       items.push_back({link->ifindex, link->name, link->mac, options_.host.gateway6,
                        options_.host.gateway6, true});

@@ -74,6 +74,15 @@ void FakeKernel::SetStats(const std::string& name, const kernel::LinkStats& stat
   if (Link* l = FindLink(ifindex)) l->stats = stats;
 }
 
+absl::StatusOr<std::vector<Link>> FakeKernel::ReadLinks(absl::Span<const int> ifindexes) {
+  vmnet::MutexLock lock(&mu_);
+  std::vector<Link> out;
+  for (int ifindex : ifindexes) {
+    if (auto it = links_.find(ifindex); it != links_.end()) out.push_back(it->second);
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
   vmnet::MutexLock lock(&mu_);
   std::vector<Neighbor> out;

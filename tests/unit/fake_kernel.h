@@ -25,6 +25,7 @@ class FakeKernel : public kernel::Kernel {
   absl::StatusOr<kernel::Snapshot> Dump(const kernel::DumpSelection& what) override;
   absl::StatusOr<std::vector<kernel::Link>> DumpLinks() override;
   absl::StatusOr<std::vector<kernel::Neighbor>> DumpProxyNeighbors() override;
+  absl::StatusOr<std::vector<kernel::Link>> ReadLinks(absl::Span<const int> ifindexes) override;
   // Sets a link's counters (host's view).
   void SetStats(const std::string& name, const kernel::LinkStats& stats);
   std::vector<absl::Status> Apply(absl::Span<const kernel::Write> writes) override;

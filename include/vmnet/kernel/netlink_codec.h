@@ -23,6 +23,26 @@ std::optional<Neighbor> ParseNeighbor(const nlmsghdr* msg);
 // Any of the above, as an event (RTM_NEW* or RTM_DEL*).
 std::optional<Event> ParseEvent(const nlmsghdr* msg);
 
+// What an event says changed without saying what it is now: a link whose
+// settings must be read again (`ifindex`), or net.ipv6.conf.all.forwarding.
+//  - RTM_NEWNETCONF/RTM_DELNETCONF of a link: a sysctl written
+//    (forwarding, proxy_ndp), or the link's IPv6 appearing or going away
+//    (an MTU below 1280 and back). The message carries only some settings.
+//  - RTM_NEWLINK of family AF_INET6 (RTNLGRP_IPV6_IFINFO): the link's IPv6
+//    state changed; it carries no IFLA_AF_SPEC, so ParseLink would read it as
+//    "no IPv6".
+struct SettingsChanged {
+  int ifindex = 0;                         // 0: none
+  std::optional<bool> ipv6_forwarding_all; // the "all" netconf, when it says
+};
+std::optional<SettingsChanged> ParseSettingsChanged(const nlmsghdr* msg);
+
+// A request for one link (RTM_GETLINK by index) and for one proxy entry
+// (RTM_GETNEIGH with NTF_PROXY), with NLM_F_ACK: the kernel answers with the
+// object, then the acknowledgement (or only an error, ENOENT when absent).
+std::vector<uint8_t> EncodeGetLink(int ifindex);
+std::vector<uint8_t> EncodeGetProxy(const Neighbor& proxy);
+
 // Walks a buffer of netlink messages (as one recv returns them) and calls
 // `fn` on each well-formed message; stops at the first malformed header.
 template <typename Fn>

@@ -5,6 +5,7 @@
 #include <linux/netlink.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -41,8 +42,12 @@ class NetlinkSocket {
 
   // Sends each request (as EncodeWrite makes them) with at most `window`
   // unacknowledged at once and returns each request's errno (0 for OK).
+  // Replies other than acknowledgements (a GET's answer) go to `on_reply`
+  // with the index of their request.
+  using ReplyFn = std::function<void(size_t index, const nlmsghdr* reply)>;
   std::vector<int> Transact(const std::vector<std::vector<uint8_t>>& requests,
-                            std::vector<std::string>* errors, size_t window);
+                            std::vector<std::string>* errors, size_t window,
+                            const ReplyFn& on_reply = nullptr);
 
   // Receives what is pending without blocking: the number of bytes read
   // into `buffer`, 0 when nothing is. Sets *overflow when the kernel dropped
@@ -79,6 +84,7 @@ class NetlinkKernel : public Kernel {
   absl::StatusOr<Snapshot> Dump(const DumpSelection& what) override;
   absl::StatusOr<std::vector<Link>> DumpLinks() override;
   absl::StatusOr<std::vector<Neighbor>> DumpProxyNeighbors() override;
+  absl::StatusOr<std::vector<Link>> ReadLinks(absl::Span<const int> ifindexes) override;
   std::vector<absl::Status> Apply(absl::Span<const Write> writes) override;
   // Readable when either event socket (rtnetlink, nftables) is.
   int event_fd() const override { return epoll_fd_; }
@@ -98,6 +104,12 @@ class NetlinkKernel : public Kernel {
   void ApplyNft(absl::Span<const Write> writes, std::vector<absl::Status>* result);
 
   void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);
+  // For each proxy entry about to be created: the entry the kernel holds at
+  // that address now, if any. (The kernel ignores NLM_F_EXCL for proxy
+  // entries: adding one that exists succeeds and relabels it with our
+  // protocol, so an administrator's entry would silently become ours.)
+  std::vector<std::optional<Neighbor>> ReadProxies(absl::Span<const Neighbor> proxies);
+
   // net.ipv6.conf.<name>.<key>, through /proc/sys: the only way the kernel
   // takes IPv6 link settings (it is a file write, not a program).
   static std::optional<bool> ReadIpv6Conf(absl::string_view name, absl::string_view key);

@@ -228,8 +228,15 @@ struct NeighborEvent {
   bool deleted = false;
   Neighbor neighbor;
 };
+// A host-wide setting changed: net.ipv6.conf.all.forwarding (the
+// RTM_NEWNETCONF of "all"). (A link's own settings come as a LinkEvent
+// with the link read again.)
+struct HostSettingsEvent {
+  std::optional<bool> ipv6_forwarding_all;
+};
 // NftEvent (nft_objects.h): a change to vmnetd's nftables tables by
 // someone else.
-using Event = std::variant<LinkEvent, AddressEvent, RouteEvent, NeighborEvent, NftEvent>;
+using Event = std::variant<LinkEvent, AddressEvent, RouteEvent, NeighborEvent, NftEvent,
+                           HostSettingsEvent>;
 
 }  // namespace vmnet::kernel

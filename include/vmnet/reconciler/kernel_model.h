@@ -27,6 +27,9 @@ class KernelModel {
     // Objects of ours may now be where no VM wants them (someone added to
     // our tables; a link with our objects was renamed): sweep the orphans.
     bool sweep_orphans = false;
+    // Links that were down (or absent) and are up now: what was announced
+    // through them may have been lost.
+    std::vector<std::string> came_up;
   };
 
   void Reset(kernel::Snapshot snapshot);

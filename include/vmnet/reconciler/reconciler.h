@@ -188,6 +188,9 @@ class Reconciler {
   // Read the kernel.
   void DrainKernelEvents();
   void CheckProxies();
+  // Reads again the settings of up to kLinkSettingsPerCheck VM links (round
+  // robin over the IPv6 VMs): accept_ra raises no event.
+  void CheckLinkSettings();
   absl::Status FullResync(bool initial);
   void MarkDirty(const KernelModel::Touched& touched);
   void MarkAllDirty();
@@ -249,9 +252,13 @@ class Reconciler {
   absl::flat_hash_map<std::string, VmEventType> spec_changed_;
   std::vector<VmView> detached_;
   bool sweep_orphans_ = false;
+  // An uplink came back up: every VM programmed in this pass is announced.
+  bool announce_everything_ = false;
   bool initial_sync_ = false;
   bool resync_wanted_ = false;
   Clock::TimePoint next_proxy_check_{};
+  // The VM links CheckLinkSettings has still to read in this round.
+  std::vector<std::string> settings_round_;
   Clock::TimePoint next_full_resync_{};
   Clock::TimePoint last_resync_{};
 };
