@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "vmnet/base/failpoint.h"
 #include "vmnet/log/log.h"
 
 namespace vmnet {
@@ -529,6 +530,7 @@ void Reconciler::TakeCommands(std::vector<Reply>* replies) {
     }
     return;
   }
+  CrashPoint("after_state_saved");
   for (VmView& view : detached) {
     dad_.Forget(view.spec.vm_id);
     changed_views_.insert(view.spec.vm_id);
