@@ -1,5 +1,6 @@
 #include "vmnet/metrics/metrics.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "absl/container/flat_hash_map.h"
@@ -77,6 +78,11 @@ void MetricsCollector::CollectBandwidth(
     const std::vector<VmView>& vms,
     const absl::flat_hash_map<int, std::string>& link_names,
     std::vector<MetricFamily>* out) const {
+  // No limited VM, no qdisc dump (and no series).
+  if (std::none_of(vms.begin(), vms.end(),
+                   [](const VmView& vm) { return vm.spec.bandwidth.limited(); })) {
+    return;
+  }
   auto qdiscs = kernel_->DumpQdiscs();
   if (!qdiscs.ok()) return;
   absl::flat_hash_map<std::string, const kernel::Qdisc*> shaper_of_link;
