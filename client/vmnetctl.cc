@@ -47,10 +47,14 @@ Usage: vmnetctl [--server=ADDR] [--ca=PEM] [--cert=PEM --key=PEM] [--output=text
 
 Commands:
   attach VM_ID --interface IF --ip ADDR [--ip ADDR ...] [--mac MAC]
-               [--allow-source PREFIX ...] [--validate-only]
+               [--allow-source PREFIX ...] [--ingress-bps N] [--egress-bps N]
+               [--burst-bytes N] [--validate-only]
                    Attach a VM (an upsert: the same spec again changes nothing).
                    --allow-source: a source prefix the VM may send from besides
                    its addresses (port security), e.g. 203.0.113.0/24.
+                   --ingress-bps, --egress-bps: bandwidth limits in bit/s, towards
+                   and from the VM (0 or absent: unlimited); --burst-bytes: their
+                   burst (absent: the agent's default).
   detach VM_ID [--allow-missing]
                    Remove what the VM's attach installed.
   get VM_ID        One VM: its spec, state and message.
@@ -148,6 +152,29 @@ std::string Parse(int argc, char** argv, Args* args) {
     }
   }
   return "";
+}
+
+// A rate for people: "20 Mbit/s", "1.5 Gbit/s", "unlimited".
+std::string RateText(uint64_t bits_per_second) {
+  if (bits_per_second == 0) return "unlimited";
+  const char* units[] = {"bit/s", "kbit/s", "Mbit/s", "Gbit/s"};
+  double v = static_cast<double>(bits_per_second);
+  int unit = 0;
+  while (v >= 1000 && unit < 3) {
+    v /= 1000;
+    ++unit;
+  }
+  return absl::StrFormat("%g %s", v, units[unit]);
+}
+
+// "ingress 20 Mbit/s, egress unlimited, burst default", or "unlimited".
+std::string BandwidthText(const vmnet::v1::Vm& vm) {
+  if (!vm.has_bandwidth()) return "unlimited";
+  const vmnet::v1::Bandwidth& b = vm.bandwidth();
+  return absl::StrCat("ingress ", RateText(b.ingress_bits_per_second()), ", egress ",
+                      RateText(b.egress_bits_per_second()), ", burst ",
+                      b.burst_bytes() == 0 ? std::string("default")
+                                           : absl::StrCat(b.burst_bytes(), " bytes"));
 }
 
 bool Has(const Args& args, const std::string& name) {
@@ -354,8 +381,9 @@ class Client {
   }
 
   int Attach() {
-    if (auto e = CheckOptions(args_,
-                              {"interface", "ip", "mac", "allow-source", "validate-only"});
+    if (auto e =
+            CheckOptions(args_, {"interface", "ip", "mac", "allow-source", "ingress-bps",
+                                 "egress-bps", "burst-bytes", "validate-only"});
         !e.empty()) {
       return Usage(e);
     }
@@ -368,6 +396,18 @@ class Client {
     auto [first, last] = args_.options.equal_range("allow-source");
     for (auto it = first; it != last; ++it) request.add_allowed_source_prefixes(it->second);
     request.set_mac_address(Option(args_, "mac"));
+    for (const char* name : {"ingress-bps", "egress-bps", "burst-bytes"}) {
+      if (!Has(args_, name)) continue;
+      uint64_t value = 0;
+      if (!absl::SimpleAtoi(Option(args_, name), &value)) {
+        return Usage(absl::StrCat("attach: --", name, " takes a number, not \"",
+                                  Option(args_, name), "\""));
+      }
+      vmnet::v1::Bandwidth* b = request.mutable_bandwidth();
+      if (std::string(name) == "ingress-bps") b->set_ingress_bits_per_second(value);
+      if (std::string(name) == "egress-bps") b->set_egress_bits_per_second(value);
+      if (std::string(name) == "burst-bytes") b->set_burst_bytes(value);
+    }
     request.set_validate_only(Has(args_, "validate-only"));
     vmnet::v1::AttachVmResponse response;
     grpc::ClientContext context;
@@ -442,6 +482,7 @@ class Client {
                       ? "-"
                       : absl::StrJoin(vm.allowed_source_prefixes(), ", "))
               << "\n"
+              << "bandwidth:   " << BandwidthText(vm) << "\n"
               << "revision:    " << vm.revision() << "\n";
     if (!vm.message().empty()) std::cout << "message:     " << vm.message() << "\n";
     return kExitOk;

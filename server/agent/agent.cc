@@ -63,6 +63,18 @@ absl::Status Agent::Start() {
     auto netlink = kernel::NetlinkKernel::Create(netlink_options);
     if (!netlink.ok()) return netlink.status();
     kernel_ = std::move(*netlink);
+    {
+      // Bandwidth limits: tbf towards the VM, and an ingress u32 match-all
+      // filter redirecting to an ifb device with its own tbf from the VM.
+      // That works on every kernel (tbf, ingress, u32, mirred, ifb); a
+      // policer (police action, matchall) would drop instead of shaping and
+      // is missing from some kernels, so it is not used even where present.
+      kernel::TcCapabilities tc = kernel_->tc_capabilities();
+      config_.service.rules.kernel_has_police = tc.police;
+      VMNET_LOG(Info) << "event=traffic_control " << tc.ToString()
+                      << " towards_vm=tbf from_vm=u32+mirred+ifb+tbf"
+                      << " packet_rate_limits=unavailable";
+    }
     ReconcilerOptions& options = config_.reconciler;
     if (options.host.uplinks.empty()) {
       auto links = DefaultRouteLinks(*kernel_);

@@ -416,6 +416,14 @@ void VmNetworkService::ServeAttachVm(UnaryCall* call, const v1::AttachVmRequest*
   auto allowed = ParseSourcePrefixes(prefixes, options_.rules);
   if (!allowed.ok()) return Reply(call, "AttachVm", ToGrpc(allowed.status()));
   spec->allowed_source_prefixes = std::move(*allowed);
+  if (request->has_bandwidth()) {
+    const v1::Bandwidth& b = request->bandwidth();
+    auto bandwidth =
+        ParseBandwidth(b.ingress_bits_per_second(), b.egress_bits_per_second(),
+                       b.burst_bytes(), b.egress_packets_per_second(), options_.rules);
+    if (!bandwidth.ok()) return Reply(call, "AttachVm", ToGrpc(bandwidth.status()));
+    spec->bandwidth = *bandwidth;
+  }
   auto* reactor = call;
   VmSpec sent = *spec;
   reconciler_->Attach(

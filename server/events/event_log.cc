@@ -43,6 +43,13 @@ v1::Vm ToProto(const VmView& vm) {
   for (const IpPrefix& p : vm.spec.allowed_source_prefixes) {
     out.add_allowed_source_prefixes(p.ToString());
   }
+  if (vm.spec.bandwidth.limited()) {
+    v1::Bandwidth* b = out.mutable_bandwidth();
+    b->set_ingress_bits_per_second(vm.spec.bandwidth.ingress_bits_per_second);
+    b->set_egress_bits_per_second(vm.spec.bandwidth.egress_bits_per_second);
+    b->set_burst_bytes(vm.spec.bandwidth.burst_bytes);
+    b->set_egress_packets_per_second(vm.spec.bandwidth.egress_packets_per_second);
+  }
   out.set_state(ToProto(vm.state));
   out.set_message(vm.message);
   out.set_revision(vm.revision);

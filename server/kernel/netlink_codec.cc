@@ -19,6 +19,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "vmnet/kernel/tc_codec.h"
 
 namespace vmnet::kernel {
 namespace {
@@ -35,6 +36,7 @@ struct Policies {
     link[IFLA_IFNAME].type = NLA_STRING;
     link[IFLA_IFNAME].maxlen = IFNAMSIZ;
     link[IFLA_AF_SPEC].type = NLA_NESTED;
+    link[IFLA_LINKINFO].type = NLA_NESTED;
     addr[IFA_FLAGS].type = NLA_U32;
     addr[IFA_PROTO].type = NLA_U8;
     route[RTA_OIF].type = NLA_U32;
@@ -150,6 +152,15 @@ std::optional<Link> ParseLink(const nlmsghdr* msg) {
   }
   link.ipv4_forwarding = Ipv4Forwarding(tb[IFLA_AF_SPEC]);
   link.ipv6 = Ipv6ConfOf(tb[IFLA_AF_SPEC]);
+  if (tb[IFLA_LINKINFO] != nullptr) {
+    nlattr* info[IFLA_INFO_MAX + 1] = {};
+    if (nla_parse_nested(info, IFLA_INFO_MAX, tb[IFLA_LINKINFO], nullptr) >= 0 &&
+        info[IFLA_INFO_KIND] != nullptr) {
+      const char* kind = static_cast<const char*>(nla_data(info[IFLA_INFO_KIND]));
+      link.kind.assign(kind,
+                       strnlen(kind, static_cast<size_t>(nla_len(info[IFLA_INFO_KIND]))));
+    }
+  }
   if (link.ifindex <= 0 || link.name.empty()) return std::nullopt;
   return link;
 }
@@ -301,7 +312,7 @@ std::optional<Event> ParseEvent(const nlmsghdr* msg) {
       }
       break;
     default:
-      break;
+      return ParseTcEvent(msg);
   }
   return std::nullopt;
 }
@@ -461,6 +472,13 @@ std::vector<uint8_t> EncodeWrite(const Write& write) {
                       std::is_same_v<T, DeletePortSecurityBase> ||
                       std::is_same_v<T, DeleteConntrack>) {
           return std::vector<uint8_t>();  // not an rtnetlink message: see objects.h
+        } else if constexpr (std::is_same_v<T, SetQdisc> ||
+                             std::is_same_v<T, DeleteQdisc> ||
+                             std::is_same_v<T, AddTcFilter> ||
+                             std::is_same_v<T, DeleteTcFilter> ||
+                             std::is_same_v<T, CreateIfb> ||
+                             std::is_same_v<T, DeleteLink>) {
+          return EncodeTcWrite(w);
         } else {
           return Bytes(Encode(w));
         }

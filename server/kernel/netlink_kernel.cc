@@ -16,8 +16,10 @@
 #include <cstring>
 #include <deque>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "vmnet/kernel/netlink_codec.h"
+#include "vmnet/kernel/tc_kernel.h"
 
 namespace vmnet::kernel {
 namespace {
@@ -257,7 +259,7 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options opt
   if (!writes.ok()) return writes.status();
   auto events =
       NetlinkSocket::Open({RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE,
-                           RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH,
+                           RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH, RTNLGRP_TC,
                            // Settings: sysctls that raise netconf events, and
                            // a link's IPv6 coming and going (MTU).
                            RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF,
@@ -300,8 +302,16 @@ absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options opt
       return ErrnoStatus(err, "epoll_ctl");
     }
   }
-  return std::unique_ptr<NetlinkKernel>(new NetlinkKernel(
+  auto kernel = std::unique_ptr<NetlinkKernel>(new NetlinkKernel(
       options, std::move(*writes), std::move(*events), std::move(nft), epoll_fd));
+  kernel->tc_capabilities_ = ProbeTcCapabilities();
+  return kernel;
+}
+
+absl::StatusOr<std::vector<Qdisc>> NetlinkKernel::DumpQdiscs() {
+  std::vector<Qdisc> qdiscs;
+  if (auto s = kernel::DumpQdiscs(&qdiscs); !s.ok()) return s;
+  return qdiscs;
 }
 
 NetlinkKernel::~NetlinkKernel() {
@@ -414,6 +424,10 @@ absl::StatusOr<Snapshot> NetlinkKernel::Dump(const DumpSelection& what) {
   }
   if (what.proxies) {
     if (auto s = DumpProxies(&snap.neighbors); !s.ok()) return s;
+  }
+  if (what.tc) {
+    if (auto s = kernel::DumpQdiscs(&snap.qdiscs); !s.ok()) return s;
+    if (auto s = DumpIngressFilters(snap.qdiscs, &snap.filters); !s.ok()) return s;
   }
   if (what.links) snap.ipv6_forwarding_all = ReadIpv6Conf("all", "forwarding");
   if (what.port_security && nft_ != nullptr) {
@@ -583,10 +597,20 @@ void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
     int err = errnos[i];
     bool is_delete = std::holds_alternative<DeleteRoute>(writes[i]) ||
                      std::holds_alternative<DeleteAddress>(writes[i]) ||
-                     std::holds_alternative<DeleteNeighbor>(writes[i]);
+                     std::holds_alternative<DeleteNeighbor>(writes[i]) ||
+                     std::holds_alternative<DeleteQdisc>(writes[i]) ||
+                     std::holds_alternative<DeleteTcFilter>(writes[i]) ||
+                     std::holds_alternative<DeleteLink>(writes[i]);
     // Deleting what is already gone is what the caller wanted.
-    if (err == 0 ||
-        (is_delete && (err == ESRCH || err == ENOENT || err == EADDRNOTAVAIL))) {
+    // (A tc object or ifb whose link is gone went with it; a filter whose
+    // ingress qdisc is gone went with that.)
+    bool tc_delete = is_delete && IsTcWrite(writes[i]);
+    bool filter_parent_gone = std::holds_alternative<DeleteTcFilter>(writes[i]) &&
+                              err == EINVAL &&
+                              absl::StrContains(ack_messages[i], "Parent Qdisc doesn");
+    if (err == 0 || filter_parent_gone ||
+        (is_delete && (err == ESRCH || err == ENOENT || err == EADDRNOTAVAIL ||
+                       (tc_delete && err == ENODEV)))) {
       result->push_back(absl::OkStatus());
       continue;
     }

@@ -87,6 +87,24 @@ struct WriteNamer {
   std::string operator()(const DeleteConntrack& w) const {
     return "delete conntrack entries of " + w.address.ToString();
   }
+  std::string operator()(const SetQdisc& w) const {
+    return "replace " + w.qdisc.ToString();
+  }
+  std::string operator()(const DeleteQdisc& w) const {
+    return "delete " + w.qdisc.ToString();
+  }
+  std::string operator()(const AddTcFilter& w) const {
+    return "add " + w.filter.ToString();
+  }
+  std::string operator()(const DeleteTcFilter& w) const {
+    return "delete " + w.filter.ToString();
+  }
+  std::string operator()(const CreateIfb& w) const {
+    return absl::StrCat("create ifb link ", w.name, " for ", w.vm_link);
+  }
+  std::string operator()(const DeleteLink& w) const {
+    return absl::StrCat("delete link ", w.name, " (#", w.ifindex, ")");
+  }
 };
 
 }  // namespace
@@ -120,8 +138,18 @@ std::optional<NftWrite> AsNftWrite(const Write& write) {
   return std::nullopt;
 }
 
+bool IsTcWrite(const Write& write) {
+  return std::holds_alternative<SetQdisc>(write) ||
+         std::holds_alternative<DeleteQdisc>(write) ||
+         std::holds_alternative<AddTcFilter>(write) ||
+         std::holds_alternative<DeleteTcFilter>(write) ||
+         std::holds_alternative<CreateIfb>(write) ||
+         std::holds_alternative<DeleteLink>(write);
+}
+
 ObjectKind KindOf(const Write& write) {
   if (IsNftWrite(write)) return ObjectKind::kPortSecurity;
+  if (IsTcWrite(write)) return ObjectKind::kBandwidth;
   if (std::holds_alternative<DeleteConntrack>(write)) return ObjectKind::kConntrack;
   if (std::holds_alternative<SetLinkUp>(write) ||
       std::holds_alternative<SetIpv4Forwarding>(write) ||
@@ -158,6 +186,8 @@ const char* ObjectKindName(ObjectKind kind) {
       return "port_security";
     case ObjectKind::kConntrack:
       return "conntrack";
+    case ObjectKind::kBandwidth:
+      return "bandwidth";
   }
   return "unknown";
 }

@@ -1,5 +1,6 @@
 #include "vmnet/metrics/metrics.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "absl/container/flat_hash_map.h"
@@ -69,14 +70,72 @@ std::vector<MetricFamily> MetricsCollector::Collect() const {
   return out;
 }
 
+// The bandwidth limits' shapers (vmnetd's tbf qdiscs, handle ed:): what
+// they dropped and how often they held packets back, per VM and direction
+// (the VM's view: "receive" is the VM link's own shaper, "transmit" its ifb
+// device's). One qdisc dump per scrape.
+void MetricsCollector::CollectBandwidth(
+    const std::vector<VmView>& vms,
+    const absl::flat_hash_map<int, std::string>& link_names,
+    std::vector<MetricFamily>* out) const {
+  // No limited VM, no qdisc dump (and no series).
+  if (std::none_of(vms.begin(), vms.end(),
+                   [](const VmView& vm) { return vm.spec.bandwidth.limited(); })) {
+    return;
+  }
+  auto qdiscs = kernel_->DumpQdiscs();
+  if (!qdiscs.ok()) return;
+  absl::flat_hash_map<std::string, const kernel::Qdisc*> shaper_of_link;
+  for (const kernel::Qdisc& q : *qdiscs) {
+    if (q.parent != kernel::kRootParent || q.handle != kernel::kQdiscHandle) continue;
+    if (auto it = link_names.find(q.ifindex); it != link_names.end()) {
+      shaper_of_link.emplace(it->second, &q);
+    }
+  }
+  MetricFamily dropped =
+      Family("vmnet_vm_rate_limited_dropped_packets_total",
+             "Packets the VM's bandwidth limit dropped (its shaper's queue was full), by "
+             "direction from the VM's point of view: receive (towards the VM), transmit "
+             "(from it).",
+             MetricType::Counter);
+  MetricFamily delayed = Family(
+      "vmnet_vm_rate_limited_overlimits_total",
+      "Times the VM's bandwidth limit held packets back (tbf overlimits), by direction "
+      "from the VM's point of view.",
+      MetricType::Counter);
+  for (const VmView& vm : vms) {
+    if (!vm.spec.bandwidth.limited()) continue;
+    for (const auto& [direction, link] :
+         {std::pair<const char*, std::string>{"receive", vm.spec.interface},
+          {"transmit", kernel::IfbName(vm.spec.interface)}}) {
+      auto it = shaper_of_link.find(link);
+      if (it == shaper_of_link.end()) continue;
+      std::vector<ClientMetric::Label> labels = {{"vm_id", vm.spec.vm_id},
+                                                 {"interface", vm.spec.interface},
+                                                 {"direction", direction}};
+      dropped.metric.push_back(
+          Sample(labels, static_cast<double>(it->second->drops), MetricType::Counter));
+      delayed.metric.push_back(Sample(labels, static_cast<double>(it->second->overlimits),
+                                      MetricType::Counter));
+    }
+  }
+  out->push_back(std::move(dropped));
+  out->push_back(std::move(delayed));
+}
+
 void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
   std::vector<VmView> vms = reconciler_->Vms();
   absl::flat_hash_map<std::string, kernel::LinkStats> stats;
+  absl::flat_hash_map<int, std::string> link_names;
   // One dump for every managed link. If it fails, the traffic series are
   // left out of this scrape (they go stale) rather than reported as zero.
   if (auto links = kernel_->DumpLinks(); links.ok()) {
-    for (kernel::Link& l : *links) stats.emplace(std::move(l.name), l.stats);
+    for (kernel::Link& l : *links) {
+      link_names.emplace(l.ifindex, l.name);
+      stats.emplace(std::move(l.name), l.stats);
+    }
   }
+  CollectBandwidth(vms, link_names, out);
 
   struct Counter {
     const char* name;

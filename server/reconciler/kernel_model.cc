@@ -39,6 +39,7 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   for (const Neighbor& n : snapshot.neighbors) {
     neighbors_[{n.ifindex, n.address, n.proxy}] = n;
   }
+  ResetTc(snapshot);
 }
 
 void KernelModel::UpsertLink(const Link& link) {
@@ -62,6 +63,7 @@ void KernelModel::RemoveLink(int ifindex) {
   }
   links_.erase(it);
   ForgetLinkObjects(ifindex, true);
+  ForgetTc(ifindex);
 }
 
 void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_only) {
@@ -170,6 +172,7 @@ void KernelModel::RemoveRoute(const Route& r) {
 
 KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
   Touched touched;
+  if (ApplyTcEvent(event, &touched)) return touched;
   auto link_of = [&](int ifindex) {
     if (const kernel::Link* l = LinkByIndex(ifindex)) touched.links.push_back(l->name);
   };
@@ -190,6 +193,7 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
       }
       UpsertLink(e->link);
     }
+    AddIfbOwners(&touched);
   } else if (auto* e = std::get_if<kernel::AddressEvent>(&event)) {
     if (e->deleted) {
       RemoveAddress(e->address);
@@ -239,7 +243,9 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
 }
 
 void KernelModel::ApplyWrite(const kernel::Write& write) {
-  if (auto* w = std::get_if<kernel::EnsurePortSecurityBase>(&write)) {
+  if (kernel::IsTcWrite(write)) {
+    ApplyTcWrite(write);
+  } else if (auto* w = std::get_if<kernel::EnsurePortSecurityBase>(&write)) {
     nft_fingerprint_ = w->config.Fingerprint();
     nft_intact_ = true;
     nft_elements_.clear();

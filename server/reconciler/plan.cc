@@ -8,6 +8,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "vmnet/reconciler/plan_bandwidth.h"
 
 namespace vmnet {
 
@@ -200,6 +201,7 @@ VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& co
     plan.writes.push_back(kernel::SetIpv4Forwarding{link->ifindex, link->name, true});
   }
   PlanGateway(*link, config.gateway, model, config, &plan);
+  PlanBandwidth(spec, *link, model, &plan);
   if (spec.has_ipv6()) {
     if (!link->ipv6) {
       Conflict(&plan, absl::StrCat("interface ", link->name,
@@ -317,6 +319,7 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
           kernel::SetIpv4Forwarding{old_link->ifindex, old_link->name, false});
     }
   }
+  PlanBandwidthRemoval(old_spec, new_spec, model, &writes);
   return writes;
 }
 
@@ -418,6 +421,7 @@ std::vector<kernel::Write> PlanOrphans(const KernelModel& model, const HostConfi
       if (!wanted.contains(e)) writes.push_back(kernel::DeleteNftElement{e});
     });
   }
+  PlanBandwidthOrphans(model, desired, &writes);
   return writes;
 }
 

@@ -150,6 +150,9 @@ std::string StateStore::Encode(const StoredState& state) {
     for (const IpPrefix& p : vm.spec.allowed_source_prefixes) {
       r->add_allowed_source_prefixes(p.ToString());
     }
+    r->set_ingress_bits_per_second(vm.spec.bandwidth.ingress_bits_per_second);
+    r->set_egress_bits_per_second(vm.spec.bandwidth.egress_bits_per_second);
+    r->set_burst_bytes(vm.spec.bandwidth.burst_bytes);
     r->set_revision(vm.revision);
   }
   std::string payload = file.SerializeAsString();
@@ -208,6 +211,14 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
           absl::StrCat("invalid VM record: ", allowed.status().message()));
     }
     spec->allowed_source_prefixes = std::move(*allowed);
+    auto bandwidth =
+        ParseBandwidth(r.ingress_bits_per_second(), r.egress_bits_per_second(),
+                       r.burst_bytes(), 0, permissive);
+    if (!bandwidth.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("invalid VM record: ", bandwidth.status().message()));
+    }
+    spec->bandwidth = *bandwidth;
     for (const IpAddress& a : spec->addresses) {
       if (!addresses_seen.insert(a).second) {
         return absl::DataLossError(

@@ -118,6 +118,71 @@ absl::Status NameAddressField(const absl::Status& status, const VmSpec& spec,
                       absl::StrCat(AddressField(request_index, position), message));
 }
 
+absl::StatusOr<Bandwidth> ParseBandwidth(uint64_t ingress_bits_per_second,
+                                         uint64_t egress_bits_per_second,
+                                         uint64_t burst_bytes,
+                                         uint64_t egress_packets_per_second,
+                                         const SpecRules& rules) {
+  auto rate = [](absl::string_view field, uint64_t v) -> absl::Status {
+    if (v == 0 || (v >= kMinBitsPerSecond && v <= kMaxBitsPerSecond)) {
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("bandwidth.", field, ": ", v, " bit/s is ",
+                     v < kMinBitsPerSecond
+                         ? "below the least limit, 8000 bit/s (8 kbit/s)"
+                         : "above the greatest limit, 400000000000 bit/s (400 Gbit/s)",
+                     "; 0 means unlimited"));
+  };
+  if (auto s = rate("ingress_bits_per_second", ingress_bits_per_second); !s.ok())
+    return s;
+  if (auto s = rate("egress_bits_per_second", egress_bits_per_second); !s.ok()) return s;
+  if (burst_bytes != 0) {
+    if (burst_bytes < kMinBurstBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bandwidth.burst_bytes: ", burst_bytes,
+          " bytes is smaller than one MTU-sized packet (1514 bytes: a 1500-byte packet "
+          "with its Ethernet header); 0 means the default"));
+    }
+    if (burst_bytes > kMaxBurstBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bandwidth.burst_bytes: ", burst_bytes,
+                       " bytes is more than the greatest burst, 1073741824 (1 GiB)"));
+    }
+    uint64_t lowest = 0;
+    for (uint64_t r : {ingress_bits_per_second, egress_bits_per_second}) {
+      if (r != 0 && (lowest == 0 || r < lowest)) lowest = r;
+    }
+    if (lowest != 0 && burst_bytes * 8 > lowest * kMaxBurstSeconds) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bandwidth.burst_bytes: ", burst_bytes, " bytes last more than ",
+                       kMaxBurstSeconds, " s at the lowest limit, ", lowest, " bit/s"));
+    }
+  }
+  if (egress_packets_per_second > kMaxPacketsPerSecond) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bandwidth.egress_packets_per_second: ", egress_packets_per_second,
+                     " is above the greatest limit, 1000000000"));
+  }
+  if (egress_packets_per_second != 0) {
+    if (!rules.kernel_has_police) {
+      return absl::FailedPreconditionError(
+          "bandwidth.egress_packets_per_second: a packet-rate limit needs the kernel's "
+          "police action (CONFIG_NET_ACT_POLICE), which this host's kernel lacks; leave "
+          "it 0, or limit egress_bits_per_second instead");
+    }
+    return absl::UnimplementedError(
+        "bandwidth.egress_packets_per_second: packet-rate limits are not implemented "
+        "(vmnetd shapes with tbf, which counts bytes); leave it 0, or limit "
+        "egress_bits_per_second instead");
+  }
+  Bandwidth out;
+  out.ingress_bits_per_second = ingress_bits_per_second;
+  out.egress_bits_per_second = egress_bits_per_second;
+  out.burst_bytes = static_cast<uint32_t>(burst_bytes);
+  return out;
+}
+
 absl::StatusOr<std::vector<IpPrefix>> ParseSourcePrefixes(
     absl::Span<const std::string> prefixes, const SpecRules& rules) {
   if (prefixes.size() > rules.max_addresses) {

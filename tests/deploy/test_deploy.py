@@ -41,6 +41,7 @@ COUNTERS = {
     "vmnet_vm_receive_dropped_total", "vmnet_vm_transmit_dropped_total",
     "vmnet_reconcile_passes_total", "vmnet_kernel_writes_total", "vmnet_drift_repairs_total",
     "vmnet_netlink_overflows_total", "vmnet_full_resyncs_total", "vmnet_grpc_requests_total",
+    "vmnet_vm_rate_limited_dropped_packets_total", "vmnet_vm_rate_limited_overlimits_total",
 }
 GAUGES = {"vmnet_vm_info", "vmnet_vm_state", "vmnet_vms", "vmnet_watchers", "vmnet_build_info"}
 HISTOGRAMS = {"vmnet_reconcile_duration_seconds"}

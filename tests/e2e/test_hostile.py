@@ -676,6 +676,53 @@ class HostileInputTest(HostileTestCase):
                         check=expect_vm(allowed_source_prefixes=["0.0.0.0/0", "::/0"])))
         self.run_rows(rows)
 
+    def test_attach_bandwidth(self):
+        cases = [
+            ("ingress_bits_per_second", 7999, ("below", "8000")),
+            ("ingress_bits_per_second", 1, ("below",)),
+            ("ingress_bits_per_second", 400_000_000_001, ("above", "400 Gbit/s")),
+            ("ingress_bits_per_second", 2**64 - 1, ("above",)),
+            ("egress_bits_per_second", 7999, ("below",)),
+            ("egress_bits_per_second", 10**18, ("above",)),
+        ]
+        rows = [Row(f"with bandwidth.{field} {value}", "AttachVm",
+                    self.valid(bandwidth={field: value}), names=(f"bandwidth.{field}", *reason))
+                for field, value, reason in cases]
+        rows += [
+            Row("with bandwidth.burst_bytes 1513 (less than one packet)", "AttachVm",
+                self.valid(bandwidth={"ingress_bits_per_second": 20_000_000,
+                                      "burst_bytes": 1513}),
+                names=("bandwidth.burst_bytes", "MTU")),
+            Row("with bandwidth.burst_bytes of 2 GiB", "AttachVm",
+                self.valid(bandwidth={"ingress_bits_per_second": 20_000_000,
+                                      "burst_bytes": 2**31}),
+                names=("bandwidth.burst_bytes", "1 GiB")),
+            Row("with bandwidth.burst_bytes 2**64-1", "AttachVm",
+                self.valid(bandwidth={"egress_bits_per_second": 20_000_000,
+                                      "burst_bytes": 2**64 - 1}),
+                names=("bandwidth.burst_bytes",)),
+            Row("with a burst of more than 60 s at the lower limit", "AttachVm",
+                self.valid(bandwidth={"ingress_bits_per_second": 8000,
+                                      "egress_bits_per_second": 20_000_000,
+                                      "burst_bytes": 60_001}),
+                names=("bandwidth.burst_bytes", "60 s")),
+            Row("with bandwidth.egress_packets_per_second 2**64-1", "AttachVm",
+                self.valid(bandwidth={"egress_packets_per_second": 2**64 - 1}),
+                names=("bandwidth.egress_packets_per_second",)),
+            # This kernel has no police action: a packet-rate limit is refused, naming why.
+            Row("with bandwidth.egress_packets_per_second 1000", "AttachVm",
+                self.valid(bandwidth={"egress_packets_per_second": 1000}),
+                (StatusCode.FAILED_PRECONDITION, StatusCode.UNIMPLEMENTED),
+                names=("bandwidth.egress_packets_per_second",)),
+            Row("with 8 kbit/s and 400 Gbit/s (the bounds), validate_only", "AttachVm",
+                self.valid(bandwidth={"ingress_bits_per_second": 8000,
+                                      "egress_bits_per_second": 400_000_000_000},
+                           validate_only=True), OK,
+                check=expect_vm(bandwidth={"ingress_bits_per_second": "8000",
+                                           "egress_bits_per_second": "400000000000"})),
+        ]
+        self.run_rows(rows)
+
     def test_attach_mac_address(self):
         cases = [
             ("not a MAC", "zz", ()),

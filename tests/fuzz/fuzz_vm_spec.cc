@@ -19,6 +19,13 @@
 //   from (a permutation), and AddressField names that field;
 // - ValidateRequestId (run on every field) accepts exactly printable ASCII
 //   of at most 128 bytes;
+// - ParseBandwidth, fed the input's first 32 bytes as four 64-bit numbers:
+//   accepts exactly the rates 0 or within [8 kbit/s, 400 Gbit/s], the bursts
+//   0 or within [1514 bytes, 1 GiB] and at most 60 s at the lower limit, and
+//   no packet rate; refuses the rest naming bandwidth.<field>, a packet rate
+//   in bounds with FAILED_PRECONDITION or UNIMPLEMENTED (police or not);
+// - IfbName (of the interface field): at most 15 bytes, "vmb…", never the
+//   link's own name, the same every time;
 // - IpAddress, IpPrefix and MacAddress: what parses prints back to text that
 //   parses to the same value, and an IPv4 address is accepted only in its
 //   canonical text form (address.h: "Accepts the canonical text forms only").
@@ -26,6 +33,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,6 +41,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "vmnet/kernel/tc_objects.h"
 #include "vmnet/net/address.h"
 #include "vmnet/state/vm_spec.h"
 
@@ -153,6 +162,52 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (const IpPrefix& p : *prefixes) printed.push_back(p.ToString());
     auto again = vmnet::ParseSourcePrefixes(printed, *rules);
     EXPECT(again.ok() && *again == *prefixes, input);
+  }
+
+  if (size >= 32) {
+    uint64_t v[4];
+    std::memcpy(v, data, sizeof(v));
+    // Small values too, where the bounds are.
+    for (uint64_t& x : v) {
+      if (x & 1) x = (x >> 1) % 20000;
+    }
+    vmnet::SpecRules police = *rules;
+    police.kernel_has_police = (data[0] & 2) != 0;
+    auto b = vmnet::ParseBandwidth(v[0], v[1], v[2], v[3], police);
+    auto rate_ok = [](uint64_t r) {
+      return r == 0 || (r >= vmnet::kMinBitsPerSecond && r <= vmnet::kMaxBitsPerSecond);
+    };
+    uint64_t lowest = 0;
+    for (uint64_t r : {v[0], v[1]}) {
+      if (r != 0 && (lowest == 0 || r < lowest)) lowest = r;
+    }
+    bool burst_ok =
+        v[2] == 0 || (v[2] >= vmnet::kMinBurstBytes && v[2] <= vmnet::kMaxBurstBytes &&
+                      (lowest == 0 || v[2] * 8 <= lowest * vmnet::kMaxBurstSeconds));
+    bool valid =
+        rate_ok(v[0]) && rate_ok(v[1]) && burst_ok && v[3] <= vmnet::kMaxPacketsPerSecond;
+    EXPECT(b.ok() == (valid && v[3] == 0), input);
+    if (b.ok()) {
+      EXPECT(b->ingress_bits_per_second == v[0] && b->egress_bits_per_second == v[1] &&
+                 b->burst_bytes == v[2] && b->egress_packets_per_second == 0,
+             input);
+    } else {
+      EXPECT(absl::StartsWith(b.status().message(), "bandwidth."), input);
+      if (valid) {
+        EXPECT(b.status().code() == (police.kernel_has_police
+                                         ? absl::StatusCode::kUnimplemented
+                                         : absl::StatusCode::kFailedPrecondition),
+               input);
+      } else {
+        CheckRefusal(b.status(), input);
+      }
+    }
+  }
+  if (interface.size() <= vmnet::kMaxInterfaceLength) {
+    std::string ifb = vmnet::kernel::IfbName(interface);
+    EXPECT(ifb.size() <= vmnet::kMaxInterfaceLength && vmnet::kernel::IsIfbName(ifb),
+           input);
+    EXPECT(ifb != interface && ifb == vmnet::kernel::IfbName(interface), input);
   }
 
   absl::Status id_status = vmnet::ValidateVmId(vm_id);

@@ -63,6 +63,8 @@ kernel::Snapshot FakeKernel::State() const {
   s.routes = routes_;
   for (const auto& [k, n] : neighbors_) s.neighbors.push_back(n);
   s.ipv6_forwarding_all = ipv6_forwarding_all_;
+  for (const auto& [k, q] : qdiscs_) s.qdiscs.push_back(q);
+  s.filters = filters_;
   return s;
 }
 
@@ -203,9 +205,83 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
     const Neighbor& n = w->neighbor;
     neighbors_.erase({n.ifindex, n.address, n.proxy});
     if (!n.proxy) Emit(kernel::NeighborEvent{true, n});
+  } else if (kernel::IsTcWrite(write)) {
+    if (absl::Status s = ApplyTc(write); !s.ok()) return s;
   }
   ++writes_applied_;
   return absl::OkStatus();
+}
+
+// Traffic control, as much as the reconciler's tests need: qdiscs by
+// (link, parent), ingress filters (a u32 add gets handle 800::800), ifb
+// links; each change raises its event.
+absl::Status FakeKernel::ApplyTc(const kernel::Write& write) {
+  auto fail = [&](int err) { return kernel::ErrnoStatus(err, kernel::ToString(write)); };
+  if (auto* w = std::get_if<kernel::SetQdisc>(&write)) {
+    if (FindLink(w->qdisc.ifindex) == nullptr) return fail(ENODEV);
+    auto key = std::make_pair(w->qdisc.ifindex, w->qdisc.parent);
+    if (w->qdisc.kind == "ingress" && qdiscs_.contains(key)) return fail(EEXIST);
+    qdiscs_[key] = w->qdisc;
+    Emit(kernel::QdiscEvent{false, w->qdisc});
+  } else if (auto* w = std::get_if<kernel::DeleteQdisc>(&write)) {
+    auto it = qdiscs_.find({w->qdisc.ifindex, w->qdisc.parent});
+    if (it == qdiscs_.end()) return absl::OkStatus();
+    if (it->second.handle != w->qdisc.handle) return fail(EINVAL);
+    kernel::Qdisc gone = it->second;
+    qdiscs_.erase(it);
+    if (gone.parent == kernel::kIngressParent) {
+      std::erase_if(filters_,
+                    [&](const kernel::TcFilter& f) { return f.ifindex == gone.ifindex; });
+    }
+    Emit(kernel::QdiscEvent{true, gone});
+  } else if (auto* w = std::get_if<kernel::AddTcFilter>(&write)) {
+    if (!qdiscs_.contains({w->filter.ifindex, kernel::kIngressParent}))
+      return fail(EINVAL);
+    kernel::TcFilter f = w->filter;
+    f.handle = 0x80000800;
+    filters_.push_back(f);
+    Emit(kernel::TcFilterEvent{false, f});
+  } else if (auto* w = std::get_if<kernel::DeleteTcFilter>(&write)) {
+    size_t n = std::erase_if(filters_, [&](const kernel::TcFilter& f) {
+      return f.ifindex == w->filter.ifindex && f.prio == w->filter.prio;
+    });
+    if (n == 0) return absl::OkStatus();
+    kernel::TcFilter f = w->filter;
+    f.handle = 0;
+    Emit(kernel::TcFilterEvent{true, f});
+  } else if (auto* w = std::get_if<kernel::CreateIfb>(&write)) {
+    for (const auto& [i, l] : links_) {
+      if (l.name == w->name) return fail(EEXIST);
+    }
+    Link l;
+    l.ifindex = next_ifindex_++;
+    l.name = w->name;
+    l.kind = "ifb";
+    l.up = true;
+    links_[l.ifindex] = l;
+    Emit(kernel::LinkEvent{false, l});
+  } else if (auto* w = std::get_if<kernel::DeleteLink>(&write)) {
+    auto it = links_.find(w->ifindex);
+    if (it == links_.end()) return absl::OkStatus();
+    Link gone = it->second;
+    links_.erase(it);
+    qdiscs_.erase({gone.ifindex, kernel::kRootParent});
+    qdiscs_.erase({gone.ifindex, kernel::kIngressParent});
+    Emit(kernel::LinkEvent{true, gone});
+  }
+  return absl::OkStatus();
+}
+
+void FakeKernel::DeleteQdisc(const std::string& link, uint32_t parent) {
+  vmnet::MutexLock lock(&mu_);
+  for (auto& [i, l] : links_) {
+    if (l.name != link) continue;
+    auto it = qdiscs_.find({i, parent});
+    if (it == qdiscs_.end()) return;
+    kernel::Qdisc gone = it->second;
+    qdiscs_.erase(it);
+    Emit(kernel::QdiscEvent{true, gone});
+  }
 }
 
 std::vector<absl::Status> FakeKernel::Apply(absl::Span<const kernel::Write> writes) {

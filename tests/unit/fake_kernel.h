@@ -49,6 +49,8 @@ class FakeKernel : public kernel::Kernel {
   void AddForeignNeighbor(const kernel::Neighbor& neighbor);
   void DeleteRoute(const IpPrefix& destination);
   void DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy);
+  // `tc qdisc del dev LINK root` (or ingress: kIngressParent).
+  void DeleteQdisc(const std::string& link, uint32_t parent);
   // Makes the next ReadEvents report an overflow, losing what is queued.
   void Overflow();
   // Makes every write fail with this errno (0: succeed again).
@@ -63,6 +65,7 @@ class FakeKernel : public kernel::Kernel {
   using NeighborKey = std::tuple<int, IpAddress, bool>;
   void Emit(kernel::Event event) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyOne(const kernel::Write& write) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ApplyTc(const kernel::Write& write) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FlushLink(int ifindex, bool addresses_too) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   kernel::Link* FindLink(int ifindex) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -76,6 +79,8 @@ class FakeKernel : public kernel::Kernel {
   std::vector<kernel::Address> addresses_ ABSL_GUARDED_BY(mu_);
   std::vector<kernel::Route> routes_ ABSL_GUARDED_BY(mu_);
   std::map<NeighborKey, kernel::Neighbor> neighbors_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<int, uint32_t>, kernel::Qdisc> qdiscs_ ABSL_GUARDED_BY(mu_);
+  std::vector<kernel::TcFilter> filters_ ABSL_GUARDED_BY(mu_);
   std::vector<kernel::Event> events_ ABSL_GUARDED_BY(mu_);
   bool overflow_ ABSL_GUARDED_BY(mu_) = false;
   int fail_errno_ ABSL_GUARDED_BY(mu_) = 0;

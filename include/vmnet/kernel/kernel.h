@@ -54,6 +54,12 @@ class Kernel {
   // Port security's per-VM drop counters, as a scrape reads them. Any
   // thread. Empty when the kernel has no nftables.
   virtual absl::StatusOr<std::vector<DropCounter>> ReadDropCounters() = 0;
+
+  // The root and ingress qdiscs of every link with their statistics: what a
+  // scrape reads for the bandwidth limits' drops. Any thread.
+  virtual absl::StatusOr<std::vector<Qdisc>> DumpQdiscs() { return std::vector<Qdisc>{}; }
+  // What the kernel's traffic control offers, found when it was opened.
+  virtual TcCapabilities tc_capabilities() const { return {}; }
 };
 
 }  // namespace vmnet::kernel

@@ -90,6 +90,8 @@ class NetlinkKernel : public Kernel {
   int event_fd() const override { return epoll_fd_; }
   absl::Status ReadEvents(std::vector<Event>* events) override;
   absl::StatusOr<std::vector<DropCounter>> ReadDropCounters() override;
+  absl::StatusOr<std::vector<Qdisc>> DumpQdiscs() override;
+  TcCapabilities tc_capabilities() const override { return tc_capabilities_; }
   ~NetlinkKernel() override;
 
  private:
@@ -121,6 +123,7 @@ class NetlinkKernel : public Kernel {
   std::unique_ptr<PortSecurityKernel> nft_;  // null: no nftables here
   int epoll_fd_ = -1;
   std::vector<uint8_t> event_buffer_;
+  TcCapabilities tc_capabilities_;
 };
 
 // Errno to absl::Status, once, at the netlink boundary.

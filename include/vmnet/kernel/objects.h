@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "vmnet/kernel/nft_objects.h"
+#include "vmnet/kernel/tc_objects.h"
 #include "vmnet/net/address.h"
 
 namespace vmnet::kernel {
@@ -42,6 +43,8 @@ struct Link {
   std::optional<Ipv6Conf> ipv6;
   MacAddress mac;
   LinkStats stats;
+  // IFLA_INFO_KIND ("veth", "ifb", ...); empty when the kernel gave none.
+  std::string kind;
 
   bool operator==(const Link&) const = default;
   std::string ToString() const;
@@ -98,6 +101,10 @@ struct Snapshot {
   // vmnetd's nftables tables (port security); absent when not dumped or
   // when the kernel has no nftables.
   std::optional<NftSnapshot> port_security;
+  // Root and ingress qdiscs of every link, and the filters of the ingress
+  // qdiscs (traffic control: bandwidth limits).
+  std::vector<Qdisc> qdiscs;
+  std::vector<TcFilter> filters;
 };
 
 // Which tables a dump reads.
@@ -108,11 +115,12 @@ struct DumpSelection {
   bool neighbors = true;      // ordinary neighbour entries (ARP and NDP)
   bool proxies = true;        // proxy entries (ARP and NDP)
   bool port_security = true;  // vmnetd's nftables tables
+  bool tc = true;             // qdiscs and ingress filters
 
   static DumpSelection All() { return {}; }
   static DumpSelection Only(bool links, bool addresses, bool routes, bool neighbors,
                             bool proxies) {
-    return {links, addresses, routes, neighbors, proxies, false};
+    return {links, addresses, routes, neighbors, proxies, false, false};
   }
 };
 
@@ -184,7 +192,10 @@ using Write =
     std::variant<SetLinkUp, SetIpv4Forwarding, SetIpv6Conf, AddAddress, DeleteAddress,
                  AddRoute, DeleteRoute, SetNeighbor, DeleteNeighbor, AddNftElement,
                  DeleteNftElement, EnsurePortSecurityBase, DeletePortSecurityBase,
-                 DeleteConntrack>;
+                 DeleteConntrack, SetQdisc, DeleteQdisc, AddTcFilter, DeleteTcFilter,
+                 CreateIfb, DeleteLink>;
+// Whether the write is a traffic-control one (tc_objects.h).
+bool IsTcWrite(const Write& write);
 // Whether the write goes to nftables (one transaction per Apply), and the
 // write as the nftables layer takes it.
 bool IsNftWrite(const Write& write);
@@ -193,7 +204,8 @@ std::optional<NftWrite> AsNftWrite(const Write& write);
 std::string ToString(const Write& write);
 
 // What a write is about, for metrics: link, address, route, proxy_neighbor,
-// neighbor, port_security (vmnetd's nftables objects), conntrack.
+// neighbor, port_security (vmnetd's nftables objects), conntrack, bandwidth
+// (qdiscs, the ingress filter, ifb devices).
 enum class ObjectKind {
   kLink = 0,
   kAddress,
@@ -201,9 +213,10 @@ enum class ObjectKind {
   kProxyNeighbor,
   kNeighbor,
   kPortSecurity,
-  kConntrack
+  kConntrack,
+  kBandwidth
 };
-constexpr int kObjectKinds = 7;
+constexpr int kObjectKinds = 8;
 ObjectKind KindOf(const Write& write);
 const char* ObjectKindName(ObjectKind kind);
 
@@ -236,7 +249,8 @@ struct HostSettingsEvent {
 };
 // NftEvent (nft_objects.h): a change to vmnetd's nftables tables by
 // someone else.
+// QdiscEvent, TcFilterEvent (tc_objects.h): traffic control changed.
 using Event = std::variant<LinkEvent, AddressEvent, RouteEvent, NeighborEvent, NftEvent,
-                           HostSettingsEvent>;
+                           QdiscEvent, TcFilterEvent, HostSettingsEvent>;
 
 }  // namespace vmnet::kernel

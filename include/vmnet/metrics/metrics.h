@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "prometheus/collectable.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/events/event_log.h"
@@ -54,6 +55,9 @@ class MetricsCollector : public prometheus::Collectable {
 
  private:
   void CollectVms(std::vector<prometheus::MetricFamily>* out) const;
+  void CollectBandwidth(const std::vector<VmView>& vms,
+                        const absl::flat_hash_map<int, std::string>& link_names,
+                        std::vector<prometheus::MetricFamily>* out) const;
   void CollectAgent(std::vector<prometheus::MetricFamily>* out) const;
 
   const Reconciler* const reconciler_;

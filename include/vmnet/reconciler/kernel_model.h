@@ -87,6 +87,16 @@ class KernelModel {
   void ForEachAddress(Fn&& fn) const {
     for (const auto& [key, a] : addresses_) fn(a);
   }
+  template <typename Fn>
+  void ForEachLink(Fn&& fn) const {
+    for (const auto& [ifindex, l] : links_) fn(l);
+  }
+
+  // Traffic control (kernel_model_tc.cc): the root or ingress qdisc of a
+  // link (parent kRootParent or kIngressParent), and the filters of a
+  // link's ingress qdisc.
+  const kernel::Qdisc* FindQdisc(int ifindex, uint32_t parent) const;
+  const std::vector<kernel::TcFilter>* IngressFilters(int ifindex) const;
 
  private:
   struct AddressKey {
@@ -108,6 +118,15 @@ class KernelModel {
       return H::combine(std::move(h), k.ifindex, k.address, k.proxy);
     }
   };
+
+  // Traffic control (kernel_model_tc.cc).
+  void ResetTc(const kernel::Snapshot& snapshot);
+  // A qdisc or filter event; false for any other event.
+  bool ApplyTcEvent(const kernel::Event& event, Touched* touched);
+  void ApplyTcWrite(const kernel::Write& write);
+  void ForgetTc(int ifindex);
+  // Adds to `touched` the VM links whose ifb devices it names.
+  void AddIfbOwners(Touched* touched) const;
 
   void UpsertLink(const kernel::Link& link);
   void RemoveLink(int ifindex);
@@ -136,6 +155,11 @@ class KernelModel {
   bool nft_intact_ = false;
   std::set<kernel::NftElement> nft_elements_;
   absl::flat_hash_map<int, IpAddress> link_local6_;
+  absl::flat_hash_map<std::pair<int, uint32_t>, kernel::Qdisc> qdiscs_;
+  absl::flat_hash_map<int, std::vector<kernel::TcFilter>> ingress_filters_;
+  // ifb name -> the VM link it was created for (CreateIfb), so that its
+  // RTM_NEWLINK plans that VM again.
+  absl::flat_hash_map<std::string, std::string> ifb_owner_;
 };
 
 }  // namespace vmnet

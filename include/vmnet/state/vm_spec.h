@@ -15,6 +15,30 @@
 
 namespace vmnet {
 
+// Per-VM bandwidth limits, from the VM's point of view (as its traffic
+// counters): ingress is what the VM receives, egress what it sends. 0:
+// unlimited.
+struct Bandwidth {
+  uint64_t ingress_bits_per_second = 0;
+  uint64_t egress_bits_per_second = 0;
+  uint32_t burst_bytes = 0;  // 0: the default (kernel::DefaultBurstBytes)
+  uint64_t egress_packets_per_second = 0;
+
+  bool limited() const {
+    return ingress_bits_per_second != 0 || egress_bits_per_second != 0 ||
+           egress_packets_per_second != 0;
+  }
+  bool operator==(const Bandwidth&) const = default;
+};
+
+// The bounds of a limit (bits per second) and of the burst.
+constexpr uint64_t kMinBitsPerSecond = 8000;             // 8 kbit/s
+constexpr uint64_t kMaxBitsPerSecond = 400000000000ull;  // 400 Gbit/s
+constexpr uint64_t kMinBurstBytes = 1514;        // one 1500-byte packet on Ethernet
+constexpr uint64_t kMaxBurstBytes = 1ull << 30;  // 1 GiB
+constexpr uint64_t kMaxBurstSeconds = 60;        // of the lowest limit
+constexpr uint64_t kMaxPacketsPerSecond = 1000000000ull;
+
 struct VmSpec {
   std::string vm_id;
   std::string interface;
@@ -24,6 +48,7 @@ struct VmSpec {
   // security), in the order given; 0.0.0.0/0 and ::/0 for a VM that routes
   // for others.
   std::vector<IpPrefix> allowed_source_prefixes;
+  Bandwidth bandwidth;
 
   bool has_ipv6() const { return !addresses.empty() && addresses.back().is_v6(); }
 
@@ -36,6 +61,9 @@ struct SpecRules {
   IpAddress gateway = *IpAddress::Parse(kDefaultGateway);
   IpAddress gateway6 = *IpAddress::Parse(kDefaultGateway6);
   size_t max_addresses = 64;
+  // Whether the kernel has the police action (kernel::TcCapabilities): a
+  // packet-rate limit needs it.
+  bool kernel_has_police = false;
 };
 
 constexpr size_t kMaxVmIdLength = 64;
@@ -61,6 +89,18 @@ absl::StatusOr<VmSpec> ParseVmSpec(absl::string_view vm_id, absl::string_view in
 // allowed_source_prefixes[i] and the reason otherwise.
 absl::StatusOr<std::vector<IpPrefix>> ParseSourcePrefixes(
     absl::Span<const std::string> prefixes, const SpecRules& rules);
+
+// Validates bandwidth limits: each rate 0 or within [8 kbit/s, 400 Gbit/s],
+// the burst 0 or within [1514 bytes, 1 GiB] and at most 60 s at the lowest
+// limit. INVALID_ARGUMENT naming bandwidth.<field> otherwise. A packet rate
+// (egress_packets_per_second) is FAILED_PRECONDITION when the kernel has no
+// police action (rules.kernel_has_police) and UNIMPLEMENTED otherwise:
+// vmnetd shapes with tbf, which counts bytes, not packets.
+absl::StatusOr<Bandwidth> ParseBandwidth(uint64_t ingress_bits_per_second,
+                                         uint64_t egress_bits_per_second,
+                                         uint64_t burst_bytes,
+                                         uint64_t egress_packets_per_second,
+                                         const SpecRules& rules);
 
 // "ip_addresses[i]" for the address at sorted position `position`.
 std::string AddressField(const std::vector<size_t>& request_index, size_t position);
