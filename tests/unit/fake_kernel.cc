@@ -370,6 +370,15 @@ void FakeKernel::DeleteRoute(const IpPrefix& destination) {
   }
 }
 
+void FakeKernel::DeleteAddress(const std::string& link, const std::string& prefix) {
+  kernel::Address a;
+  a.ifindex = IfIndex(link);
+  a.prefix = *IpPrefix::Parse(prefix);
+  vmnet::MutexLock lock(&mu_);
+  (void)ApplyOne(kernel::DeleteAddress{a});
+  --writes_applied_;  // someone else's, not the agent's
+}
+
 void FakeKernel::DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy) {
   vmnet::MutexLock lock(&mu_);
   auto it = neighbors_.find({ifindex, address, proxy});

@@ -57,6 +57,9 @@ class FakeKernel : public kernel::Kernel {
   void AddForeignRoute(const kernel::Route& route);
   void AddForeignNeighbor(const kernel::Neighbor& neighbor);
   void DeleteRoute(const IpPrefix& destination);
+  // `ip addr del`: with the kernel's consequences (the last IPv4 address of a
+  // link takes the link's IPv4 routes, neighbour and proxy entries along).
+  void DeleteAddress(const std::string& link, const std::string& prefix);
   void DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy);
   // Makes the next ReadEvents report an overflow, losing what is queued.
   void Overflow();

@@ -341,6 +341,22 @@ TEST_F(ReconcilerTest, DriftIsRepaired) {
             CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED));
 }
 
+// The gateway address is the VM link's only IPv4 address: deleting it makes
+// the kernel flush the link's IPv4 routes and neighbour entries, and the route
+// raises no event. All of it is put back.
+TEST_F(ReconcilerTest, ADeletedGatewayAddressAndWhatWentWithItArePutBack) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01").ok());
+  kernel_.DeleteAddress("vme1a", "169.255.30.1/32");
+  ASSERT_EQ(FindRoute(kernel_.State(), "198.51.100.201"), nullptr) << "the fake's flush";
+  EXPECT_TRUE(WaitFor([&] {
+    return HoldsVm(vme, "198.51.100.201") &&
+           FindNeighbor(kernel_.State(), vme, "198.51.100.201", false) != nullptr;
+  })) << "the gateway address, the route or the neighbour entry was not put back";
+  EXPECT_EQ(StateOf("vm-1"), VmState::kProgrammed);
+}
+
 TEST_F(ReconcilerTest, ForeignObjectInTheWayFailsTheVmUntilItGoes) {
   kernel_.AddLink("vme1a");
   kernel::Route foreign;
@@ -859,6 +875,72 @@ TEST_F(AnnounceTest, DadChecksOnlyNewAddressesAndNotAfterARestart) {
   StartAgent();
   EXPECT_EQ(reconciler_->FindVm("vm-1")->state, VmState::kProgrammed);
   EXPECT_EQ(announcer_.probes(), 2u);
+}
+
+// README: an uplink back (down, then up: the kernel flushed its proxy
+// entries) publishes and announces the VMs' addresses on it again.
+TEST_F(AnnounceTest, AnUplinkThatComesBackIsAnnouncedOnAgain) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}).ok());
+  kernel_.SetLinkUp("eth0", false);
+  ASSERT_TRUE(WaitFor([&] { return !HasProxy("198.51.100.201"); }));
+  announcer_.Clear();
+  kernel_.SetLinkUp("eth0", true);
+  EXPECT_TRUE(WaitFor([&] {
+    return HasProxy("198.51.100.201") && HasProxy("2001:db8:1::201") &&
+           ::testing::Matches(::testing::IsSupersetOf(
+               {"eth0 198.51.100.201", "eth0 2001:db8:1::201"}))(announcer_.announced());
+  })) << ::testing::PrintToString(announcer_.announced());
+}
+
+// README: a --dad conflict "is not retried by itself": however much time
+// passes (past every retry backoff and full resync), no second probe.
+class DadClockTest : public AnnounceTest {
+ protected:
+  void SetUp() override {
+    AnnounceTest::SetUp();
+    options_.clock = &clock_;
+    options_.dad = true;
+  }
+  void Sync() {
+    ASSERT_TRUE(Detach("no-such-vm", /*allow_missing=*/true).ok());
+    ASSERT_TRUE(Detach("no-such-vm", /*allow_missing=*/true).ok());
+  }
+  FakeClock clock_;
+};
+
+TEST_F(DadClockTest, AConflictIsNotRetriedByItself) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  ASSERT_TRUE(WaitFor([&] { return announcer_.probes() == 1; }));
+  announcer_.Answer(
+      0, {{Ip("198.51.100.201"), "eth0", *MacAddress::Parse("02:00:00:00:00:99")}});
+  ASSERT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kFailed; }));
+  for (int i = 0; i < 20; ++i) {
+    clock_.Advance(std::chrono::minutes(30));  // 10 h: every backoff and resync
+    Sync();
+  }
+  EXPECT_EQ(announcer_.probes(), 1u);
+  EXPECT_EQ(StateOf("vm-1"), VmState::kFailed);
+  EXPECT_FALSE(HasProxy("198.51.100.201"));
+}
+
+// README: a VM's permanent neighbour entry is repaired, IPv6 as IPv4.
+TEST_F(ReconcilerTest, AnIpv6PermanentNeighbourEntryIsPutBack) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(
+      Attach("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"}, "02:00:00:00:00:01")
+          .ok());
+  ASSERT_NE(FindNeighbor(kernel_.State(), vme, "2001:db8:1::201", false), nullptr);
+  kernel_.DeleteNeighbor(vme, Ip("2001:db8:1::201"), false);
+  EXPECT_TRUE(WaitFor([&] {
+    const auto* n = FindNeighbor(kernel_.State(), vme, "2001:db8:1::201", false);
+    return n != nullptr && n->lladdr && n->lladdr->ToString() == "02:00:00:00:00:01" &&
+           (n->state & NUD_PERMANENT) && n->protocol == kProto;
+  }));
 }
 
 }  // namespace
