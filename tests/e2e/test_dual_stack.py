@@ -668,6 +668,7 @@ class RestartAnnouncementTest(DualStackTestCase):
     agent announces VM 1's addresses again."""
 
     vm_count = 1
+    daemon_flags = (METRICS_FLAG,)
 
     @classmethod
     def setUpClass(cls):
@@ -675,16 +676,37 @@ class RestartAnnouncementTest(DualStackTestCase):
         cls.vm1 = cls.lab.vms[1]
         cls.attach(cls.vm1, with_mac=True)
         cls.programmed = (cls.lab.snapshot(), cls.lab.snapshot6())
-        cls.lab.daemon.stop()
-        seed_wrong_neighbours(cls.lab, cls.lab.x, cls.vm1.addresses, WRONG_MAC)
-        cls.lab.daemon.start()
+        # `ip monitor` of the host from before SIGTERM until the restarted agent is SERVING
+        # (it makes its differences before that): what the stop and the start changed.
+        # The kernel's own IPv6 autoconfiguration of the VM link (its fe80:: address) is
+        # no change of the agent's: let it finish first.
+        lab.wait_until(cls.lab.ipv6_settled, SETTLE_TIMEOUT)
+        with cls.lab.monitor(cls.lab.host, objects=("route", "address")) as monitor:
+            before = monitor.mark()
+            cls.stop_status = cls.lab.daemon.stop()
+            seed_wrong_neighbours(cls.lab, cls.lab.x, cls.vm1.addresses, WRONG_MAC)
+            cls.lab.daemon.start()
+            cls.restart_lines = monitor.lines_between(before, monitor.mark())
         cls.after_restart = (cls.lab.snapshot(), cls.lab.snapshot6())
+        cls.restart_writes = lab.metric_total(cls.lab.daemon.metrics(),
+                                              "vmnet_kernel_writes_total")
         cls.client = cls.enterClassContext(grpcurl.Client(cls.lab.daemon.target))
 
     def test_restart_changes_nothing(self):
         self.assertEqual(self.after_restart, self.programmed,
                          "starting vmnetd again changed the host's routes, proxy entries or "
                          "addresses of either family")
+
+    def test_restart_after_sigterm_writes_nothing(self):
+        """README: on SIGTERM vmnetd leaves the kernel as it is; started again with nothing
+        drifted, it writes nothing, for IPv4 and IPv6 alike (sysctls included: the counter
+        counts /proc/sys writes too)."""
+        self.assertEqual(self.stop_status, 0, "vmnetd did not exit 0 on SIGTERM")
+        self.assertEqual(self.restart_lines, [],
+                         "`ip monitor route address` on the host saw changes between SIGTERM "
+                         "and the restarted agent's SERVING")
+        self.assertEqual(self.restart_writes, 0,
+                         "vmnet_kernel_writes_total of the restarted agent")
 
     def test_restart_announces(self):
         uplink_mac = self.lab.mac(lab.UPLINK)

@@ -76,7 +76,8 @@ class MigrationTestCase(unittest.TestCase):
     long the pings run after the AttachVm on B."""
 
     daemon_flags = ()
-    after_attach = 3.0  # seconds of pings after the AttachVm on B
+    # Seconds of pings after the AttachVm on B: past the requirement's bound (lab.time_bound).
+    after_attach = max(3.0, lab.time_bound(REQUIREMENT) + 2.0)
 
     @classmethod
     def setUpClass(cls):
@@ -183,7 +184,8 @@ class MigrationTest(MigrationTestCase):
         gap = self.gaps[address]
         self.assertIsNotNone(gap["first"], f"X's pings of {address} never got a reply after the "
                                            f"move: {self.results[address]}")
-        self.assertLess(gap["resumed_after"], REQUIREMENT,
+        # The requirement holds for a normal build; under a sanitizer vmnetd is slower.
+        self.assertLess(gap["resumed_after"], lab.time_bound(REQUIREMENT),
                         f"{describe(address, gap, self.pings_ended, self.attach_started)}; "
                         f"the requirement is {REQUIREMENT} s")
         sent, received = self.results[address]
