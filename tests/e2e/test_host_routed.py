@@ -488,6 +488,33 @@ class AttachedTest(LabTestCase):
         self.assertGreater(int(added["revision"]), int(end["revision"]),
                            f"revision did not increase after the snapshot: {end} then {added}")
 
+    def test_foreign_route_in_the_way_fails_the_vm_until_it_goes(self):
+        """README "Never someone else's", against the real kernel: an administrator's route
+        to a VM's address is never overwritten; the VM is FAILED naming it, and is programmed
+        once the route goes."""
+        vm6 = self.extra_vm(6)
+        self.lab.run(self.lab.host, "ip", "route", "add", f"{vm6.address}/32", "dev",
+                     lab.UPLINK, "proto", "static")
+        self.addCleanup(self.detach, vm6.vm_id, allow_missing=True)
+        self.addCleanup(self.lab.run, self.lab.host, "ip", "route", "del", f"{vm6.address}/32",
+                        "proto", "static", check=False)
+        vm = self.attach(vm6)["vm"]
+        self.assertEqual(vm.get("state"), "VM_STATE_FAILED", vm)
+        self.assertIn(f"route {vm6.address}/32", vm.get("message", ""), vm)
+        self.assertIn("is not vmnetd's", vm.get("message", ""), vm)
+        route = kernel_route(self.lab, vm6.address)
+        self.assertEqual((route or {}).get("protocol"), "static",
+                         f"the administrator's route was overwritten: {route}")
+        self.assertEqual((route or {}).get("dev"), lab.UPLINK, route)
+        self.lab.run(self.lab.host, "ip", "route", "del", f"{vm6.address}/32", "proto", "static")
+        programmed = lab.wait_until(
+            lambda: self.call("GetVm", {"vm_id": vm6.vm_id})["vm"].get("state") ==
+            "VM_STATE_PROGRAMMED", PROGRAM_DEADLINE)
+        self.assertTrue(programmed, "vm-6 was not programmed once the route in the way went")
+        route = kernel_route(self.lab, vm6.address) or {}
+        self.assertEqual(route.get("dev"), vm6.interface, route)
+        self.assertIn(route.get("protocol"), AGENT_PROTOCOLS, route)
+
     def test_pending_until_interface_appears(self):
         vm4 = self.extra_vm(4, with_link=False)
         response = self.attach(vm4)
