@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <random>
@@ -256,6 +257,9 @@ int Repair(int protocol) {
   RtnlSocket requests(0);
   RtnlSocket monitor(RTMGRP_IPV4_ROUTE);
   if (!requests.ok() || !monitor.ok()) return 1;
+  // The caller waits for this line before it deletes anything.
+  std::printf("subscribed\n");
+  std::fflush(stdout);
   std::vector<char> buffer(1 << 20);
   uint32_t seq = 1;
   while (!stop_repairing) {

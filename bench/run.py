@@ -76,6 +76,7 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import statistics
@@ -147,6 +148,31 @@ def run(*cmd, timeout=60, check=True, input=None):
         raise BenchError(f"`{' '.join(cmd)}` failed ({result.returncode}): "
                          f"{(result.stderr or result.stdout).strip()[:2000]}")
     return result
+
+
+MONITOR_MARKER = "203.0.113.254"  # a blackhole route added and deleted: no traffic
+
+
+def wait_monitor_subscribed(ns, path, timeout=10):
+    """`ip monitor` (writing to `path`) prints nothing once it has subscribed: add and delete a
+    marker route in `ns` until the file shows the deletion. Returns the number of lines up to
+    and including it: what follows is what the monitor saw after subscribing. (A fixed sleep
+    instead would let a late subscription miss the writes it must see.)"""
+    deleted = re.compile(rf"^Deleted blackhole {re.escape(MONITOR_MARKER)}\b")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run("ip", "-n", ns, "route", "add", "blackhole", f"{MONITOR_MARKER}/32")
+        run("ip", "-n", ns, "route", "del", "blackhole", f"{MONITOR_MARKER}/32")
+        poll_until = time.monotonic() + 0.5
+        while time.monotonic() < poll_until:
+            with open(path) as f:
+                lines = f.readlines()
+            for i, line in enumerate(lines):
+                if deleted.match(line):
+                    return i + 1
+            time.sleep(0.01)
+    raise BenchError(f"`ip monitor` in {ns} did not show the marker route {MONITOR_MARKER} "
+                     f"within {timeout} s")
 
 
 def run_json(*cmd, timeout=60):
@@ -1153,7 +1179,7 @@ class Bench:
             with open(monitor_path, "w") as out:
                 monitor = self.lab.spawn(["ip", "-n", agent.ns, "monitor", "route", "neigh",
                                           "address"], stdout=out, stderr=subprocess.STDOUT)
-            time.sleep(0.3)
+            subscribed = wait_monitor_subscribed(agent.ns, monitor_path)
             last = r + 1 == repeats
             times.append(agent.start(wrapper=self.heap.wrapper("after_restart") if last else []))
             time.sleep(1.0)  # writes right after SERVING count too
@@ -1166,9 +1192,10 @@ class Bench:
             stop_process(monitor)
             self.lab.processes.remove(monitor)
             with open(monitor_path) as f:
-                # ip monitor's own complaint about the uplink's peer in another namespace
-                # is not a change.
-                monitor_lines.append([line.rstrip() for line in f if line.strip() and
+                # What came after the marker; ip monitor's own complaint about the uplink's
+                # peer in another namespace is not a change.
+                monitor_lines.append([line.rstrip() for line in f.readlines()[subscribed:]
+                                      if line.strip() and
                                       not line.startswith("Error: Peer netns reference")])
             if not last:
                 agent.stop()
@@ -1265,9 +1292,15 @@ class Bench:
                   f"scope link proto {CONTROL_PROTOCOL}" for k in range(min(count, 512))]
         run("ip", "-n", ns, "-batch", "-", input="".join(f"route add {r}\n" for r in routes))
         repairer = self.lab.spawn(["ip", "netns", "exec", ns, self.tools["vmnet_drift_repair"],
-                                   "--repairer", f"--route_protocol={CONTROL_PROTOCOL}"])
+                                   "--repairer", f"--route_protocol={CONTROL_PROTOCOL}"],
+                                  stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.3)
+            # It prints "subscribed" once its monitor socket is bound: from then on it sees
+            # every deletion (a fixed sleep instead would let a late one miss the first).
+            ready, _, _ = select.select([repairer.stdout], [], [], 10)
+            line = repairer.stdout.readline() if ready else ""
+            if line.strip() != "subscribed":
+                raise BenchError(f"the control repairer did not subscribe within 10 s: {line!r}")
             result = run_json("ip", "netns", "exec", ns, self.tools["vmnet_drift_repair"],
                               f"--count={len(routes)}", f"--route_protocol={CONTROL_PROTOCOL}",
                               "--timeout_ms=5000", "--gap_ms=20", timeout=60 + count * 6)

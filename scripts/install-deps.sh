@@ -15,6 +15,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev llvm ccache
   iproute2 net-tools iputils-ping nftables conntrack iperf3 curl openssl python3 python3-grpcio python3-protobuf
   python3-yaml prometheus prometheus-node-exporter
+  # systemd-analyze (tests/deploy/test_deploy.py verifies the unit with it)
+  systemd
 )
 
 missing=()

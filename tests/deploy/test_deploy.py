@@ -11,8 +11,9 @@
                         builds its build stage)
     vmnetd --help       names its sources relative to the tree, no path of the build machine
 
-Fast (a second or two) and starts nothing. Tests that need a tool skip and say which package
-brings it: promtool (Debian `prometheus`), PyYAML (`python3-yaml`), systemd-analyze (`systemd`).
+Fast (a second or two) and starts nothing. Tests that need a tool say which package brings it:
+promtool (Debian `prometheus`), PyYAML (`python3-yaml`), systemd-analyze (`systemd`); all are in
+scripts/install-deps.sh. Without root they skip; as root (as CI runs) they fail (tests/skips.py).
 Flags used by the unit's example and the DaemonSet are checked against `vmnetd --helpfull` when
 the binary is built (<repo>/build/server/vmnetd, or set VMNETD).
 
@@ -24,8 +25,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -99,8 +104,8 @@ def require_yaml():
     try:
         import yaml
     except ImportError:
-        raise unittest.SkipTest("PyYAML is missing: apt-get install python3-yaml "
-                                "(scripts/install-deps.sh installs it), and run with /usr/bin/python3")
+        skips.skip("PyYAML is missing: apt-get install python3-yaml "
+                   "(scripts/install-deps.sh installs it), and run with /usr/bin/python3")
     return yaml
 
 
@@ -134,7 +139,7 @@ class MetricNamesTest(unittest.TestCase):
             metric_names("made_up_function(vmnet_vms)")
 
 
-@unittest.skipUnless(shutil.which("promtool"),
+@skips.require(shutil.which("promtool"),
                      "promtool is missing: apt-get install prometheus "
                      "(scripts/install-deps.sh installs it)")
 class PrometheusTest(unittest.TestCase):
@@ -318,7 +323,7 @@ class KubernetesDaemonSetTest(unittest.TestCase):
     def test_flags_exist(self):
         flags = vmnetd_flags()
         if flags is None:
-            self.skipTest(f"{VMNETD} is not built")
+            skips.skip(f"{VMNETD} is not built")
         self.assertLessEqual(flag_names(self.agent["args"]), flags)
 
 
@@ -380,11 +385,12 @@ class SystemdUnitTest(unittest.TestCase):
         self.assertTrue(args)
         flags = vmnetd_flags()
         if flags is None:
-            self.skipTest(f"{VMNETD} is not built")
+            skips.skip(f"{VMNETD} is not built")
         self.assertLessEqual(flag_names(args), flags)
 
-    @unittest.skipUnless(shutil.which("systemd-analyze"),
-                         "systemd-analyze is missing (Debian package systemd)")
+    @skips.require(shutil.which("systemd-analyze"),
+                   "systemd-analyze is missing: apt-get install systemd "
+                   "(scripts/install-deps.sh installs it)")
     def test_systemd_analyze_verify(self):
         # verify insists that ExecStart's program exists: point it at one that does.
         program = VMNETD if os.access(VMNETD, os.X_OK) else shutil.which("true")
@@ -442,7 +448,7 @@ class ReproducibleBuildTest(unittest.TestCase):
 
     def test_help_names_main_cc_relative_to_the_tree(self):
         if not os.access(VMNETD, os.X_OK):
-            self.skipTest(f"{VMNETD} is not built")
+            skips.skip(f"{VMNETD} is not built")
         out = run_tool([VMNETD, "--help"])
         text = out.stdout + out.stderr
         self.assertIn("Flags from server/vmnetd/main.cc:", text)
@@ -451,7 +457,7 @@ class ReproducibleBuildTest(unittest.TestCase):
 
     def test_no_build_machine_path_in_the_binary(self):
         if not os.access(VMNETD, os.X_OK):
-            self.skipTest(f"{VMNETD} is not built")
+            skips.skip(f"{VMNETD} is not built")
         with open(VMNETD, "rb") as f:
             data = f.read()
         # The source tree that built it, wherever it was, and the build tree it lies in.
@@ -465,4 +471,4 @@ class ReproducibleBuildTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

@@ -52,7 +52,9 @@ except ImportError as e:  # e.g. a pyenv python3 first on PATH
                       f"/usr/bin/python3 (this is {sys.executable})") from e
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import grpcurl  # noqa: E402  (sibling module)
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VMNETD = os.environ.get("VMNETD") or os.path.join(REPO, "build", "server", "vmnetd")
@@ -70,6 +72,19 @@ X_ADDRESS6 = "2001:db8:1::10"
 LAN_PREFIX_LEN6 = 64
 GATEWAY6 = "fe80::ffff:1:1"
 AGENT_PROTOCOL = "237"  # the route and proxy entry protocol vmnetd marks its objects with
+
+# The build under test: "address" or "thread" for a sanitizer build (tests/CMakeLists.txt sets
+# it), which runs vmnetd several times slower.
+SANITIZED = bool(os.environ.get("VMNET_SANITIZE"))
+
+
+def time_bound(seconds):
+    """An upper bound on how long vmnetd takes for something, in seconds: as given for a normal
+    build, ten times that under a sanitizer. Such bounds tell a repair that waits for a timer
+    it should not need (the next proxy check, the full resync) from a prompt one; they are no
+    measure of speed (bench/ measures that)."""
+    return seconds * (10 if SANITIZED else 1)
+
 
 COMMAND_TIMEOUT = 10.0
 DAEMON_START_TIMEOUT = 20.0
@@ -325,9 +340,8 @@ class Lab:
                                  "create network namespaces; run it as root")
         result = run_command("ip", "netns", "add", ns, check=False)
         if result.returncode != 0:
-            if re.search(r"permission denied|not permitted", result.stderr, re.IGNORECASE):
-                raise LabUnavailable(f"cannot create network namespaces here: "
-                                     f"{result.stderr.strip()}")
+            # As root this is no reason to skip (a container without CAP_SYS_ADMIN, a
+            # broken /run/netns): it fails, saying why.
             raise LabError(f"`ip netns add {ns}` failed: {result.stderr.strip()}")
         self._namespaces.append(ns)
         self._ip(ns, "link", "set", "lo", "up")
@@ -841,8 +855,8 @@ class Daemon:
         """Starts the process and waits for health SERVING; raises DaemonError with the log.
         After stop(), starts it again with the same socket, state directory and log."""
         if not os.access(self.binary, os.X_OK):
-            raise LabUnavailable(f"vmnetd binary not found at {self.binary}: build it "
-                                 f"(cmake --build build) or set VMNETD=/path/to/vmnetd")
+            skips.skip(f"vmnetd binary not found at {self.binary}: build it "
+                       f"(cmake --build build) or set VMNETD=/path/to/vmnetd")
         if self.workdir is None:
             self.workdir = tempfile.mkdtemp(prefix=f"{NAMESPACE_PREFIX}{os.getpid()}-")
         self._log_file = open(self.log_path, "ab")

@@ -19,7 +19,8 @@ NA without X asking: on attach, when a pending VM's link appears), AnnounceCount
 (--announce-count, --announce-interval), RestartAnnouncementTest (on an agent restart), DadTest
 (--dad: an address another machine holds fails the VM and is not published) and DadRetryTest.
 
-Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips otherwise:
+Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips without
+root, fails as root when it cannot run (tests/skips.py):
 
     /usr/bin/python3 tests/e2e/test_dual_stack.py [-v] [TestClass.test_method]
 """
@@ -31,10 +32,13 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402  (first: it explains a missing grpc module)
 import grpcurl  # noqa: E402
 from grpc import StatusCode  # noqa: E402
 from test_host_routed import LabTestCase, REACH_DEADLINE, PROGRAM_DEADLINE  # noqa: E402
+from test_port_security import Sniffer  # noqa: E402  (a sniffer of frames in a namespace)
 
 AGENT_PROTOCOLS = (lab.AGENT_PROTOCOL, "vmnet")  # `ip -j` prints the name when rt_protos has it
 WRONG_MAC = "02:00:00:00:00:99"  # a neighbour entry X holds before the VM is attached
@@ -213,8 +217,13 @@ class DualStackTest(DualStackTestCase):
         lines = [line for line in self.lab.daemon.log().splitlines()
                  if "accept_ra" in line and lab.UPLINK in line]
         self.assertTrue(lines, f"vmnetd's log has no line about accept_ra on {lab.UPLINK}")
-        self.assertTrue(any("2" in line for line in lines),
-                        f"vmnetd's log does not say accept_ra became 2: {lines}")
+        # The line names the setting and both values as key=value fields (a bare "2" would
+        # match every line's timestamp).
+        pattern = re.compile(rf"\bsetting=net\.ipv6\.conf\.{re.escape(lab.UPLINK)}\.accept_ra"
+                             rf" old=1 new=2\b")
+        self.assertTrue(any(pattern.search(line) for line in lines),
+                        f"vmnetd's log does not say accept_ra on {lab.UPLINK} went from 1 to 2: "
+                        f"{lines}")
 
     def test_vm_mac_installed_as_permanent_ipv6_neighbour(self):
         entries = self.lab.neighbours6(self.vm1.interface)
@@ -633,26 +642,65 @@ class AnnouncementTest(DualStackTestCase):
 
 class AnnounceCountTest(DualStackTestCase):
     """--announce-count=2 --announce-interval=200ms: each announcement (each VM address on the
-    uplink, each gateway on the VM's link) goes out exactly twice, as the counter shows."""
+    uplink, each gateway on the VM's link) goes out exactly twice: counted on the wire (a
+    sniffer in X and in each VM) and by the agent's counter."""
 
+    vm_count = 3
     daemon_flags = (METRICS_FLAG, "--announce-count=2", "--announce-interval=200ms")
 
     def sent(self):
         return lab.metric_total(self.lab.daemon.metrics(), ANNOUNCEMENTS_METRIC)
 
-    def assertSentSettlesAt(self, expected, what):
-        lab.wait_until(lambda: self.sent() >= expected, 5)
-        lab.wait_until(lambda: False, 1.0)  # 5 more intervals: nothing more may go out
-        self.assertEqual(self.sent(), expected, f"{ANNOUNCEMENTS_METRIC} after {what}")
+    @staticmethod
+    def announces(frame, address):
+        """Whether `frame` (a Sniffer item) is a gratuitous ARP or an unsolicited neighbour
+        advertisement for `address` that arrived on the sniffed interface."""
+        if frame.get("dir") != "in":
+            return False
+        if ":" in address:
+            # Unsolicited: the S flag (0x40 of the byte after the checksum, the high byte
+            # of the sniffer's "id") clear; a VM checking its router gets solicited ones.
+            return (frame.get("kind") == "ip6" and frame.get("proto") == 58 and
+                    frame.get("type") == 136 and frame.get("target") == address and
+                    not (frame.get("id", 0) >> 8) & 0x40)
+        return frame.get("kind") == "arp" and frame.get("src") == address == frame.get("dst")
+
+    def frames(self, wire):
+        """{(sniffer name, address): frames seen} for each expected announcement."""
+        return {(name, address): sum(self.announces(f, address) for f in sniffer.items())
+                for (name, address), sniffer in wire.items()}
 
     def test_each_announcement_sent_count_times(self):
-        vm1, vm2 = self.lab.vms[1], self.lab.vms[2]
-        self.attach(vm1, with_mac=True)
-        # 2 x (2 addresses on the one uplink + 169.255.30.1 and fe80::ffff:1:1 on vme1a)
-        self.assertSentSettlesAt(8, "attaching a dual-stack VM")
-        self.attach(vm2, ip_addresses=[vm2.address])
-        # 2 x (1 address on the uplink + 169.255.30.1 on vme2a: no IPv6, no IPv6 gateway)
-        self.assertSentSettlesAt(12, "attaching an IPv4-only VM as well")
+        vm1, vm2, vm3 = self.lab.vms[1], self.lab.vms[2], self.lab.vms[3]
+        with Sniffer(self.lab.x) as lan, Sniffer(vm1.ns) as link1, Sniffer(vm2.ns) as link2, \
+                Sniffer(vm3.ns) as link3:
+            # 2 x (2 addresses on the one uplink + 169.255.30.1 and fe80::ffff:1:1 on vme1a)
+            wire1 = {**{("X", a): lan for a in vm1.addresses},
+                     ("vm-1", lab.GATEWAY): link1, ("vm-1", lab.GATEWAY6): link1}
+            # 2 x (1 address on the uplink + 169.255.30.1 on its link: no IPv6, no gateway6)
+            wire2 = {("X", vm2.address): lan, ("vm-2", lab.GATEWAY): link2}
+            wire3 = {("X", vm3.address): lan, ("vm-3", lab.GATEWAY): link3}
+            self.attach(vm1, with_mac=True)
+            self.assertFramesReach(wire1, "attaching a dual-stack VM")
+            # A third frame of vm-1's would leave 200 ms after its second; vm-2's second leaves
+            # 200 ms after vm-2's first, which follows vm-1's second: when vm-2's second is on
+            # the wire, a third of vm-1's would be too. The agent's own timing is the fence;
+            # no fixed sleep.
+            self.attach(vm2, ip_addresses=[vm2.address])
+            self.assertFramesReach(wire2, "attaching an IPv4-only VM as well")
+            self.assertEqual(self.frames(wire1), {k: 2 for k in wire1},
+                             "vm-1 announced more than --announce-count=2 times")
+            self.attach(vm3, ip_addresses=[vm3.address])
+            self.assertFramesReach(wire3, "attaching a third VM")
+            self.assertEqual(self.frames(wire2), {k: 2 for k in wire2},
+                             "vm-2 announced more than --announce-count=2 times")
+        # The counter counts what went out: 8 + 4 + 4 frames.
+        self.assertEqual(self.sent(), 16, ANNOUNCEMENTS_METRIC)
+
+    def assertFramesReach(self, wire, what):
+        reached = lab.wait_until(lambda: all(n >= 2 for n in self.frames(wire).values()),
+                                 ANNOUNCE_WAIT, 0.05)
+        self.assertTrue(reached, f"after {what}, frames on the wire: {self.frames(wire)}")
 
 
 class RestartAnnouncementTest(DualStackTestCase):
@@ -660,6 +708,7 @@ class RestartAnnouncementTest(DualStackTestCase):
     agent announces VM 1's addresses again."""
 
     vm_count = 1
+    daemon_flags = (METRICS_FLAG,)
 
     @classmethod
     def setUpClass(cls):
@@ -667,16 +716,37 @@ class RestartAnnouncementTest(DualStackTestCase):
         cls.vm1 = cls.lab.vms[1]
         cls.attach(cls.vm1, with_mac=True)
         cls.programmed = (cls.lab.snapshot(), cls.lab.snapshot6())
-        cls.lab.daemon.stop()
-        seed_wrong_neighbours(cls.lab, cls.lab.x, cls.vm1.addresses, WRONG_MAC)
-        cls.lab.daemon.start()
+        # `ip monitor` of the host from before SIGTERM until the restarted agent is SERVING
+        # (it makes its differences before that): what the stop and the start changed.
+        # The kernel's own IPv6 autoconfiguration of the VM link (its fe80:: address) is
+        # no change of the agent's: let it finish first.
+        lab.wait_until(cls.lab.ipv6_settled, SETTLE_TIMEOUT)
+        with cls.lab.monitor(cls.lab.host, objects=("route", "address")) as monitor:
+            before = monitor.mark()
+            cls.stop_status = cls.lab.daemon.stop()
+            seed_wrong_neighbours(cls.lab, cls.lab.x, cls.vm1.addresses, WRONG_MAC)
+            cls.lab.daemon.start()
+            cls.restart_lines = monitor.lines_between(before, monitor.mark())
         cls.after_restart = (cls.lab.snapshot(), cls.lab.snapshot6())
+        cls.restart_writes = lab.metric_total(cls.lab.daemon.metrics(),
+                                              "vmnet_kernel_writes_total")
         cls.client = cls.enterClassContext(grpcurl.Client(cls.lab.daemon.target))
 
     def test_restart_changes_nothing(self):
         self.assertEqual(self.after_restart, self.programmed,
                          "starting vmnetd again changed the host's routes, proxy entries or "
                          "addresses of either family")
+
+    def test_restart_after_sigterm_writes_nothing(self):
+        """README: on SIGTERM vmnetd leaves the kernel as it is; started again with nothing
+        drifted, it writes nothing, for IPv4 and IPv6 alike (sysctls included: the counter
+        counts /proc/sys writes too)."""
+        self.assertEqual(self.stop_status, 0, "vmnetd did not exit 0 on SIGTERM")
+        self.assertEqual(self.restart_lines, [],
+                         "`ip monitor route address` on the host saw changes between SIGTERM "
+                         "and the restarted agent's SERVING")
+        self.assertEqual(self.restart_writes, 0,
+                         "vmnet_kernel_writes_total of the restarted agent")
 
     def test_restart_announces(self):
         uplink_mac = self.lab.mac(lab.UPLINK)
@@ -771,4 +841,4 @@ class DadRetryTest(DualStackTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

@@ -9,7 +9,8 @@ VMs attached: reachability, what the host and the API show, rejected requests, W
 DetachTest, DetachAllTest (an administrator's objects survive), DriftRepairTest (someone damages
 the host's state) and RestartTest (SIGTERM and start again on the same state directory).
 
-Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips otherwise.
+Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips without
+root, fails as root when it cannot run (tests/skips.py).
 Run with the Debian python (it has python3-grpcio):
 
     /usr/bin/python3 tests/e2e/test_host_routed.py [-v] [TestClass.test_method]
@@ -24,6 +25,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402  (first: it explains a missing grpc module)
 import grpcurl  # noqa: E402
 from grpc import StatusCode  # noqa: E402
@@ -37,9 +40,9 @@ FOREIGN_ROUTE = "203.0.113.0/24"
 FOREIGN_PROXY = "198.51.100.99"
 FOREIGN_ADDRESS = "198.51.100.2"
 
-# Route protocols that are not an agent's own marker.
-NOT_AN_AGENT_PROTOCOL = {"unspec", "redirect", "kernel", "boot", "static", "dhcp", "0", "1", "2",
-                         "3", "4", "16"}
+# vmnetd's marker (--route-protocol, 237 by default), as `ip -j` prints it: the number, or
+# the name deploy/iproute2/rt_protos.d/vmnet.conf gives it when that file is installed.
+AGENT_PROTOCOLS = (lab.AGENT_PROTOCOL, "vmnet")
 
 # net-tools `arp -n` prints proxy entries as "IP  *  <from_interface>  MP  IFACE".
 ARP_N_PROXY_HW_ADDRESS = "<from_interface>"
@@ -114,6 +117,16 @@ class EventCollector:
                 return event
         return None
 
+    def drain(self):
+        """Moves every event received so far into `seen`, without waiting; returns `seen`."""
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return self.seen
+            if not isinstance(event, grpcurl.RpcError):
+                self.seen.append(event)
+
     def close(self):
         self._stream.cancel()
         self._thread.join(timeout=5)
@@ -182,9 +195,14 @@ class LabTestCase(unittest.TestCase):
         return caught.exception
 
     def watch(self, request):
-        """A Watch stream read in the background, cancelled when the test ends."""
-        collector = EventCollector(self.client.stream(f"{SERVICE}/Watch", request))
+        """A Watch stream read in the background, cancelled when the test ends; returned once
+        vmnetd sent its response headers, which it does once the watcher is registered: from
+        then on it misses no change."""
+        stream = self.client.stream(f"{SERVICE}/Watch", request)
+        collector = EventCollector(stream)
         self.addCleanup(collector.close)
+        self.assertTrue(stream.wait_for_headers(5),
+                        f"Watch {request} sent no response headers within 5 s")
         return collector
 
     def watch_after_snapshot(self):
@@ -361,8 +379,9 @@ class AttachedTest(LabTestCase):
             self.assertEqual((route.get("dev"), route.get("scope")), (vm.interface, "link"),
                              f"`ip route` shows {route}")
             protocol = route.get("protocol")
-            self.assertNotIn(protocol, NOT_AN_AGENT_PROTOCOL,
-                             f"the route to {vm.address} is not marked as the agent's: {route}")
+            self.assertIn(protocol, AGENT_PROTOCOLS,
+                          f"the route to {vm.address} is not marked as the agent's "
+                          f"(proto {lab.AGENT_PROTOCOL}): {route}")
             proxy = kernel_proxy_entry(self.lab, vm.address)
             self.assertIsNotNone(proxy, f"`ip neigh show proxy` has no {vm.address}")
             self.assertEqual(proxy.get("protocol"), protocol,
@@ -449,9 +468,7 @@ class AttachedTest(LabTestCase):
 
     def test_watch_reports_attach(self):
         vm3 = self.extra_vm(3)
-        events = self.watch({})
-        # Watch {} starts "from now": give the server a moment to register the watcher.
-        events.next_matching(lambda e: False, timeout=0.5)
+        events = self.watch({})  # registered once it returns: "from now" includes the attach
         self.attach(vm3)
         event = events.next_matching(lambda e: e.get("vm", {}).get("vm_id") == "vm-3", timeout=5)
         self.assertIsNotNone(event, f"Watch showed no event for vm-3 after AttachVm vm-3; "
@@ -470,6 +487,33 @@ class AttachedTest(LabTestCase):
         self.assertIsNotNone(added, f"Watch showed no vm-3 event after the snapshot: {events.seen}")
         self.assertGreater(int(added["revision"]), int(end["revision"]),
                            f"revision did not increase after the snapshot: {end} then {added}")
+
+    def test_foreign_route_in_the_way_fails_the_vm_until_it_goes(self):
+        """README "Never someone else's", against the real kernel: an administrator's route
+        to a VM's address is never overwritten; the VM is FAILED naming it, and is programmed
+        once the route goes."""
+        vm6 = self.extra_vm(6)
+        self.lab.run(self.lab.host, "ip", "route", "add", f"{vm6.address}/32", "dev",
+                     lab.UPLINK, "proto", "static")
+        self.addCleanup(self.detach, vm6.vm_id, allow_missing=True)
+        self.addCleanup(self.lab.run, self.lab.host, "ip", "route", "del", f"{vm6.address}/32",
+                        "proto", "static", check=False)
+        vm = self.attach(vm6)["vm"]
+        self.assertEqual(vm.get("state"), "VM_STATE_FAILED", vm)
+        self.assertIn(f"route {vm6.address}/32", vm.get("message", ""), vm)
+        self.assertIn("is not vmnetd's", vm.get("message", ""), vm)
+        route = kernel_route(self.lab, vm6.address)
+        self.assertEqual((route or {}).get("protocol"), "static",
+                         f"the administrator's route was overwritten: {route}")
+        self.assertEqual((route or {}).get("dev"), lab.UPLINK, route)
+        self.lab.run(self.lab.host, "ip", "route", "del", f"{vm6.address}/32", "proto", "static")
+        programmed = lab.wait_until(
+            lambda: self.call("GetVm", {"vm_id": vm6.vm_id})["vm"].get("state") ==
+            "VM_STATE_PROGRAMMED", PROGRAM_DEADLINE)
+        self.assertTrue(programmed, "vm-6 was not programmed once the route in the way went")
+        route = kernel_route(self.lab, vm6.address) or {}
+        self.assertEqual(route.get("dev"), vm6.interface, route)
+        self.assertIn(route.get("protocol"), AGENT_PROTOCOLS, route)
 
     def test_pending_until_interface_appears(self):
         vm4 = self.extra_vm(4, with_link=False)
@@ -671,4 +715,4 @@ class RestartTest(LabTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

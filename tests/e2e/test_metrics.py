@@ -16,6 +16,8 @@ import unittest
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402
 from test_host_routed import LabTestCase  # noqa: E402
 
@@ -128,7 +130,8 @@ class MetricsTest(LabTestCase):
         self.assertEqual(leftovers, [], "a detached VM's series are still exported")
 
 
-@unittest.skipUnless(shutil.which("prometheus"), "the Debian package prometheus is not installed")
+@skips.require(shutil.which("prometheus"), "the Debian package prometheus is not installed "
+               "(scripts/install-deps.sh installs it)")
 class PrometheusScrapeTest(LabTestCase):
     """A real Prometheus server, inside the lab's host namespace, scrapes vmnetd."""
 
@@ -221,4 +224,4 @@ class SlowClientsTest(LabTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

@@ -28,10 +28,11 @@ dropped until its entries expire, 15 to 45 s).
 X pings both addresses at 20/s (`ping -D -i 0.05`) across the move. MigrationTest asserts that
 replies of both families resume within 1 s of the start of AttachVm on B and prints the gap;
 NoAnnouncementTest runs the same move with --announce-count=0 on both hosts and shows that
-without announcements replies do not come back within 5 s (it is skipped when the agent refuses
-a count of 0).
+without announcements replies do not come back within 5 s (it fails when the agent refuses a
+count of 0, which the README documents as "never").
 
-Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips otherwise:
+Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips without
+root, fails as root when it cannot run (tests/skips.py):
 
     /usr/bin/python3 tests/e2e/test_migration.py [-v]
 """
@@ -42,6 +43,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402  (first: it explains a missing grpc module)
 import grpcurl  # noqa: E402
 
@@ -73,7 +76,8 @@ class MigrationTestCase(unittest.TestCase):
     long the pings run after the AttachVm on B."""
 
     daemon_flags = ()
-    after_attach = 3.0  # seconds of pings after the AttachVm on B
+    # Seconds of pings after the AttachVm on B: past the requirement's bound (lab.time_bound).
+    after_attach = max(3.0, lab.time_bound(REQUIREMENT) + 2.0)
 
     @classmethod
     def setUpClass(cls):
@@ -180,7 +184,8 @@ class MigrationTest(MigrationTestCase):
         gap = self.gaps[address]
         self.assertIsNotNone(gap["first"], f"X's pings of {address} never got a reply after the "
                                            f"move: {self.results[address]}")
-        self.assertLess(gap["resumed_after"], REQUIREMENT,
+        # The requirement holds for a normal build; under a sanitizer vmnetd is slower.
+        self.assertLess(gap["resumed_after"], lab.time_bound(REQUIREMENT),
                         f"{describe(address, gap, self.pings_ended, self.attach_started)}; "
                         f"the requirement is {REQUIREMENT} s")
         sent, received = self.results[address]
@@ -226,7 +231,9 @@ class NoAnnouncementTest(MigrationTestCase):
         try:
             super().start_daemon(which)
         except lab.DaemonError as e:
-            raise unittest.SkipTest(f"vmnetd refuses --announce-count=0: {e}") from e
+            # README: 0 means never; a vmnetd that refuses it broke a documented flag.
+            raise AssertionError(f"vmnetd refuses --announce-count=0 (README: 0: never): "
+                                 f"{e}") from e
 
     def test_without_announcements_replies_stay_away(self):
         for address, gap in self.gaps.items():
@@ -247,4 +254,4 @@ def load_tests(loader, tests, pattern):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

@@ -10,6 +10,8 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402
 from test_host_routed import LabTestCase  # noqa: E402
 
@@ -89,10 +91,19 @@ class PagingTest(LabTestCase):
         first = self.client.call(f"{SERVICE}/ListRoutes",
                                  {"interface": lab.UPLINK, "page_size": 1})
         # A token used with other filters continues a fresh listing with those filters.
+        self.assertTrue(first.get("next_page_token"), f"one page of {len(routes)}: {first}")
         other = self.client.call(f"{SERVICE}/ListRoutes", {
             "vm_id": "vm-1", "page_size": 1, "page_token": first["next_page_token"]})
-        self.assertTrue(all(r.get("vm_id") == "vm-1" for r in other.get("routes", [])))
+        # Not empty (an empty page would pass every "all of them" check), vm-1's only, and
+        # the first page of vm-1's own listing.
+        self.assertTrue(other.get("routes"), f"ListRoutes vm_id=vm-1 with a token of another "
+                                             f"filter answered no route: {other}")
+        self.assertTrue(all(r.get("vm_id") == "vm-1" for r in other["routes"]), other)
+        fresh, _ = self.walk("ListRoutes", "routes", 1000, {"vm_id": "vm-1"})
+        self.assertIn(f"{self.lab.vms[1].address}/32", [r["destination"] for r in fresh])
+        self.assertEqual(other["routes"], fresh[:1],
+                         "the token did not start a fresh listing with the new filter")
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

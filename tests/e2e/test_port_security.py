@@ -33,7 +33,8 @@ sniffer checks can fail, and vmnetd's tables are removed). Run against a vmnetd 
 --port-security=false, every check of port security fails (the API, conntrack and X's own paths
 do not).
 
-Needs root and vmnetd (<repo>/build/server/vmnetd, or set VMNETD), skips otherwise; the vmnetctl
+Needs root and vmnetd (<repo>/build/server/vmnetd, or set VMNETD), skips without root (fails as
+root when it cannot run: tests/skips.py); the vmnetctl
 check fails without vmnetctl (<repo>/build/client/vmnetctl, or VMNETCTL):
 
     /usr/bin/python3 tests/e2e/test_port_security.py [-v] [TestClass.test_method]
@@ -52,6 +53,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402  (first: it explains a missing grpc module)
 import grpcurl  # noqa: E402
 from grpc import StatusCode  # noqa: E402
@@ -1336,4 +1339,4 @@ class PortSecurityOffTest(PortSecurityTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

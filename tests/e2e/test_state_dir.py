@@ -19,7 +19,8 @@ locked and writes to is gone. So:
 (VM 1, acknowledged by A before the removal, went with the directory the operator removed: that
 is the operator's doing, and A's refusals say so.)
 
-Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips otherwise:
+Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips without
+root, fails as root when it cannot run (tests/skips.py):
 
     /usr/bin/python3 tests/e2e/test_state_dir.py [-v]
 """
@@ -30,6 +31,8 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402  (first: it explains a missing grpc module)
 import grpcurl  # noqa: E402
 import test_host_routed as host_routed  # noqa: E402  (LabTestCase)
@@ -142,4 +145,4 @@ class StateDirRemovedTest(host_routed.LabTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

@@ -18,6 +18,8 @@ import textwrap
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402
 
 VMNETCTL = os.environ.get("VMNETCTL") or os.path.join(lab.REPO, "build", "client", "vmnetctl")
@@ -90,7 +92,7 @@ class TlsTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         if not shutil.which("openssl"):
-            raise unittest.SkipTest("openssl is not installed")
+            skips.skip("openssl is not installed (scripts/install-deps.sh installs it)")
         cls.tmp = tempfile.mkdtemp(prefix="vmnt-tls-")
         cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
         cls.pki = Pki(cls.tmp)
@@ -177,7 +179,7 @@ class TlsTest(unittest.TestCase):
 
     def require_vmnetctl(self):
         if not os.access(VMNETCTL, os.X_OK):
-            self.skipTest(f"vmnetctl not built at {VMNETCTL}")
+            skips.skip(f"vmnetctl not built at {VMNETCTL}")
 
     def ctl(self, *args, client="control-plane", ca=True):
         """vmnetctl run in X's namespace with `client`'s certificate (None: without one)."""
@@ -271,4 +273,4 @@ class TlsTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

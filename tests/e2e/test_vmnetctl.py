@@ -15,6 +15,8 @@ import threading
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import skips  # noqa: E402  (tests/skips.py: no skips as root)
 import lab  # noqa: E402
 from test_host_routed import LabTestCase  # noqa: E402
 
@@ -29,7 +31,7 @@ class VmnetctlTest(LabTestCase):
     @classmethod
     def setUpClass(cls):
         if not os.access(VMNETCTL, os.X_OK):
-            raise unittest.SkipTest(f"vmnetctl not built at {VMNETCTL}")
+            skips.skip(f"vmnetctl not built at {VMNETCTL}")
         super().setUpClass()
 
     def ctl(self, *args, server=None):
@@ -85,15 +87,26 @@ class VmnetctlTest(LabTestCase):
         rows = [line.split() for line in out.splitlines()]
         self.assertEqual(rows[0][:4], ["VM", "STATE", "INTERFACE", "ADDRESSES"])
         self.assertEqual([r[:2] for r in rows[1:]], [["vm-1", "programmed"], ["vm-2", "programmed"]])
-        code, out, _ = self.ctl("get", "vm-1")
+        code, out, err = self.ctl("get", "vm-1")
+        self.assertEqual(code, EXIT_OK, err)
         self.assertIn("mac_address: " + lab.vm_mac(1), out)
-        code, out, _ = self.ctl("--output=json", "get", "vm-2")
+        code, out, err = self.ctl("--output=json", "get", "vm-2")
+        self.assertEqual(code, EXIT_OK, err)
         vm = json.loads(out)
         self.assertEqual(vm["vm_id"], "vm-2")
         self.assertEqual(vm["state"], "VM_STATE_PROGRAMMED")
-        code, out, _ = self.ctl("--output=json", "routes")
-        for line in out.splitlines():
-            json.loads(line)
+        code, out, err = self.ctl("--output=json", "routes")
+        self.assertEqual(code, EXIT_OK, err)
+        # One JSON object per line, one line per route of `ip route`, each VM's among them.
+        routes = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(len(routes), len(self.lab.routes()), out)
+        for index, vm in self.lab.vms.items():
+            mine = [r for r in routes if r.get("destination") == f"{vm.address}/32"]
+            self.assertEqual([(r.get("interface"), r.get("vm_id")) for r in mine],
+                             [(vm.interface, f"vm-{index}")], out)
+        code, _, err = self.ctl("get", "vm-unknown")
+        self.assertEqual(code, EXIT_SERVER_ERROR, f"get of an unknown VM: {err}")
+        self.assertIn("NOT_FOUND", err)
 
     def test_routes_and_arp_longer_than_a_page(self):
         """1,100 IPv6 routes and proxy entries: more than a page (1,000) of each, and every one
@@ -162,4 +175,4 @@ class VmnetctlTest(LabTestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    skips.main()

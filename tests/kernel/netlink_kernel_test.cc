@@ -15,11 +15,13 @@
 
 #include "kernel_test.h"
 #include "vmnet/reconciler/kernel_model.h"
+#include "vmnet/reconciler/plan.h"
 
 namespace vmnet::kernel {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::IsEmpty;
 using ::testing::Not;
 
 constexpr uint8_t kProto = 237;
@@ -272,6 +274,217 @@ TEST_F(NetlinkKernelTest, TinyReceiveBufferOverflowIsReported) {
   std::vector<Event> events;
   absl::Status s = (*small)->ReadEvents(&events);
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+}
+
+// -- What tests/unit/fake_kernel.cc assumes, pinned against the real kernel
+// --------------- Each test below is one behaviour of FakeKernel (see fake_kernel.h);
+// when one goes red, the kernel changed and the fake must follow.
+
+class KernelAnswersTest : public NetlinkKernelTest {
+ protected:
+  // Everything the kernel reported since the last call.
+  std::vector<Event> Drain() {
+    std::vector<Event> events;
+    EXPECT_TRUE(kernel_->ReadEvents(&events).ok());
+    return events;
+  }
+  static Route RouteTo(const char* prefix, int ifindex, uint32_t table = 254) {
+    Route r;
+    r.destination = *IpPrefix::Parse(prefix);
+    r.ifindex = ifindex;
+    r.protocol = kProto;
+    r.scope = RT_SCOPE_LINK;
+    r.table = table;
+    return r;
+  }
+  static Address AddressOn(int ifindex, const char* prefix) {
+    Address a;
+    a.ifindex = ifindex;
+    a.prefix = *IpPrefix::Parse(prefix);
+    a.flags = IFA_F_NODAD;
+    return a;
+  }
+};
+
+TEST_F(KernelAnswersTest, AnExistingProxyEntryAddedAgainIsRelabelled) {
+  ASSERT_EQ(Sh("ip neigh add proxy 198.51.100.210 dev eth0 proto static"), "");
+  Neighbor proxy;
+  proxy.ifindex = eth0_;
+  proxy.address = Ip("198.51.100.210");
+  proxy.proxy = true;
+  proxy.protocol = kProto;
+  // NLM_F_CREATE | NLM_F_EXCL, yet no EEXIST: the kernel ignores EXCL for proxy entries.
+  ExpectAllOk(kernel_->Apply({SetNeighbor{proxy}}));
+  EXPECT_EQ(Sh("ip -d neigh show proxy"), "198.51.100.210 dev eth0 proxy proto 237 \n");
+}
+
+TEST_F(KernelAnswersTest, LinkDownDropsIpv6AddressesWithEventsAndKeepsIpv4Ones) {
+  ASSERT_EQ(Sh("ip link set vme1a up && ip addr add 198.51.100.5/32 dev vme1a && "
+               "ip addr add 2001:db8:1::5/128 dev vme1a nodad"),
+            "");
+  Drain();
+  ASSERT_EQ(Sh("ip link set vme1a down"), "");
+  EXPECT_EQ(Sh("ip -6 addr show dev vme1a | grep inet6"), "");
+  EXPECT_THAT(Sh("ip -4 addr show dev vme1a"), HasSubstr("198.51.100.5/32"));
+  bool v6_deleted = false, v4_deleted = false;
+  for (const Event& e : Drain()) {
+    if (auto* a = std::get_if<AddressEvent>(&e); a != nullptr && a->deleted) {
+      v6_deleted |= a->address.prefix == *IpPrefix::Parse("2001:db8:1::5/128");
+      v4_deleted |= a->address.prefix.address.is_v4();
+    }
+  }
+  EXPECT_TRUE(v6_deleted) << "no RTM_DELADDR for the IPv6 address";
+  EXPECT_FALSE(v4_deleted);
+}
+
+TEST_F(KernelAnswersTest, ARouteToALinkThatIsDownIsEnetdown) {
+  ASSERT_THAT(Sh("ip link show vme1a"), Not(HasSubstr(",UP")));
+  auto results = kernel_->Apply({AddRoute{RouteTo("198.51.100.201/32", vme_)},
+                                 AddRoute{RouteTo("2001:db8:1::201/128", vme_)}});
+  for (const absl::Status& s : results) {
+    EXPECT_THAT(std::string(s.message()), HasSubstr("errno 100")) << s;  // ENETDOWN
+  }
+  EXPECT_EQ(Sh("ip route show dev vme1a; ip -6 route show dev vme1a"), "");
+}
+
+TEST_F(KernelAnswersTest, TheLastIpv4AddressGoneFlushesIpv4RoutesNeighboursAndProxies) {
+  ExpectAllOk(
+      kernel_->Apply(VmWrites()));  // 169.255.30.1/32 is vme1a's only IPv4 address
+  Neighbor proxy_on_vme;
+  proxy_on_vme.ifindex = vme_;
+  proxy_on_vme.address = Ip("198.51.100.202");
+  proxy_on_vme.proxy = true;
+  ExpectAllOk(kernel_->Apply(
+      {SetNeighbor{proxy_on_vme}, AddRoute{RouteTo("2001:db8:1::201/128", vme_)}}));
+  Drain();
+  Address gateway = AddressOn(vme_, "169.255.30.1/32");
+  ExpectAllOk(kernel_->Apply({DeleteAddress{gateway}}));
+  EXPECT_EQ(Sh("ip -4 route show dev vme1a"), "");
+  EXPECT_EQ(Sh("ip -4 neigh show dev vme1a"), "");
+  EXPECT_EQ(Sh("ip -4 neigh show proxy dev vme1a"), "");
+  EXPECT_THAT(Sh("ip -6 route show dev vme1a"), HasSubstr("2001:db8:1::201"))
+      << "IPv6 is not touched";
+  bool route_event = false, neighbour_event = false;
+  for (const Event& e : Drain()) {
+    if (auto* r = std::get_if<RouteEvent>(&e)) {
+      route_event |= r->deleted && r->route.destination.address == Ip("198.51.100.201");
+    }
+    if (auto* n = std::get_if<NeighborEvent>(&e)) {
+      neighbour_event |= n->deleted && n->neighbor.address == Ip("198.51.100.201");
+    }
+  }
+  EXPECT_FALSE(route_event) << "the flushed route raised an event";
+  EXPECT_TRUE(neighbour_event) << "the flushed neighbour entry raised no event";
+}
+
+TEST_F(KernelAnswersTest, DeletingWhatIsNotThereIsOkAndRaisesNoEvent) {
+  ASSERT_EQ(Sh("ip link set vme1a up"), "");
+  Drain();
+  Neighbor neigh;
+  neigh.ifindex = vme_;
+  neigh.address = Ip("198.51.100.77");
+  Neighbor proxy = neigh;
+  proxy.proxy = true;
+  ExpectAllOk(kernel_->Apply({DeleteRoute{RouteTo("198.51.100.77/32", vme_)},
+                              DeleteRoute{RouteTo("2001:db8:1::77/128", vme_)},
+                              DeleteAddress{AddressOn(vme_, "198.51.100.77/32")},
+                              DeleteAddress{AddressOn(vme_, "2001:db8:1::77/128")},
+                              DeleteNeighbor{neigh}, DeleteNeighbor{proxy}}));
+  // NetlinkKernel reports the kernel's ESRCH/ENOENT/EADDRNOTAVAIL as OK; the kernel
+  // itself refuses each one, so no event may follow.
+  EXPECT_NE(Sh("ip route del 198.51.100.77/32 dev vme1a"), "");
+  EXPECT_THAT(Drain(), IsEmpty());
+}
+
+TEST_F(KernelAnswersTest, TheSameIpv6AddressWithAnotherPrefixLengthExists) {
+  ExpectAllOk(kernel_->Apply({AddAddress{AddressOn(vme_, "2001:db8:1::5/64")},
+                              AddAddress{AddressOn(vme_, "198.51.100.5/24")}}));
+  auto results = kernel_->Apply({AddAddress{AddressOn(vme_, "2001:db8:1::5/128")},
+                                 AddAddress{AddressOn(vme_, "198.51.100.5/32")}});
+  EXPECT_EQ(results[0].code(), absl::StatusCode::kAlreadyExists) << results[0];
+  EXPECT_TRUE(results[1].ok()) << "IPv4 tells the two apart by prefix length: "
+                               << results[1];
+  EXPECT_THAT(
+      Sh("ip -4 addr show dev vme1a"),
+      ::testing::AllOf(HasSubstr("198.51.100.5/24"), HasSubstr("198.51.100.5/32")));
+}
+
+TEST_F(KernelAnswersTest, RouteConflictsArePerTable) {
+  ASSERT_EQ(Sh("ip link set vme1a up"), "");
+  auto results = kernel_->Apply({AddRoute{RouteTo("198.51.100.201/32", vme_, 100)},
+                                 AddRoute{RouteTo("198.51.100.201/32", vme_)},
+                                 AddRoute{RouteTo("198.51.100.201/32", eth0_)}});
+  EXPECT_TRUE(results[0].ok()) << results[0];
+  EXPECT_TRUE(results[1].ok()) << "a route in another table is no conflict: "
+                               << results[1];
+  EXPECT_EQ(results[2].code(), absl::StatusCode::kAlreadyExists) << results[2];
+  EXPECT_EQ(Sh("ip route show table 100"),
+            "198.51.100.201 dev vme1a proto 237 scope link \n");
+}
+
+// -- The planner's "nothing more to write", against the real kernel
+// --------------------------- plan_test.cc checks that a plan, once held, plans nothing
+// more, by applying the writes to the agent's own model: the agent agreeing with itself.
+// Here the writes go to the kernel, and the model is the kernel's dump: a field the
+// kernel stores otherwise than we write it (a metric, a flag, a scope) would plan the
+// write again on every pass, and after every restart.
+
+class PlanAgainstTheKernelTest : public NetlinkKernelTest {
+ protected:
+  KernelModel DumpedModel() {
+    auto snap = kernel_->Dump();
+    EXPECT_TRUE(snap.ok()) << snap.status();
+    KernelModel model;
+    model.Reset(*snap);
+    return model;
+  }
+  static std::vector<std::string> Text(const std::vector<Write>& writes) {
+    std::vector<std::string> out;
+    for (const Write& w : writes) out.push_back(ToString(w));
+    return out;
+  }
+  void SetUp() override {
+    NetlinkKernelTest::SetUp();
+    config_.uplinks = {"eth0"};
+  }
+  HostConfig config_;
+};
+
+TEST_F(PlanAgainstTheKernelTest, ADualStackVmWithAMacOnceWrittenPlansNothingMore) {
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.201", "2001:db8:1::201"},
+                          "02:00:00:00:00:01", SpecRules{});
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  KernelModel model = DumpedModel();
+  std::vector<Write> writes = PlanUplinks(model, config_, /*ipv6=*/true);
+  VmPlan plan = PlanVm(*spec, model, config_);
+  ASSERT_EQ(plan.state, VmState::kProgrammed) << plan.message;
+  ASSERT_FALSE(plan.writes.empty());
+  writes.insert(writes.end(), plan.writes.begin(), plan.writes.end());
+  // Without port security: nftables is nft_test.cc's.
+  std::erase_if(writes, [](const Write& w) { return IsNftWrite(w); });
+  auto results = kernel_->Apply(writes);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    EXPECT_TRUE(results[i].ok()) << ToString(writes[i]) << ": " << results[i];
+  }
+  EXPECT_EQ(Sh("ip -6 route show 2001:db8:1::201"),
+            "2001:db8:1::201 dev vme1a proto 237 metric 1024 pref medium\n");
+
+  model = DumpedModel();
+  EXPECT_THAT(Text(PlanUplinks(model, config_, true)), IsEmpty());
+  plan = PlanVm(*spec, model, config_);
+  EXPECT_EQ(plan.state, VmState::kProgrammed) << plan.message;
+  EXPECT_THAT(Text(plan.writes), IsEmpty());
+}
+
+TEST_F(PlanAgainstTheKernelTest, AnIpv4VmWithoutAMacOnceWrittenPlansNothingMore) {
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "", SpecRules{});
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  VmPlan plan = PlanVm(*spec, DumpedModel(), config_);
+  ASSERT_FALSE(plan.writes.empty());
+  ExpectAllOk(kernel_->Apply(plan.writes));
+  plan = PlanVm(*spec, DumpedModel(), config_);
+  EXPECT_EQ(plan.state, VmState::kProgrammed) << plan.message;
+  EXPECT_THAT(Text(plan.writes), IsEmpty());
 }
 
 }  // namespace

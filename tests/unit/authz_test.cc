@@ -1,7 +1,14 @@
 #include "vmnet/api/authz.h"
 
 #include <gmock/gmock.h>
+#include <grpcpp/security/auth_context.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
 
 #include "vmnet/api/servers.h"
 
@@ -103,6 +110,80 @@ TEST(ClassifyListenersTest, LocalRemoteAndTheirRules) {
 
   config.addresses = {"unix://relative"};
   EXPECT_FALSE(ClassifyListeners(config).ok());
+}
+
+// An AuthContext holding the given properties, as gRPC fills it from a peer's
+// certificate.
+class FakeAuthContext : public grpc::AuthContext {
+ public:
+  explicit FakeAuthContext(std::multimap<std::string, std::string> properties)
+      : properties_(std::move(properties)) {}
+  bool IsPeerAuthenticated() const override { return true; }
+  std::vector<grpc::string_ref> GetPeerIdentity() const override { return {}; }
+  std::string GetPeerIdentityPropertyName() const override { return ""; }
+  std::vector<grpc::string_ref> FindPropertyValues(
+      const std::string& name) const override {
+    std::vector<grpc::string_ref> out;
+    auto [begin, end] = properties_.equal_range(name);
+    for (auto it = begin; it != end; ++it) out.emplace_back(it->second);
+    return out;
+  }
+  grpc::AuthPropertyIterator begin() const override { return Empty(); }
+  grpc::AuthPropertyIterator end() const override { return Empty(); }
+  void AddProperty(const std::string&, const grpc::string_ref&) override {}
+  bool SetPeerIdentityPropertyName(const std::string&) override { return false; }
+
+ private:
+  struct Empty : grpc::AuthPropertyIterator {
+    Empty() : grpc::AuthPropertyIterator() {}
+  };
+  std::multimap<std::string, std::string> properties_;
+};
+
+// README (Security): a caller is its URI SANs if it has any, else its DNS
+// SANs, else its certificate's subject.
+TEST(AuthzIdentitiesTest, UriSansWinThenDnsSansThenTheSubject) {
+  const std::string uri = GRPC_PEER_URI_PROPERTY_NAME, dns = GRPC_PEER_DNS_PROPERTY_NAME,
+                    subject = GRPC_X509_SUBJECT_PROPERTY_NAME;
+  FakeAuthContext all({{uri, "spiffe://cloud/a"},
+                       {uri, "spiffe://cloud/b"},
+                       {dns, "a.example"},
+                       {subject, "CN=a"}});
+  EXPECT_THAT(Authorizer::Identities(all),
+              ::testing::ElementsAre("spiffe://cloud/a", "spiffe://cloud/b"));
+  FakeAuthContext dns_and_subject({{dns, "a.example"}, {subject, "CN=a"}});
+  EXPECT_THAT(Authorizer::Identities(dns_and_subject),
+              ::testing::ElementsAre("a.example"));
+  FakeAuthContext only_subject({{subject, "CN=a,O=cloud"}});
+  EXPECT_THAT(Authorizer::Identities(only_subject),
+              ::testing::ElementsAre("CN=a,O=cloud"));
+  EXPECT_THAT(Authorizer::Identities(FakeAuthContext({})), ::testing::IsEmpty());
+}
+
+// README (Security): the policy file is read again when it changes; one that
+// no longer parses leaves the last good policy in force. (The refusal names
+// the policy in force.)
+TEST(AuthorizerTest, ThePolicyFileIsReadAgainAndABadOneIsIgnored) {
+  char dir[] = "/tmp/vmnet-authz-test.XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string path = std::string(dir) + "/policy.json";
+  auto write = [&](const std::string& text) { std::ofstream(path) << text; };
+  auto policy = [](const char* name) {
+    return absl::StrCat(R"({"name": ")", name,
+                        R"(", "allow_rules": [{"name": "a", "source": )"
+                        R"({"principals": ["spiffe://cloud/a"]}}]})");
+  };
+  write(policy("first"));
+  auto authorizer = Authorizer::FromFile(path, std::chrono::seconds(0));
+  ASSERT_TRUE(authorizer.ok()) << authorizer.status();
+  grpc::CallbackServerContext context;  // no call: no identity
+  auto refusal = [&] { return (*authorizer)->Check(context, "/x").error_message(); };
+  EXPECT_THAT(refusal(), HasSubstr("(policy \"first\")"));
+  write(policy("second"));
+  EXPECT_THAT(refusal(), HasSubstr("(policy \"second\")"));
+  write("{ not json");
+  EXPECT_THAT(refusal(), HasSubstr("(policy \"second\")"));
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

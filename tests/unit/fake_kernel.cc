@@ -119,18 +119,37 @@ Link* FakeKernel::FindLink(int ifindex) {
   return it == links_.end() ? nullptr : &it->second;
 }
 
-void FakeKernel::FlushLink(int ifindex, bool addresses_too) {
-  // Like the kernel: routes vanish silently; neighbour deletions are events.
-  std::erase_if(routes_, [&](const Route& r) { return r.ifindex == ifindex; });
+void FakeKernel::FlushLink(int ifindex, Flush what) {
+  // Like the kernel: routes vanish silently; neighbour deletions are events,
+  // proxy entries raise none. (Pinned by the kernel tests
+  // LinkDownFlushesRoutesNeighboursAndProxies and
+  // TheLastIpv4AddressGoneFlushesIpv4RoutesNeighboursAndProxies.)
+  auto on_link = [&](int on, const IpAddress& a) {
+    return on == ifindex && (what != Flush::kIpv4 || a.is_v4());
+  };
+  std::erase_if(
+      routes_, [&](const Route& r) { return on_link(r.ifindex, r.destination.address); });
   for (auto it = neighbors_.begin(); it != neighbors_.end();) {
-    if (it->second.ifindex == ifindex) {
+    if (on_link(it->second.ifindex, it->second.address)) {
       if (!it->second.proxy) Emit(kernel::NeighborEvent{true, it->second});
       it = neighbors_.erase(it);
     } else {
       ++it;
     }
   }
-  if (addresses_too) {
+  // A link going down loses its IPv6 addresses, each with an event; it keeps
+  // its IPv4 ones. A link going away loses all, silently (its deletion says).
+  if (what == Flush::kLinkDown) {
+    for (auto it = addresses_.begin(); it != addresses_.end();) {
+      if (it->ifindex == ifindex && it->prefix.address.is_v6()) {
+        Emit(kernel::AddressEvent{true, *it});
+        it = addresses_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (what == Flush::kLinkGone) {
     std::erase_if(addresses_, [&](const Address& a) { return a.ifindex == ifindex; });
   }
 }
@@ -165,46 +184,84 @@ absl::Status FakeKernel::ApplyOne(const kernel::Write& write) {
   } else if (auto* w = std::get_if<kernel::AddAddress>(&write)) {
     if (FindLink(w->address.ifindex) == nullptr) return fail(ENODEV);
     for (const Address& a : addresses_) {
-      if (a.ifindex == w->address.ifindex && a.prefix == w->address.prefix)
+      // IPv4 tells addresses apart by prefix length too; IPv6 by address
+      // only (kernel test TheSameIpv6AddressWithAnotherPrefixLengthExists).
+      if (a.ifindex == w->address.ifindex &&
+          a.prefix.address == w->address.prefix.address &&
+          (a.prefix.length == w->address.prefix.length || a.prefix.address.is_v6()))
         return fail(EEXIST);
     }
     addresses_.push_back(w->address);
     Emit(kernel::AddressEvent{false, w->address});
   } else if (auto* w = std::get_if<kernel::DeleteAddress>(&write)) {
-    std::erase_if(addresses_, [&](const Address& a) {
+    auto it = std::find_if(addresses_.begin(), addresses_.end(), [&](const Address& a) {
       return a.ifindex == w->address.ifindex && a.prefix == w->address.prefix;
     });
-    Emit(kernel::AddressEvent{true, w->address});
+    // Deleting what is not there: an error the Kernel interface reports as
+    // OK (as NetlinkKernel does), and no event.
+    if (it != addresses_.end()) {
+      Address gone = *it;
+      addresses_.erase(it);
+      Emit(kernel::AddressEvent{true, gone});
+      // The link's last IPv4 address gone disables IPv4 on it.
+      if (gone.prefix.address.is_v4() &&
+          std::none_of(addresses_.begin(), addresses_.end(), [&](const Address& a) {
+            return a.ifindex == gone.ifindex && a.prefix.address.is_v4();
+          })) {
+        FlushLink(gone.ifindex, Flush::kIpv4);
+      }
+    }
   } else if (auto* w = std::get_if<kernel::AddRoute>(&write)) {
-    if (FindLink(w->route.ifindex) == nullptr) return fail(ENODEV);
+    Link* link = FindLink(w->route.ifindex);
+    if (link == nullptr) return fail(ENODEV);
+    // A route to a link that is down (kernel test ARouteToALinkThatIsDownIsEnetdown).
+    if (!link->up) return fail(ENETDOWN);
     Route added = w->route;
     // Like the kernel: an IPv6 route without a metric gets 1024.
     if (added.destination.address.is_v6() && added.metric == 0) added.metric = 1024;
     for (const Route& r : routes_) {
-      if (r.destination == added.destination && r.metric == added.metric) {
+      // Conflicts are per table (kernel test RouteConflictsArePerTable).
+      if (r.table == added.table && r.destination == added.destination &&
+          r.metric == added.metric) {
         return fail(EEXIST);
       }
     }
     routes_.push_back(added);
     Emit(kernel::RouteEvent{false, added});
   } else if (auto* w = std::get_if<kernel::DeleteRoute>(&write)) {
-    // As the kernel: a protocol in the request must match.
-    std::erase_if(routes_, [&](const Route& r) {
-      return r.destination == w->route.destination && r.metric == w->route.metric &&
-             (w->route.protocol == 0 || r.protocol == w->route.protocol);
+    // As the kernel: a protocol, a link and a metric in the request must
+    // match; left out, they match any.
+    auto it = std::find_if(routes_.begin(), routes_.end(), [&](const Route& r) {
+      return r.table == w->route.table && r.destination == w->route.destination &&
+             (w->route.metric == 0 || r.metric == w->route.metric) &&
+             (w->route.protocol == 0 || r.protocol == w->route.protocol) &&
+             (w->route.ifindex == 0 || r.ifindex == w->route.ifindex);
     });
-    Emit(kernel::RouteEvent{true, w->route});
+    if (it != routes_.end()) {
+      Route gone = *it;
+      routes_.erase(it);
+      Emit(kernel::RouteEvent{true, gone});
+    }
   } else if (auto* w = std::get_if<kernel::SetNeighbor>(&write)) {
     const Neighbor& n = w->neighbor;
     if (FindLink(n.ifindex) == nullptr) return fail(ENODEV);
     NeighborKey key{n.ifindex, n.address, n.proxy};
-    if (n.proxy && neighbors_.contains(key)) return fail(EEXIST);
-    neighbors_[key] = n;
+    if (auto it = neighbors_.find(key); n.proxy && it != neighbors_.end()) {
+      // The kernel ignores NLM_F_EXCL for proxy entries: adding one that
+      // exists succeeds and relabels it with the request's protocol (kernel
+      // test AnExistingProxyEntryAddedAgainIsRelabelled).
+      if (n.protocol != 0) it->second.protocol = n.protocol;
+    } else {
+      neighbors_[key] = n;
+    }
     if (!n.proxy) Emit(kernel::NeighborEvent{false, n});
   } else if (auto* w = std::get_if<kernel::DeleteNeighbor>(&write)) {
     const Neighbor& n = w->neighbor;
-    neighbors_.erase({n.ifindex, n.address, n.proxy});
-    if (!n.proxy) Emit(kernel::NeighborEvent{true, n});
+    auto it = neighbors_.find({n.ifindex, n.address, n.proxy});
+    if (it != neighbors_.end()) {
+      if (!n.proxy) Emit(kernel::NeighborEvent{true, it->second});
+      neighbors_.erase(it);
+    }
   } else if (kernel::IsTcWrite(write)) {
     if (absl::Status s = ApplyTc(write); !s.ok()) return s;
   }
@@ -340,7 +397,7 @@ void FakeKernel::RemoveLink(const std::string& name) {
   Link* l = FindLink(ifindex);
   if (l == nullptr) return;
   Link gone = *l;
-  FlushLink(ifindex, true);
+  FlushLink(ifindex, Flush::kLinkGone);
   links_.erase(ifindex);
   Emit(kernel::LinkEvent{true, gone});
 }
@@ -350,7 +407,7 @@ void FakeKernel::SetLinkUp(const std::string& name, bool up) {
   vmnet::MutexLock lock(&mu_);
   Link* l = FindLink(ifindex);
   if (l == nullptr) return;
-  if (l->up && !up) FlushLink(ifindex, false);
+  if (l->up && !up) FlushLink(ifindex, Flush::kLinkDown);
   l->up = up;
   Emit(kernel::LinkEvent{false, *l});
 }
@@ -398,12 +455,29 @@ void FakeKernel::DeleteRoute(const IpPrefix& destination) {
   }
 }
 
+void FakeKernel::DeleteAddress(const std::string& link, const std::string& prefix) {
+  kernel::Address a;
+  a.ifindex = IfIndex(link);
+  a.prefix = *IpPrefix::Parse(prefix);
+  vmnet::MutexLock lock(&mu_);
+  (void)ApplyOne(kernel::DeleteAddress{a});
+  --writes_applied_;  // someone else's, not the agent's
+}
+
 void FakeKernel::DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy) {
   vmnet::MutexLock lock(&mu_);
   auto it = neighbors_.find({ifindex, address, proxy});
   if (it == neighbors_.end()) return;
   if (!proxy) Emit(kernel::NeighborEvent{true, it->second});
   neighbors_.erase(it);
+}
+
+void FakeKernel::DeleteRouteLosingEvents(const IpPrefix& destination) {
+  vmnet::MutexLock lock(&mu_);
+  std::erase_if(routes_, [&](const Route& r) { return r.destination == destination; });
+  overflow_ = true;
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = write(event_fd_, &one, sizeof(one));
 }
 
 void FakeKernel::Overflow() {

@@ -1,9 +1,19 @@
 // An in-memory kernel behind the Kernel interface, for fast unit tests of
-// the reconciler's logic. It answers writes the way rtnetlink does (EEXIST
-// on a create of what exists, deletes of what is gone succeed, ENODEV for a
-// missing link), raises events for what the real kernel raises events for
-// (not for proxy entries), and flushes a link's routes and neighbours when
-// it goes down. Tests change it "from outside" to simulate someone else.
+// the reconciler's logic. It answers writes the way NetlinkKernel over
+// rtnetlink does, and each behaviour below is pinned against the real kernel
+// by a test in tests/kernel/netlink_kernel_test.cc, so the two cannot drift:
+// - EEXIST on a create of what exists (routes per table, destination and
+//   metric; an IPv6 address whatever its prefix length); but an existing
+//   proxy entry added again succeeds and takes the request's protocol;
+// - a delete of what is gone succeeds (NetlinkKernel maps the kernel's
+//   ENOENT/ESRCH/EADDRNOTAVAIL to OK) and raises no event;
+// - ENODEV for a missing link, ENETDOWN for a route to a link that is down;
+// - events for what the real kernel raises events for (not for proxy
+//   entries, not for routes flushed with their link);
+// - a link going down loses its routes, neighbour and proxy entries and its
+//   IPv6 addresses; the last IPv4 address of a link deleted takes the link's
+//   IPv4 routes, neighbour and proxy entries with it.
+// Tests change it "from outside" to simulate someone else.
 #pragma once
 
 #include <map>
@@ -48,11 +58,17 @@ class FakeKernel : public kernel::Kernel {
   void AddForeignRoute(const kernel::Route& route);
   void AddForeignNeighbor(const kernel::Neighbor& neighbor);
   void DeleteRoute(const IpPrefix& destination);
+  // `ip addr del`: with the kernel's consequences (the last IPv4 address of a
+  // link takes the link's IPv4 routes, neighbour and proxy entries along).
+  void DeleteAddress(const std::string& link, const std::string& prefix);
   void DeleteNeighbor(int ifindex, const IpAddress& address, bool proxy);
   // `tc qdisc del dev LINK root` (or ingress: kIngressParent).
   void DeleteQdisc(const std::string& link, uint32_t parent);
   // Makes the next ReadEvents report an overflow, losing what is queued.
   void Overflow();
+  // Deletes the routes to `destination` and overflows at once: the deletion
+  // is known only to a re-dump.
+  void DeleteRouteLosingEvents(const IpPrefix& destination);
   // Makes every write fail with this errno (0: succeed again).
   void FailWrites(int err);
 
@@ -66,7 +82,8 @@ class FakeKernel : public kernel::Kernel {
   void Emit(kernel::Event event) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyOne(const kernel::Write& write) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyTc(const kernel::Write& write) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void FlushLink(int ifindex, bool addresses_too) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  enum class Flush { kLinkDown, kLinkGone, kIpv4 };
+  void FlushLink(int ifindex, Flush what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   kernel::Link* FindLink(int ifindex) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable vmnet::Mutex mu_;

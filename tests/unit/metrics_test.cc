@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 #include <future>
+#include <thread>
 
 #include "fake_kernel.h"
 #include "prometheus/text_serializer.h"
@@ -128,6 +130,28 @@ TEST_F(MetricsTest, TextExpositionHasHelpAndNoTimestamps) {
             std::string::npos);
   // A sample line is "name{labels} value" with no third (timestamp) field.
   EXPECT_EQ(text.find("} 1 "), std::string::npos);
+}
+
+// vmnet_drift_repairs_total{object}: each repair counts once, under the kind
+// of the object that was put back, and nowhere else.
+TEST_F(MetricsTest, DriftRepairsAreCountedByObjectKind) {
+  Attach("vm-1", "vme1a", "198.51.100.201");
+  for (const char* object : {"route", "proxy_neighbor", "address", "link"}) {
+    EXPECT_EQ(Value("vmnet_drift_repairs_total", {{"object", object}}), 0) << object;
+  }
+  kernel_.DeleteRoute(IpPrefix::Host(*IpAddress::Parse("198.51.100.201")));
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (Value("vmnet_drift_repairs_total", {{"object", "route"}}) < 1 &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  EXPECT_EQ(Value("vmnet_drift_repairs_total", {{"object", "route"}}), 1);
+  for (const char* object : {"proxy_neighbor", "address", "link", "neighbor"}) {
+    EXPECT_EQ(Value("vmnet_drift_repairs_total", {{"object", object}}), 0) << object;
+  }
+  EXPECT_EQ(Value("vmnet_kernel_writes_total", {{"object", "route"}, {"result", "ok"}}),
+            2)
+      << "the route written at attach and once more for the repair";
 }
 
 TEST(AnnouncerMetricsTest, ReadsTheAnnouncerCountersAtEachScrape) {
