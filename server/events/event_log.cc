@@ -1,6 +1,10 @@
 #include "vmnet/events/event_log.h"
 
+#include <algorithm>
+#include <optional>
+
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "grpc/slice.h"
 
 namespace vmnet {
@@ -49,22 +53,47 @@ v1::Vm ToProto(const VmView& vm) {
   return out;
 }
 
+// WatchResponse.events is field 1, length-delimited: the event's bytes
+// follow this tag and their length, as they would in a WatchResponse
+// serialized with that one event.
+constexpr uint8_t kEventsTag = (1 << 3) | 2;
+
 Event::Event(const v1::WatchEvent& event)
     : revision_(event.revision()), type_(event.type()), vm_id_(event.vm().vm_id()) {
+  using google::protobuf::io::CodedOutputStream;
   size_t size = event.ByteSizeLong();
-  grpc_slice slice = grpc_slice_malloc(size);
-  event.SerializeWithCachedSizesToArray(GRPC_SLICE_START_PTR(slice));
+  size_t header = 1 + CodedOutputStream::VarintSize32(static_cast<uint32_t>(size));
+  grpc_slice slice = grpc_slice_malloc(header + size);
+  uint8_t* out = GRPC_SLICE_START_PTR(slice);
+  *out++ = kEventsTag;
+  out = CodedOutputStream::WriteVarint32ToArray(static_cast<uint32_t>(size), out);
+  event.SerializeWithCachedSizesToArray(out);
   bytes_ = grpc::Slice(slice, grpc::Slice::STEAL_REF);
 }
 
 v1::WatchEvent Event::Parse() const {
-  v1::WatchEvent event;
-  event.ParseFromArray(bytes_.begin(), static_cast<int>(bytes_.size()));
-  return event;
+  v1::WatchResponse response;
+  response.ParseFromArray(bytes_.begin(), static_cast<int>(bytes_.size()));
+  if (response.events_size() != 1) return v1::WatchEvent();
+  return std::move(*response.mutable_events(0));
 }
 
-EventLog::EventLog(std::string epoch, size_t history)
-    : epoch_(std::move(epoch)), history_limit_(history) {}
+grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch) {
+  v1::WatchResponse response;
+  response.mutable_progress()->set_revision(revision);
+  response.mutable_progress()->set_epoch(epoch);
+  size_t size = response.ByteSizeLong();
+  grpc_slice slice = grpc_slice_malloc(size);
+  response.SerializeWithCachedSizesToArray(GRPC_SLICE_START_PTR(slice));
+  return grpc::Slice(slice, grpc::Slice::STEAL_REF);
+}
+
+EventLog::EventLog(std::string epoch, size_t history, Clock* clock)
+    : epoch_(std::move(epoch)),
+      history_limit_(history),
+      clock_(clock != nullptr ? clock : Clock::Real()) {}
+
+EventLog::~EventLog() { StopProgress(); }
 
 void EventLog::StartRevisionsAt(uint64_t first) {
   vmnet::MutexLock lock(&mu_);
@@ -89,11 +118,13 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
   } else {
     current_[vm.spec.vm_id] = shared;
   }
+  Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
   for (auto it = watchers_.begin(); it != watchers_.end();) {
-    if (Deliver(it->first, it->second, shared)) {
+    if (Deliver(it->first, it->second, shared, now)) {
       ++it;
     } else {
       Watcher* slow = it->first;
+      if (it->second.progress_interval.count() > 0) --progress_watchers_;
       it = watchers_.erase(it);
       slow->Close(absl::ResourceExhaustedError(absl::StrCat(
           "this watcher fell behind by more than its queue holds; resume with "
@@ -112,16 +143,19 @@ void EventLog::Seed(const VmView& vm) {
   current_[vm.spec.vm_id] = std::make_shared<const Event>(event);
 }
 
-bool EventLog::Deliver(Watcher* watcher, const Subscription& sub, const EventPtr& event) {
+bool EventLog::Deliver(Watcher* watcher, Subscription& sub, const EventPtr& event,
+                       Clock::TimePoint now) {
   if (!sub.vm_id.empty() && event->vm_id() != sub.vm_id) return true;
+  sub.last_push = now;
   return watcher->Push(event);
 }
 
 absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
-                                 uint64_t from_revision, bool initial_snapshot) {
+                                 uint64_t from_revision, bool initial_snapshot,
+                                 std::chrono::milliseconds progress_interval) {
   vmnet::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("vmnetd is shutting down; retry");
-  Subscription sub{vm_id};
+  Subscription sub{vm_id, progress_interval, {}};
   if (from_revision != 0) {
     uint64_t oldest = history_.empty() ? revision_ + 1 : history_.front()->revision();
     if (from_revision > revision_) {
@@ -131,8 +165,9 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
     }
     if (from_revision + 1 < oldest) {
       return absl::OutOfRangeError(absl::StrCat(
-          "from_revision: ", from_revision, " is older than the retained history (",
-          "oldest ", oldest, "); re-list with initial_snapshot"));
+          "from_revision: ", from_revision, " is compacted: the history before revision ",
+          oldest, " is gone (the oldest retained; epoch ", epoch_,
+          "); re-list with initial_snapshot"));
     }
   }
   if (initial_snapshot) {
@@ -158,20 +193,99 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
       watcher->PushBacklog(e);
     }
   }
+  if (progress_interval.count() > 0) {
+    sub.last_push = clock_->Now();
+    ++progress_watchers_;
+    if (!progress_thread_.joinable()) {
+      progress_thread_ = std::thread([this] { ProgressLoop(); });
+      clock_->AddWaker(this, [this] { WakeProgress(); });
+    }
+    WakeProgress();  // its first progress may be due before the next one
+  }
   watchers_[watcher] = std::move(sub);
   return absl::OkStatus();
 }
 
 void EventLog::Unsubscribe(Watcher* watcher) {
   vmnet::MutexLock lock(&mu_);
-  watchers_.erase(watcher);
+  auto it = watchers_.find(watcher);
+  if (it == watchers_.end()) return;
+  if (it->second.progress_interval.count() > 0) --progress_watchers_;
+  watchers_.erase(it);
 }
 
 void EventLog::CloseAll() {
-  vmnet::MutexLock lock(&mu_);
-  closed_ = true;
-  for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
-  watchers_.clear();
+  {
+    vmnet::MutexLock lock(&mu_);
+    closed_ = true;
+    for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
+    watchers_.clear();
+    progress_watchers_ = 0;
+  }
+  StopProgress();
+}
+
+Clock::TimePoint EventLog::OfferProgress(Clock::TimePoint now) {
+  Clock::TimePoint next = Clock::TimePoint::max();
+  std::optional<grpc::Slice> message;  // built once, for all who are due
+  for (auto& [watcher, sub] : watchers_) {
+    if (sub.progress_interval.count() <= 0) continue;
+    Clock::TimePoint due = sub.last_push + sub.progress_interval;
+    if (due <= now) {
+      if (!message) message = ProgressMessage(revision_, epoch_);
+      watcher->PushProgress(revision_, *message);
+      // Sent, or the watcher is busy writing: either way not idle now.
+      sub.last_push = now;
+      due = now + sub.progress_interval;
+    }
+    next = std::min(next, due);
+  }
+  return next;
+}
+
+void EventLog::ProgressLoop() {
+  for (;;) {
+    Clock::TimePoint now = clock_->Now();
+    Clock::TimePoint next;
+    {
+      vmnet::MutexLock lock(&mu_);
+      next = OfferProgress(now);
+    }
+    std::unique_lock lock(wake_mu_);
+    if (stop_) return;
+    if (!wake_) {
+      // The deadline is on `clock_`; a fake clock that jumps wakes us.
+      if (next == Clock::TimePoint::max()) {
+        wake_cv_.wait(lock, [&] { return wake_ || stop_; });
+      } else {
+        wake_cv_.wait_for(lock, next - now, [&] { return wake_ || stop_; });
+      }
+    }
+    if (stop_) return;
+    wake_ = false;
+  }
+}
+
+void EventLog::WakeProgress() {
+  std::lock_guard lock(wake_mu_);
+  wake_ = true;
+  wake_cv_.notify_one();
+}
+
+void EventLog::StopProgress() {
+  std::thread thread;
+  {
+    vmnet::MutexLock lock(&mu_);
+    thread = std::move(progress_thread_);
+  }
+  if (!thread.joinable()) return;
+  clock_->RemoveWaker(this);
+  {
+    std::lock_guard lock(wake_mu_);
+    stop_ = true;
+    wake_cv_.notify_one();
+  }
+  thread.join();
 }
 
 size_t EventLog::watcher_count() const {

@@ -183,7 +183,8 @@ class LabTestCase(unittest.TestCase):
 
     def watch(self, request):
         """A Watch stream read in the background, cancelled when the test ends."""
-        collector = EventCollector(self.client.stream(f"{SERVICE}/Watch", request))
+        collector = EventCollector(
+            self.client.stream(f"{SERVICE}/Watch", request, each="events"))
         self.addCleanup(collector.close)
         return collector
 
@@ -235,7 +236,7 @@ class ReflectionTest(LabTestCase):
         for method in ("AttachVm", "DetachVm", "ListArp", "ListRoutes", "Watch"):
             self.assertIn(f"rpc {method} ", text, f"`grpcurl describe {SERVICE}` lacks {method}:\n"
                                                    f"{text}")
-        self.assertIn("returns ( stream .vmnet.v1.WatchEvent )", text,
+        self.assertIn("returns ( stream .vmnet.v1.WatchResponse )", text,
                       f"Watch is not shown as server-streaming:\n{text}")
 
     def test_describe_message(self):
@@ -639,7 +640,8 @@ class RestartTest(LabTestCase):
 
     @classmethod
     def current_epoch(cls):
-        with cls.client.stream(f"{SERVICE}/Watch", {"initial_snapshot": True}, timeout=5) as s:
+        with cls.client.stream(f"{SERVICE}/Watch", {"initial_snapshot": True}, timeout=5,
+                               each="events") as s:
             return next(iter(s))["epoch"]
 
     def test_sigterm_exits_cleanly(self):

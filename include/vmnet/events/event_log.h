@@ -2,23 +2,35 @@
 // strictly increasing revision, a bounded history for resuming, the current
 // VMs for snapshots, and a bounded queue per watcher.
 //
-// Each event is serialized once, when it is published, and the bytes are
-// shared by the history and every watcher's queue: a fan-out to many watchers
-// copies pointers, and writing an event to a stream copies no bytes.
+// Each event is serialized once, when it is published, as a WatchResponse
+// holding that event alone, and the bytes are shared by the history and every
+// watcher's queue: a fan-out to many watchers copies pointers, and a Watch
+// stream writes several events as one message by concatenating their bytes
+// (concatenated protobuf messages are one message whose repeated fields are
+// joined), copying none.
+//
+// Progress: a watcher subscribed with a progress interval that has been sent
+// nothing for that long is offered a progress message by the log's progress
+// thread, which sleeps until the next one is due (no work in between). The
+// thread starts with the first such watcher.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "grpcpp/support/slice.h"
+#include "vmnet/base/clock.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/v1/vmnet.pb.h"
 #include "vmnet/vm/vm.h"
@@ -34,8 +46,10 @@ class Event {
   uint64_t revision() const { return revision_; }
   v1::EventType type() const { return type_; }
   const std::string& vm_id() const { return vm_id_; }
-  // The serialized WatchEvent (a reference-counted slice: a write refers to
-  // it, it does not copy it).
+  // The serialized WatchResponse holding this event alone (a
+  // reference-counted slice: a write refers to it, it does not copy it).
+  // Several events' bytes one after the other are the WatchResponse holding
+  // them all.
   const grpc::Slice& bytes() const { return bytes_; }
   // The message again, parsed from the bytes.
   v1::WatchEvent Parse() const;
@@ -67,11 +81,25 @@ class Watcher {
   virtual void PushBacklog(EventPtr event) = 0;
   // No more events will come, with the reason (OK on shutdown).
   virtual void Close(absl::Status status) = 0;
+  // The progress interval passed with nothing pushed: `message` is a
+  // serialized WatchResponse with progress at `revision`, to be sent only if
+  // the watcher is idle (nothing queued, nothing being written); a busy
+  // watcher ignores it. Every event up to `revision` the watcher selects was
+  // pushed before.
+  virtual void PushProgress(uint64_t revision, const grpc::Slice& message) {
+    (void)revision;
+    (void)message;
+  }
 };
+
+// The bytes of a WatchResponse with progress at `revision`.
+grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch);
 
 class EventLog : public VmObserver {
  public:
-  EventLog(std::string epoch, size_t history);
+  // `clock` (null: the real one) times progress messages.
+  EventLog(std::string epoch, size_t history, Clock* clock = nullptr);
+  ~EventLog() override;
 
   void StartRevisionsAt(uint64_t first) override;
   void Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
@@ -81,12 +109,16 @@ class EventLog : public VmObserver {
   // in between, pushes what it asked for first: the snapshot (every current
   // VM matching `vm_id`, then a snapshot-end event) and/or the retained
   // events after `from_revision`. OUT_OF_RANGE when that revision is older
-  // than the retained history.
-  absl::Status Subscribe(Watcher* watcher, const std::string& vm_id,
-                         uint64_t from_revision, bool initial_snapshot);
+  // than the retained history (compacted) or ahead of the current revision.
+  // With a `progress_interval` above zero, the watcher is offered a progress
+  // message whenever nothing was pushed to it for that long.
+  absl::Status Subscribe(
+      Watcher* watcher, const std::string& vm_id, uint64_t from_revision,
+      bool initial_snapshot,
+      std::chrono::milliseconds progress_interval = std::chrono::milliseconds(0));
   // After this returns, the log never touches `watcher` again.
   void Unsubscribe(Watcher* watcher);
-  // Ends every watcher with OK (shutdown).
+  // Ends every watcher with OK (shutdown), and the progress thread.
   void CloseAll();
 
   size_t watcher_count() const;
@@ -95,14 +127,32 @@ class EventLog : public VmObserver {
 
  private:
   struct Subscription {
-    std::string vm_id;  // filter; empty: all
+    std::string vm_id;                               // filter; empty: all
+    std::chrono::milliseconds progress_interval{0};  // 0: none
+    Clock::TimePoint last_push{};                    // of an event or a progress message
   };
-  bool Deliver(Watcher* watcher, const Subscription& sub, const EventPtr& event)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool Deliver(Watcher* watcher, Subscription& sub, const EventPtr& event,
+               Clock::TimePoint now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The progress thread: offers progress to the watchers due, sleeps until
+  // the next is due or WakeProgress.
+  void ProgressLoop();
+  // Offers progress to every watcher due at `now`; returns when the next is.
+  Clock::TimePoint OfferProgress(Clock::TimePoint now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WakeProgress();
+  void StopProgress();
 
   const std::string epoch_;
   const size_t history_limit_;
+  Clock* const clock_;
   mutable vmnet::Mutex mu_;
+  // Watchers with a progress interval: Publish reads the clock only then.
+  size_t progress_watchers_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread progress_thread_ ABSL_GUARDED_BY(mu_);
+  // The progress thread's sleep.
+  std::mutex wake_mu_;
+  std::condition_variable wake_cv_;
+  bool wake_ = false;  // guarded by wake_mu_
+  bool stop_ = false;  // guarded by wake_mu_
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
   // The current VMs by id, as their last event left them.
