@@ -632,7 +632,9 @@ constexpr size_t kMaxMessageBytes = 256 * 1024;
 // every other watcher, concatenated without a copy. So a reconcile pass that
 // published 40 events costs a watcher one or two messages, not 40: gRPC's
 // cost per message (a call batch, a pass through the transport, a
-// completion) is paid per batch.
+// completion) is paid per batch. A write is started by the log's sender
+// thread (Flush) or when the previous one is done (OnWriteDone), never on
+// the thread that publishes (the reconciler's).
 class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                            public Watcher {
  public:
@@ -661,8 +663,12 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     vmnet::MutexLock lock(&mu_);
     if (queue_.size() - backlog_ >= queue_limit_) return false;
     queue_.push_back(std::move(event));
+    return true;  // written from Flush, on the log's sender thread
+  }
+
+  void Flush() override {
+    vmnet::MutexLock lock(&mu_);
     MaybeWriteLocked();
-    return true;
   }
 
   void PushBacklog(EventPtr event) override {

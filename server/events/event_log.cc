@@ -93,7 +93,7 @@ EventLog::EventLog(std::string epoch, size_t history, Clock* clock)
       history_limit_(history),
       clock_(clock != nullptr ? clock : Clock::Real()) {}
 
-EventLog::~EventLog() { StopProgress(); }
+EventLog::~EventLog() { StopSender(); }
 
 void EventLog::StartRevisionsAt(uint64_t first) {
   vmnet::MutexLock lock(&mu_);
@@ -101,36 +101,51 @@ void EventLog::StartRevisionsAt(uint64_t first) {
 }
 
 void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& detail) {
-  vmnet::MutexLock lock(&mu_);
-  revision_ = vm.revision;
+  // Serialized before the lock: readers of the log wait only for the fan-out.
   v1::WatchEvent event;
-  event.set_revision(revision_);
+  event.set_revision(vm.revision);
   event.set_epoch(epoch_);
   event.set_type(ToProto(type));
   *event.mutable_vm() = ToProto(vm);
-  event.mutable_vm()->set_revision(revision_);
   event.set_detail(detail);
   auto shared = std::make_shared<const Event>(event);
-  history_.push_back(shared);
-  if (history_.size() > history_limit_) history_.pop_front();
-  if (type == VmEventType::kRemoved) {
-    current_.erase(vm.spec.vm_id);
-  } else {
-    current_[vm.spec.vm_id] = shared;
-  }
-  Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
-  for (auto it = watchers_.begin(); it != watchers_.end();) {
-    if (Deliver(it->first, it->second, shared, now)) {
-      ++it;
+  std::vector<Watcher*> pushed;
+  {
+    vmnet::MutexLock lock(&mu_);
+    revision_ = vm.revision;
+    history_.push_back(shared);
+    if (history_.size() > history_limit_) history_.pop_front();
+    if (type == VmEventType::kRemoved) {
+      current_.erase(vm.spec.vm_id);
     } else {
-      Watcher* slow = it->first;
-      if (it->second.progress_interval.count() > 0) --progress_watchers_;
-      it = watchers_.erase(it);
+      current_[vm.spec.vm_id] = shared;
+    }
+    Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
+    pushed.reserve(watchers_.size());
+    for (auto it = watchers_.begin(); it != watchers_.end();) {
+      auto current = it++;
+      Subscription& sub = current->second;
+      if (!sub.vm_id.empty() && shared->vm_id() != sub.vm_id) continue;
+      sub.last_push = now;
+      if (current->first->Push(shared)) {
+        pushed.push_back(current->first);
+        continue;
+      }
+      Watcher* slow = current->first;
+      if (sub.progress_interval.count() > 0) --progress_watchers_;
+      watchers_.erase(current);
       slow->Close(absl::ResourceExhaustedError(absl::StrCat(
           "this watcher fell behind by more than its queue holds; resume with "
           "from_revision set to the last revision received")));
     }
   }
+  if (pushed.empty()) return;
+  // The sender thread starts the writes: a gRPC write is not started on the
+  // publishing (reconciler) thread, and what it publishes meanwhile goes out
+  // in the same messages.
+  std::lock_guard lock(wake_mu_);
+  for (Watcher* w : pushed) flush_.insert(w);
+  wake_cv_.notify_one();
 }
 
 void EventLog::Seed(const VmView& vm) {
@@ -141,13 +156,6 @@ void EventLog::Seed(const VmView& vm) {
   event.set_type(v1::EVENT_TYPE_SNAPSHOT);
   *event.mutable_vm() = ToProto(vm);
   current_[vm.spec.vm_id] = std::make_shared<const Event>(event);
-}
-
-bool EventLog::Deliver(Watcher* watcher, Subscription& sub, const EventPtr& event,
-                       Clock::TimePoint now) {
-  if (!sub.vm_id.empty() && event->vm_id() != sub.vm_id) return true;
-  sub.last_push = now;
-  return watcher->Push(event);
 }
 
 absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
@@ -193,20 +201,26 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
       watcher->PushBacklog(e);
     }
   }
+  if (!sender_.joinable()) {
+    sender_ = std::thread([this] { SenderLoop(); });
+    clock_->AddWaker(this, [this] { WakeSender(); });
+  }
   if (progress_interval.count() > 0) {
     sub.last_push = clock_->Now();
     ++progress_watchers_;
-    if (!progress_thread_.joinable()) {
-      progress_thread_ = std::thread([this] { ProgressLoop(); });
-      clock_->AddWaker(this, [this] { WakeProgress(); });
-    }
-    WakeProgress();  // its first progress may be due before the next one
+    WakeSender();  // its first progress may be due before the next one
   }
   watchers_[watcher] = std::move(sub);
   return absl::OkStatus();
 }
 
 void EventLog::Unsubscribe(Watcher* watcher) {
+  // Waits for a flush round in progress, which may be flushing `watcher`.
+  vmnet::MutexLock round(&round_mu_);
+  {
+    std::lock_guard lock(wake_mu_);
+    flush_.erase(watcher);
+  }
   vmnet::MutexLock lock(&mu_);
   auto it = watchers_.find(watcher);
   if (it == watchers_.end()) return;
@@ -222,7 +236,7 @@ void EventLog::CloseAll() {
     watchers_.clear();
     progress_watchers_ = 0;
   }
-  StopProgress();
+  StopSender();
 }
 
 Clock::TimePoint EventLog::OfferProgress(Clock::TimePoint now) {
@@ -243,40 +257,52 @@ Clock::TimePoint EventLog::OfferProgress(Clock::TimePoint now) {
   return next;
 }
 
-void EventLog::ProgressLoop() {
+void EventLog::SenderLoop() {
+  Clock::TimePoint next_progress = Clock::TimePoint::min();
   for (;;) {
-    Clock::TimePoint now = clock_->Now();
-    Clock::TimePoint next;
     {
+      // The watchers pushed to since the last round start their writes.
+      vmnet::MutexLock round(&round_mu_);
+      absl::flat_hash_set<Watcher*> flush;
+      {
+        std::lock_guard lock(wake_mu_);
+        flush.swap(flush_);
+      }
+      for (Watcher* w : flush) w->Flush();
+    }
+    Clock::TimePoint now = clock_->Now();
+    if (now >= next_progress || progress_recheck_.exchange(false)) {
       vmnet::MutexLock lock(&mu_);
-      next = OfferProgress(now);
+      next_progress =
+          progress_watchers_ > 0 ? OfferProgress(now) : Clock::TimePoint::max();
     }
     std::unique_lock lock(wake_mu_);
-    if (stop_) return;
-    if (!wake_) {
+    auto woken = [&] { return wake_ || stop_ || !flush_.empty(); };
+    if (!woken()) {
       // The deadline is on `clock_`; a fake clock that jumps wakes us.
-      if (next == Clock::TimePoint::max()) {
-        wake_cv_.wait(lock, [&] { return wake_ || stop_; });
+      if (next_progress == Clock::TimePoint::max()) {
+        wake_cv_.wait(lock, woken);
       } else {
-        wake_cv_.wait_for(lock, next - now, [&] { return wake_ || stop_; });
+        wake_cv_.wait_for(lock, next_progress - now, woken);
       }
     }
     if (stop_) return;
+    if (wake_) progress_recheck_ = true;
     wake_ = false;
   }
 }
 
-void EventLog::WakeProgress() {
+void EventLog::WakeSender() {
   std::lock_guard lock(wake_mu_);
   wake_ = true;
   wake_cv_.notify_one();
 }
 
-void EventLog::StopProgress() {
+void EventLog::StopSender() {
   std::thread thread;
   {
     vmnet::MutexLock lock(&mu_);
-    thread = std::move(progress_thread_);
+    thread = std::move(sender_);
   }
   if (!thread.joinable()) return;
   clock_->RemoveWaker(this);

@@ -26,6 +26,8 @@ class QueueWatcher : public Watcher {
     vmnet::MutexLock lock(&mu);
     progress.push_back({revision, parsed});
   }
+  void Flush() override { flushes++; }
+  std::atomic<int> flushes{0};
   size_t progress_count() {
     vmnet::MutexLock lock(&mu);
     return progress.size();
@@ -202,6 +204,23 @@ TEST(EventLogTest, ProgressCountsIdleTimeFromTheLastEvent) {
   ASSERT_TRUE(WaitFor([&] { return idle.progress_count() == 1; }));
   log.Unsubscribe(&idle);
   log.Unsubscribe(&filtered);
+}
+
+// Writes start on the sender thread: a Push is followed by a Flush, and a
+// watcher pushed nothing is not flushed.
+TEST(EventLogTest, PushedWatchersAreFlushed) {
+  EventLog log("e", 10);
+  QueueWatcher a, b;
+  ASSERT_TRUE(log.Subscribe(&a, "a", 0, false).ok());
+  ASSERT_TRUE(log.Subscribe(&b, "b", 0, false).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  ASSERT_TRUE(WaitFor([&] { return a.flushes.load() >= 1; }));
+  Publish(log, VmEventType::kAdded, Vm("b"), "");
+  ASSERT_TRUE(WaitFor([&] { return b.flushes.load() >= 1; }));
+  EXPECT_EQ(a.events.size(), 1u);
+  log.Unsubscribe(&a);
+  log.Unsubscribe(&b);
+  EXPECT_EQ(a.flushes.load(), 1);  // b's round came after a's, and did not flush a
 }
 
 TEST(EventLogTest, TooOldSaysCompacted) {

@@ -9,14 +9,18 @@
 // (concatenated protobuf messages are one message whose repeated fields are
 // joined), copying none.
 //
-// Progress: a watcher subscribed with a progress interval that has been sent
-// nothing for that long is offered a progress message by the log's progress
-// thread, which sleeps until the next one is due (no work in between). The
-// thread starts with the first such watcher.
+// The log's sender thread (started with the first watcher) does two things
+// for the watchers: after events were pushed to them, it calls Flush so that
+// they start their writes (not on the publishing thread, which goes on
+// publishing: what it publishes meanwhile goes out in the same messages);
+// and a watcher subscribed with a progress interval that has been sent
+// nothing for that long is offered a progress message. Between the two it
+// sleeps until woken or the next progress is due: idle watchers cost no work.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -27,6 +31,7 @@
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "grpcpp/support/slice.h"
@@ -71,9 +76,13 @@ v1::Vm ToProto(const VmView& vm);
 class Watcher {
  public:
   virtual ~Watcher() = default;
-  // A live event. Returns false when the watcher's queue is full: the log
-  // then drops the watcher and calls Close with RESOURCE_EXHAUSTED.
+  // A live event, queued. Returns false when the watcher's queue is full:
+  // the log then drops the watcher and calls Close with RESOURCE_EXHAUSTED.
+  // Flush follows, from the log's sender thread.
   virtual bool Push(EventPtr event) = 0;
+  // Start sending what is queued (the log's sender thread calls it, not
+  // under the log's lock, after Push).
+  virtual void Flush() {}
   // The snapshot and the replay at subscription: always taken. They are
   // bounded by the VM count and the retained history, and must fit whatever
   // the live queue's size, or a watcher cut off for being slow could never
@@ -118,7 +127,7 @@ class EventLog : public VmObserver {
       std::chrono::milliseconds progress_interval = std::chrono::milliseconds(0));
   // After this returns, the log never touches `watcher` again.
   void Unsubscribe(Watcher* watcher);
-  // Ends every watcher with OK (shutdown), and the progress thread.
+  // Ends every watcher with OK (shutdown), and the sender thread.
   void CloseAll();
 
   size_t watcher_count() const;
@@ -131,15 +140,13 @@ class EventLog : public VmObserver {
     std::chrono::milliseconds progress_interval{0};  // 0: none
     Clock::TimePoint last_push{};                    // of an event or a progress message
   };
-  bool Deliver(Watcher* watcher, Subscription& sub, const EventPtr& event,
-               Clock::TimePoint now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The progress thread: offers progress to the watchers due, sleeps until
-  // the next is due or WakeProgress.
-  void ProgressLoop();
+  // The sender thread: flushes the watchers pushed to, offers progress to
+  // the watchers due, sleeps until the next is due or it is woken.
+  void SenderLoop();
   // Offers progress to every watcher due at `now`; returns when the next is.
   Clock::TimePoint OfferProgress(Clock::TimePoint now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void WakeProgress();
-  void StopProgress();
+  void WakeSender();
+  void StopSender();
 
   const std::string epoch_;
   const size_t history_limit_;
@@ -147,17 +154,22 @@ class EventLog : public VmObserver {
   mutable vmnet::Mutex mu_;
   // Watchers with a progress interval: Publish reads the clock only then.
   size_t progress_watchers_ ABSL_GUARDED_BY(mu_) = 0;
-  std::thread progress_thread_ ABSL_GUARDED_BY(mu_);
-  // The progress thread's sleep.
+  std::thread sender_ ABSL_GUARDED_BY(mu_);
+  // Held by the sender while it flushes, and by Unsubscribe: once
+  // Unsubscribe returns, no flush of that watcher is running or to come.
+  vmnet::Mutex round_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  // The sender's work and sleep.
   std::mutex wake_mu_;
   std::condition_variable wake_cv_;
-  bool wake_ = false;  // guarded by wake_mu_
-  bool stop_ = false;  // guarded by wake_mu_
+  absl::flat_hash_set<Watcher*> flush_;  // guarded by wake_mu_
+  bool wake_ = false;                    // guarded by wake_mu_
+  bool stop_ = false;                    // guarded by wake_mu_
+  std::atomic<bool> progress_recheck_{false};
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
   // The current VMs by id, as their last event left them.
   std::map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
-  std::map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
