@@ -31,6 +31,7 @@
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
@@ -167,8 +168,9 @@ class EventLog : public VmObserver {
   std::atomic<bool> progress_recheck_{false};
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
-  // The current VMs by id, as their last event left them.
-  std::map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
+  // The current VMs by id, as their last event left them (a B-tree: sorted
+  // for snapshots, without a node per VM).
+  absl::btree_map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
