@@ -587,7 +587,7 @@ class Client {
     if (!Option(args_, "progress-interval").empty()) {
       double seconds = 0;
       if (!absl::SimpleAtod(Option(args_, "progress-interval"), &seconds) ||
-          !(seconds >= 0) || seconds > 3600) {
+          !(seconds == 0 || (seconds >= 0.1 && seconds <= 3600))) {
         return Usage("--progress-interval: give seconds, from 0.1 to 3600 (0: none)");
       }
       auto nanos = static_cast<int64_t>(seconds * 1e9 + 0.5);
