@@ -10,7 +10,8 @@
 // and in place (response headers received) before the first attach; each
 // must see a VM_ADDED event for every attached VM with strictly consecutive
 // revisions. A watcher ended with RESOURCE_EXHAUSTED (it fell behind) resumes
-// from the last revision it saw; resumes are counted and reported.
+// from the last revision it saw; resumes are counted and reported, and so are
+// the Watch messages (each carries one or more events).
 //
 // Prints one JSON object on stdout; exit status 0 when every attach was
 // programmed and every watcher saw every event, 1 otherwise.
@@ -48,6 +49,7 @@ using v1::AttachVmRequest;
 using v1::AttachVmResponse;
 using v1::VmNetwork;
 using v1::WatchEvent;
+using v1::WatchResponse;
 
 // Counts, guarded by one mutex; the calls are few enough (one lock per
 // answer) that this costs nothing next to the RPC.
@@ -195,12 +197,13 @@ class Watcher {
   int duplicates() const { return duplicates_; }
   int gaps() const { return gaps_; }
   int resumes() const { return resumes_; }
+  int64_t messages() const { return messages_; }
   int64_t other_events() const { return other_events_; }
   double complete_at() const { return complete_at_; }
   std::string end_status() const { return end_status_; }
 
  private:
-  class Stream : public grpc::ClientReadReactor<WatchEvent> {
+  class Stream : public grpc::ClientReadReactor<WatchResponse> {
    public:
     Stream(Watcher* owner, uint64_t from_revision) : owner_(owner) {
       request_.set_from_revision(from_revision);
@@ -211,15 +214,15 @@ class Watcher {
       // the stream at once; WaitInPlace bounds the wait.
       context_.set_wait_for_ready(true);
       stub->async()->Watch(&context_, &request_, this);
-      StartRead(&event_);
+      StartRead(&response_);
       StartCall();
     }
     void Cancel() { context_.TryCancel(); }
     void OnReadInitialMetadataDone(bool ok) override { owner_->OnInPlace(ok); }
     void OnReadDone(bool ok) override {
       if (!ok) return;  // OnDone follows
-      owner_->OnEvent(event_);
-      StartRead(&event_);
+      owner_->OnMessage(response_);
+      StartRead(&response_);
     }
     void OnDone(const grpc::Status& status) override { owner_->OnStreamDone(status); }
 
@@ -227,7 +230,7 @@ class Watcher {
     Watcher* owner_;
     grpc::ClientContext context_;
     v1::WatchRequest request_;
-    WatchEvent event_;
+    WatchResponse response_;
   };
 
   // Called without mu_ held: starting a call may run its callbacks inline.
@@ -247,8 +250,13 @@ class Watcher {
     cv_.notify_all();
   }
 
-  void OnEvent(const WatchEvent& e) {
+  void OnMessage(const WatchResponse& message) {
     std::lock_guard lock(mu_);
+    ++messages_;
+    for (const WatchEvent& e : message.events()) OnEventLocked(e);
+  }
+
+  void OnEventLocked(const WatchEvent& e) {
     if (last_revision_ != 0 && e.revision() != last_revision_ + 1) ++gaps_;
     if (e.revision() > last_revision_) last_revision_ = e.revision();
     if (e.type() != v1::EVENT_TYPE_VM_ADDED) {
@@ -307,6 +315,7 @@ class Watcher {
   int duplicates_ = 0;
   int gaps_ = 0;
   int resumes_ = 0;
+  int64_t messages_ = 0;
   int64_t other_events_ = 0;
   double complete_at_ = 0;
   std::string end_status_;
@@ -385,7 +394,7 @@ int Main() {
   if (!watchers.empty()) {
     double deadline = Now() + absl::GetFlag(FLAGS_watch_timeout_s);
     int complete = 0, gaps = 0, duplicates = 0, resumes = 0;
-    int64_t other = 0;
+    int64_t other = 0, messages = 0;
     double last_complete = 0;
     int min_added = count;
     std::string failed_status;
@@ -403,6 +412,7 @@ int Main() {
       duplicates += w->duplicates();
       resumes += w->resumes();
       other += w->other_events();
+      messages += w->messages();
       min_added = std::min(min_added, w->added());
     }
     result.Add("watchers_complete", complete)
@@ -411,6 +421,7 @@ int Main() {
         .Add("watch_duplicates", duplicates)
         .Add("watch_resumes", resumes)
         .Add("watch_other_events", other)
+        .Add("watch_messages", messages)
         .Add("watch_first_failure", failed_status)
         .Add("watch_all_seen_s",
              complete == watcher_count ? last_complete - start : -1.0);

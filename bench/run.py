@@ -33,6 +33,8 @@ with its baseline in the same run:
   /metrics        scrape time  vs  prometheus-node-exporter (netdev collector only) in host a
   memory          (RSS with N VMs - RSS empty) / N, after the storm and at its high-water mark
   Watch fan-out   attach storm time with 100 watchers / without; every watcher sees every event
+  idle watchers   then (host c, N VMs, no changes) 100 idle Watch streams with progress every
+                  1 s: the agent's RSS per stream, and its CPU with them vs without
   ListRoutes/Arp  every page of 1000  vs  `ip route show` / `ip neigh show proxy`
   GetVm           p99 latency of GetVm on VM N (attached first), one call in flight on its own
                   connection, 1 ms between calls, during the N-VM attach storm  vs  the same
@@ -99,7 +101,9 @@ GETVM_GAP_US = 1000  # the GetVm loop's pause between an answer and the next cal
 GETVM_CONTROL = "health"  # the loop alternates GetVm with grpc.health.v1.Health/Check
 SKIPPED = 77  # exit status when the lab cannot be built here (CTest SKIP_RETURN_CODE)
 TOOLS = ("vmnet_attach_storm", "vmnet_getvm_latency", "vmnet_list_pages", "vmnet_wait_serving",
-         "vmnet_drift_repair")
+         "vmnet_drift_repair", "vmnet_idle_watchers")
+IDLE_WATCHERS = 100  # idle Watch streams held after the watched storm (host c)
+IDLE_PROGRESS_MS = 1000  # their progress_interval
 # --only: the phases, each in hosts of its own (see Bench.run).
 PHASES = ("baseline", "watch", "getvm", "agent", "portsec")
 # The port-security phase's forwarding row: the one VM that traffic is sent to (iperf3 from X),
@@ -1035,7 +1039,59 @@ class Bench:
     def watch_fanout(self, agent):
         agent.start()
         self.storm(agent, 100, "storm_watched")
+        self.idle_watchers(agent)
         agent.stop()
+
+    def idle_watchers(self, agent):
+        """After the watched storm (N VMs, no changes): the agent's CPU over `hold` seconds
+        alone, then with IDLE_WATCHERS idle Watch streams (progress every IDLE_PROGRESS_MS),
+        and its RSS before and after they opened."""
+        hold = 3.0 if self.args.quick else 10.0
+        time.sleep(3.0)  # the storm's announcements are over
+        cpu = agent.cpu_seconds()
+        time.sleep(hold)
+        result = {"hold_s": hold, "agent_cpu_alone_s": agent.cpu_seconds() - cpu,
+                  "rss_before_kib": agent.rss_kib()}
+        stop_file = os.path.join(self.workdir, "idle-stop")
+        ready_file = os.path.join(self.workdir, "idle-ready")
+        process = self.lab.spawn(
+            [self.tools["vmnet_idle_watchers"], f"--target={agent.target}",
+             f"--watchers={IDLE_WATCHERS}", f"--progress_interval_ms={IDLE_PROGRESS_MS}",
+             f"--ready_file={ready_file}", f"--stop_file={stop_file}", "--duration_s=120"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 40
+            while not os.path.exists(ready_file):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("idle watchers: vmnet_idle_watchers did not get its "
+                                     f"streams in place: {process.stderr.read()[:600]}")
+                time.sleep(0.01)
+            time.sleep(1.0)  # the streams' set-up is over
+            result["rss_with_kib"] = agent.rss_kib()
+            cpu = agent.cpu_seconds()
+            time.sleep(hold)
+            result["agent_cpu_with_s"] = agent.cpu_seconds() - cpu
+        finally:
+            with open(stop_file, "w"):
+                pass
+        out, err = process.communicate(timeout=60)
+        if process in self.lab.processes:
+            self.lab.processes.remove(process)
+        try:
+            result.update(json.loads(out.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            raise BenchError(f"idle watchers: no JSON from vmnet_idle_watchers: {err[:600]}")
+        result["rss_per_watcher_kib"] = ((result["rss_with_kib"] - result["rss_before_kib"]) /
+                                         IDLE_WATCHERS)
+        result["cpu_per_watcher_ms_per_s"] = (
+            (result["agent_cpu_with_s"] - result["agent_cpu_alone_s"]) * 1000 /
+            IDLE_WATCHERS / hold)
+        self.results["idle_watchers"] = result
+        self.check(result["ok"], f"idle watchers: {json.dumps(result)[:600]}")
+        log(f"idle watchers: {IDLE_WATCHERS} streams, RSS +{result['rss_per_watcher_kib']:.1f} "
+            f"KiB each; agent CPU over {hold:.0f} s: {result['agent_cpu_alone_s']:.3f} s alone, "
+            f"{result['agent_cpu_with_s']:.3f} s with them; "
+            f"{result['progress_messages']} progress messages")
 
     def getvm_loop(self, agent, vm_id, name, seconds=None, stop_file=None, ready_file=None):
         """Starts vmnet_getvm_latency on `vm_id` (GetVm in a closed loop, one call in flight,
@@ -1613,10 +1669,10 @@ def table(r):
     if "memory" in r and "per_vm_after_storm_kib" in r["memory"]:
         m = r["memory"]
         add("memory per VM, after the storm (KiB)", f"{m['per_vm_after_storm_kib']:.2f}",
-            "none", None, "<= 2 KiB", m["per_vm_after_storm_kib"] <= 2.0)
+            "none", None, "<= 1.5 KiB", m["per_vm_after_storm_kib"] <= 1.5)
         high = max(v for k, v in m.items() if k.startswith("per_vm_"))
-        add("memory per VM, high-water (KiB)", f"{high:.2f}", "none", None, "<= 2 KiB",
-            high <= 2.0)
+        add("memory per VM, high-water (KiB)", f"{high:.2f}", "none", None, "<= 1.5 KiB",
+            high <= 1.5)
     if "storm_watched" in r:
         w = r["storm_watched"]
         v = ratio(w["wall_s"], s["wall_s"]) if s else None
@@ -1627,6 +1683,15 @@ def table(r):
              f"{w['wall_s']:.3f} with; ") +
             f"{w.get('watchers_complete')}/{w['watchers']} saw all", "none", v,
             "<= 1.10, every event", None if v is None else v <= 1.10 and all_seen)
+    if "idle_watchers" in r:
+        iw = r["idle_watchers"]
+        add(f"idle Watch streams, {iw['watchers']}, progress every "
+            f"{iw['progress_interval_ms'] / 1000:g} s: agent memory per stream (KiB)",
+            f"{iw['rss_per_watcher_kib']:.1f}", "none", None, "<= 32 KiB",
+            iw["rss_per_watcher_kib"] <= 32)
+        add(f"  agent CPU over {iw['hold_s']:g} s with {n} VMs: with the streams / alone (s)",
+            f"{iw['agent_cpu_with_s']:.3f}", f"{iw['agent_cpu_alone_s']:.3f} (alone)",
+            ratio(iw["agent_cpu_with_s"], iw["agent_cpu_alone_s"]), "~0 added", None)
     for key, name, base in (("list_routes", "ListRoutes", "ip route show"),
                             ("list_arp", "ListArp", "ip neigh show proxy")):
         if key not in r:
@@ -1672,7 +1737,8 @@ def details(r):
         lines.append(
             f"storm with watchers: vmnetd CPU {w['agent_cpu_s']:.2f} s, client CPU "
             f"{w['client_cpu_s']:.2f} s (the 100 watchers run in the client), resumes "
-            f"{w.get('watch_resumes')}, revision gaps {w.get('watch_revision_gaps')}, last "
+            f"{w.get('watch_resumes')}, revision gaps {w.get('watch_revision_gaps')}, Watch "
+            f"messages {w.get('watch_messages')} for {w['watchers']} x {w['count']} events, last "
             f"watcher complete {w.get('watch_all_seen_s', -1):.3f} s after the storm began")
     if m:
         lines.append("memory: RSS " + ", ".join(f"{v} KiB {k[4:-4].replace('_', ' ')}"

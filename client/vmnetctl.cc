@@ -66,8 +66,10 @@ Commands:
   routes [--interface IF] [--vm VM_ID] [--family ipv4|ipv6|all]
                    The host's main routing table, like `ip route` (IPv4 by
                    default, as `ip route`; ipv6 as `ip -6 route`).
-  watch [--vm VM_ID] [--from-revision N] [--snapshot]
-                   Follow VM changes, one line per event.
+  watch [--vm VM_ID] [--from-revision N] [--snapshot] [--progress-interval S]
+                   Follow VM changes, one line per event; with
+                   --progress-interval, a line "REVISION PROGRESS" whenever
+                   nothing happened for S seconds.
   health           The agent's health (SERVING once its first sync is done).
 
 Options:
@@ -394,7 +396,8 @@ class Client {
     auto [begin, end] = args_.options.equal_range("ip");
     for (auto it = begin; it != end; ++it) request.add_ip_addresses(it->second);
     auto [first, last] = args_.options.equal_range("allow-source");
-    for (auto it = first; it != last; ++it) request.add_allowed_source_prefixes(it->second);
+    for (auto it = first; it != last; ++it)
+      request.add_allowed_source_prefixes(it->second);
     request.set_mac_address(Option(args_, "mac"));
     for (const char* name : {"ingress-bps", "egress-bps", "burst-bytes"}) {
       if (!Has(args_, name)) continue;
@@ -608,7 +611,9 @@ class Client {
   }
 
   int Watch() {
-    if (auto e = CheckOptions(args_, {"vm", "from-revision", "snapshot"}); !e.empty()) {
+    if (auto e =
+            CheckOptions(args_, {"vm", "from-revision", "snapshot", "progress-interval"});
+        !e.empty()) {
       return Usage(e);
     }
     vmnet::v1::WatchRequest request;
@@ -620,23 +625,46 @@ class Client {
     }
     request.set_from_revision(from);
     request.set_initial_snapshot(Has(args_, "snapshot"));
+    if (!Option(args_, "progress-interval").empty()) {
+      double seconds = 0;
+      if (!absl::SimpleAtod(Option(args_, "progress-interval"), &seconds) ||
+          !(seconds == 0 || (seconds >= 0.1 && seconds <= 3600))) {
+        return Usage("--progress-interval: give seconds, from 0.1 to 3600 (0: none)");
+      }
+      auto nanos = static_cast<int64_t>(seconds * 1e9 + 0.5);
+      request.mutable_progress_interval()->set_seconds(nanos / 1'000'000'000);
+      request.mutable_progress_interval()->set_nanos(
+          static_cast<int32_t>(nanos % 1'000'000'000));
+    }
     grpc::ClientContext context;
     Prepare(&context, /*deadline=*/false);
     auto reader = stub_->Watch(&context, request);
-    vmnet::v1::WatchEvent event;
-    while (reader->Read(&event)) {
-      if (args_.output == "json") {
-        std::cout << Json(event) << std::endl;
-        continue;
+    // Each message carries one or more events (or is a progress message):
+    // one line per event, as before the messages were batched.
+    vmnet::v1::WatchResponse response;
+    while (reader->Read(&response)) {
+      if (response.has_progress()) {
+        if (args_.output == "json") {
+          std::cout << Json(response) << std::endl;
+        } else {
+          std::cout << response.progress().revision() << " PROGRESS" << std::endl;
+        }
       }
-      std::string type = vmnet::v1::EventType_Name(event.type());
-      if (absl::StartsWith(type, "EVENT_TYPE_")) type = type.substr(11);
-      std::cout << event.revision() << " " << type;
-      if (event.has_vm()) {
-        std::cout << " " << event.vm().vm_id() << " " << StateName(event.vm().state());
+      for (const vmnet::v1::WatchEvent& event : response.events()) {
+        if (args_.output == "json") {
+          std::cout << Json(event) << "\n";
+          continue;
+        }
+        std::string type = vmnet::v1::EventType_Name(event.type());
+        if (absl::StartsWith(type, "EVENT_TYPE_")) type = type.substr(11);
+        std::cout << event.revision() << " " << type;
+        if (event.has_vm()) {
+          std::cout << " " << event.vm().vm_id() << " " << StateName(event.vm().state());
+        }
+        if (!event.detail().empty()) std::cout << " " << event.detail();
+        std::cout << "\n";
       }
-      if (!event.detail().empty()) std::cout << " " << event.detail();
-      std::cout << std::endl;
+      std::cout << std::flush;
     }
     grpc::Status status = reader->Finish();
     return status.ok() ? kExitOk : Error(status);

@@ -629,26 +629,39 @@ void VmNetworkService::ServeListRoutes(UnaryCall* call,
 
 namespace {
 
+// A Watch message holds as many queued events as fit in this many bytes (at
+// least one): a burst or a snapshot goes out in a few messages, each far
+// below gRPC's default 4 MiB receive limit.
+constexpr size_t kMaxMessageBytes = 256 * 1024;
+
 // One Watch stream: a bounded queue filled by the event log, drained by one
-// write in flight at a time. A write refers to the event's bytes, shared with
-// every other watcher. While more events are queued, writes carry the buffer
-// hint, so that what a reconcile pass published goes out in a few frames and
-// system calls rather than one per event.
+// write in flight at a time. Each write is one WatchResponse made of every
+// event queued (up to kMaxMessageBytes): the events' bytes, shared with
+// every other watcher, concatenated without a copy. So a reconcile pass that
+// published 40 events costs a watcher one or two messages, not 40: gRPC's
+// cost per message (a call batch, a pass through the transport, a
+// completion) is paid per batch. A write is started by the log's sender
+// thread (Flush) or when the previous one is done (OnWriteDone), never on
+// the thread that publishes (the reconciler's).
 class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                            public Watcher {
  public:
   WatchReactor(EventLog* log, RequestStats* stats, size_t queue_limit)
       : log_(log), stats_(stats), queue_limit_(queue_limit) {}
 
-  void Begin(const v1::WatchRequest& request) {
-    absl::Status s = log_->Subscribe(this, request.vm_id(), request.from_revision(),
-                                     request.initial_snapshot());
-    if (!s.ok()) {
+  void Begin(const v1::WatchRequest& request, std::chrono::milliseconds progress) {
+    {
       vmnet::MutexLock lock(&mu_);
+      subscribing_ = true;  // events pushed meanwhile wait for the headers
+    }
+    absl::Status s = log_->Subscribe(this, request.vm_id(), request.from_revision(),
+                                     request.initial_snapshot(), progress);
+    vmnet::MutexLock lock(&mu_);
+    subscribing_ = false;
+    if (!s.ok()) {
       FinishLocked(ToGrpc(s));
       return;
     }
-    vmnet::MutexLock lock(&mu_);
     // Headers tell the client the watch is in place before any event.
     if (!finished_) StartSendInitialMetadata();
     MaybeWriteLocked();
@@ -658,14 +671,28 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     vmnet::MutexLock lock(&mu_);
     if (queue_.size() - backlog_ >= queue_limit_) return false;
     queue_.push_back(std::move(event));
+    return true;  // written from Flush, on the log's sender thread
+  }
+
+  void Flush() override {
+    vmnet::MutexLock lock(&mu_);
     MaybeWriteLocked();
-    return true;
   }
 
   void PushBacklog(EventPtr event) override {
     vmnet::MutexLock lock(&mu_);
     queue_.push_back(std::move(event));
     ++backlog_;  // called only before any live event is queued
+  }
+
+  void PushProgress(uint64_t, const grpc::Slice& message) override {
+    vmnet::MutexLock lock(&mu_);
+    if (writing_ || finished_ || closing_ || subscribing_ || !queue_.empty()) {
+      return;  // not idle
+    }
+    current_ = grpc::ByteBuffer(&message, 1);
+    writing_ = true;
+    StartWrite(&current_);
   }
 
   void Close(absl::Status status) override {
@@ -702,16 +729,23 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
 
  private:
   void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_) return;
+    if (writing_ || finished_ || subscribing_) return;
     if (!queue_.empty()) {
-      current_ = grpc::ByteBuffer(&queue_.front()->bytes(), 1);
-      queue_.pop_front();
-      if (backlog_ > 0) --backlog_;
+      slices_.clear();
+      size_t bytes = 0;
+      while (!queue_.empty() &&
+             (slices_.empty() ||
+              bytes + queue_.front()->bytes().size() <= kMaxMessageBytes)) {
+        bytes += queue_.front()->bytes().size();
+        slices_.push_back(queue_.front()->bytes());
+        queue_.pop_front();
+      }
+      backlog_ -= std::min(backlog_, slices_.size());
+      // The buffer refers to the slices (a reference each), not a copy.
+      current_ = grpc::ByteBuffer(slices_.data(), slices_.size());
+      slices_.clear();
       writing_ = true;
-      // The last queued event goes without the hint: it flushes the others.
-      grpc::WriteOptions options;
-      if (!queue_.empty()) options.set_buffer_hint();
-      StartWrite(&current_, options);
+      StartWrite(&current_);
       return;
     }
     if (closing_) FinishLocked(close_status_);
@@ -729,13 +763,36 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   const size_t queue_limit_;
   vmnet::Mutex mu_;
   std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
-  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;        // snapshot/replay events at the front
+  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;  // snapshot/replay events at the front
+  std::vector<grpc::Slice> slices_ ABSL_GUARDED_BY(mu_);  // the next message's parts
   grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool subscribing_ ABSL_GUARDED_BY(mu_) = false;
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status close_status_ ABSL_GUARDED_BY(mu_);
 };
+
+// progress_interval: unset or zero is none; otherwise 100 ms to 1 hour.
+absl::StatusOr<std::chrono::milliseconds> ProgressInterval(const v1::WatchRequest& r) {
+  if (!r.has_progress_interval()) return std::chrono::milliseconds(0);
+  const auto& d = r.progress_interval();
+  auto invalid = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("progress_interval: ", d.seconds(), "s ", d.nanos(), "ns ", why,
+                     "; give 0 (no progress messages) or from 0.1 s to 3600 s"));
+  };
+  if (d.nanos() < 0 || d.nanos() > 999'999'999 || d.seconds() < 0) {
+    return invalid("is negative or not a valid Duration");
+  }
+  if (d.seconds() > 3600 || (d.seconds() == 3600 && d.nanos() > 0)) {
+    return invalid("is over 1 hour");
+  }
+  auto ms = std::chrono::milliseconds(d.seconds() * 1000 + d.nanos() / 1'000'000);
+  if (d.seconds() == 0 && d.nanos() == 0) return ms;
+  if (ms < std::chrono::milliseconds(100)) return invalid("is under 100 ms");
+  return ms;
+}
 
 }  // namespace
 
@@ -761,6 +818,11 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* VmNetworkService::Watch(
       return reactor;
     }
   }
+  auto progress = ProgressInterval(*request);
+  if (!progress.ok()) {
+    reactor->Close(progress.status());
+    return reactor;
+  }
   if (!reconciler_->ready()) {
     reactor->Close(absl::UnavailableError(kStarting.error_message()));
     return reactor;
@@ -771,7 +833,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* VmNetworkService::Watch(
                      " watchers, the limit (--max-watchers)")));
     return reactor;
   }
-  reactor->Begin(*request);
+  reactor->Begin(*request, *progress);
   return reactor;
 }
 

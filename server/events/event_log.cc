@@ -1,6 +1,10 @@
 #include "vmnet/events/event_log.h"
 
+#include <algorithm>
+#include <optional>
+
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "grpc/slice.h"
 
 namespace vmnet {
@@ -56,22 +60,47 @@ v1::Vm ToProto(const VmView& vm) {
   return out;
 }
 
+// WatchResponse.events is field 1, length-delimited: the event's bytes
+// follow this tag and their length, as they would in a WatchResponse
+// serialized with that one event.
+constexpr uint8_t kEventsTag = (1 << 3) | 2;
+
 Event::Event(const v1::WatchEvent& event)
     : revision_(event.revision()), type_(event.type()), vm_id_(event.vm().vm_id()) {
+  using google::protobuf::io::CodedOutputStream;
   size_t size = event.ByteSizeLong();
-  grpc_slice slice = grpc_slice_malloc(size);
-  event.SerializeWithCachedSizesToArray(GRPC_SLICE_START_PTR(slice));
+  size_t header = 1 + CodedOutputStream::VarintSize32(static_cast<uint32_t>(size));
+  grpc_slice slice = grpc_slice_malloc(header + size);
+  uint8_t* out = GRPC_SLICE_START_PTR(slice);
+  *out++ = kEventsTag;
+  out = CodedOutputStream::WriteVarint32ToArray(static_cast<uint32_t>(size), out);
+  event.SerializeWithCachedSizesToArray(out);
   bytes_ = grpc::Slice(slice, grpc::Slice::STEAL_REF);
 }
 
 v1::WatchEvent Event::Parse() const {
-  v1::WatchEvent event;
-  event.ParseFromArray(bytes_.begin(), static_cast<int>(bytes_.size()));
-  return event;
+  v1::WatchResponse response;
+  response.ParseFromArray(bytes_.begin(), static_cast<int>(bytes_.size()));
+  if (response.events_size() != 1) return v1::WatchEvent();
+  return std::move(*response.mutable_events(0));
 }
 
-EventLog::EventLog(std::string epoch, size_t history)
-    : epoch_(std::move(epoch)), history_limit_(history) {}
+grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch) {
+  v1::WatchResponse response;
+  response.mutable_progress()->set_revision(revision);
+  response.mutable_progress()->set_epoch(epoch);
+  size_t size = response.ByteSizeLong();
+  grpc_slice slice = grpc_slice_malloc(size);
+  response.SerializeWithCachedSizesToArray(GRPC_SLICE_START_PTR(slice));
+  return grpc::Slice(slice, grpc::Slice::STEAL_REF);
+}
+
+EventLog::EventLog(std::string epoch, size_t history, Clock* clock)
+    : epoch_(std::move(epoch)),
+      history_limit_(history),
+      clock_(clock != nullptr ? clock : Clock::Real()) {}
+
+EventLog::~EventLog() { StopSender(); }
 
 void EventLog::StartRevisionsAt(uint64_t first) {
   vmnet::MutexLock lock(&mu_);
@@ -79,34 +108,51 @@ void EventLog::StartRevisionsAt(uint64_t first) {
 }
 
 void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& detail) {
-  vmnet::MutexLock lock(&mu_);
-  revision_ = vm.revision;
+  // Serialized before the lock: readers of the log wait only for the fan-out.
   v1::WatchEvent event;
-  event.set_revision(revision_);
+  event.set_revision(vm.revision);
   event.set_epoch(epoch_);
   event.set_type(ToProto(type));
   *event.mutable_vm() = ToProto(vm);
-  event.mutable_vm()->set_revision(revision_);
   event.set_detail(detail);
   auto shared = std::make_shared<const Event>(event);
-  history_.push_back(shared);
-  if (history_.size() > history_limit_) history_.pop_front();
-  if (type == VmEventType::kRemoved) {
-    current_.erase(vm.spec.vm_id);
-  } else {
-    current_[vm.spec.vm_id] = shared;
-  }
-  for (auto it = watchers_.begin(); it != watchers_.end();) {
-    if (Deliver(it->first, it->second, shared)) {
-      ++it;
+  std::vector<Watcher*> pushed;
+  {
+    vmnet::MutexLock lock(&mu_);
+    revision_ = vm.revision;
+    history_.push_back(shared);
+    if (history_.size() > history_limit_) history_.pop_front();
+    if (type == VmEventType::kRemoved) {
+      current_.erase(vm.spec.vm_id);
     } else {
-      Watcher* slow = it->first;
-      it = watchers_.erase(it);
+      current_[vm.spec.vm_id] = shared;
+    }
+    Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
+    pushed.reserve(watchers_.size());
+    for (auto it = watchers_.begin(); it != watchers_.end();) {
+      auto current = it++;
+      Subscription& sub = current->second;
+      if (!sub.vm_id.empty() && shared->vm_id() != sub.vm_id) continue;
+      sub.last_push = now;
+      if (current->first->Push(shared)) {
+        pushed.push_back(current->first);
+        continue;
+      }
+      Watcher* slow = current->first;
+      if (sub.progress_interval.count() > 0) --progress_watchers_;
+      watchers_.erase(current);
       slow->Close(absl::ResourceExhaustedError(absl::StrCat(
           "this watcher fell behind by more than its queue holds; resume with "
           "from_revision set to the last revision received")));
     }
   }
+  if (pushed.empty()) return;
+  // The sender thread starts the writes: a gRPC write is not started on the
+  // publishing (reconciler) thread, and what it publishes meanwhile goes out
+  // in the same messages.
+  std::lock_guard lock(wake_mu_);
+  for (Watcher* w : pushed) flush_.insert(w);
+  wake_cv_.notify_one();
 }
 
 void EventLog::Seed(const VmView& vm) {
@@ -119,16 +165,12 @@ void EventLog::Seed(const VmView& vm) {
   current_[vm.spec.vm_id] = std::make_shared<const Event>(event);
 }
 
-bool EventLog::Deliver(Watcher* watcher, const Subscription& sub, const EventPtr& event) {
-  if (!sub.vm_id.empty() && event->vm_id() != sub.vm_id) return true;
-  return watcher->Push(event);
-}
-
 absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
-                                 uint64_t from_revision, bool initial_snapshot) {
+                                 uint64_t from_revision, bool initial_snapshot,
+                                 std::chrono::milliseconds progress_interval) {
   vmnet::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("vmnetd is shutting down; retry");
-  Subscription sub{vm_id};
+  Subscription sub{vm_id, progress_interval, {}};
   if (from_revision != 0) {
     uint64_t oldest = history_.empty() ? revision_ + 1 : history_.front()->revision();
     if (from_revision > revision_) {
@@ -138,8 +180,9 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
     }
     if (from_revision + 1 < oldest) {
       return absl::OutOfRangeError(absl::StrCat(
-          "from_revision: ", from_revision, " is older than the retained history (",
-          "oldest ", oldest, "); re-list with initial_snapshot"));
+          "from_revision: ", from_revision, " is compacted: the history before revision ",
+          oldest, " is gone (the oldest retained; epoch ", epoch_,
+          "); re-list with initial_snapshot"));
     }
   }
   if (initial_snapshot) {
@@ -165,20 +208,117 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
       watcher->PushBacklog(e);
     }
   }
+  if (!sender_.joinable()) {
+    sender_ = std::thread([this] { SenderLoop(); });
+    clock_->AddWaker(this, [this] { WakeSender(); });
+  }
+  if (progress_interval.count() > 0) {
+    sub.last_push = clock_->Now();
+    ++progress_watchers_;
+    WakeSender();  // its first progress may be due before the next one
+  }
   watchers_[watcher] = std::move(sub);
   return absl::OkStatus();
 }
 
 void EventLog::Unsubscribe(Watcher* watcher) {
+  // Waits for a flush round in progress, which may be flushing `watcher`.
+  vmnet::MutexLock round(&round_mu_);
+  {
+    std::lock_guard lock(wake_mu_);
+    flush_.erase(watcher);
+  }
   vmnet::MutexLock lock(&mu_);
-  watchers_.erase(watcher);
+  auto it = watchers_.find(watcher);
+  if (it == watchers_.end()) return;
+  if (it->second.progress_interval.count() > 0) --progress_watchers_;
+  watchers_.erase(it);
 }
 
 void EventLog::CloseAll() {
-  vmnet::MutexLock lock(&mu_);
-  closed_ = true;
-  for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
-  watchers_.clear();
+  {
+    vmnet::MutexLock lock(&mu_);
+    closed_ = true;
+    for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
+    watchers_.clear();
+    progress_watchers_ = 0;
+  }
+  StopSender();
+}
+
+Clock::TimePoint EventLog::OfferProgress(Clock::TimePoint now) {
+  Clock::TimePoint next = Clock::TimePoint::max();
+  std::optional<grpc::Slice> message;  // built once, for all who are due
+  for (auto& [watcher, sub] : watchers_) {
+    if (sub.progress_interval.count() <= 0) continue;
+    Clock::TimePoint due = sub.last_push + sub.progress_interval;
+    if (due <= now) {
+      if (!message) message = ProgressMessage(revision_, epoch_);
+      watcher->PushProgress(revision_, *message);
+      // Sent, or the watcher is busy writing: either way not idle now.
+      sub.last_push = now;
+      due = now + sub.progress_interval;
+    }
+    next = std::min(next, due);
+  }
+  return next;
+}
+
+void EventLog::SenderLoop() {
+  Clock::TimePoint next_progress = Clock::TimePoint::min();
+  for (;;) {
+    {
+      // The watchers pushed to since the last round start their writes.
+      vmnet::MutexLock round(&round_mu_);
+      absl::flat_hash_set<Watcher*> flush;
+      {
+        std::lock_guard lock(wake_mu_);
+        flush.swap(flush_);
+      }
+      for (Watcher* w : flush) w->Flush();
+    }
+    Clock::TimePoint now = clock_->Now();
+    if (now >= next_progress || progress_recheck_.exchange(false)) {
+      vmnet::MutexLock lock(&mu_);
+      next_progress =
+          progress_watchers_ > 0 ? OfferProgress(now) : Clock::TimePoint::max();
+    }
+    std::unique_lock lock(wake_mu_);
+    auto woken = [&] { return wake_ || stop_ || !flush_.empty(); };
+    if (!woken()) {
+      // The deadline is on `clock_`; a fake clock that jumps wakes us.
+      if (next_progress == Clock::TimePoint::max()) {
+        wake_cv_.wait(lock, woken);
+      } else {
+        wake_cv_.wait_for(lock, next_progress - now, woken);
+      }
+    }
+    if (stop_) return;
+    if (wake_) progress_recheck_ = true;
+    wake_ = false;
+  }
+}
+
+void EventLog::WakeSender() {
+  std::lock_guard lock(wake_mu_);
+  wake_ = true;
+  wake_cv_.notify_one();
+}
+
+void EventLog::StopSender() {
+  std::thread thread;
+  {
+    vmnet::MutexLock lock(&mu_);
+    thread = std::move(sender_);
+  }
+  if (!thread.joinable()) return;
+  clock_->RemoveWaker(this);
+  {
+    std::lock_guard lock(wake_mu_);
+    stop_ = true;
+    wake_cv_.notify_one();
+  }
+  thread.join();
 }
 
 size_t EventLog::watcher_count() const {

@@ -16,8 +16,8 @@ Library use::
         client.list_services()
         print(client.describe("vmnet.v1.VmNetwork"))
         client.call("vmnet.v1.VmNetwork/ListRoutes", {})
-        with client.stream("vmnet.v1.VmNetwork/Watch", {}) as events:
-            for event in events: ...
+        with client.stream("vmnet.v1.VmNetwork/Watch", {}, each="events") as events:
+            for event in events: ...  # each event of each WatchResponse
 
 Command line (run with /usr/bin/python3, which has python3-grpcio)::
 
@@ -108,15 +108,22 @@ def _reflection_messages():
 
 
 class Stream:
-    """The messages of a server-streaming call as JSON dicts; cancel() or leave `with` to end it."""
+    """The messages of a server-streaming call as JSON dicts; cancel() or leave `with` to end it.
+    With `each` (a repeated field's name), the items of that field of every message instead,
+    in order: vmnetd's Watch sends several events per message (each="events"); its progress
+    messages, which hold no events, then yield nothing."""
 
-    def __init__(self, call):
+    def __init__(self, call, each=None):
         self._call = call
+        self._each = each
 
     def __iter__(self):
         try:
             for message in self._call:
-                yield to_dict(message)
+                if self._each is None:
+                    yield to_dict(message)
+                else:
+                    yield from to_dict(message)[self._each]
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
                 raise RpcError(e.code(), e.details()) from None
@@ -280,13 +287,14 @@ class Client:
         except grpc.RpcError as e:
             raise RpcError(e.code(), e.details()) from None
 
-    def stream(self, method, request=None, timeout=None):
-        """Starts a server-streaming call; returns a Stream of JSON dicts (no default deadline)."""
+    def stream(self, method, request=None, timeout=None, each=None):
+        """Starts a server-streaming call; returns a Stream of JSON dicts (no default deadline);
+        `each`: see Stream."""
         path, message, request_class, response_class = self._prepare(method, request or {}, True)
         stub = self._channel.unary_stream(
             path, request_serializer=request_class.SerializeToString,
             response_deserializer=response_class.FromString)
-        return Stream(stub(message, timeout=timeout))
+        return Stream(stub(message, timeout=timeout), each=each)
 
 
 def _status_code(number):

@@ -198,7 +198,7 @@ class LabTestCase(unittest.TestCase):
         """A Watch stream read in the background, cancelled when the test ends; returned once
         vmnetd sent its response headers, which it does once the watcher is registered: from
         then on it misses no change."""
-        stream = self.client.stream(f"{SERVICE}/Watch", request)
+        stream = self.client.stream(f"{SERVICE}/Watch", request, each="events")
         collector = EventCollector(stream)
         self.addCleanup(collector.close)
         self.assertTrue(stream.wait_for_headers(5),
@@ -253,7 +253,7 @@ class ReflectionTest(LabTestCase):
         for method in ("AttachVm", "DetachVm", "ListArp", "ListRoutes", "Watch"):
             self.assertIn(f"rpc {method} ", text, f"`grpcurl describe {SERVICE}` lacks {method}:\n"
                                                    f"{text}")
-        self.assertIn("returns ( stream .vmnet.v1.WatchEvent )", text,
+        self.assertIn("returns ( stream .vmnet.v1.WatchResponse )", text,
                       f"Watch is not shown as server-streaming:\n{text}")
 
     def test_describe_message(self):
@@ -683,7 +683,8 @@ class RestartTest(LabTestCase):
 
     @classmethod
     def current_epoch(cls):
-        with cls.client.stream(f"{SERVICE}/Watch", {"initial_snapshot": True}, timeout=5) as s:
+        with cls.client.stream(f"{SERVICE}/Watch", {"initial_snapshot": True}, timeout=5,
+                               each="events") as s:
             return next(iter(s))["epoch"]
 
     def test_sigterm_exits_cleanly(self):

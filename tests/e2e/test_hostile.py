@@ -112,10 +112,11 @@ class Api:
         except grpc.RpcError as e:
             raise grpcurl.RpcError(e.code(), e.details() or "") from None
 
-    def stream(self, method, request=None, timeout=None):
-        """A server-streaming call as a grpcurl.Stream of dicts."""
+    def stream(self, method, request=None, timeout=None, each=None):
+        """A server-streaming call as a grpcurl.Stream of dicts (`each`: see grpcurl.Stream;
+        Watch streams give their events with each="events")."""
         return grpcurl.Stream(self._stub(method, True)(self.serialize(method, request or {}),
-                                                       timeout=timeout))
+                                                       timeout=timeout), each=each)
 
     def list_all(self, method, field, request=None):
         """Every entry of a paged list, as dicts."""
@@ -405,7 +406,8 @@ class HostileTestCase(LabTestCase):
         The code is None when a Watch neither sent an event nor ended."""
         try:
             if row.method == "Watch":
-                response = first_message(self.api.stream("Watch", row.request, timeout=10))
+                response = first_message(
+                    self.api.stream("Watch", row.request, timeout=10, each="events"))
             else:
                 response = self.api.call(row.method, row.request)
             return OK, "", response
@@ -986,7 +988,8 @@ class HostileInputTest(HostileTestCase):
 
     def test_watch(self):
         revision = int(self.api.call("GetVm", {"vm_id": "vm-1"}).vm.revision)
-        with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
+        with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5,
+                             each="events") as snapshot:
             end = next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
         current = int(end["revision"])
         rows = [Row(f"with a {what}", "Watch", {"vm_id": vm_id, "initial_snapshot": True},
@@ -1001,6 +1004,16 @@ class HostileInputTest(HostileTestCase):
                 {"from_revision": current, "initial_snapshot": True}, OK),
             Row("from VM 1's revision, of VM 1", "Watch",
                 {"vm_id": "vm-1", "from_revision": revision, "initial_snapshot": True}, OK),
+            Row("with a negative progress_interval", "Watch",
+                {"progress_interval": {"seconds": -1}}, INVALID, names=("progress_interval",)),
+            Row("with a progress_interval of 50 ms", "Watch",
+                {"progress_interval": {"nanos": 50_000_000}}, INVALID,
+                names=("progress_interval",)),
+            Row("with a progress_interval of 2 hours", "Watch",
+                {"progress_interval": {"seconds": 7200}}, INVALID,
+                names=("progress_interval",)),
+            Row("with a progress_interval of 0.1 s", "Watch",
+                {"progress_interval": {"nanos": 100_000_000}, "initial_snapshot": True}, OK),
         ]
         self.run_rows(rows)
 
@@ -1167,7 +1180,7 @@ class LimitsTest(HostileTestCase):
     def open_watch(self):
         """A Watch that the agent accepted (it sent its snapshot), left open; None when the
         agent refused it. A watcher counts once its first message arrives."""
-        stream = self.api.stream("Watch", {"initial_snapshot": True})
+        stream = self.api.stream("Watch", {"initial_snapshot": True}, each="events")
         self.addCleanup(stream.cancel)
         try:
             first_message(stream, cancel=False)
@@ -1182,7 +1195,7 @@ class LimitsTest(HostileTestCase):
                                    "within 5 s")
         with self.assertRaises(grpcurl.RpcError, msg="a third Watch with --max-watchers=2 "
                                                      "was accepted") as caught:
-            first_message(self.api.stream("Watch", {"initial_snapshot": True}))
+            first_message(self.api.stream("Watch", {"initial_snapshot": True}, each="events"))
         self.assertEqual(caught.exception.code, EXHAUSTED,
                          f"a third Watch answered {caught.exception}")
         self.assertIn("--max-watchers", caught.exception.details,
@@ -1198,7 +1211,8 @@ class LimitsTest(HostileTestCase):
             self.rpc("AttachVm", vm_request(vm3))
             self.rpc("DetachVm", {"vm_id": vm3.vm_id})
         def snapshot_end():
-            with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5) as snapshot:
+            with self.api.stream("Watch", {"initial_snapshot": True}, timeout=5,
+                                 each="events") as snapshot:
                 return next(e for e in snapshot if e["type"] == "EVENT_TYPE_SNAPSHOT_END")
         end = self.while_watchers_end(snapshot_end)
         oldest = int(end["revision"]) - self.watch_history + 1

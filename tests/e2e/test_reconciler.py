@@ -155,7 +155,8 @@ class ReconcilerTestCase(host_routed.LabTestCase):
     def watch_now(self, request=None, client=None):
         """A Watch stream read in the background, returned once vmnetd sent its response
         headers: from then on the watch is in place and misses no change."""
-        stream = (client or self.client).stream(f"{SERVICE}/Watch", request or {})
+        stream = (client or self.client).stream(f"{SERVICE}/Watch", request or {},
+                                               each="events")
         self.assertTrue(stream.wait_for_headers(EVENT_DEADLINE),
                         f"Watch {request or {}} sent no response headers within "
                         f"{EVENT_DEADLINE} s")
@@ -819,7 +820,7 @@ class WatchTest(ReconcilerTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.reference_stream = cls.client.stream(f"{SERVICE}/Watch", {})
+        cls.reference_stream = cls.client.stream(f"{SERVICE}/Watch", {}, each="events")
         if not cls.reference_stream.wait_for_headers(EVENT_DEADLINE):
             raise AssertionError("the reference Watch sent no response headers")
         cls.reference = host_routed.EventCollector(cls.reference_stream)
@@ -936,6 +937,54 @@ class WatchTest(ReconcilerTestCase):
         self.assertEqual(live[-1]["revision"], added["revision"],
                          f"the resumed watch did not follow with the new event: {live[-1]}")
 
+    def raw_watch(self, request):
+        """A Watch stream of whole WatchResponse messages (not flattened into events), read in
+        the background, returned once vmnetd sent its response headers."""
+        stream = self.client.stream(f"{SERVICE}/Watch", request)
+        self.assertTrue(stream.wait_for_headers(EVENT_DEADLINE),
+                        f"Watch {request} sent no response headers within {EVENT_DEADLINE} s")
+        messages = host_routed.EventCollector(stream)
+        self.addCleanup(messages.close)
+        return messages
+
+    def test_snapshot_comes_in_one_message_of_many_events(self):
+        self.settle()
+        vms = len(self.call("ListVms", {"page_size": 1000})["vms"])
+        messages = self.raw_watch({"initial_snapshot": True})
+        end = messages.next_matching(
+            lambda m: any(e["type"] == SNAPSHOT_END for e in m["events"]), EVENT_DEADLINE)
+        self.assertIsNotNone(end, f"no SNAPSHOT_END within {EVENT_DEADLINE} s: {messages.seen}")
+        events = [e for m in messages.seen for e in m["events"]]
+        measured(f"snapshot of {vms} VMs: {len(events)} events in {len(messages.seen)} "
+                 "message(s)")
+        self.assertEqual(len(events), vms + 1, f"the snapshot:\n{describe(events)}")
+        self.assertEqual(events[-1]["type"], SNAPSHOT_END, "SNAPSHOT_END is not the last event")
+        # A snapshot of a few VMs (far under 256 KiB) is queued whole before the first write:
+        # one message.
+        self.assertEqual(len(messages.seen), 1,
+                         f"the snapshot of {vms} VMs came in {len(messages.seen)} messages")
+        self.assertNotIn("progress", messages.seen[0], "the snapshot message carries progress")
+
+    def test_progress_when_idle(self):
+        current = self.settle()
+        epoch = self.reference.seen[-1]["epoch"]
+        messages = self.raw_watch({"progress_interval": "0.3s"})
+        first = messages.next_matching(lambda m: True, EVENT_DEADLINE)
+        self.assertIsNotNone(first, f"an idle Watch with progress_interval 0.3 s sent nothing "
+                                    f"within {EVENT_DEADLINE} s")
+        self.assertEqual(first.get("events"), [], f"a progress message carries events: {first}")
+        self.assertEqual(first.get("progress"), {"revision": str(current), "epoch": epoch},
+                         "the progress message does not carry the current revision and epoch")
+        # A change goes out as an event; the next progress carries its revision.
+        added = self.attach_bulk()
+        live = messages.next_matching(lambda m: m["events"], EVENT_DEADLINE)
+        self.assertIsNotNone(live, "no event after the attach")
+        self.assertNotIn("progress", live, f"an event message carries progress: {live}")
+        self.assertEqual([e["revision"] for e in live["events"]], [added["revision"]])
+        after = messages.next_matching(lambda m: "progress" in m, EVENT_DEADLINE)
+        self.assertIsNotNone(after, "no progress after the event")
+        self.assertEqual(after["progress"]["revision"], added["revision"])
+
     def test_hundred_watchers_see_every_event_in_order(self):
         # 10 connections of 10 watchers (vmnetd allows 100 calls per connection by default;
         # channels to one target share one connection unless told otherwise).
@@ -986,6 +1035,10 @@ class WatchHistoryTest(ReconcilerTestCase):
                         list(stream)
                 self.assertEqual(caught.exception.code, StatusCode.OUT_OF_RANGE,
                                  f"Watch from_revision={too_old} answered {caught.exception}")
+                # The end status says the history is compacted and where it starts now.
+                oldest = events[-5]["revision"]
+                self.assertIn(f"is compacted: the history before revision {oldest} is gone",
+                              caught.exception.details)
 
 
 class SlowWatcherTest(ReconcilerTestCase):
@@ -1006,11 +1059,11 @@ class SlowWatcherTest(ReconcilerTestCase):
         slow_client = cls.enterClassContext(grpcurl.Client(
             cls.lab.daemon.target, options=[("grpc.http2.bdp_probe", 0),
                                             ("grpc.use_local_subchannel_pool", 1)]))
-        cls.slow_stream = slow_client.stream(f"{SERVICE}/Watch", {})
+        cls.slow_stream = slow_client.stream(f"{SERVICE}/Watch", {}, each="events")
         cls.addClassCleanup(cls.slow_stream.cancel)
         if not cls.slow_stream.wait_for_headers(EVENT_DEADLINE):
             raise AssertionError("the slow Watch sent no response headers")
-        cls.reader_stream = cls.client.stream(f"{SERVICE}/Watch", {})
+        cls.reader_stream = cls.client.stream(f"{SERVICE}/Watch", {}, each="events")
         if not cls.reader_stream.wait_for_headers(EVENT_DEADLINE):
             raise AssertionError("the reading Watch sent no response headers")
         cls.reader = host_routed.EventCollector(cls.reader_stream)

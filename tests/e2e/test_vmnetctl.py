@@ -154,6 +154,28 @@ class VmnetctlTest(LabTestCase):
             proc.stdout.close()
             self.ctl("detach", "vm-watch", "--allow-missing")
 
+    def test_watch_progress_lines_when_idle(self):
+        proc = subprocess.Popen([VMNETCTL, f"--server={self.lab.daemon.target}", "watch",
+                                 "--progress-interval", "0.2"], stdout=subprocess.PIPE,
+                                text=True)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+        try:
+            # Nothing happens: within 20 s a line "REVISION PROGRESS", twice (every 0.2 s).
+            for _ in range(2):
+                try:
+                    line = lines.get(timeout=20)
+                except queue.Empty:
+                    self.fail("vmnetctl watch --progress-interval 0.2 printed nothing for 20 s")
+                self.assertRegex(line, r"^\d+ PROGRESS$")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+        for bad in ("0.05", "-1", "x", "7200"):
+            code, _, err = self.ctl("watch", "--progress-interval", bad)
+            self.assertEqual(code, EXIT_USAGE, f"--progress-interval {bad}: {err}")
+
     def test_exit_codes(self):
         self.assertEqual(self.ctl("detach", "no-such-vm")[0], EXIT_SERVER_ERROR)
         code, _, err = self.ctl("attach", "vm-x", "--interface", "eth0", "--ip", "198.51.100.9")

@@ -2,6 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
+
+#include "fake_clock.h"
+
 namespace vmnet {
 namespace {
 
@@ -15,8 +20,22 @@ class QueueWatcher : public Watcher {
   }
   void PushBacklog(EventPtr event) override { events.push_back(std::move(event)); }
   void Close(absl::Status status) override { closed = status; }
+  void PushProgress(uint64_t revision, const grpc::Slice& message) override {
+    v1::WatchResponse parsed;
+    parsed.ParseFromArray(message.begin(), static_cast<int>(message.size()));
+    vmnet::MutexLock lock(&mu);
+    progress.push_back({revision, parsed});
+  }
+  void Flush() override { flushes++; }
+  std::atomic<int> flushes{0};
+  size_t progress_count() {
+    vmnet::MutexLock lock(&mu);
+    return progress.size();
+  }
   std::vector<EventPtr> events;
   std::optional<absl::Status> closed;
+  vmnet::Mutex mu;  // the progress thread pushes progress
+  std::vector<std::pair<uint64_t, v1::WatchResponse>> progress;
 
  private:
   size_t limit_;
@@ -89,7 +108,130 @@ TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
   EXPECT_EQ(live.vm().revision(), 2u);
   EXPECT_EQ(live.vm().vm_id(), "a");
   EXPECT_EQ(live.detail(), "changed");
-  EXPECT_EQ(w.events[2]->bytes().size(), live.ByteSizeLong());
+  v1::WatchResponse alone;
+  *alone.add_events() = live;
+  EXPECT_EQ(w.events[2]->bytes().size(), alone.ByteSizeLong());
+  log.Unsubscribe(&w);
+}
+
+// A Watch message is several events' bytes one after the other: that must
+// parse as one WatchResponse with every event, in order.
+TEST(EventLogTest, ConcatenatedEventsAreOneWatchResponse) {
+  EventLog log("epoch-1", 10);
+  Publish(log, VmEventType::kAdded, Vm("a"), "attached");
+  QueueWatcher w;
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
+  Publish(log, VmEventType::kChanged, Vm("a"), "changed");
+  Publish(log, VmEventType::kRemoved, Vm("a"), "detached");
+  ASSERT_EQ(w.events.size(), 4u);
+  std::string joined;
+  for (const EventPtr& e : w.events) {
+    joined.append(reinterpret_cast<const char*>(e->bytes().begin()), e->bytes().size());
+  }
+  v1::WatchResponse message;
+  ASSERT_TRUE(message.ParseFromString(joined));
+  ASSERT_EQ(message.events_size(), 4);
+  EXPECT_FALSE(message.has_progress());
+  EXPECT_EQ(message.events(0).type(), v1::EVENT_TYPE_SNAPSHOT);
+  EXPECT_EQ(message.events(1).type(), v1::EVENT_TYPE_SNAPSHOT_END);
+  EXPECT_EQ(message.events(2).type(), v1::EVENT_TYPE_VM_CHANGED);
+  EXPECT_EQ(message.events(2).detail(), "changed");
+  EXPECT_EQ(message.events(3).type(), v1::EVENT_TYPE_VM_REMOVED);
+  EXPECT_EQ(message.events(3).revision(), 3u);
+  log.Unsubscribe(&w);
+}
+
+bool WaitFor(const std::function<bool()>& condition) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+// The progress thread runs asynchronously: tests wait for what must happen,
+// and assert that something did not happen only in the same pass of the
+// thread as something that did.
+TEST(EventLogTest, ProgressWhenIdleForTheInterval) {
+  FakeClock clock;
+  EventLog log("epoch-1", 10, &clock);
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  QueueWatcher idle, silent;
+  ASSERT_TRUE(log.Subscribe(&idle, "", 0, false, std::chrono::seconds(10)).ok());
+  ASSERT_TRUE(log.Subscribe(&silent, "", 0, false).ok());  // no interval: never
+  clock.Advance(std::chrono::seconds(10));
+  ASSERT_TRUE(WaitFor([&] { return idle.progress_count() == 1; }));
+  {
+    vmnet::MutexLock lock(&idle.mu);
+    EXPECT_EQ(idle.progress[0].first, 1u);
+    EXPECT_EQ(idle.progress[0].second.progress().revision(), 1u);
+    EXPECT_EQ(idle.progress[0].second.progress().epoch(), "epoch-1");
+    EXPECT_EQ(idle.progress[0].second.events_size(), 0);
+  }
+  // The next carries the revision current when it is sent.
+  Publish(log, VmEventType::kChanged, Vm("a"), "");
+  clock.Advance(std::chrono::seconds(10));
+  ASSERT_TRUE(WaitFor([&] { return idle.progress_count() == 2; }));
+  {
+    vmnet::MutexLock lock(&idle.mu);
+    EXPECT_EQ(idle.progress[1].first, 2u);
+  }
+  EXPECT_EQ(silent.progress_count(), 0u);
+  log.Unsubscribe(&idle);
+  log.Unsubscribe(&silent);
+}
+
+// Idle time counts from the last event the watcher was sent (events it
+// does not select do not count).
+TEST(EventLogTest, ProgressCountsIdleTimeFromTheLastEvent) {
+  FakeClock clock;
+  EventLog log("e", 10, &clock);
+  QueueWatcher idle, filtered;
+  ASSERT_TRUE(log.Subscribe(&idle, "", 0, false, std::chrono::seconds(10)).ok());
+  ASSERT_TRUE(log.Subscribe(&filtered, "b", 0, false, std::chrono::seconds(10)).ok());
+  clock.Advance(std::chrono::seconds(9));
+  Publish(log, VmEventType::kAdded, Vm("a"), "");  // not b's: filtered stays idle
+  clock.Advance(std::chrono::seconds(1));
+  ASSERT_TRUE(WaitFor([&] { return filtered.progress_count() == 1; }));
+  // The same wake-up looked at `idle`, which had an event 1 s ago.
+  EXPECT_EQ(idle.progress_count(), 0u);
+  {
+    vmnet::MutexLock lock(&filtered.mu);
+    EXPECT_EQ(filtered.progress[0].first, 1u);  // the log's revision, not b's
+  }
+  clock.Advance(std::chrono::seconds(9));
+  ASSERT_TRUE(WaitFor([&] { return idle.progress_count() == 1; }));
+  log.Unsubscribe(&idle);
+  log.Unsubscribe(&filtered);
+}
+
+// Writes start on the sender thread: a Push is followed by a Flush, and a
+// watcher pushed nothing is not flushed.
+TEST(EventLogTest, PushedWatchersAreFlushed) {
+  EventLog log("e", 10);
+  QueueWatcher a, b;
+  ASSERT_TRUE(log.Subscribe(&a, "a", 0, false).ok());
+  ASSERT_TRUE(log.Subscribe(&b, "b", 0, false).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  ASSERT_TRUE(WaitFor([&] { return a.flushes.load() >= 1; }));
+  Publish(log, VmEventType::kAdded, Vm("b"), "");
+  ASSERT_TRUE(WaitFor([&] { return b.flushes.load() >= 1; }));
+  EXPECT_EQ(a.events.size(), 1u);
+  log.Unsubscribe(&a);
+  log.Unsubscribe(&b);
+  EXPECT_EQ(a.flushes.load(), 1);  // b's round came after a's, and did not flush a
+}
+
+TEST(EventLogTest, TooOldSaysCompacted) {
+  EventLog log("e", 2);
+  for (int i = 0; i < 5; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");
+  QueueWatcher w;
+  absl::Status s = log.Subscribe(&w, "", 2, false);
+  EXPECT_EQ(s.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_NE(s.message().find("compacted"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("revision 4"), std::string::npos) << s;
+  EXPECT_TRUE(log.Subscribe(&w, "", 3, false).ok());
   log.Unsubscribe(&w);
 }
 

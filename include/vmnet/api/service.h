@@ -33,9 +33,9 @@ struct ServiceOptions {
 // absl::Status to grpc::Status: the one place codes are mapped.
 grpc::Status ToGrpc(const absl::Status& status);
 
-// VmNetwork::CallbackService with Watch served raw: each event is written as
-// the bytes the event log serialized once for every watcher (the wire format
-// is the same). Spelled out rather than WithRawCallbackMethod_Watch on top of
+// VmNetwork::CallbackService with Watch served raw: each message is the
+// bytes the event log serialized once for every watcher, several events
+// concatenated into one WatchResponse (the wire format is the same). Spelled out rather than WithRawCallbackMethod_Watch on top of
 // CallbackService, which would hide its callback Watch (-Woverloaded-virtual).
 // A new RPC needs its WithCallbackMethod_ here.
 // Every method raw (grpc::ByteBuffer in and out), parsed by the service: see
@@ -87,7 +87,7 @@ class VmNetworkService final : public VmNetworkCallbackService {
   grpc::ServerUnaryReactor* ListRoutes(grpc::CallbackServerContext* context,
                                        const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* response) override;
-  // A vmnet.v1.WatchRequest in, a stream of vmnet.v1.WatchEvent out.
+  // A vmnet.v1.WatchRequest in, a stream of vmnet.v1.WatchResponse out.
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Watch(
       grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
 

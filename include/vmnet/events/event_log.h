@@ -2,23 +2,41 @@
 // strictly increasing revision, a bounded history for resuming, the current
 // VMs for snapshots, and a bounded queue per watcher.
 //
-// Each event is serialized once, when it is published, and the bytes are
-// shared by the history and every watcher's queue: a fan-out to many watchers
-// copies pointers, and writing an event to a stream copies no bytes.
+// Each event is serialized once, when it is published, as a WatchResponse
+// holding that event alone, and the bytes are shared by the history and every
+// watcher's queue: a fan-out to many watchers copies pointers, and a Watch
+// stream writes several events as one message by concatenating their bytes
+// (concatenated protobuf messages are one message whose repeated fields are
+// joined), copying none.
+//
+// The log's sender thread (started with the first watcher) does two things
+// for the watchers: after events were pushed to them, it calls Flush so that
+// they start their writes (not on the publishing thread, which goes on
+// publishing: what it publishes meanwhile goes out in the same messages);
+// and a watcher subscribed with a progress interval that has been sent
+// nothing for that long is offered a progress message. Between the two it
+// sleeps until woken or the next progress is due: idle watchers cost no work.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/btree_map.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "grpcpp/support/slice.h"
+#include "vmnet/base/clock.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/v1/vmnet.pb.h"
 #include "vmnet/vm/vm.h"
@@ -34,8 +52,10 @@ class Event {
   uint64_t revision() const { return revision_; }
   v1::EventType type() const { return type_; }
   const std::string& vm_id() const { return vm_id_; }
-  // The serialized WatchEvent (a reference-counted slice: a write refers to
-  // it, it does not copy it).
+  // The serialized WatchResponse holding this event alone (a
+  // reference-counted slice: a write refers to it, it does not copy it).
+  // Several events' bytes one after the other are the WatchResponse holding
+  // them all.
   const grpc::Slice& bytes() const { return bytes_; }
   // The message again, parsed from the bytes.
   v1::WatchEvent Parse() const;
@@ -57,9 +77,13 @@ v1::Vm ToProto(const VmView& vm);
 class Watcher {
  public:
   virtual ~Watcher() = default;
-  // A live event. Returns false when the watcher's queue is full: the log
-  // then drops the watcher and calls Close with RESOURCE_EXHAUSTED.
+  // A live event, queued. Returns false when the watcher's queue is full:
+  // the log then drops the watcher and calls Close with RESOURCE_EXHAUSTED.
+  // Flush follows, from the log's sender thread.
   virtual bool Push(EventPtr event) = 0;
+  // Start sending what is queued (the log's sender thread calls it, not
+  // under the log's lock, after Push).
+  virtual void Flush() {}
   // The snapshot and the replay at subscription: always taken. They are
   // bounded by the VM count and the retained history, and must fit whatever
   // the live queue's size, or a watcher cut off for being slow could never
@@ -67,11 +91,25 @@ class Watcher {
   virtual void PushBacklog(EventPtr event) = 0;
   // No more events will come, with the reason (OK on shutdown).
   virtual void Close(absl::Status status) = 0;
+  // The progress interval passed with nothing pushed: `message` is a
+  // serialized WatchResponse with progress at `revision`, to be sent only if
+  // the watcher is idle (nothing queued, nothing being written); a busy
+  // watcher ignores it. Every event up to `revision` the watcher selects was
+  // pushed before.
+  virtual void PushProgress(uint64_t revision, const grpc::Slice& message) {
+    (void)revision;
+    (void)message;
+  }
 };
+
+// The bytes of a WatchResponse with progress at `revision`.
+grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch);
 
 class EventLog : public VmObserver {
  public:
-  EventLog(std::string epoch, size_t history);
+  // `clock` (null: the real one) times progress messages.
+  EventLog(std::string epoch, size_t history, Clock* clock = nullptr);
+  ~EventLog() override;
 
   void StartRevisionsAt(uint64_t first) override;
   void Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
@@ -81,12 +119,16 @@ class EventLog : public VmObserver {
   // in between, pushes what it asked for first: the snapshot (every current
   // VM matching `vm_id`, then a snapshot-end event) and/or the retained
   // events after `from_revision`. OUT_OF_RANGE when that revision is older
-  // than the retained history.
-  absl::Status Subscribe(Watcher* watcher, const std::string& vm_id,
-                         uint64_t from_revision, bool initial_snapshot);
+  // than the retained history (compacted) or ahead of the current revision.
+  // With a `progress_interval` above zero, the watcher is offered a progress
+  // message whenever nothing was pushed to it for that long.
+  absl::Status Subscribe(
+      Watcher* watcher, const std::string& vm_id, uint64_t from_revision,
+      bool initial_snapshot,
+      std::chrono::milliseconds progress_interval = std::chrono::milliseconds(0));
   // After this returns, the log never touches `watcher` again.
   void Unsubscribe(Watcher* watcher);
-  // Ends every watcher with OK (shutdown).
+  // Ends every watcher with OK (shutdown), and the sender thread.
   void CloseAll();
 
   size_t watcher_count() const;
@@ -95,19 +137,41 @@ class EventLog : public VmObserver {
 
  private:
   struct Subscription {
-    std::string vm_id;  // filter; empty: all
+    std::string vm_id;                               // filter; empty: all
+    std::chrono::milliseconds progress_interval{0};  // 0: none
+    Clock::TimePoint last_push{};                    // of an event or a progress message
   };
-  bool Deliver(Watcher* watcher, const Subscription& sub, const EventPtr& event)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The sender thread: flushes the watchers pushed to, offers progress to
+  // the watchers due, sleeps until the next is due or it is woken.
+  void SenderLoop();
+  // Offers progress to every watcher due at `now`; returns when the next is.
+  Clock::TimePoint OfferProgress(Clock::TimePoint now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WakeSender();
+  void StopSender();
 
   const std::string epoch_;
   const size_t history_limit_;
+  Clock* const clock_;
   mutable vmnet::Mutex mu_;
+  // Watchers with a progress interval: Publish reads the clock only then.
+  size_t progress_watchers_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread sender_ ABSL_GUARDED_BY(mu_);
+  // Held by the sender while it flushes, and by Unsubscribe: once
+  // Unsubscribe returns, no flush of that watcher is running or to come.
+  vmnet::Mutex round_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  // The sender's work and sleep.
+  std::mutex wake_mu_;
+  std::condition_variable wake_cv_;
+  absl::flat_hash_set<Watcher*> flush_;  // guarded by wake_mu_
+  bool wake_ = false;                    // guarded by wake_mu_
+  bool stop_ = false;                    // guarded by wake_mu_
+  std::atomic<bool> progress_recheck_{false};
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
-  // The current VMs by id, as their last event left them.
-  std::map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
-  std::map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
+  // The current VMs by id, as their last event left them (a B-tree: sorted
+  // for snapshots, without a node per VM).
+  absl::btree_map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "vmnet/base/mutex.h"
 #include "vmnet/vm/vm.h"
 
@@ -30,7 +31,9 @@ class VmDirectory {
 
  private:
   mutable vmnet::Mutex mu_;
-  absl::flat_hash_map<std::string, VmView> vms_ ABSL_GUARDED_BY(mu_);
+  // A node per VM (see DesiredState::vms_): slots of a pointer, not of a
+  // whole VmView.
+  absl::node_hash_map<std::string, VmView> vms_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<IpAddress, std::string> vm_of_address_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::string> vm_of_interface_ ABSL_GUARDED_BY(mu_);
 };
