@@ -308,13 +308,30 @@ class KernelAnswersTest : public NetlinkKernelTest {
 
 TEST_F(KernelAnswersTest, AnExistingProxyEntryAddedAgainIsRelabelled) {
   ASSERT_EQ(Sh("ip neigh add proxy 198.51.100.210 dev eth0 proto static"), "");
+  // NLM_F_CREATE | NLM_F_EXCL, yet no EEXIST: the kernel ignores EXCL for proxy entries
+  // (`ip neigh add` sends both) and relabels the entry.
+  EXPECT_EQ(Sh("ip neigh add proxy 198.51.100.210 dev eth0 proto 237"), "");
+  EXPECT_EQ(Sh("ip -d neigh show proxy"), "198.51.100.210 dev eth0 proxy proto 237 \n");
+}
+
+// So NetlinkKernel reads an entry before it creates it (issue 13, case 10): another's is
+// refused, never relabelled; ours is left as it is.
+TEST_F(KernelAnswersTest, NetlinkKernelNeverRelabelsAnotherProxyEntry) {
+  ASSERT_EQ(Sh("ip neigh add proxy 198.51.100.210 dev eth0 proto static"), "");
   Neighbor proxy;
   proxy.ifindex = eth0_;
   proxy.address = Ip("198.51.100.210");
   proxy.proxy = true;
   proxy.protocol = kProto;
-  // NLM_F_CREATE | NLM_F_EXCL, yet no EEXIST: the kernel ignores EXCL for proxy entries.
+  std::vector<absl::Status> results = kernel_->Apply({SetNeighbor{proxy}});
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_TRUE(absl::IsAlreadyExists(results[0])) << results[0];
+  EXPECT_THAT(results[0].message(), HasSubstr("proto 4"));
+  EXPECT_EQ(Sh("ip -d neigh show proxy"), "198.51.100.210 dev eth0 proxy proto static \n");
+
+  ASSERT_EQ(Sh("ip neigh del proxy 198.51.100.210 dev eth0"), "");
   ExpectAllOk(kernel_->Apply({SetNeighbor{proxy}}));
+  ExpectAllOk(kernel_->Apply({SetNeighbor{proxy}}));  // ours already: nothing to do
   EXPECT_EQ(Sh("ip -d neigh show proxy"), "198.51.100.210 dev eth0 proxy proto 237 \n");
 }
 
