@@ -76,7 +76,7 @@ section "ThreadSanitizer (the threaded parts: reconciler, announcer, event log, 
 build build-tsan -DVMNET_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp" \
   checked_ctest --test-dir build-tsan --output-on-failure -j 1 \
-  -R 'unit\.(Reconciler|PortSecurity|AnnounceTest|EventLog|Metrics)|kernel\.(Announcer|NftKernel)|e2e\.(host_routed|paging|hostile)'
+  -R 'unit\.(Reconciler|PortSecurity|AnnounceTest|EventLog|Metrics)|kernel\.(Announcer|NftKernel)|e2e\.(host_routed|paging|hostile|drift)'
 
 section "libFuzzer: request validation, netlink parsing, state file (${FUZZ_SECONDS:-45} s each)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-45}"
