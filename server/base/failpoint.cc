@@ -24,7 +24,8 @@ void CrashPoint(std::string_view name) {
   const std::string& armed = Armed();
   if (armed.empty()) return;
   if (armed.find("," + std::string(name) + ",") == std::string::npos) return;
-  static const char kMessage[] = "vmnetd: VMNET_FAILPOINTS: killing myself at a crash point\n";
+  static const char kMessage[] =
+      "vmnetd: VMNET_FAILPOINTS: killing myself at a crash point\n";
   [[maybe_unused]] ssize_t n = write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
   kill(getpid(), SIGKILL);
 }

@@ -19,6 +19,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "request.h"
 #include "vmnet/kernel/tc_codec.h"
 
 namespace vmnet::kernel {
@@ -300,9 +301,9 @@ std::optional<Event> ParseEvent(const nlmsghdr* msg) {
     case RTM_NEWROUTE:
     case RTM_DELROUTE:
       if (auto r = ParseRoute(msg)) {
-        return RouteEvent{msg->nlmsg_type == RTM_DELROUTE, *r,
-                          msg->nlmsg_type == RTM_NEWROUTE &&
-                              (msg->nlmsg_flags & NLM_F_REPLACE) != 0};
+        return RouteEvent{
+            msg->nlmsg_type == RTM_DELROUTE, *r,
+            msg->nlmsg_type == RTM_NEWROUTE && (msg->nlmsg_flags & NLM_F_REPLACE) != 0};
       }
       break;
     case RTM_NEWNEIGH:
@@ -319,30 +320,14 @@ std::optional<Event> ParseEvent(const nlmsghdr* msg) {
 
 namespace {
 
-struct MsgDeleter {
-  void operator()(nl_msg* m) const { nlmsg_free(m); }
-};
-using Msg = std::unique_ptr<nl_msg, MsgDeleter>;
-
-Msg NewMessage(int type, int flags, const void* header, size_t header_len) {
-  Msg msg(nlmsg_alloc_size(512));
-  nlmsg_hdr(msg.get())->nlmsg_type = static_cast<uint16_t>(type);
-  nlmsg_hdr(msg.get())->nlmsg_flags =
-      static_cast<uint16_t>(flags | NLM_F_REQUEST | NLM_F_ACK);
-  nlmsg_append(msg.get(), const_cast<void*>(header), header_len, NLMSG_ALIGNTO);
-  return msg;
-}
+using request::Bytes;
+using request::Msg;
+using request::NewMessage;
 
 int FamilyOf(const IpAddress& a) { return a.is_v6() ? AF_INET6 : AF_INET; }
 
 void PutAddress(nl_msg* msg, int type, const IpAddress& a) {
   nla_put(msg, type, static_cast<int>(a.size()), a.bytes());
-}
-
-std::vector<uint8_t> Bytes(const Msg& msg) {
-  nlmsghdr* hdr = nlmsg_hdr(msg.get());
-  auto* p = reinterpret_cast<const uint8_t*>(hdr);
-  return std::vector<uint8_t>(p, p + hdr->nlmsg_len);
 }
 
 Msg EncodeLinkChange(int ifindex, unsigned flags, unsigned change) {
@@ -466,7 +451,8 @@ std::vector<uint8_t> EncodeWrite(const Write& write) {
   return std::visit(
       [](const auto& w) {
         using T = std::decay_t<decltype(w)>;
-        if constexpr (std::is_same_v<T, SetIpv6Conf> || std::is_same_v<T, AddNftElement> ||
+        if constexpr (std::is_same_v<T, SetIpv6Conf> ||
+                      std::is_same_v<T, AddNftElement> ||
                       std::is_same_v<T, DeleteNftElement> ||
                       std::is_same_v<T, EnsurePortSecurityBase> ||
                       std::is_same_v<T, DeletePortSecurityBase> ||

@@ -257,14 +257,13 @@ absl::StatusOr<size_t> NetlinkSocket::ReceiveNonBlocking(std::vector<uint8_t>* b
 absl::StatusOr<std::unique_ptr<NetlinkKernel>> NetlinkKernel::Create(Options options) {
   auto writes = NetlinkSocket::Open();
   if (!writes.ok()) return writes.status();
-  auto events =
-      NetlinkSocket::Open({RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE,
-                           RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH, RTNLGRP_TC,
-                           // Settings: sysctls that raise netconf events, and
-                           // a link's IPv6 coming and going (MTU).
-                           RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF,
-                           RTNLGRP_IPV6_IFINFO},
-                          options.event_rcvbuf);
+  auto events = NetlinkSocket::Open(
+      {RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_IFADDR,
+       RTNLGRP_IPV6_ROUTE, RTNLGRP_NEIGH, RTNLGRP_TC,
+       // Settings: sysctls that raise netconf events, and
+       // a link's IPv6 coming and going (MTU).
+       RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF, RTNLGRP_IPV6_IFINFO},
+      options.event_rcvbuf);
   if (!events.ok()) return events.status();
   std::unique_ptr<PortSecurityKernel> nft;
   NftKernel::Options nft_options;
@@ -659,16 +658,18 @@ absl::Status NetlinkKernel::WriteIpv6Conf(const SetIpv6Conf& conf) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<Link>> NetlinkKernel::ReadLinks(absl::Span<const int> ifindexes) {
+absl::StatusOr<std::vector<Link>> NetlinkKernel::ReadLinks(
+    absl::Span<const int> ifindexes) {
   std::vector<std::vector<uint8_t>> requests;
   requests.reserve(ifindexes.size());
   for (int ifindex : ifindexes) requests.push_back(EncodeGetLink(ifindex));
   std::vector<std::optional<Link>> found(ifindexes.size());
   std::vector<std::string> ignored;
-  std::vector<int> errnos = writes_.Transact(
-      requests, &ignored, options_.write_window, [&](size_t index, const nlmsghdr* reply) {
-        if (auto l = ParseLink(reply)) found[index] = std::move(*l);
-      });
+  std::vector<int> errnos = writes_.Transact(requests, &ignored, options_.write_window,
+                                             [&](size_t index, const nlmsghdr* reply) {
+                                               if (auto l = ParseLink(reply))
+                                                 found[index] = std::move(*l);
+                                             });
   std::vector<Link> links;
   for (size_t i = 0; i < found.size(); ++i) {
     if (found[i]) {

@@ -1,4 +1,5 @@
 #include "vmnet/kernel/tc_codec.h"
+#include "request.h"
 
 #include <arpa/inet.h>
 #include <linux/gen_stats.h>
@@ -23,25 +24,9 @@ namespace {
 constexpr uint64_t kTickNs = 64;
 constexpr uint64_t kNsPerSecond = 1000000000;
 
-struct MsgDeleter {
-  void operator()(nl_msg* m) const { nlmsg_free(m); }
-};
-using Msg = std::unique_ptr<nl_msg, MsgDeleter>;
-
-Msg NewMessage(int type, int flags, const void* header, size_t header_len) {
-  Msg msg(nlmsg_alloc_size(1024));
-  nlmsg_hdr(msg.get())->nlmsg_type = static_cast<uint16_t>(type);
-  nlmsg_hdr(msg.get())->nlmsg_flags =
-      static_cast<uint16_t>(flags | NLM_F_REQUEST | NLM_F_ACK);
-  nlmsg_append(msg.get(), const_cast<void*>(header), header_len, NLMSG_ALIGNTO);
-  return msg;
-}
-
-std::vector<uint8_t> Bytes(const Msg& msg) {
-  nlmsghdr* hdr = nlmsg_hdr(msg.get());
-  auto* p = reinterpret_cast<const uint8_t*>(hdr);
-  return std::vector<uint8_t>(p, p + hdr->nlmsg_len);
-}
+using request::Bytes;
+using request::Msg;
+using request::NewMessage;
 
 tcmsg TcHeader(int ifindex, uint32_t parent, uint32_t handle, uint32_t info = 0) {
   tcmsg tcm{};

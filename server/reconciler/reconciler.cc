@@ -756,7 +756,8 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   bool gateway_back = false, gateway6_back = false;
   for (const kernel::Write& w : done) {
     if (std::holds_alternative<kernel::SetLinkUp>(w)) everything = true;
-    if (const auto* set = std::get_if<kernel::SetNeighbor>(&w); set && set->neighbor.proxy) {
+    if (const auto* set = std::get_if<kernel::SetNeighbor>(&w);
+        set && set->neighbor.proxy) {
       back.insert(set->neighbor.address);
     } else if (const auto* route = std::get_if<kernel::AddRoute>(&w)) {
       back.insert(route->route.destination.address);

@@ -56,7 +56,8 @@ class DriftPlanTest : public ::testing::Test {
   }
   // The kernel holds everything `spec` needs.
   void Program(const VmSpec& spec) {
-    for (const kernel::Write& w : PlanVm(spec, model_, config_).writes) model_.ApplyWrite(w);
+    for (const kernel::Write& w : PlanVm(spec, model_, config_).writes)
+      model_.ApplyWrite(w);
     ASSERT_THAT(PlanVm(spec, model_, config_).writes, IsEmpty());
   }
   // What a restart plans for `now`: the VM itself, then the orphan sweep.
@@ -80,7 +81,8 @@ TEST_F(DriftPlanTest, FamilyRemovedWhileDownRemovesTheIpv6Gateway) {
 
 TEST_F(DriftPlanTest, AddressRemovedWhileDownRemovesItsObjects) {
   Program(Spec({"198.51.100.201", "203.0.113.201"}, "02:00:00:00:00:01"));
-  std::vector<std::string> plan = RestartPlan(Spec({"198.51.100.201"}, "02:00:00:00:00:01"));
+  std::vector<std::string> plan =
+      RestartPlan(Spec({"198.51.100.201"}, "02:00:00:00:00:01"));
   EXPECT_THAT(plan, Contains(HasSubstr("delete route 203.0.113.201/32")));
   EXPECT_THAT(plan, Contains(HasSubstr("delete proxy neighbour 203.0.113.201")));
   EXPECT_THAT(plan, Contains(HasSubstr("delete neighbour 203.0.113.201")));

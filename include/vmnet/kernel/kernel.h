@@ -28,7 +28,8 @@ class Kernel {
   // Only these links, read now (one that is gone is left out): what finds
   // drift in settings that raise no event (accept_ra). Called by the thread
   // that calls Apply.
-  virtual absl::StatusOr<std::vector<Link>> ReadLinks(absl::Span<const int> ifindexes) = 0;
+  virtual absl::StatusOr<std::vector<Link>> ReadLinks(
+      absl::Span<const int> ifindexes) = 0;
 
   // Only the IPv4 proxy entries: the cheap dump that finds their drift
   // (adding or deleting a proxy entry raises no kernel event). Any thread.

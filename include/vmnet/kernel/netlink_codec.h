@@ -32,8 +32,8 @@ std::optional<Event> ParseEvent(const nlmsghdr* msg);
 //    state changed; it carries no IFLA_AF_SPEC, so ParseLink would read it as
 //    "no IPv6".
 struct SettingsChanged {
-  int ifindex = 0;                         // 0: none
-  std::optional<bool> ipv6_forwarding_all; // the "all" netconf, when it says
+  int ifindex = 0;                          // 0: none
+  std::optional<bool> ipv6_forwarding_all;  // the "all" netconf, when it says
 };
 std::optional<SettingsChanged> ParseSettingsChanged(const nlmsghdr* msg);
 
