@@ -16,6 +16,7 @@
 #include <cstring>
 #include <deque>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "vmnet/kernel/netlink_codec.h"
@@ -683,6 +684,7 @@ absl::StatusOr<std::vector<Link>> NetlinkKernel::ReadLinks(
 
 absl::Status NetlinkKernel::ReadEvents(std::vector<Event>* events) {
   std::vector<int> reread;
+  absl::flat_hash_set<int> reread_seen;
   bool overflow = false;
   while (true) {
     auto n = events_.ReceiveNonBlocking(&event_buffer_, &overflow);
@@ -691,7 +693,8 @@ absl::Status NetlinkKernel::ReadEvents(std::vector<Event>* events) {
     ForEachMessage(event_buffer_.data(), *n, [&](const nlmsghdr* msg) {
       if (auto changed = ParseSettingsChanged(msg)) {
         if (changed->ifindex > 0) {
-          if (std::find(reread.begin(), reread.end(), changed->ifindex) == reread.end())
+          // ("all" forwarding raises one per link: thousands at once.)
+          if (reread_seen.insert(changed->ifindex).second)
             reread.push_back(changed->ifindex);
         } else if (changed->ipv6_forwarding_all) {
           events->push_back(HostSettingsEvent{changed->ipv6_forwarding_all});
