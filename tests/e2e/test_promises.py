@@ -19,7 +19,8 @@ Classes:
 - AnnounceSendErrorsTest: the uplink's queue drops every frame (a pfifo qdisc of limit 0,
   so sendto() fails with ENOBUFS): each announcement the kernel refused counts in
   `vmnet_announce_send_errors_total` and not in `vmnet_announcements_sent_total`, and the
-  log names the link and the error.
+  log names the link and the error. AnnounceOnDownUplinkTest: the uplink goes down between
+  two announcements of an address (sendto() fails with ENETDOWN): the same.
 
 Needs root and the vmnetd binary (<repo>/build/server/vmnetd, or set VMNETD); skips without
 root, fails as root when it cannot run (tests/skips.py):
@@ -366,6 +367,41 @@ class AnnounceSendErrorsTest(LabTestCase):
         log = self.lab.daemon.log()
         self.assertRegex(log, rf"event=announce_send_failed interface={lab.UPLINK} "
                               rf"ifindex=\d+ error=\"No buffer space available\"")
+
+
+class AnnounceOnDownUplinkTest(AnnounceSendErrorsTest):
+    """The uplink goes down between an address's first and second announcement: the second
+    is refused by the kernel (ENETDOWN) and counted as an error."""
+
+    daemon_flags = ("--announce-count=2", "--announce-interval=2s", "--log-level=debug",
+                    METRICS_FLAG)  # a link gone or down is logged at debug level
+
+    def test_refused_frames_are_counted_as_errors(self):
+        vm = self.lab.vms[1]
+        self.assertEqual(self.counters(), (0, 0), "(send errors, sent) before attach")
+        self.addCleanup(self.lab.run, self.lab.host, "ip", "link", "set", lab.UPLINK, "up",
+                        check=False)
+        with Sniffer(self.lab.x) as lan, Sniffer(vm.ns) as link:
+            self.assertEqual(self.attach(vm)["vm"]["state"], "VM_STATE_PROGRAMMED")
+            self.assertTrue(lab.wait_until(
+                lambda: any(is_announcement(f, vm.address) for f in lan.items()),
+                lab.time_bound(5), 0.02), f"X saw no announcement of {vm.address}")
+            # The second is due 2 s after the first.
+            self.lab.run(self.lab.host, "ip", "link", "set", lab.UPLINK, "down")
+            self.assertTrue(lab.wait_until(
+                lambda: sum(is_announcement(f, lab.GATEWAY) for f in link.items()) >= 2,
+                lab.time_bound(10), 0.05), f"the VM saw {link.items()}")
+            # The gateway's second and the address's second leave in the same round.
+            self.assertTrue(lab.wait_until(lambda: sum(self.counters()) >= 4,
+                                           lab.time_bound(5), 0.05),
+                            f"(send errors, sent): {self.counters()}")
+            self.assertEqual(sum(is_announcement(f, vm.address) for f in lan.items()), 1,
+                             "X's announcements of the VM's address")
+        self.assertEqual(self.counters(), (1, 3), "(send errors, sent): the address's second "
+                         "on the down uplink refused; its first and the gateway's two sent")
+        self.assertRegex(self.lab.daemon.log(),
+                         rf"event=announce_send_failed interface={lab.UPLINK} "
+                         rf"ifindex=\d+ error=\"Network is down\"")
 
 
 if __name__ == "__main__":
