@@ -1,6 +1,7 @@
 #include "vmnet/reconciler/reconciler.h"
 
 #include <poll.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -162,6 +163,8 @@ ReconcilerCounters Reconciler::counters() const {
 }
 
 void Reconciler::Run() {
+  // Named for `top -H` and /proc/PID/task/*/comm (the e2e tests stall this thread).
+  pthread_setname_np(pthread_self(), "vmnet-reconcile");
   while (!stopping_.load()) Iterate();
 }
 

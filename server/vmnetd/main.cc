@@ -100,8 +100,10 @@ ABSL_FLAG(int, watch_history, Defaults().watch_history,
           "Events retained for Watch resume.");
 ABSL_FLAG(int, max_request_bytes, Defaults().max_request_bytes,
           "The largest gRPC request accepted.");
-ABSL_FLAG(int, max_concurrent_streams, Defaults().max_concurrent_streams,
-          "Concurrent calls per client connection.");
+ABSL_FLAG(
+    int, max_concurrent_streams, Defaults().max_concurrent_streams,
+    "Concurrent calls per client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+    "a gRPC client holds further calls on that connection until one ends.");
 ABSL_FLAG(int, max_pending_requests, Defaults().max_pending_requests,
           "Attach and detach requests queued for the reconciler at once; more are "
           "refused with RESOURCE_EXHAUSTED (a flood cannot grow memory without bound).");
