@@ -116,7 +116,7 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
   *event.mutable_vm() = ToProto(vm);
   event.set_detail(detail);
   auto shared = std::make_shared<const Event>(event);
-  std::vector<Watcher*> pushed;
+  std::vector<Watcher*> pushed, cut_off;
   {
     vmnet::MutexLock lock(&mu_);
     revision_ = vm.revision;
@@ -141,10 +141,19 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
       Watcher* slow = current->first;
       if (sub.progress_interval.count() > 0) --progress_watchers_;
       watchers_.erase(current);
+      cut_off.push_back(slow);
       slow->Close(absl::ResourceExhaustedError(absl::StrCat(
           "this watcher fell behind by more than its queue holds; resume with "
           "from_revision set to the last revision received")));
     }
+  }
+  if (!cut_off.empty()) {
+    // A watcher cut off is never touched again (its owner may destroy it
+    // once closed): wait for a flush round that may hold it, and take it
+    // out of the next one.
+    vmnet::MutexLock round(&round_mu_);
+    std::lock_guard lock(wake_mu_);
+    for (Watcher* w : cut_off) flush_.erase(w);
   }
   if (pushed.empty()) return;
   // The sender thread starts the writes: a gRPC write is not started on the
