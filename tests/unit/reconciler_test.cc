@@ -939,7 +939,8 @@ TEST_F(ReconcilerTest, AnIpv6PermanentNeighbourEntryIsPutBack) {
   ASSERT_NE(FindNeighbor(kernel_.State(), vme, "2001:db8:1::201", false), nullptr);
   kernel_.DeleteNeighbor(vme, Ip("2001:db8:1::201"), false);
   EXPECT_TRUE(WaitFor([&] {
-    const auto* n = FindNeighbor(kernel_.State(), vme, "2001:db8:1::201", false);
+    kernel::Snapshot now = kernel_.State();  // the entry points into it
+    const auto* n = FindNeighbor(now, vme, "2001:db8:1::201", false);
     return n != nullptr && n->lladdr && n->lladdr->ToString() == "02:00:00:00:00:01" &&
            (n->state & NUD_PERMANENT) && n->protocol == kProto;
   }));
