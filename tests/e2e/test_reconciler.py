@@ -664,6 +664,10 @@ class QuietRestartTest(ReconcilerTestCase):
     # neighbours, addresses or links, and vmnetd must make none when nothing drifted.
     X_ARP_AGING = re.compile(rf"^{re.escape(lab.X_ADDRESS)} dev {lab.UPLINK} lladdr "
                              r"[0-9a-f:]{17} (REACHABLE|STALE|DELAY|PROBE)\s*$")
+    # The kernel's own multicast entries (ff02::..., NOARP), which its neighbour garbage
+    # collector deletes when the machine-wide table is over gc_thresh1 (other namespaces on a
+    # busy machine fill it); vmnetd never makes such entries.
+    MULTICAST_GC = re.compile(r"^Deleted ff02::\S+ dev \S+ lladdr 33:33:[0-9a-f:]{11} NOARP\s*$")
 
     @classmethod
     def setUpClass(cls):
@@ -702,7 +706,8 @@ class QuietRestartTest(ReconcilerTestCase):
                         f"{self.restart_seconds:.2f} s); it did not cover the restart")
 
     def test_no_kernel_change_in_ip_monitor(self):
-        changes = [line for line in self.window if not self.X_ARP_AGING.match(line)]
+        changes = [line for line in self.window
+                   if not self.X_ARP_AGING.match(line) and not self.MULTICAST_GC.match(line)]
         measured(f"kill -9 + restart to SERVING: {self.restart_seconds * 1000:.0f} ms; "
                  f"`ip monitor` lines in the window: {len(self.window)} "
                  f"({len(self.window) - len(changes)} of them X's ARP aging)")
