@@ -13,6 +13,16 @@
 // from the last revision it saw; resumes are counted and reported, and so are
 // the Watch messages (each carries one or more events).
 //
+// With --ingress_bps / --egress_bps (and --burst_bytes), every request
+// carries those bandwidth limits (AttachVmRequest.bandwidth). A VM with an
+// egress limit is answered PENDING ("creating vmb...": its ifb device's
+// ifindex is known only from the kernel's RTM_NEWLINK, a pass later); with
+// --settle such answers are not failures, and the storm ends when every VM
+// is PROGRAMMED as seen on one more Watch stream (opened before the first
+// attach, on its own connection): wall_s is then from the first call to the
+// later of the last answer and the event that made the last VM PROGRAMMED
+// (answers_wall_s: to the last answer).
+//
 // Prints one JSON object on stdout; exit status 0 when every attach was
 // programmed and every watcher saw every event, 1 otherwise.
 #include <sys/resource.h>
@@ -38,6 +48,15 @@ ABSL_FLAG(int, concurrency, 256, "AttachVm calls in flight at once.");
 ABSL_FLAG(int, channels, 4, "Connections the attach calls are spread over.");
 ABSL_FLAG(int, watchers, 0, "Watch streams following the storm, one connection each.");
 ABSL_FLAG(double, timeout_s, 300, "Give up on the storm after this many seconds.");
+ABSL_FLAG(uint64_t, ingress_bps, 0,
+          "bandwidth.ingress_bits_per_second of every request (0: no limit).");
+ABSL_FLAG(uint64_t, egress_bps, 0,
+          "bandwidth.egress_bits_per_second of every request (0: no limit).");
+ABSL_FLAG(uint64_t, burst_bytes, 0,
+          "bandwidth.burst_bytes of every request (0: default).");
+ABSL_FLAG(bool, settle, false,
+          "PENDING answers are not failures: the storm ends when a Watch stream has seen "
+          "every VM PROGRAMMED (needed with --egress_bps).");
 ABSL_FLAG(
     double, watch_timeout_s, 60,
     "After the last attach answered, how long the watchers may take to see every event.");
@@ -58,6 +77,7 @@ struct Outcome {
   std::condition_variable done_cv;
   int answered = 0;
   int programmed = 0;
+  int pending = 0;                          // answered PENDING, with --settle
   std::map<std::string, int64_t> failures;  // gRPC code or VM state -> count
   std::string first_failure;
   double last_answer = 0;
@@ -67,8 +87,13 @@ struct Outcome {
 class Storm {
  public:
   Storm(std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs, int first, int count,
-        double timeout_s)
-      : stubs_(stubs), first_(first), count_(count), timeout_s_(timeout_s) {}
+        double timeout_s, const v1::Bandwidth& bandwidth, bool settle)
+      : stubs_(stubs),
+        first_(first),
+        count_(count),
+        timeout_s_(timeout_s),
+        bandwidth_(bandwidth),
+        settle_(settle) {}
 
   void Start(int concurrency) {
     for (int i = 0; i < concurrency; ++i) StartNext();
@@ -100,6 +125,7 @@ class Storm {
     call->request.set_vm_id(VmId(first_ + i));
     call->request.set_interface(Interface(first_ + i));
     call->request.add_ip_addresses(Address(first_ + i));
+    if (bandwidth_.ByteSizeLong() != 0) *call->request.mutable_bandwidth() = bandwidth_;
     call->context.set_deadline(
         std::chrono::system_clock::now() +
         std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
@@ -115,24 +141,25 @@ class Storm {
   void Record(const Call& call, const grpc::Status& status) {
     std::lock_guard lock(outcome_.mu);
     std::string failure;
+    const v1::VmState state = call.response.vm().state();
     if (!status.ok()) {
       failure = absl::StrCat("grpc_code_", status.error_code());
       if (outcome_.first_failure.empty()) {
         outcome_.first_failure =
             absl::StrCat(call.request.vm_id(), ": ", status.error_message());
       }
-    } else if (call.response.vm().state() != v1::VM_STATE_PROGRAMMED) {
-      failure = v1::VmState_Name(call.response.vm().state());
+    } else if (state == v1::VM_STATE_PENDING && settle_) {
+      ++outcome_.pending;  // the settle watcher must see it PROGRAMMED
+    } else if (state != v1::VM_STATE_PROGRAMMED) {
+      failure = v1::VmState_Name(state);
       if (outcome_.first_failure.empty()) {
         outcome_.first_failure =
             absl::StrCat(call.request.vm_id(), ": ", call.response.vm().message());
       }
-    }
-    if (failure.empty()) {
-      ++outcome_.programmed;
     } else {
-      ++outcome_.failures[failure];
+      ++outcome_.programmed;
     }
+    if (!failure.empty()) ++outcome_.failures[failure];
     ++outcome_.answered;
     outcome_.last_answer = Now();
     if (outcome_.answered == count_) outcome_.done_cv.notify_all();
@@ -142,6 +169,8 @@ class Storm {
   const int first_;
   const int count_;
   const double timeout_s_;
+  const v1::Bandwidth bandwidth_;
+  const bool settle_;
   std::atomic<int> next_{0};
   Outcome outcome_;
 };
@@ -154,7 +183,8 @@ class Watcher {
       : stub_(VmNetwork::NewStub(channel)),
         first_(first),
         count_(count),
-        seen_(static_cast<size_t>(count)) {}
+        seen_(static_cast<size_t>(count)),
+        state_(static_cast<size_t>(count), v1::VM_STATE_UNSPECIFIED) {}
 
   void Start() { Open(0); }
 
@@ -191,6 +221,28 @@ class Watcher {
     if (current != nullptr) current->Cancel();
     std::unique_lock lock(mu_);
     cv_.wait_for(lock, std::chrono::seconds(10), [&] { return live_ == nullptr; });
+  }
+
+  // Until every VM has been PROGRAMMED at once (the time is settled_at()).
+  bool WaitSettled(double deadline) {
+    std::unique_lock lock(mu_);
+    while (settled_at_ == 0 && !ended_) {
+      if (Now() >= deadline) return false;
+      cv_.wait_for(lock, std::chrono::milliseconds(5));
+    }
+    return settled_at_ != 0;
+  }
+  double settled_at() {
+    std::lock_guard lock(mu_);
+    return settled_at_;
+  }
+  int programmed_now() {
+    std::lock_guard lock(mu_);
+    return programmed_now_;
+  }
+  std::string first_failed() {
+    std::lock_guard lock(mu_);
+    return first_failed_;
   }
 
   int added() const { return added_; }
@@ -259,13 +311,16 @@ class Watcher {
   void OnEventLocked(const WatchEvent& e) {
     if (last_revision_ != 0 && e.revision() != last_revision_ + 1) ++gaps_;
     if (e.revision() > last_revision_) last_revision_ = e.revision();
+    int index = -1;
+    const std::string& id = e.vm().vm_id();
+    if (id.rfind("bench-", 0) == 0) index = std::atoi(id.c_str() + 6) - first_;
+    if (index >= 0 && index < count_ && e.type() != v1::EVENT_TYPE_VM_REMOVED) {
+      TrackStateLocked(static_cast<size_t>(index), e.vm());
+    }
     if (e.type() != v1::EVENT_TYPE_VM_ADDED) {
       ++other_events_;
       return;
     }
-    int index = -1;
-    const std::string& id = e.vm().vm_id();
-    if (id.rfind("bench-", 0) == 0) index = std::atoi(id.c_str() + 6) - first_;
     if (index < 0 || index >= count_) {
       ++other_events_;
       return;
@@ -277,6 +332,22 @@ class Watcher {
     seen_[static_cast<size_t>(index)] = true;
     if (++added_ == count_) {
       complete_at_ = Now();
+      cv_.notify_all();
+    }
+  }
+
+  // The VM's latest state; the time every VM was first PROGRAMMED at once.
+  void TrackStateLocked(size_t index, const v1::Vm& vm) {
+    bool was = state_[index] == v1::VM_STATE_PROGRAMMED;
+    state_[index] = vm.state();
+    bool is = vm.state() == v1::VM_STATE_PROGRAMMED;
+    if (vm.state() == v1::VM_STATE_FAILED && first_failed_.empty()) {
+      first_failed_ = absl::StrCat(vm.vm_id(), ": ", vm.message());
+    }
+    if (was == is) return;
+    programmed_now_ += is ? 1 : -1;
+    if (programmed_now_ == count_ && settled_at_ == 0) {
+      settled_at_ = Now();
       cv_.notify_all();
     }
   }
@@ -311,6 +382,10 @@ class Watcher {
   bool stopping_ = false;
   uint64_t last_revision_ = 0;
   std::vector<bool> seen_;
+  std::vector<v1::VmState> state_;  // each VM's latest state seen
+  int programmed_now_ = 0;          // VMs whose latest state is PROGRAMMED
+  double settled_at_ = 0;           // when programmed_now_ first reached count_
+  std::string first_failed_;
   int added_ = 0;
   int duplicates_ = 0;
   int gaps_ = 0;
@@ -370,26 +445,69 @@ int Main() {
     }
   }
 
+  v1::Bandwidth bandwidth;
+  bandwidth.set_ingress_bits_per_second(absl::GetFlag(FLAGS_ingress_bps));
+  bandwidth.set_egress_bits_per_second(absl::GetFlag(FLAGS_egress_bps));
+  bandwidth.set_burst_bytes(absl::GetFlag(FLAGS_burst_bytes));
+  const bool settle = absl::GetFlag(FLAGS_settle);
+  result.Add("ingress_bps", bandwidth.ingress_bits_per_second())
+      .Add("egress_bps", bandwidth.egress_bits_per_second())
+      .Add("burst_bytes", bandwidth.burst_bytes())
+      .Add("settle", settle);
+  // With --settle: one more Watch stream, in place before the first attach,
+  // that tells when every VM is PROGRAMMED.
+  std::unique_ptr<Watcher> settler;
+  if (settle) {
+    settler = std::make_unique<Watcher>(Connect(target, 999), first, count);
+    settler->Start();
+    if (!settler->WaitInPlace(Now() + 30)) {
+      std::cerr << "vmnet_attach_storm: the settle Watch stream did not start: "
+                << settler->end_status() << "\n";
+      settler->Stop();
+      for (auto& x : watchers) x->Stop();
+      return 1;
+    }
+  }
+
   double cpu_before = CpuSeconds();
   double start = Now();
-  Storm storm(&stubs, first, count, absl::GetFlag(FLAGS_timeout_s));
+  Storm storm(&stubs, first, count, absl::GetFlag(FLAGS_timeout_s), bandwidth, settle);
   storm.Start(std::max(1, absl::GetFlag(FLAGS_concurrency)));
   bool finished = storm.Wait(start + absl::GetFlag(FLAGS_timeout_s) + 5);
   Outcome& o = storm.outcome();
-  double wall;
+  double wall, answers_wall;
+  int answered_programmed, answered_pending;
   {
     std::lock_guard lock(o.mu);
-    wall = (finished ? o.last_answer : Now()) - start;
+    answers_wall = (finished ? o.last_answer : Now()) - start;
+    answered_programmed = o.programmed;
+    answered_pending = o.pending;
     result.Add("finished", finished)
         .Add("answered", o.answered)
-        .Add("programmed", o.programmed)
+        .Add("answered_programmed", o.programmed)
+        .Add("answered_pending", o.pending)
         .Add("failures", o.failures)
         .Add("first_failure", o.first_failure)
         .Add("started_at", start)
-        .Add("wall_s", wall)
-        .Add("attaches_per_s", o.answered / std::max(wall, 1e-9));
+        .Add("answers_wall_s", answers_wall);
   }
-  bool ok = finished && o.programmed == count;
+  wall = answers_wall;
+  int programmed = answered_programmed;
+  bool ok = finished && answered_programmed + answered_pending == count;
+  if (settler) {
+    bool settled =
+        finished && settler->WaitSettled(Now() + absl::GetFlag(FLAGS_timeout_s));
+    if (settled) wall = std::max(answers_wall, settler->settled_at() - start);
+    programmed = settler->programmed_now();
+    result.Add("settled", settled).Add("first_failed_state", settler->first_failed());
+    settler->Stop();
+    ok = ok && settled;
+  } else {
+    ok = ok && answered_programmed == count;
+  }
+  result.Add("programmed", programmed)
+      .Add("wall_s", wall)
+      .Add("attaches_per_s", count / std::max(wall, 1e-9));
 
   if (!watchers.empty()) {
     double deadline = Now() + absl::GetFlag(FLAGS_watch_timeout_s);

@@ -2,16 +2,18 @@
 """vmnet benchmarks: vmnetd and the kernel's own tools side by side, in a namespace lab.
 
     bench/run.sh [--vms N] [--quick] [--json FILE] [--profile DIR | --heaptrack DIR]
-                 [--agent-flags '--flag=value ...'] [--only baseline,watch,getvm,agent,portsec]
+                 [--agent-flags '--flag=value ...']
+                 [--only baseline,watch,getvm,agent,portsec,bandwidth]
 
 A "host" is a network namespace with an uplink veth (eth0) to a namespace of its own standing
 for computer X, and N tap devices vme0, vme1, ... created with `ip -batch`. Host b gets the
 baseline `ip -batch`; host d the same batch VM by VM (for information); host c a vmnetd whose
 attach storm is followed by 100 Watch streams; host g (N+1 taps) a vmnetd read by GetVm while
 idle and during its storm; host a a vmnetd for everything else; hosts r (10 taps) and p (N
-taps and a veth to a VM namespace) a vmnetd with port security (issue 12). --only runs some of
-these phases (baseline: b and d, watch: c, getvm: g, agent: a, portsec: r and p). Rows, each
-with its baseline in the same run:
+taps and a veth to a VM namespace) a vmnetd with port security (issue 12); host t the
+bandwidth baseline and host l a vmnetd attaching VMs with bandwidth limits (issue 15). --only
+runs some of these phases (baseline: b and d, watch: c, getvm: g, agent: a, portsec: r and p,
+bandwidth: t and l). Rows, each with its baseline in the same run:
 
   attach storm    N AttachVm calls, 256 in flight over 4 connections (durable state on the
                   local disk), until all answered PROGRAMMED  vs  `ip -batch` installing the
@@ -26,6 +28,13 @@ with its baseline in the same run:
                   equal; forwarding X -> the VM of host p (203.0.113.2, behind a veth, with N
                   other VMs attached): iperf3 TCP, rounds alternating port security on and off
                   (the same agent and state, restarted with --port-security=false and back)
+  bandwidth       (bandwidth) the storm in host l with every VM limited both ways (a tbf
+                  root qdisc on vme<i>; an ifb vmb<i> with its own tbf, fed by a match-all
+                  u32 filter on vme<i>'s ingress qdisc redirecting to it), until every VM is
+                  PROGRAMMED  vs  in host t, `ip -batch` (the storm's four objects per VM and
+                  the ifb devices) plus `tc -batch` (the qdiscs and filters, same handles,
+                  prio and parameters), plus `nft -f` as above when port security is on;
+                  both hosts' tc objects checked exactly
   restart         process start to health SERVING with N VMs, and zero kernel writes
                   (vmnet_kernel_writes_total and `ip monitor`)  vs  `ip` dumping the routes,
                   proxy entries and addresses
@@ -64,7 +73,8 @@ Exit status: 0 when every measurement ran and its checks held (targets met or no
 says), 1 when a check failed (an attach not programmed, a watcher missing events, a route not
 repaired, a kernel object count off, a kernel write on restart, a GetVm call failed or none
 measured, nftables objects missing, the rule count growing with the VMs, the baseline's
-nftables objects differing from vmnetd's, iperf3 failing), 2 on usage or environment
+nftables objects differing from vmnetd's, iperf3 failing, a bandwidth object missing or
+wrong), 2 on usage or environment
 errors, 77 when the lab cannot be built here (not root, no namespaces). Run as root with
 Debian's /usr/bin/python3. The numbers are noisy on a small shared machine; compare the ratios
 of one run.
@@ -105,7 +115,12 @@ TOOLS = ("vmnet_attach_storm", "vmnet_getvm_latency", "vmnet_list_pages", "vmnet
 IDLE_WATCHERS = 100  # idle Watch streams held after the watched storm (host c)
 IDLE_PROGRESS_MS = 1000  # their progress_interval
 # --only: the phases, each in hosts of its own (see Bench.run).
-PHASES = ("baseline", "watch", "getvm", "agent", "portsec")
+PHASES = ("baseline", "watch", "getvm", "agent", "portsec", "bandwidth")
+# The bandwidth phase (issue 15): every VM limited both ways, with the default burst.
+BW_INGRESS_BPS = 100_000_000  # towards the VM: a root tbf on vme<i>
+BW_EGRESS_BPS = 50_000_000    # from the VM: redirected to the ifb vmb<i>, whose root tbf shapes
+BW_HANDLE = "ed:"             # vmnetd's root qdiscs (tc_objects.h kQdiscHandle)
+BW_FILTER_PRIO = 237          # vmnetd's redirect filter on the ingress qdisc (kFilterPrio)
 # The port-security phase's forwarding row: the one VM that traffic is sent to (iperf3 from X),
 # in a namespace of its own behind a veth, with an address of TEST-NET-3 (never 198.18.0.0/15).
 FORWARD_VM_ADDRESS = "203.0.113.2"
@@ -390,6 +405,99 @@ def count_kernel_objects(ns):
     addresses = run("ip", "-n", ns, "-4", "-o", "addr", "show", timeout=60).stdout.count(
         f" {GATEWAY}/32 ")
     return routes, proxies, addresses
+
+
+# -- traffic control (bandwidth limits, issue 15) ---------------------------------------------
+
+def ifb_name(link):
+    """The ifb device of a VM link's egress limit (tc_objects.cc IfbName, for the lab's short
+    vme<hex> names): "vmb" and the link's name after its first three characters."""
+    assert link.startswith("vme") and 3 < len(link) < 16, link
+    return "vmb" + link[3:]
+
+
+def tbf_params(bits_per_second):
+    """(rate bytes/s, burst bytes, limit bytes) of the tbf vmnetd installs for a limit with
+    the default burst (tc_codec.cc Tbf, DefaultBurstBytes): the burst is 10 ms at the rate, at
+    least 64 KiB; the limit is the burst plus 50 ms at the rate."""
+    rate = bits_per_second // 8
+    burst = min(max(rate // 100, 64 << 10), 2**32 - 1)
+    return rate, burst, min(burst + rate // 20, 2**32 - 1)
+
+
+def tc_batches(n, order):
+    """The `ip -batch` lines (one ifb per VM, created up) and the `tc -batch` lines (the
+    tbf towards the VM, the tbf on the ifb, the ingress qdisc and the match-all redirect
+    filter) that install what vmnetd installs for VMs 0..n-1 with BW_INGRESS_BPS and
+    BW_EGRESS_BPS (README "Bandwidth limits": the same handles, prio, flags and parameters).
+    order "kind": each kind of object for every VM, then the next kind; "vm": VM by VM."""
+    tbf = {}
+    for key, bps in (("in", BW_INGRESS_BPS), ("out", BW_EGRESS_BPS)):
+        rate, burst, limit = tbf_params(bps)
+        tbf[key] = f"tbf rate {rate * 8}bit burst {burst} limit {limit}"
+    ip_lines, tc_per_vm = [], []
+    for i in range(n):
+        dev = interface(i)
+        ifb = ifb_name(dev)
+        ip_lines.append(f"link add {ifb} up type ifb")
+        tc_per_vm.append([
+            f"qdisc replace dev {dev} root handle {BW_HANDLE} {tbf['in']}",
+            f"qdisc replace dev {ifb} root handle {BW_HANDLE} {tbf['out']}",
+            f"qdisc add dev {dev} ingress",
+            f"filter add dev {dev} parent ffff: prio {BW_FILTER_PRIO} protocol all u32 "
+            f"match u32 0 0 action mirred egress redirect dev {ifb}"])
+    if order == "kind":
+        tc_lines = [vm[k] for k in range(4) for vm in tc_per_vm]
+    else:
+        tc_lines = [line for vm in tc_per_vm for line in vm]
+    return ip_lines, tc_lines
+
+
+def tc_objects(ns, n):
+    """The bandwidth objects of VMs 0..n-1 in namespace `ns`, as the kernel reports them:
+    {"ifb links up", "tbf towards the VM", "tbf on the ifb", "ingress qdiscs",
+    "redirect filters"}, each counting only objects that are exactly right (handle, rate, the
+    queue's 50 ms, prio, the redirect's target being the VM's own ifb)."""
+    counts = dict.fromkeys(("ifb links up", "tbf towards the VM", "tbf on the ifb",
+                            "ingress qdiscs", "redirect filters"), 0)
+    for line in run("ip", "-n", ns, "-o", "link", "show", "type", "ifb",
+                    timeout=120).stdout.splitlines():
+        m = re.match(r"^\d+: (vmb[0-9a-f]+): <([^>]*)>", line)
+        if m and "UP" in m.group(2).split(","):
+            counts["ifb links up"] += 1
+    want_rate = {"vme": BW_INGRESS_BPS // 8, "vmb": BW_EGRESS_BPS // 8}
+    for q in json.loads(run("tc", "-n", ns, "-j", "qdisc", "show", timeout=120).stdout or "[]"):
+        dev = q.get("dev", "")
+        if q.get("kind") == "ingress" and dev.startswith("vme") and q.get("handle") == "ffff:":
+            counts["ingress qdiscs"] += 1
+        elif (q.get("kind") == "tbf" and q.get("root") and q.get("handle") == BW_HANDLE and
+              dev[:3] in want_rate):
+            options = q.get("options", {})
+            if (options.get("rate") == want_rate[dev[:3]] and
+                    abs(options.get("lat", 0) - 50000) <= 100):  # the limit: 50 ms at the rate
+                counts["tbf towards the VM" if dev.startswith("vme") else "tbf on the ifb"] += 1
+    # One `filter show` per VM link; with -j each prints one JSON array, in order.
+    shows = "".join(f"filter show dev {interface(i)} ingress\n" for i in range(n))
+    out = run("tc", "-n", ns, "-j", "-force", "-batch", "-", input=shows,
+              timeout=120 + n * 0.02, check=False).stdout
+    decoder, position = json.JSONDecoder(), 0
+    for i in range(n):
+        while position < len(out) and out[position].isspace():
+            position += 1
+        if position >= len(out):
+            break
+        filters, position = decoder.raw_decode(out, position)
+        for f in filters:
+            options = f.get("options", {})
+            if (f.get("pref") == BW_FILTER_PRIO and f.get("kind") == "u32" and
+                    f.get("protocol") == "all" and options.get("match", {}).get("mask") == "0"
+                    and any(a.get("kind") == "mirred" and a.get("mirred_action") == "redirect"
+                            and a.get("direction") == "egress" and
+                            a.get("to_dev") == ifb_name(interface(i))
+                            for a in options.get("actions", []))):
+                counts["redirect filters"] += 1
+                break
+    return counts
 
 
 # -- nftables (port security) ----------------------------------------------------------------
@@ -859,26 +967,31 @@ class Bench:
                    f"{who}: {routes} routes, {proxies} proxy entries, {addresses} gateway "
                    f"addresses in {ns}; want {want} each")
 
-    def baseline_attach(self, ns, order, key):
+    def baseline_attach(self, ns, order, key, bandwidth=False):
         """`ip -batch` installing the objects vmnetd installs for N VMs. order "kind": all links
         up, then all gateway addresses, routes, proxy entries (the fastest order found: a link
         coming up makes the kernel walk every neighbour and proxy entry, so bringing links up
         before any proxy entry exists avoids a quadratic cost). order "vm": VM by VM, the order
-        in which VMs arrive on a host (shown for information)."""
+        in which VMs arrive on a host (shown for information). With `bandwidth` (issue 15),
+        the ip batch also creates every VM's ifb device (up; first, before any proxy entry),
+        and `tc -batch` then installs the qdiscs and filters (tc_batches): timed apart, the
+        baseline is their sum."""
+        ifb_lines, tc_lines = tc_batches(self.n, order) if bandwidth else ([], [])
         per_vm = []
         for i in range(self.n):
             dev, address = interface(i), vm_address(i)
-            per_vm.append([f"link set dev {dev} up",
+            per_vm.append(([ifb_lines[i]] if bandwidth else []) + [
+                           f"link set dev {dev} up",
                            # iproute2 6.1 cannot mark an address with a protocol (vmnetd
                            # does: one attribute more, the same kernel work).
                            f"addr add {GATEWAY}/32 dev {dev} scope link noprefixroute",
                            f"route add {address}/32 dev {dev} scope link proto {PROTOCOL}",
                            f"neigh add proxy {address} dev {UPLINK} proto {PROTOCOL}"])
         if order == "kind":
-            lines = [vm[k] for k in range(4) for vm in per_vm]
+            lines = [vm[k] for k in range(len(per_vm[0])) for vm in per_vm]
         else:
             lines = [line for vm in per_vm for line in vm]
-        path = os.path.join(self.workdir, f"attach-{order}.batch")
+        path = os.path.join(self.workdir, f"{key}.batch")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         base = self.nft_base() if order == "kind" else None
@@ -895,8 +1008,21 @@ class Bench:
         self.check_objects(ns, f"ip -batch ({order} order)")
         self.results[f"{key}_s"] = seconds
         self.results[f"{key}_cpu_s"] = cpu[0]
-        log(f"ip -batch ({order} order) installed {4 * self.n} objects in {seconds:.3f} s "
+        log(f"ip -batch ({order} order) installed {len(lines)} objects in {seconds:.3f} s "
             f"(CPU {cpu[0]:.2f} s)")
+        if bandwidth:
+            tc_path = os.path.join(self.workdir, f"{key}.tc")
+            with open(tc_path, "w") as f:
+                f.write("\n".join(tc_lines) + "\n")
+            cpu = []
+            with self.profiler.phase(f"{key}_tc", comm="tc"):
+                tc_s = timed("tc", "-n", ns, "-batch", tc_path, timeout=120 + self.n * 0.05,
+                             cpu=cpu)
+            self.results[f"{key}_tc_s"] = tc_s
+            self.results[f"{key}_tc_cpu_s"] = cpu[0]
+            self.check_bandwidth(ns, f"tc -batch ({order} order)", key)
+            log(f"tc -batch ({order} order) installed {len(tc_lines)} objects in {tc_s:.3f} s "
+                f"(CPU {cpu[0]:.2f} s); ip -batch + tc -batch {seconds + tc_s:.3f} s")
         if base:
             # Median of 3 loads (1 with --quick): nft -f of 10,000 VMs' elements took 1.0 to
             # 3.5 s on this shared machine. Between loads vmnetd's tables are deleted and the
@@ -919,13 +1045,24 @@ class Bench:
             counts = nft_objects(ns)
             wrong = nft_per_vm_mismatches(counts, self.n)
             self.check(not wrong, f"nft -f (baseline): {', '.join(wrong)} in {ns}")
-            self.results["nft_objects_baseline"] = counts
-            self.results["nft_rules_baseline"] = nft_rule_count(ns)
+            if not bandwidth:
+                self.results["nft_objects_baseline"] = counts
+                self.results["nft_rules_baseline"] = nft_rule_count(ns)
             self.results[f"{key}_nft_s"] = nft_s
             self.results[f"{key}_nft_cpu_s"] = cpu[0]
             log(f"nft -f installed port security's {10 * self.n} per-VM objects in "
                 f"{', '.join(f'{t:.3f}' for t in times)} s (median CPU {cpu[0]:.2f} s); "
-                f"ip -batch + nft -f {seconds + nft_s:.3f} s")
+                f"ip -batch{' + tc -batch' if bandwidth else ''} + nft -f "
+                f"{seconds + self.results.get(f'{key}_tc_s', 0.0) + nft_s:.3f} s")
+
+    def check_bandwidth(self, ns, who, key):
+        """Every VM's bandwidth objects are in `ns`, exactly right (tc_objects); records the
+        counts under <key>_tc_objects."""
+        counts = tc_objects(ns, self.n)
+        self.results[f"{key}_tc_objects"] = counts
+        wrong = [f"{k}: {v}" for k, v in counts.items() if v != self.n]
+        self.check(not wrong, f"{who}: {', '.join(wrong)} in {ns}; want {self.n} each")
+        return counts
 
     def nft_base(self):
         """vmnetd's base ruleset (its tables, chains, rules and constant sets; no VM), as the
@@ -965,16 +1102,17 @@ class Bench:
         self._nft_base = text
         return text
 
-    def storm(self, agent, watchers, key, before_scrape=None):
+    def storm(self, agent, watchers, key, before_scrape=None, extra=()):
         """One attach storm of N VMs; `before_scrape` runs after it and before /metrics is
-        read (a scrape leaves its memory in the agent's RSS)."""
+        read (a scrape leaves its memory in the agent's RSS); `extra`: more flags of
+        vmnet_attach_storm."""
         passes = 0 if self.heap.directory else agent.metric_sum("vmnet_reconcile_passes_total")
         cpu = agent.cpu_seconds()
         threads = agent.thread_cpu_seconds()
         with self.profiler.phase(key, pid=agent.pid):
             result = run_json(self.tools["vmnet_attach_storm"], f"--target={agent.target}",
                               f"--count={self.n}", "--concurrency=256", "--channels=4",
-                              f"--watchers={watchers}", "--timeout_s=400",
+                              f"--watchers={watchers}", "--timeout_s=400", *extra,
                               timeout=480 + self.n * 0.01)
         result["agent_cpu_s"] = agent.cpu_seconds() - cpu
         # Per thread: the reconciler is the busiest "vmnetd" thread (the main thread waits).
@@ -1423,6 +1561,10 @@ class Bench:
                 remove("a")
             if self.port_security_supported():
                 self.portsec(build, remove)
+        if "bandwidth" in only:
+            if self.lab.host("a") in self.lab.namespaces:
+                remove("a")
+            self.bandwidth(build, remove)
         self.results["load_average_at_end"] = os.getloadavg()
         self.completed = True
 
@@ -1531,6 +1673,32 @@ class Bench:
             result["off_mean_gbits"] = statistics.fmean(result["off_gbits"])
             result["ratio"] = result["on_mean_gbits"] / result["off_mean_gbits"]
         remove("p")
+
+    def bandwidth(self, build, remove):
+        """Issue 15's rows. Host t: the baseline, `ip -batch` (the four objects per VM of the
+        storm row and an ifb device per VM) and `tc -batch` (per VM a tbf towards the VM, a tbf
+        on the ifb, the ingress qdisc and the redirect filter), then `nft -f` of port
+        security's objects as in the baseline phase when port security is on. Host l: a fresh
+        vmnetd attaches N VMs, each limited to BW_INGRESS_BPS towards it and BW_EGRESS_BPS
+        from it; the storm ends when every VM is PROGRAMMED (vmnet_attach_storm --settle: an
+        egress limit answers PENDING until the ifb's RTM_NEWLINK comes back). Both hosts are
+        then checked for every object, the tc ones exactly (tc_objects)."""
+        self.nft_base()  # host n, before host t exists (cached when it ran already)
+        self.baseline_attach(build("t"), "kind", "attach_bw_baseline", bandwidth=True)
+        remove("t")
+        ns = build("l")
+        agent = Agent(self.lab, ns, self.vmnetd, self.tools,
+                      os.path.join(self.workdir, "agent-l"), self.args.agent_flags)
+        agent.start()
+        self.storm(agent, 0, "storm_bandwidth",
+                   extra=(f"--ingress_bps={BW_INGRESS_BPS}", f"--egress_bps={BW_EGRESS_BPS}",
+                          "--settle"))
+        self.check_objects(ns, "vmnetd with bandwidth limits")
+        self.check_bandwidth(ns, "vmnetd with bandwidth limits", "storm_bandwidth")
+        if self.nft_base():
+            self.check_nft(ns, "vmnetd with bandwidth limits", self.n)
+        agent.stop()
+        remove("l")
 
     def port_security_supported(self):
         """Whether this vmnetd has --port-security (issue 12). Without it (an older build)
@@ -1646,6 +1814,31 @@ def table(r):
         add(f"forwarding X -> VM, {n + 1} VMs (iperf3 Gbit/s)",
             f"{ps['on_mean_gbits']:.2f} on", f"{ps['off_mean_gbits']:.2f} off", ps["ratio"],
             "on/off >= 0.95", ps["ratio"] >= 0.95)
+    sb = r.get("storm_bandwidth")
+    if sb and "attach_bw_baseline_s" in r:
+        parts = [("ip", r["attach_bw_baseline_s"], r["attach_bw_baseline_cpu_s"]),
+                 ("tc", r["attach_bw_baseline_tc_s"], r["attach_bw_baseline_tc_cpu_s"])]
+        if "attach_bw_baseline_nft_s" in r:
+            parts.append(("nft", r["attach_bw_baseline_nft_s"],
+                          r["attach_bw_baseline_nft_cpu_s"]))
+        names = {"ip": "ip -batch", "tc": "tc -batch", "nft": "nft -f"}
+        base = sum(p[1] for p in parts)
+        v = ratio(sb["wall_s"], base)
+        add(f"attach storm, limits both ways, {n} VMs (wall s)", f"{sb['wall_s']:.3f}",
+            f"{base:.3f} ({' + '.join(names[p[0]] for p in parts)})", v, "ratio <= 1.0",
+            v <= 1.0)
+        add(f"  (information: of which {' / '.join(names[p[0]] for p in parts)})", "-",
+            " / ".join(f"{p[1]:.3f}" for p in parts), None, "-", None)
+        base_cpu = sum(p[2] for p in parts)
+        add(f"  (information: CPU s, vmnetd vs {' + '.join(p[0] for p in parts)})",
+            f"{sb['agent_cpu_s']:.3f}", f"{base_cpu:.3f}", ratio(sb["agent_cpu_s"], base_cpu),
+            "-", None)
+        add("  (information: last answer / all PROGRAMMED, s)",
+            f"{sb['answers_wall_s']:.3f} / {sb['wall_s']:.3f}",
+            f"{sb['answered_pending']} answered PENDING", None, "-", None)
+    elif sb:
+        add(f"attach storm, limits both ways, {n} VMs (wall s)", f"{sb['wall_s']:.3f}",
+            "not run", None, "ratio <= 1.0", None)
     if "restart" in r:
         rs = r["restart"]
         v = ratio(rs["median_s"], rs["baseline_median_s"])
@@ -1776,6 +1969,16 @@ def details(r):
             "; restarts to SERVING "
             f"{', '.join(f'{t:.2f}' for t in ps['restart_s'])} s, then nftables ready "
             f"{', '.join(f'{t:.2f}' for t in ps['nft_ready_s'])} s later")
+    sb = r.get("storm_bandwidth")
+    if sb:
+        lines.append(
+            f"bandwidth limits ({BW_INGRESS_BPS // 10**6} Mbit/s towards each VM, "
+            f"{BW_EGRESS_BPS // 10**6} Mbit/s from it, default burst): storm vmnetd CPU "
+            f"{sb['agent_cpu_s']:.2f} s (busiest threads {sb.get('thread_cpu_s')}), client CPU "
+            f"{sb['client_cpu_s']:.2f} s, kernel writes {sb.get('kernel_writes', 0):.0f}, "
+            f"reconcile passes {sb.get('reconcile_passes', 0):.0f}; tc objects vmnetd "
+            f"{r.get('storm_bandwidth_tc_objects')}, baseline "
+            f"{r.get('attach_bw_baseline_tc_objects')}")
     if "idle_cpu_percent" in r:
         lines.append(f"idle with {r['vms']} VMs: vmnetd uses {r['idle_cpu_percent']:.1f}% of "
                      f"a core")
@@ -1885,15 +2088,18 @@ def main():
                         help="the client, for the portsec phase (default $VMNETCTL or "
                              "client/vmnetctl next to --bin-dir)")
     parser.add_argument("--time-limit", type=int,
-                        help="seconds before the run gives up and cleans up (default 13 min, "
-                             "25 min with --profile)")
+                        help="seconds before the run gives up and cleans up (default 25 min, "
+                             "40 min with --profile or --heaptrack; the bandwidth phase alone "
+                             "takes 7.5 min at 10,000 VMs)")
     parser.add_argument("--only", metavar="PHASES", default=",".join(PHASES),
                         help="run only these phases, comma-separated: baseline (hosts b and "
                              "d: ip -batch), watch (host c: the storm with 100 watchers), "
                              "getvm (host g: GetVm latency idle and during the storm), agent "
                              "(host a: the storm, memory, restart, scrape, lists, drift), "
                              "portsec (hosts r and p: port security's storm, rule count and "
-                             "forwarding on/off); the table then has only their rows "
+                             "forwarding on/off), bandwidth (hosts t and l: the storm with "
+                             "bandwidth limits vs ip -batch + tc -batch); the table then has "
+                             "only their rows "
                              "(default: all)")
     parser.add_argument("--report", metavar="FILE",
                         help="print the table of an earlier run's --json FILE and exit")
@@ -1913,7 +2119,7 @@ def main():
         print(details(results))
         return 0
     if args.time_limit is None:
-        args.time_limit = 1500 if args.profile or args.heaptrack else 780
+        args.time_limit = 2400 if args.profile or args.heaptrack else 1500
     if not 1 <= args.vms <= 100000:
         parser.error("--vms: give 1 to 100000")
     if args.profile and args.heaptrack:
