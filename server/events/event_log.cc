@@ -146,6 +146,15 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
           "this watcher fell behind by more than its queue holds; resume with "
           "from_revision set to the last revision received")));
     }
+    if (!pushed.empty()) {
+      // The sender thread starts the writes: a gRPC write is not started on
+      // the publishing (reconciler) thread, and what it publishes meanwhile
+      // goes out in the same messages. Queued under mu_, so a watcher that
+      // Unsubscribe has taken out of watchers_ is never queued again.
+      std::lock_guard wake(wake_mu_);
+      for (Watcher* w : pushed) flush_.insert(w);
+      wake_cv_.notify_one();
+    }
   }
   if (!cut_off.empty()) {
     // A watcher cut off is never touched again (its owner may destroy it
@@ -155,13 +164,6 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
     std::lock_guard lock(wake_mu_);
     for (Watcher* w : cut_off) flush_.erase(w);
   }
-  if (pushed.empty()) return;
-  // The sender thread starts the writes: a gRPC write is not started on the
-  // publishing (reconciler) thread, and what it publishes meanwhile goes out
-  // in the same messages.
-  std::lock_guard lock(wake_mu_);
-  for (Watcher* w : pushed) flush_.insert(w);
-  wake_cv_.notify_one();
 }
 
 void EventLog::Seed(const VmView& vm) {
@@ -234,14 +236,16 @@ void EventLog::Unsubscribe(Watcher* watcher) {
   // Waits for a flush round in progress, which may be flushing `watcher`.
   vmnet::MutexLock round(&round_mu_);
   {
-    std::lock_guard lock(wake_mu_);
-    flush_.erase(watcher);
+    // First out of watchers_: from then on no Publish queues it for a flush.
+    vmnet::MutexLock lock(&mu_);
+    auto it = watchers_.find(watcher);
+    if (it != watchers_.end()) {
+      if (it->second.progress_interval.count() > 0) --progress_watchers_;
+      watchers_.erase(it);
+    }
   }
-  vmnet::MutexLock lock(&mu_);
-  auto it = watchers_.find(watcher);
-  if (it == watchers_.end()) return;
-  if (it->second.progress_interval.count() > 0) --progress_watchers_;
-  watchers_.erase(it);
+  std::lock_guard lock(wake_mu_);
+  flush_.erase(watcher);
 }
 
 void EventLog::CloseAll() {
