@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "vmnet/kernel/netlink_codec.h"
+#include "vmnet/kernel/tc_codec.h"
 #include "vmnet/kernel/objects.h"
 
 namespace {
@@ -57,6 +58,9 @@ std::string Describe(const Event& e) {
         using T = std::decay_t<decltype(ev)>;
         if constexpr (std::is_same_v<T, NftEvent>) {
           return ev.ToString();
+        } else if constexpr (std::is_same_v<T, HostSettingsEvent>) {
+          return std::string("net.ipv6.conf.all.forwarding ") +
+                 (ev.ipv6_forwarding_all ? (*ev.ipv6_forwarding_all ? "1" : "0") : "?");
         } else {
           std::string s = ev.deleted ? "deleted " : "";
           if constexpr (std::is_same_v<T, LinkEvent>) return s + ev.link.ToString();
@@ -64,6 +68,8 @@ std::string Describe(const Event& e) {
           if constexpr (std::is_same_v<T, RouteEvent>) return s + ev.route.ToString();
           if constexpr (std::is_same_v<T, NeighborEvent>)
             return s + ev.neighbor.ToString();
+          if constexpr (std::is_same_v<T, QdiscEvent>) return s + ev.qdisc.ToString();
+          if constexpr (std::is_same_v<T, TcFilterEvent>) return s + ev.filter.ToString();
         }
       },
       e);
@@ -71,7 +77,7 @@ std::string Describe(const Event& e) {
 
 bool IsDelete(uint16_t type) {
   return type == RTM_DELLINK || type == RTM_DELADDR || type == RTM_DELROUTE ||
-         type == RTM_DELNEIGH;
+         type == RTM_DELNEIGH || type == RTM_DELQDISC || type == RTM_DELTFILTER;
 }
 
 // Encodes `write`, checks the result is exactly one message, and returns the
@@ -169,9 +175,13 @@ void ParseOne(const nlmsghdr* msg) {
   auto address = ParseAddress(msg);
   auto route = ParseRoute(msg);
   auto neighbor = ParseNeighbor(msg);
+  auto qdisc = ParseQdisc(msg);
+  auto filter = ParseTcFilter(msg);
   auto event = ParseEvent(msg);
-  int accepted =
-      link.has_value() + address.has_value() + route.has_value() + neighbor.has_value();
+  int accepted = link.has_value() + address.has_value() + route.has_value() +
+                 neighbor.has_value() + qdisc.has_value() + filter.has_value();
+  // (A settings message parses as neither: the links it names are read again.)
+  (void)ParseSettingsChanged(msg);
   std::string what = "message type " + std::to_string(msg->nlmsg_type);
   EXPECT(accepted <= 1, what);
   EXPECT(event.has_value() == (accepted == 1), what);
@@ -180,7 +190,8 @@ void ParseOne(const nlmsghdr* msg) {
   std::string text = Describe(*event);
   bool deleted = std::visit(
       [](const auto& ev) {
-        if constexpr (std::is_same_v<std::decay_t<decltype(ev)>, NftEvent>) {
+        using T = std::decay_t<decltype(ev)>;
+        if constexpr (std::is_same_v<T, NftEvent> || std::is_same_v<T, HostSettingsEvent>) {
           return false;
         } else {
           return ev.deleted;
