@@ -533,18 +533,37 @@ absl::StatusOr<std::vector<DropCounter>> NetlinkKernel::ReadDropCounters() {
   return nft_->ReadDropCounters();
 }
 
+namespace {
+
+// GET requests (one object each), pipelined: each request's answer as
+// `parse` reads it, nullopt where the kernel answered with an error (its
+// errno in *errnos, when given).
+template <typename Parse>
+auto GetEach(NetlinkSocket& sock, size_t window,
+             const std::vector<std::vector<uint8_t>>& requests, Parse parse,
+             std::vector<int>* errnos = nullptr) {
+  std::vector<decltype(parse(nullptr))> found(requests.size());
+  std::vector<std::string> ignored;
+  std::vector<int> result = sock.Transact(
+      requests, &ignored, window,
+      [&](size_t index, const nlmsghdr* reply) { found[index] = parse(reply); });
+  if (errnos != nullptr) *errnos = std::move(result);
+  return found;
+}
+
+}  // namespace
+
 std::vector<std::optional<Neighbor>> NetlinkKernel::ReadProxies(
     absl::Span<const Neighbor> proxies) {
   std::vector<std::vector<uint8_t>> requests;
   requests.reserve(proxies.size());
   for (const Neighbor& n : proxies) requests.push_back(EncodeGetProxy(n));
-  std::vector<std::optional<Neighbor>> found(proxies.size());
-  std::vector<std::string> ignored;
-  writes_.Transact(requests, &ignored, options_.write_window,
-                   [&](size_t index, const nlmsghdr* reply) {
-                     if (auto n = ParseNeighbor(reply); n && n->proxy) found[index] = *n;
-                   });
-  return found;
+  return GetEach(writes_, options_.write_window, requests,
+                 [](const nlmsghdr* reply) -> std::optional<Neighbor> {
+                   auto n = ParseNeighbor(reply);
+                   if (n && n->proxy) return n;
+                   return std::nullopt;
+                 });
 }
 
 void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
@@ -664,13 +683,9 @@ absl::StatusOr<std::vector<Link>> NetlinkKernel::ReadLinks(
   std::vector<std::vector<uint8_t>> requests;
   requests.reserve(ifindexes.size());
   for (int ifindex : ifindexes) requests.push_back(EncodeGetLink(ifindex));
-  std::vector<std::optional<Link>> found(ifindexes.size());
-  std::vector<std::string> ignored;
-  std::vector<int> errnos = writes_.Transact(requests, &ignored, options_.write_window,
-                                             [&](size_t index, const nlmsghdr* reply) {
-                                               if (auto l = ParseLink(reply))
-                                                 found[index] = std::move(*l);
-                                             });
+  std::vector<int> errnos;
+  std::vector<std::optional<Link>> found =
+      GetEach(writes_, options_.write_window, requests, ParseLink, &errnos);
   std::vector<Link> links;
   for (size_t i = 0; i < found.size(); ++i) {
     if (found[i]) {
