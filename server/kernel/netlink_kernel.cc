@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "vmnet/kernel/netlink_codec.h"
+#include "vmnet/kernel/tc_codec.h"
 #include "vmnet/kernel/tc_kernel.h"
 
 namespace vmnet::kernel {
@@ -566,6 +567,32 @@ std::vector<std::optional<Neighbor>> NetlinkKernel::ReadProxies(
                  });
 }
 
+void NetlinkKernel::BringUpCreatedIfbs(absl::Span<const Write> writes,
+                                       std::vector<int>* errnos,
+                                       std::vector<std::string>* ack_messages) {
+  // Only the ifbs this batch created: a name whose create failed may be
+  // another's link. Their follow-ups go in one more pipelined batch.
+  std::vector<std::vector<uint8_t>> requests;
+  std::vector<size_t> owner;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    const auto* create = std::get_if<CreateIfb>(&writes[i]);
+    if (create == nullptr || (*errnos)[i] != 0) continue;
+    for (std::vector<uint8_t>& request : EncodeIfbBringUp(*create)) {
+      requests.push_back(std::move(request));
+      owner.push_back(i);
+    }
+  }
+  if (requests.empty()) return;
+  std::vector<std::string> messages;
+  std::vector<int> result = writes_.Transact(requests, &messages, options_.write_window);
+  for (size_t k = 0; k < requests.size(); ++k) {
+    size_t i = owner[k];
+    if (result[k] == 0 || (*errnos)[i] != 0) continue;
+    (*errnos)[i] = result[k];
+    (*ack_messages)[i] = absl::StrCat("created, but not brought up: ", messages[k]);
+  }
+}
+
 void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
                                  std::vector<absl::Status>* result) {
   // A proxy entry is created only where none is: read them first.
@@ -608,6 +635,7 @@ void NetlinkKernel::ApplyNetlink(absl::Span<const Write> writes,
     errnos[request_index[k]] = sent_errnos[k];
     ack_messages[request_index[k]] = std::move(sent_messages[k]);
   }
+  BringUpCreatedIfbs(writes, &errnos, &ack_messages);
   for (size_t i = 0; i < writes.size(); ++i) {
     if (decided[i]) {
       result->push_back(std::move(*decided[i]));

@@ -101,16 +101,30 @@ Msg EncodeFilter(int type, int flags, const TcFilter& f) {
   return msg;
 }
 
+// Created down: the kernel's IPv6 setup of a link coming up (its
+// link-local address and routes) costs time that grows with the host's
+// routes, and an ifb needs none of it. IFLA_AF_SPEC is ignored when a link
+// is created and applied after the flags when one is changed, so the mode is
+// set in its own message before the link goes up (EncodeIfbBringUp).
 Msg EncodeCreateIfb(const CreateIfb& w) {
   ifinfomsg ifi{};
   ifi.ifi_family = AF_UNSPEC;
-  ifi.ifi_flags = IFF_UP;
-  ifi.ifi_change = IFF_UP;
   Msg msg = NewMessage(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &ifi, sizeof(ifi));
   nla_put_string(msg.get(), IFLA_IFNAME, w.name.c_str());
   nlattr* info = nla_nest_start(msg.get(), IFLA_LINKINFO);
   nla_put_string(msg.get(), IFLA_INFO_KIND, "ifb");
   nla_nest_end(msg.get(), info);
+  return msg;
+}
+
+// An RTM_NEWLINK changing the link called `name`, without creating one.
+Msg ChangeLinkByName(const std::string& name, unsigned flags, unsigned change) {
+  ifinfomsg ifi{};
+  ifi.ifi_family = AF_UNSPEC;
+  ifi.ifi_flags = flags;
+  ifi.ifi_change = change;
+  Msg msg = NewMessage(RTM_NEWLINK, 0, &ifi, sizeof(ifi));
+  nla_put_string(msg.get(), IFLA_IFNAME, name.c_str());
   return msg;
 }
 
@@ -306,6 +320,16 @@ std::vector<uint8_t> EncodeTcWrite(const Write& write) {
   if (const auto* w = std::get_if<CreateIfb>(&write)) return Bytes(EncodeCreateIfb(*w));
   if (const auto* w = std::get_if<DeleteLink>(&write)) return Bytes(EncodeDeleteLink(*w));
   return {};
+}
+
+std::vector<std::vector<uint8_t>> EncodeIfbBringUp(const CreateIfb& w) {
+  Msg mode = ChangeLinkByName(w.name, 0, 0);
+  nlattr* af_spec = nla_nest_start(mode.get(), IFLA_AF_SPEC);
+  nlattr* inet6 = nla_nest_start(mode.get(), AF_INET6);
+  nla_put_u8(mode.get(), IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE);
+  nla_nest_end(mode.get(), inet6);
+  nla_nest_end(mode.get(), af_spec);
+  return {Bytes(mode), Bytes(ChangeLinkByName(w.name, IFF_UP, IFF_UP))};
 }
 
 Qdisc Tbf(int ifindex, uint64_t bits_per_second, uint32_t burst_bytes) {

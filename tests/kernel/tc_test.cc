@@ -76,6 +76,9 @@ TEST_F(TcKernelTest, ShapersAsTcShowsThemAndReadBackEqual) {
   EXPECT_THAT(Sh("tc qdisc show dev vmb1a root"), HasSubstr("rate 400Gbit"));
   EXPECT_THAT(Sh("ip -d link show vmb1a"), HasSubstr("ifb"));
   EXPECT_THAT(Sh("ip link show vmb1a"), HasSubstr(",UP"));
+  // Up without the kernel's IPv6 setup: no address generation, no link-local.
+  EXPECT_THAT(Sh("ip -d link show vmb1a"), HasSubstr("addrgenmode none"));
+  EXPECT_EQ(Sh("ip -6 -o addr show dev vmb1a"), "");
   std::string filters = Sh("tc filter show dev vme1a ingress");
   EXPECT_THAT(filters, HasSubstr("pref 237 u32"));
   EXPECT_THAT(filters, HasSubstr("match 00000000/00000000 at 0"));

@@ -106,6 +106,10 @@ class NetlinkKernel : public Kernel {
   void ApplyNft(absl::Span<const Write> writes, std::vector<absl::Status>* result);
 
   void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);
+  // Each ifb device the batch created (down) gets no IPv6 address generation
+  // and is brought up (EncodeIfbBringUp); a failure there is its CreateIfb's.
+  void BringUpCreatedIfbs(absl::Span<const Write> writes, std::vector<int>* errnos,
+                          std::vector<std::string>* ack_messages);
   // For each proxy entry about to be created: the entry the kernel holds at
   // that address now, if any. (The kernel ignores NLM_F_EXCL for proxy
   // entries: adding one that exists succeeds and relabels it with our

@@ -23,6 +23,12 @@ std::optional<Event> ParseTcEvent(const nlmsghdr* msg);
 // The request for a traffic-control write (IsTcWrite); empty otherwise.
 std::vector<uint8_t> EncodeTcWrite(const Write& write);
 
+// EncodeTcWrite creates an ifb device down. Once the kernel has acknowledged
+// it, these requests (by name) turn off its IPv6 address generation and bring
+// it up: an ifb needs no IPv6 setup, which on a host of many routes costs
+// more than everything else vmnetd does for the VM (BENCHMARKS.md).
+std::vector<std::vector<uint8_t>> EncodeIfbBringUp(const CreateIfb& w);
+
 // The tbf vmnetd installs for a limit of `bits_per_second` with `burst_bytes`
 // of burst: its queue holds the burst and 50 ms at the rate (enough for TCP
 // to keep the link busy, little enough to add no more than 50 ms of delay).

@@ -113,7 +113,8 @@ struct DeleteTcFilter {
   TcFilter filter;
   bool operator==(const DeleteTcFilter&) const = default;
 };
-// Creates an ifb device, up. Its ifindex is known once its RTM_NEWLINK
+// Creates an ifb device, up, with no IPv6 address generation (an ifb needs
+// no link-local address; see EncodeIfbBringUp). Its ifindex is known once its RTM_NEWLINK
 // arrives; `vm_link` names the VM link it serves, so that event plans the
 // VM again.
 struct CreateIfb {
