@@ -113,6 +113,19 @@ TEST_F(TcKernelTest, ShapersAsTcShowsThemAndReadBackEqual) {
   }
 }
 
+// Bringing an ifb up is by name, so it must follow only a create of ours
+// that succeeded: another's link of that name stays as it was.
+TEST_F(TcKernelTest, AnotherLinkWithTheIfbsNameIsLeftDown) {
+  ASSERT_EQ(Sh("ip link add vmb1a type veth peer name vm1"), "");
+  std::vector<absl::Status> results = kernel_->Apply({CreateIfb{"vmb1a", "vme1a"}});
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_EQ(results[0].code(), absl::StatusCode::kAlreadyExists) << results[0];
+  std::string link = Sh("ip -d link show vmb1a");
+  EXPECT_THAT(link, HasSubstr("veth"));
+  EXPECT_THAT(link, Not(HasSubstr(",UP")));
+  EXPECT_THAT(link, HasSubstr("addrgenmode eui64"));
+}
+
 TEST_F(TcKernelTest, ReplaceChangesInPlace) {
   ExpectAllOk(kernel_->Apply({SetQdisc{Tbf(vme_, 20'000'000, 65536)}}));
   // Some packets through it (ARP requests for an address nobody has).
