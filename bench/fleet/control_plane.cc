@@ -30,6 +30,8 @@
 //                          resumed after it (wait_live then says when)
 //   audit                  ListVms of every agent compared with the view (not
 //                          a re-list: a check of the bench); mismatches
+//   persist                writes the state file now (it is otherwise written
+//                          at most every --persist_interval_ms after a change)
 //   stats                  counters per host: re-lists, initial lists,
 //                          resumes, OUT_OF_RANGE, stream ends, messages
 //   quit                   cancels the streams and exits 0
@@ -819,6 +821,7 @@ class ControlPlane {
       return Quiet(number(1, 10), w.size() >= 3 && w[2] == "nostreams");
     }
     if (c == "audit") return Audit();
+    if (c == "persist") return Persist();
     if (c == "stats") return Stats();
     return Error("unknown command: " + line);
   }
@@ -867,7 +870,21 @@ class ControlPlane {
     return o.ToString();
   }
 
+  // The agents' CPU in all (ns), and this process's own.
+  int64_t AgentsCpuNs() {
+    int64_t total = 0;
+    for (auto& h : hosts_) total += std::max<int64_t>(0, AgentCpuNs(h->info().pid_file));
+    return total;
+  }
+  static double OwnCpuSeconds() {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+  }
+
   std::string Attach() {
+    int64_t agents_cpu = AgentsCpuNs();
+    double own_cpu = OwnCpuSeconds();
     double start = Now();
     std::vector<std::unique_ptr<AttachRun>> runs;
     int vms = 0;
@@ -904,6 +921,8 @@ class ControlPlane {
       last_answer = std::max(last_answer, r->last_answer());
       if (failure.empty()) failure = r->first_failure();
     }
+    agents_cpu = AgentsCpuNs() - agents_cpu;
+    own_cpu = OwnCpuSeconds() - own_cpu;
     // Calls still in flight (a timeout) hold pointers to the runs.
     while (!std::all_of(runs.begin(), runs.end(), [](auto& r) { return r->Done(); })) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -916,6 +935,8 @@ class ControlPlane {
         .Add("converge_s", std::max(last_answer, latest) - start)
         .Add("watch_converge_s", latest - start)
         .Add("converged", converged)
+        .Add("agents_cpu_s", static_cast<double>(agents_cpu) / 1e9)
+        .Add("control_plane_cpu_s", own_cpu)
         .Add("first_failure", failure);
     return o.ToString();
   }
@@ -1115,22 +1136,36 @@ class ControlPlane {
   // at most every persist_ms_: the revisions and views are taken host by
   // host, each consistent with itself.
   void PersistLoop() {
-    uint64_t written = 0;
     std::unique_lock lock(persist_mu_);
     while (!stop_) {
       persist_cv_.wait_for(lock, std::chrono::milliseconds(persist_ms_));
-      uint64_t v = Host::version.load();
-      if (v == written) continue;
-      std::string body = "vmnet-fleet-cp 1\n";
-      for (auto& h : hosts_) body += h->Serialize();
-      std::string tmp = state_file_ + ".tmp";
-      FILE* f = fopen(tmp.c_str(), "w");
-      if (f == nullptr) continue;
-      bool ok = fwrite(body.data(), 1, body.size(), f) == body.size();
-      ok = fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
-      fclose(f);
-      if (ok && rename(tmp.c_str(), state_file_.c_str()) == 0) written = v;
+      WriteState();
     }
+  }
+
+  // Writes the state file if anything changed since the last write; true
+  // when the file holds everything up to now.
+  bool WriteState() {
+    std::lock_guard lock(write_mu_);
+    uint64_t v = Host::version.load();
+    if (v == written_) return true;
+    std::string body = "vmnet-fleet-cp 1\n";
+    for (auto& h : hosts_) body += h->Serialize();
+    std::string tmp = state_file_ + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "w");
+    if (f == nullptr) return false;
+    bool ok = fwrite(body.data(), 1, body.size(), f) == body.size();
+    ok = fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
+    fclose(f);
+    if (!ok || rename(tmp.c_str(), state_file_.c_str()) != 0) return false;
+    written_ = v;
+    return true;
+  }
+
+  std::string Persist() {
+    JsonObject o;
+    o.Add("ok", WriteState());
+    return o.ToString();
   }
 
   const std::string state_file_;
@@ -1141,6 +1176,8 @@ class ControlPlane {
   Worker worker_;  // after hosts_: stopped (its threads joined) before they go
   std::thread persister_;
   std::mutex persist_mu_;
+  std::mutex write_mu_;
+  uint64_t written_ = 0;  // the Host::version the state file holds; guarded by write_mu_
   std::condition_variable persist_cv_;
   bool stop_ = false;
 };

@@ -275,7 +275,10 @@ class Fleet:
     def run(self, binaries):
         args, n, per = self.args, self.args.agents, self.args.vms_per_agent
         r = self.results
-        r.update(agents=n, vms_per_agent=per, vms=n * per,
+        r.update(agents=n, vms_per_agent=per, vms=n * per, nproc=os.cpu_count(),
+                 load_average_at_start=round(os.getloadavg()[0], 2),
+                 git=bench.run("git", "-C", REPO, "rev-parse", "--short", "HEAD",
+                               check=False).stdout.strip(),
                  progress_interval_ms=args.progress_interval_ms,
                  agent_flags=" ".join(self.agent_flags()))
         started = time.monotonic()
@@ -339,6 +342,9 @@ class Fleet:
     def phase_cp_restart(self, binaries):
         n, per, r = self.args.agents, self.args.vms_per_agent, self.results
         log("phase 2: the control plane killed (SIGKILL), changes made meanwhile, restarted")
+        # Killed once its state file holds the attach: a control plane that crashed before
+        # writing its state down would rightly list again, which is not what is measured.
+        self.check(self.cp.ask("persist", 30)["ok"], "the control plane could not write its state")
         self.cp.kill()
         changes = []
 
@@ -479,12 +485,15 @@ def table(r):
         return "—" if v is None else f"{v:.{digits}f}"
     head = (f"fleet: {r['agents']} agents x {r['vms_per_agent']} VMs = {r['vms']:,} VMs; "
             f"progress_interval {r['progress_interval_ms']} ms; agents run with "
-            f"{r['agent_flags']}")
+            f"{r['agent_flags']}; {r['nproc']} CPUs, load average {r['load_average_at_start']} "
+            f"at start")
     rows = []
     a = r.get("attach")
     if a:
         rows.append(("1 attach: all VMs PROGRAMMED, seen on Watch", f"{f(a['converge_s'])} s",
-                     f"answers {f(a['answers_s'])} s, Watch {f(a['watch_converge_s'])} s"))
+                     f"answers {f(a['answers_s'])} s, Watch {f(a['watch_converge_s'])} s; CPU: "
+                     f"agents {f(a['agents_cpu_s'])} s, control plane "
+                     f"{f(a['control_plane_cpu_s'])} s"))
     if "agent_rss_kib_total" in r:
         rows.append(("  agents' RSS after the storm", f"{r['agent_rss_kib_total'] / 1024:.0f} MiB",
                      f"largest {r['agent_rss_kib_max'] / 1024:.1f} MiB; control plane "
