@@ -21,8 +21,8 @@
 //                          Watch event of this process: how many did not
 //                          (missed), and when the last did
 //   relisted HOST N [TIMEOUT_S] until HOST has been re-listed N times in all:
-//                          the agent's CPU during each re-list (its ListVms
-//                          calls)
+//                          the agent's CPU during the last re-list (its
+//                          ListVms calls), and why it was re-listed
 //   quiet SECONDS [nostreams] streams left idle: progress messages received,
 //                          any other message, and the agents' CPU meanwhile;
 //                          with nostreams, every stream is cancelled for the
@@ -45,16 +45,17 @@
 //     meanwhile are applied over the list (newer revisions win).
 //     Until the stream's first message (an event, or progress within
 //     --progress_interval_ms) the revision the list is at is unknown (ListVms
-//     carries none): the host is held as such (and saved with revision 0), and a stream
-//     that ends meanwhile means another list. So does a revision of 0 (an agent that
-//     never changed anything): from_revision 0 means "from now", not "after
-//     revision 0".
+//     carries none): the host is held as such (and saved with revision 0),
+//     and a stream that ends meanwhile means another list. So does a
+//     revision of 0 (an agent that never changed anything): from_revision 0
+//     means "from now", not "after revision 0".
 //   - A stream that ends (the agent stopping, UNAVAILABLE while it starts,
 //     RESOURCE_EXHAUSTED) is resumed from the last revision held.
 //   - A message carrying another epoch than the one held means the agent
 //     restarted: the host is re-listed (ListVms, the stream staying open and
 //     its events held back until the list is merged). So is a resume answered
-//     OUT_OF_RANGE (history compacted).
+//     OUT_OF_RANGE (history compacted): what a restarted vmnetd answers, as
+//     its revisions start at its lease, above any revision it issued before.
 //   - Every stream asks for progress messages every --progress_interval_ms,
 //     so an idle host still moves its revision forward and shows its epoch.
 //
@@ -700,9 +701,11 @@ class AttachRun {
                                std::chrono::seconds(120));
     host_->stub()->async()->AttachVm(&call->context, &call->request, &call->response,
                                      [this, call](grpc::Status status) {
+                                       // The next call first: once the last answer is
+                                       // recorded, Attach may destroy this run.
+                                       Next();
                                        Record(*call, status);
                                        delete call;
-                                       Next();
                                      });
   }
   void Record(const Call& call, const grpc::Status& status) {
