@@ -1,12 +1,12 @@
 #!/usr/bin/python3
 """The fleet lab: N vmnetd agents on this machine, followed by one control plane.
 
-    bench/fleet/run.sh [--agents 50] [--vms-per-agent 200] [--time-limit S] [--quiet-s 25]
+    bench/fleet/run.sh [--agents 50] [--vms-per-agent 200] [--time-limit S] [--quiet-s 20]
                        [--progress-interval-ms 1000] [--json FILE] [--agent-flags '...']
 
 Each agent runs in a host namespace of its own (vmfleet-<pid>-h<i>): an uplink eth0 (a veth
-with 198.51.100.1/24 whose peer, lan0, stays in the namespace; no traffic is sent) and --vms-per-agent tap devices vme0, vme1, ...
-made with `ip -batch` as bench/run.py makes them. VM k of the fleet (k = i * vms + j: id
+with 198.51.100.1/24 whose peer, lan0, stays in the namespace; no traffic is sent) and
+--vms-per-agent tap devices vme0, vme1, ... made with `ip -batch` as bench/run.py makes them. VM k of the fleet (k = i * vms + j: id
 bench-<k>, link vme<j hex> of host i, one /32 in 198.18.0.0/15, bench_common.h) is on host i.
 One control plane, build/bench/vmnet_fleet_control_plane (bench/fleet/control_plane.cc), holds
 a Watch stream to every agent with progress messages every --progress-interval-ms, keeps its
@@ -23,9 +23,10 @@ The phases, each checked:
                (missed, must be 0), re-lists (must be 0); then the VMs are put back (an
                attach of every VM again) and its view checked against every agent's ListVms
   3 agent      every agent restarted in turn (SIGTERM, start; its epoch changes): the control
-    restarts   plane must notice (the epoch of the resumed stream's first message) and
-               re-list that host only, exactly once: the agent's CPU over the ListVms call
-               (its process CPU clock, ns)
+    restarts   plane must notice (vmnetd answers the resume OUT_OF_RANGE, its revisions
+               starting above its lease; a new epoch in a message would do too) and re-list
+               that host only, exactly once: the agent's CPU over the ListVms call (its
+               process CPU clock, ns)
   4 quiet      --quiet-s with every stream cancelled, then --quiet-s with the streams resumed
                and idle: progress messages received (one per interval per stream), no other
                message, and the agents' CPU in each window (process CPU clocks), by thread
@@ -538,7 +539,8 @@ def table(r):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=50, help="agents (default 50)")
     parser.add_argument("--vms-per-agent", type=int, default=200,
                         help="VM links per agent (default 200)")
@@ -558,6 +560,8 @@ def main():
     args = parser.parse_args()
     if not 1 <= args.agents <= 200 or not 2 <= args.vms_per_agent <= 4096:
         parser.error("--agents: 1 to 200; --vms-per-agent: 2 to 4096")
+    if not 100 <= args.progress_interval_ms <= 60000 or args.quiet_s < 1:
+        parser.error("--progress-interval-ms: 100 to 60000; --quiet-s: at least 1")
     if args.agents * args.vms_per_agent > 60000:
         parser.error("at most 60,000 VMs in all")
     if os.geteuid() != 0:
