@@ -3,6 +3,7 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
@@ -35,8 +36,11 @@ void TuneAllocator() {
   mallopt(M_TRIM_THRESHOLD, 1 << 20);
 }
 
-MemoryTrimmer::MemoryTrimmer(int interval_ms, size_t slack_bytes)
-    : interval_ms_(interval_ms), slack_bytes_(slack_bytes), thread_([this] { Run(); }) {}
+MemoryTrimmer::MemoryTrimmer(int interval_ms, int max_interval_ms, size_t slack_bytes)
+    : interval_ms_(interval_ms),
+      max_interval_ms_(std::max(interval_ms, max_interval_ms)),
+      slack_bytes_(slack_bytes),
+      thread_([this] { Run(); }) {}
 
 MemoryTrimmer::~MemoryTrimmer() {
   {
@@ -54,8 +58,10 @@ size_t MemoryTrimmer::trims() const {
 
 void MemoryTrimmer::Run() {
   size_t floor = Slack();
+  size_t last_resident = ResidentBytes();
+  int interval_ms = interval_ms_;
   std::unique_lock<std::mutex> lock(mu_);
-  while (!wake_.wait_for(lock, std::chrono::milliseconds(interval_ms_),
+  while (!wake_.wait_for(lock, std::chrono::milliseconds(interval_ms),
                          [this] { return stop_; })) {
     lock.unlock();
     size_t slack = Slack();
@@ -68,6 +74,14 @@ void MemoryTrimmer::Run() {
     } else if (slack < floor) {
       floor = slack;
     }
+    // Checked often while memory moves, rarely while it stands still: what
+    // a transient freed shows in the checks that follow its growth.
+    size_t resident = ResidentBytes();
+    size_t moved = resident > last_resident ? resident - last_resident
+                                            : last_resident - resident;
+    last_resident = resident;
+    interval_ms = trimmed || moved > kStill ? interval_ms_
+                                            : std::min(interval_ms * 2, max_interval_ms_);
     lock.lock();
     trims_ += trimmed;
   }

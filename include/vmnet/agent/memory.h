@@ -19,9 +19,14 @@ void TuneAllocator();
 
 class MemoryTrimmer {
  public:
-  // Checks every `interval_ms`; trims when RSS minus the heap in use grew by
-  // more than `slack_bytes` since the last trim.
-  explicit MemoryTrimmer(int interval_ms = 200, size_t slack_bytes = 4 << 20);
+  // Checks every `interval_ms` while the process's RSS moves (by more than
+  // 1 MiB between checks), and at intervals doubling up to `max_interval_ms`
+  // while it stands still (an idle agent: a check every 3.2 s, not 5 a
+  // second; a check reads /proc/self/statm and walks the heap's arenas).
+  // Trims when RSS minus the heap in use grew by more than `slack_bytes`
+  // since the last trim.
+  explicit MemoryTrimmer(int interval_ms = 200, int max_interval_ms = 3200,
+                         size_t slack_bytes = 4 << 20);
   ~MemoryTrimmer();
   MemoryTrimmer(const MemoryTrimmer&) = delete;
   MemoryTrimmer& operator=(const MemoryTrimmer&) = delete;
@@ -31,7 +36,9 @@ class MemoryTrimmer {
  private:
   void Run();
 
+  static constexpr size_t kStill = 1 << 20;
   const int interval_ms_;
+  const int max_interval_ms_;
   const size_t slack_bytes_;
   mutable std::mutex mu_;
   std::condition_variable wake_;
