@@ -32,21 +32,22 @@ IpAddress Ip(const char* s) { return *IpAddress::Parse(s); }
 // Collects every event the log hands it.
 class RecordingWatcher : public Watcher {
  public:
-  bool Push(EventPtr event) override {
+  bool Push(const Chunk& chunk) override {
+    std::vector<v1::WatchEvent> parsed = chunk.Parse();
     vmnet::MutexLock lock(&mu_);
-    events_.push_back(std::move(event));
+    events_.insert(events_.end(), parsed.begin(), parsed.end());
     return true;
   }
-  void PushBacklog(EventPtr event) override { Push(std::move(event)); }
+  void PushBacklog(const Chunk& chunk) override { Push(chunk); }
   void Close(absl::Status) override {}
-  std::vector<EventPtr> events() const {
+  std::vector<v1::WatchEvent> events() const {
     vmnet::MutexLock lock(&mu_);
     return events_;
   }
 
  private:
   mutable vmnet::Mutex mu_;
-  std::vector<EventPtr> events_;
+  std::vector<v1::WatchEvent> events_;
 };
 
 class ReconcilerTest : public ::testing::Test {
@@ -156,7 +157,7 @@ class ReconcilerTest : public ::testing::Test {
   }
   size_t CountEvents(v1::EventType type) {
     size_t n = 0;
-    for (const auto& e : watcher_.events()) n += e->type() == type;
+    for (const auto& e : watcher_.events()) n += e.type() == type;
     return n;
   }
 
