@@ -338,6 +338,11 @@ TEST_F(ReconcilerTest, DriftIsRepaired) {
   // A link set down loses its routes silently; it is set up and refilled.
   kernel_.SetLinkUp("vme1a", false);
   EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+  // The kernel holds the repair before the pass ends and its event is sent.
+  EXPECT_TRUE(WaitFor([&] {
+    return reconciler_->counters().drift_repairs ==
+           CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED);
+  }));
   EXPECT_EQ(reconciler_->counters().drift_repairs,
             CountEvents(v1::EVENT_TYPE_DRIFT_REPAIRED));
 }
