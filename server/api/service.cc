@@ -634,15 +634,17 @@ namespace {
 // below gRPC's default 4 MiB receive limit.
 constexpr size_t kMaxMessageBytes = 256 * 1024;
 
-// One Watch stream: a bounded queue filled by the event log, drained by one
-// write in flight at a time. Each write is one WatchResponse made of every
-// event queued (up to kMaxMessageBytes): the events' bytes, shared with
-// every other watcher, concatenated without a copy. So a reconcile pass that
-// published 40 events costs a watcher one or two messages, not 40: gRPC's
+// One Watch stream: a bounded queue of Chunks filled by the event log,
+// drained by one write in flight at a time. Each write is one WatchResponse
+// made of every Chunk queued (up to kMaxMessageBytes): their bytes, shared
+// with every other watcher, one after the other without a copy. A reconcile
+// pass that published 40 events is one Chunk, queued with one push; gRPC's
 // cost per message (a call batch, a pass through the transport, a
-// completion) is paid per batch. A write is started by the log's sender
+// completion) is paid per write. A write is started by the log's sender
 // thread (Flush) or when the previous one is done (OnWriteDone), never on
-// the thread that publishes (the reconciler's).
+// the thread that publishes (the reconciler's). The queue's limit counts
+// events: a watcher is cut off when what it has not yet been sent would
+// exceed it, except that a watcher with nothing queued takes any one pass.
 class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                            public Watcher {
  public:
@@ -667,10 +669,11 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     MaybeWriteLocked();
   }
 
-  bool Push(EventPtr event) override {
+  bool Push(const Chunk& chunk) override {
     vmnet::MutexLock lock(&mu_);
-    if (queue_.size() - backlog_ >= queue_limit_) return false;
-    queue_.push_back(std::move(event));
+    if (live_events_ > 0 && live_events_ + chunk.events > queue_limit_) return false;
+    queue_.push_back(chunk);
+    live_events_ += chunk.events;
     return true;  // written from Flush, on the log's sender thread
   }
 
@@ -679,9 +682,9 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     MaybeWriteLocked();
   }
 
-  void PushBacklog(EventPtr event) override {
+  void PushBacklog(const Chunk& chunk) override {
     vmnet::MutexLock lock(&mu_);
-    queue_.push_back(std::move(event));
+    queue_.push_back(chunk);
     ++backlog_;  // called only before any live event is queued
   }
 
@@ -703,6 +706,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     if (!status.ok()) {
       queue_.clear();
       backlog_ = 0;
+      live_events_ = 0;
     }
     MaybeWriteLocked();
   }
@@ -733,14 +737,18 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
     if (!queue_.empty()) {
       slices_.clear();
       size_t bytes = 0;
-      while (!queue_.empty() &&
-             (slices_.empty() ||
-              bytes + queue_.front()->bytes().size() <= kMaxMessageBytes)) {
-        bytes += queue_.front()->bytes().size();
-        slices_.push_back(queue_.front()->bytes());
+      while (!queue_.empty() && (slices_.empty() || bytes + queue_.front().bytes.size() <=
+                                                        kMaxMessageBytes)) {
+        Chunk& c = queue_.front();
+        bytes += c.bytes.size();
+        if (backlog_ > 0) {
+          --backlog_;  // the backlog is at the front
+        } else {
+          live_events_ -= c.events;
+        }
+        slices_.push_back(std::move(c.bytes));
         queue_.pop_front();
       }
-      backlog_ -= std::min(backlog_, slices_.size());
       // The buffer refers to the slices (a reference each), not a copy.
       current_ = grpc::ByteBuffer(slices_.data(), slices_.size());
       slices_.clear();
@@ -762,8 +770,9 @@ class WatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   RequestStats* const stats_;
   const size_t queue_limit_;
   vmnet::Mutex mu_;
-  std::deque<EventPtr> queue_ ABSL_GUARDED_BY(mu_);
-  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;  // snapshot/replay events at the front
+  std::deque<Chunk> queue_ ABSL_GUARDED_BY(mu_);
+  size_t backlog_ ABSL_GUARDED_BY(mu_) = 0;      // snapshot/replay chunks at the front
+  size_t live_events_ ABSL_GUARDED_BY(mu_) = 0;  // events in the other chunks
   std::vector<grpc::Slice> slices_ ABSL_GUARDED_BY(mu_);  // the next message's parts
   grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);  // kept alive while being written
   bool writing_ ABSL_GUARDED_BY(mu_) = false;

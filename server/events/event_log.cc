@@ -1,6 +1,7 @@
 #include "vmnet/events/event_log.h"
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -85,6 +86,53 @@ v1::WatchEvent Event::Parse() const {
   return std::move(*response.mutable_events(0));
 }
 
+std::vector<v1::WatchEvent> Chunk::Parse() const {
+  v1::WatchResponse response;
+  response.ParseFromArray(bytes.begin(), static_cast<int>(bytes.size()));
+  return {std::make_move_iterator(response.mutable_events()->begin()),
+          std::make_move_iterator(response.mutable_events()->end())};
+}
+
+namespace {
+
+// `events` joined into Chunks of at most kChunkBytes (at least one event
+// each). A Chunk of one event is that event's own bytes, not a copy.
+std::vector<Chunk> MakeChunks(const std::vector<EventPtr>& events) {
+  std::vector<Chunk> chunks;
+  size_t i = 0;
+  while (i < events.size()) {
+    size_t j = i;
+    size_t bytes = 0;
+    while (j < events.size() &&
+           (j == i || bytes + events[j]->bytes().size() <= kChunkBytes)) {
+      bytes += events[j]->bytes().size();
+      ++j;
+    }
+    if (j - i == 1) {
+      chunks.push_back({events[i]->bytes(), 1});
+    } else {
+      grpc_slice slice = grpc_slice_malloc(bytes);
+      uint8_t* out = GRPC_SLICE_START_PTR(slice);
+      for (size_t k = i; k < j; ++k) {
+        const grpc::Slice& b = events[k]->bytes();
+        std::memcpy(out, b.begin(), b.size());
+        out += b.size();
+      }
+      chunks.push_back(
+          {grpc::Slice(slice, grpc::Slice::STEAL_REF), static_cast<uint32_t>(j - i)});
+    }
+    i = j;
+  }
+  return chunks;
+}
+
+// A pass that publishes more than this (a resync that changed every VM) is
+// queued to the watchers in parts, as it goes: what waits for the pass's end
+// stays bounded.
+constexpr size_t kMaxPassEvents = 1024;
+
+}  // namespace
+
 grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch) {
   v1::WatchResponse response;
   response.mutable_progress()->set_revision(revision);
@@ -116,7 +164,7 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
   *event.mutable_vm() = ToProto(vm);
   event.set_detail(detail);
   auto shared = std::make_shared<const Event>(event);
-  std::vector<Watcher*> pushed, cut_off;
+  std::vector<Watcher*> cut_off;
   {
     vmnet::MutexLock lock(&mu_);
     revision_ = vm.revision;
@@ -127,43 +175,91 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
     } else {
       current_[vm.spec.vm_id] = shared;
     }
-    Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
-    pushed.reserve(watchers_.size());
-    for (auto it = watchers_.begin(); it != watchers_.end();) {
-      auto current = it++;
-      Subscription& sub = current->second;
-      if (!sub.vm_id.empty() && shared->vm_id() != sub.vm_id) continue;
-      sub.last_push = now;
-      if (current->first->Push(shared)) {
-        pushed.push_back(current->first);
-        continue;
+    if (!watchers_.empty()) {
+      pass_.push_back(std::move(shared));
+      if (pass_.size() >= kMaxPassEvents) EndPassLocked(&cut_off);
+    }
+  }
+  ForgetCutOff(cut_off);
+}
+
+void EventLog::EndPass() {
+  std::vector<Watcher*> cut_off;
+  {
+    vmnet::MutexLock lock(&mu_);
+    EndPassLocked(&cut_off);
+  }
+  ForgetCutOff(cut_off);
+}
+
+void EventLog::EndPassLocked(std::vector<Watcher*>* cut_off) {
+  if (pass_.empty()) return;
+  std::vector<EventPtr> pass;
+  pass.swap(pass_);
+  const uint64_t first = pass.front()->revision();
+  // The whole pass, made once and queued to every watcher of all VMs.
+  std::vector<Chunk> all;
+  std::vector<Chunk> own;  // a watcher's part, for the others
+  std::vector<EventPtr> selected;
+  Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
+  std::vector<Watcher*> pushed;
+  pushed.reserve(watchers_.size());
+  for (auto it = watchers_.begin(); it != watchers_.end();) {
+    auto current = it++;
+    Watcher* watcher = current->first;
+    Subscription& sub = current->second;
+    const std::vector<Chunk>* chunks = &all;
+    if (sub.vm_id.empty() && sub.after < first) {
+      if (all.empty()) all = MakeChunks(pass);
+    } else {
+      // A watcher of one VM, or one that subscribed during this pass (its
+      // snapshot or replay already holds the events up to `after`).
+      selected.clear();
+      for (const EventPtr& e : pass) {
+        if (e->revision() <= sub.after) continue;
+        if (!sub.vm_id.empty() && e->vm_id() != sub.vm_id) continue;
+        selected.push_back(e);
       }
-      Watcher* slow = current->first;
-      if (sub.progress_interval.count() > 0) --progress_watchers_;
-      watchers_.erase(current);
-      cut_off.push_back(slow);
-      slow->Close(absl::ResourceExhaustedError(absl::StrCat(
-          "this watcher fell behind by more than its queue holds; resume with "
-          "from_revision set to the last revision received")));
+      own = MakeChunks(selected);
+      chunks = &own;
     }
-    if (!pushed.empty()) {
-      // The sender thread starts the writes: a gRPC write is not started on
-      // the publishing (reconciler) thread, and what it publishes meanwhile
-      // goes out in the same messages. Queued under mu_, so a watcher that
-      // Unsubscribe has taken out of watchers_ is never queued again.
-      std::lock_guard wake(wake_mu_);
-      for (Watcher* w : pushed) flush_.insert(w);
-      wake_cv_.notify_one();
+    if (chunks->empty()) continue;
+    sub.last_push = now;
+    bool queued = true;
+    for (const Chunk& c : *chunks) {
+      if (!(queued = watcher->Push(c))) break;
     }
+    if (queued) {
+      pushed.push_back(watcher);
+      continue;
+    }
+    if (sub.progress_interval.count() > 0) --progress_watchers_;
+    watchers_.erase(current);
+    cut_off->push_back(watcher);
+    watcher->Close(absl::ResourceExhaustedError(
+        absl::StrCat("this watcher fell behind by more than its queue holds; resume with "
+                     "from_revision set to the last revision received")));
   }
-  if (!cut_off.empty()) {
-    // A watcher cut off is never touched again (its owner may destroy it
-    // once closed): wait for a flush round that may hold it, and take it
-    // out of the next one.
-    vmnet::MutexLock round(&round_mu_);
-    std::lock_guard lock(wake_mu_);
-    for (Watcher* w : cut_off) flush_.erase(w);
+  if (!pushed.empty()) {
+    // The sender thread starts the writes: a gRPC write is not started on
+    // the publishing (reconciler) thread. Queued under mu_, so a watcher
+    // that Unsubscribe has taken out of watchers_ is never queued again.
+    std::lock_guard wake(wake_mu_);
+    for (Watcher* w : pushed) flush_.insert(w);
+    wake_cv_.notify_one();
   }
+}
+
+void EventLog::ForgetCutOff(const std::vector<Watcher*>& cut_off) {
+  if (cut_off.empty()) return;
+  // Wait for a flush round that may hold them, and take them out of the next.
+  vmnet::MutexLock round(&round_mu_);
+  std::lock_guard lock(wake_mu_);
+  for (Watcher* w : cut_off) flush_.erase(w);
+}
+
+uint64_t EventLog::QueuedRevision() const {
+  return pass_.empty() ? revision_ : pass_.front()->revision() - 1;
 }
 
 void EventLog::Seed(const VmView& vm) {
@@ -181,7 +277,7 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
                                  std::chrono::milliseconds progress_interval) {
   vmnet::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("vmnetd is shutting down; retry");
-  Subscription sub{vm_id, progress_interval, {}};
+  Subscription sub{vm_id, progress_interval, {}, revision_};
   if (from_revision != 0) {
     uint64_t oldest = history_.empty() ? revision_ + 1 : history_.front()->revision();
     if (from_revision > revision_) {
@@ -196,7 +292,11 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
           "); re-list with initial_snapshot"));
     }
   }
+  // The snapshot and the replay, in Chunks: 10,000 VMs are a few dozen
+  // queue entries, not 10,001.
+  std::vector<EventPtr> backlog;
   if (initial_snapshot) {
+    backlog.reserve(vm_id.empty() ? current_.size() + 1 : 2);
     for (const auto& [id, last] : current_) {
       if (!vm_id.empty() && id != vm_id) continue;
       v1::WatchEvent event;
@@ -204,21 +304,22 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
       event.set_epoch(epoch_);
       event.set_type(v1::EVENT_TYPE_SNAPSHOT);
       *event.mutable_vm() = std::move(*last->Parse().mutable_vm());
-      watcher->PushBacklog(std::make_shared<const Event>(event));
+      backlog.push_back(std::make_shared<const Event>(event));
     }
     v1::WatchEvent end;
     end.set_revision(revision_);
     end.set_epoch(epoch_);
     end.set_type(v1::EVENT_TYPE_SNAPSHOT_END);
-    watcher->PushBacklog(std::make_shared<const Event>(end));
+    backlog.push_back(std::make_shared<const Event>(end));
   }
   if (from_revision != 0) {
     for (const EventPtr& e : history_) {
       if (e->revision() <= from_revision) continue;
       if (!sub.vm_id.empty() && e->vm_id() != sub.vm_id) continue;
-      watcher->PushBacklog(e);
+      backlog.push_back(e);
     }
   }
+  for (const Chunk& c : MakeChunks(backlog)) watcher->PushBacklog(c);
   if (!sender_.joinable()) {
     sender_ = std::thread([this] { SenderLoop(); });
     clock_->AddWaker(this, [this] { WakeSender(); });
@@ -249,13 +350,16 @@ void EventLog::Unsubscribe(Watcher* watcher) {
 }
 
 void EventLog::CloseAll() {
+  std::vector<Watcher*> cut_off;
   {
     vmnet::MutexLock lock(&mu_);
     closed_ = true;
+    EndPassLocked(&cut_off);  // what was published goes before the end
     for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
     watchers_.clear();
     progress_watchers_ = 0;
   }
+  ForgetCutOff(cut_off);
   StopSender();
 }
 
@@ -266,8 +370,10 @@ Clock::TimePoint EventLog::OfferProgress(Clock::TimePoint now) {
     if (sub.progress_interval.count() <= 0) continue;
     Clock::TimePoint due = sub.last_push + sub.progress_interval;
     if (due <= now) {
-      if (!message) message = ProgressMessage(revision_, epoch_);
-      watcher->PushProgress(revision_, *message);
+      // Not past the events still waiting for their pass's end.
+      uint64_t revision = QueuedRevision();
+      if (!message) message = ProgressMessage(revision, epoch_);
+      watcher->PushProgress(revision, *message);
       // Sent, or the watcher is busy writing: either way not idle now.
       sub.last_push = now;
       due = now + sub.progress_interval;

@@ -89,6 +89,7 @@ absl::Status Reconciler::Start() {
   desired_.emplace(std::move(*desired));
   observer_->StartRevisionsAt(desired_->first_revision());
   if (auto s = FullResync(/*initial=*/true); !s.ok()) return s;
+  observer_->EndPass();
   for (const auto& [id, r] : desired_->vms()) observer_->Seed(r.View());
   ready_ = true;
   thread_ = std::thread([this] { Run(); });
@@ -213,8 +214,9 @@ void Reconciler::Iterate() {
   }
 
   // Diff, apply, publish; then answer: an attach returns when the kernel
-  // holds the state.
+  // holds the state. The pass's events go to Watch streams together.
   Reconcile();
+  observer_->EndPass();
   Answer(replies);
 }
 

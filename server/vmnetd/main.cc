@@ -95,7 +95,8 @@ ABSL_FLAG(int, max_watchers, Defaults().max_watchers,
           "The most concurrent Watch streams.");
 ABSL_FLAG(int, watch_queue, Defaults().watch_queue,
           "Events queued per Watch stream; a watcher further behind is ended "
-          "with RESOURCE_EXHAUSTED and may resume.");
+          "with RESOURCE_EXHAUSTED and may resume (one with nothing queued always "
+          "takes the events of one reconcile pass).");
 ABSL_FLAG(int, watch_history, Defaults().watch_history,
           "Events retained for Watch resume.");
 ABSL_FLAG(int, max_request_bytes, Defaults().max_request_bytes,

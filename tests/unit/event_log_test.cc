@@ -10,15 +10,22 @@
 namespace vmnet {
 namespace {
 
+// Keeps every Chunk it is given, and the events parsed from them. Its limit
+// counts events.
 class QueueWatcher : public Watcher {
  public:
   explicit QueueWatcher(size_t limit = 100) : limit_(limit) {}
-  bool Push(EventPtr event) override {
-    if (events.size() >= limit_) return false;
-    events.push_back(std::move(event));
+  bool Push(const Chunk& chunk) override {
+    if (events.size() + chunk.events > limit_) return false;
+    PushBacklog(chunk);
     return true;
   }
-  void PushBacklog(EventPtr event) override { events.push_back(std::move(event)); }
+  void PushBacklog(const Chunk& chunk) override {
+    chunks.push_back(chunk);
+    std::vector<v1::WatchEvent> parsed = chunk.Parse();
+    EXPECT_EQ(parsed.size(), chunk.events);
+    events.insert(events.end(), parsed.begin(), parsed.end());
+  }
   void Close(absl::Status status) override { closed = status; }
   void PushProgress(uint64_t revision, const grpc::Slice& message) override {
     v1::WatchResponse parsed;
@@ -32,7 +39,8 @@ class QueueWatcher : public Watcher {
     vmnet::MutexLock lock(&mu);
     return progress.size();
   }
-  std::vector<EventPtr> events;
+  std::vector<Chunk> chunks;
+  std::vector<v1::WatchEvent> events;
   std::optional<absl::Status> closed;
   vmnet::Mutex mu;  // the progress thread pushes progress
   std::vector<std::pair<uint64_t, v1::WatchResponse>> progress;
@@ -49,12 +57,18 @@ VmView Vm(const std::string& id) {
   return v;
 }
 
-// The desired state issues the revisions; these tests play its part.
-uint64_t Publish(EventLog& log, VmEventType type, VmView vm, const std::string& detail) {
+// The desired state issues the revisions and the reconciler ends its passes;
+// these tests play their part. Each Publish is a pass of its own unless
+// `end_pass` is false.
+uint64_t Publish(EventLog& log, VmEventType type, VmView vm, const std::string& detail,
+                 bool end_pass = true) {
   vm.revision = log.revision() + 1;
   log.Publish(type, vm, detail);
+  if (end_pass) log.EndPass();
   return vm.revision;
 }
+
+const uint8_t* Data(const Chunk& c) { return c.bytes.begin(); }
 
 TEST(EventLogTest, RevisionsIncreaseFromTheLease) {
   EventLog log("e", 10);
@@ -71,15 +85,16 @@ TEST(EventLogTest, SnapshotThenEndThenChanges) {
   QueueWatcher w;
   ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
   ASSERT_EQ(w.events.size(), 2u);
-  EXPECT_EQ(w.events[0]->type(), v1::EVENT_TYPE_SNAPSHOT);
-  EXPECT_EQ(w.events[0]->vm_id(), "b");
-  EXPECT_EQ(w.events[0]->revision(), 2u);
-  EXPECT_EQ(w.events[1]->type(), v1::EVENT_TYPE_SNAPSHOT_END);
-  EXPECT_EQ(w.events[1]->revision(), 3u);
-  EXPECT_FALSE(w.events[1]->Parse().has_vm());
+  EXPECT_EQ(w.events[0].type(), v1::EVENT_TYPE_SNAPSHOT);
+  EXPECT_EQ(w.events[0].vm().vm_id(), "b");
+  EXPECT_EQ(w.events[0].revision(), 2u);
+  EXPECT_EQ(w.events[1].type(), v1::EVENT_TYPE_SNAPSHOT_END);
+  EXPECT_EQ(w.events[1].revision(), 3u);
+  EXPECT_FALSE(w.events[1].has_vm());
+  EXPECT_EQ(w.chunks.size(), 1u);  // the snapshot and its end: one Chunk
   Publish(log, VmEventType::kChanged, Vm("b"), "");
   ASSERT_EQ(w.events.size(), 3u);
-  EXPECT_EQ(w.events[2]->revision(), 4u);
+  EXPECT_EQ(w.events[2].revision(), 4u);
   log.Unsubscribe(&w);
 }
 
@@ -93,7 +108,7 @@ TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
   Publish(log, VmEventType::kChanged, Vm("a"), "changed");
   ASSERT_EQ(w.events.size(), 3u);
 
-  v1::WatchEvent snapshot = w.events[0]->Parse();
+  const v1::WatchEvent& snapshot = w.events[0];
   EXPECT_EQ(snapshot.type(), v1::EVENT_TYPE_SNAPSHOT);
   EXPECT_EQ(snapshot.epoch(), "epoch-1");
   EXPECT_EQ(snapshot.revision(), 1u);
@@ -101,7 +116,7 @@ TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
   EXPECT_EQ(snapshot.vm().interface(), "vme1");
   EXPECT_EQ(snapshot.vm().state(), v1::VM_STATE_PROGRAMMED);
 
-  v1::WatchEvent live = w.events[2]->Parse();
+  const v1::WatchEvent& live = w.events[2];
   EXPECT_EQ(live.type(), v1::EVENT_TYPE_VM_CHANGED);
   EXPECT_EQ(live.epoch(), "epoch-1");
   EXPECT_EQ(live.revision(), 2u);
@@ -110,7 +125,7 @@ TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
   EXPECT_EQ(live.detail(), "changed");
   v1::WatchResponse alone;
   *alone.add_events() = live;
-  EXPECT_EQ(w.events[2]->bytes().size(), alone.ByteSizeLong());
+  EXPECT_EQ(w.chunks.back().bytes.size(), alone.ByteSizeLong());
   log.Unsubscribe(&w);
 }
 
@@ -125,8 +140,8 @@ TEST(EventLogTest, ConcatenatedEventsAreOneWatchResponse) {
   Publish(log, VmEventType::kRemoved, Vm("a"), "detached");
   ASSERT_EQ(w.events.size(), 4u);
   std::string joined;
-  for (const EventPtr& e : w.events) {
-    joined.append(reinterpret_cast<const char*>(e->bytes().begin()), e->bytes().size());
+  for (const Chunk& c : w.chunks) {
+    joined.append(reinterpret_cast<const char*>(c.bytes.begin()), c.bytes.size());
   }
   v1::WatchResponse message;
   ASSERT_TRUE(message.ParseFromString(joined));
@@ -241,8 +256,8 @@ TEST(EventLogTest, ResumeReplaysInOrderAndTooOldIsOutOfRange) {
   QueueWatcher w;
   ASSERT_TRUE(log.Subscribe(&w, "", 3, false).ok());
   ASSERT_EQ(w.events.size(), 2u);
-  EXPECT_EQ(w.events[0]->revision(), 4u);
-  EXPECT_EQ(w.events[1]->revision(), 5u);
+  EXPECT_EQ(w.events[0].revision(), 4u);
+  EXPECT_EQ(w.events[1].revision(), 5u);
   log.Unsubscribe(&w);
   QueueWatcher old;
   EXPECT_EQ(log.Subscribe(&old, "", 1, false).code(), absl::StatusCode::kOutOfRange);
@@ -255,7 +270,7 @@ TEST(EventLogTest, FilterByVm) {
   Publish(log, VmEventType::kAdded, Vm("a"), "");
   Publish(log, VmEventType::kAdded, Vm("b"), "");
   ASSERT_EQ(w.events.size(), 1u);
-  EXPECT_EQ(w.events[0]->vm_id(), "b");
+  EXPECT_EQ(w.events[0].vm().vm_id(), "b");
   log.Unsubscribe(&w);
 }
 
@@ -278,11 +293,11 @@ TEST(EventLogTest, CutOffWatcherCanResumeWhateverItsQueueSize) {
   ASSERT_TRUE(log.Subscribe(&slow, "", 0, false).ok());
   for (int i = 0; i < 10; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");
   ASSERT_TRUE(slow.closed.has_value());
-  uint64_t last_seen = slow.events.back()->revision();
+  uint64_t last_seen = slow.events.back().revision();
   QueueWatcher resumed(2);
   ASSERT_TRUE(log.Subscribe(&resumed, "", last_seen, false).ok());
   ASSERT_EQ(resumed.events.size(), 10 - last_seen);
-  EXPECT_EQ(resumed.events.back()->revision(), 10u);
+  EXPECT_EQ(resumed.events.back().revision(), 10u);
   log.Unsubscribe(&resumed);
 }
 
@@ -292,10 +307,109 @@ TEST(EventLogTest, FanOutSharesOneEvent) {
   for (auto& w : watchers) ASSERT_TRUE(log.Subscribe(&w, "", 0, false).ok());
   Publish(log, VmEventType::kAdded, Vm("a"), "");
   for (auto& w : watchers) {
-    ASSERT_EQ(w.events.size(), 1u);
-    EXPECT_EQ(w.events[0].get(), watchers[0].events[0].get());
+    ASSERT_EQ(w.chunks.size(), 1u);
+    EXPECT_EQ(Data(w.chunks[0]), Data(watchers[0].chunks[0]));  // the same bytes
   }
   for (auto& w : watchers) log.Unsubscribe(&w);
+}
+
+// What a pass published reaches the watchers at its end, as one Chunk of
+// every event in order, the same bytes for every watcher of all VMs; a
+// watcher of one VM gets that VM's events alone.
+TEST(EventLogTest, OnePassIsOneChunkPerWatcher) {
+  EventLog log("e", 10);
+  QueueWatcher w1, w2, only_b;
+  ASSERT_TRUE(log.Subscribe(&w1, "", 0, false).ok());
+  ASSERT_TRUE(log.Subscribe(&w2, "", 0, false).ok());
+  ASSERT_TRUE(log.Subscribe(&only_b, "b", 0, false).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "", false);
+  Publish(log, VmEventType::kAdded, Vm("b"), "", false);
+  Publish(log, VmEventType::kChanged, Vm("a"), "", false);
+  EXPECT_TRUE(w1.events.empty());  // not before the pass's end
+  EXPECT_EQ(log.revision(), 3u);
+  log.EndPass();
+  ASSERT_EQ(w1.chunks.size(), 1u);
+  EXPECT_EQ(w1.chunks[0].events, 3u);
+  ASSERT_EQ(w1.events.size(), 3u);
+  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(w1.events[i].revision(), i + 1);
+  EXPECT_EQ(w1.events[1].vm().vm_id(), "b");
+  ASSERT_EQ(w2.chunks.size(), 1u);
+  EXPECT_EQ(Data(w2.chunks[0]), Data(w1.chunks[0]));
+  ASSERT_EQ(only_b.events.size(), 1u);
+  EXPECT_EQ(only_b.events[0].revision(), 2u);
+  log.EndPass();  // an empty pass queues nothing
+  EXPECT_EQ(w1.chunks.size(), 1u);
+  log.Unsubscribe(&w1);
+  log.Unsubscribe(&w2);
+  log.Unsubscribe(&only_b);
+}
+
+// A watcher that subscribes in the middle of a pass gets the pass's earlier
+// events from its snapshot or replay and the later ones at the pass's end:
+// each exactly once.
+TEST(EventLogTest, SubscribedDuringAPassSeesEachEventOnce) {
+  EventLog log("e", 10);
+  QueueWatcher before;
+  ASSERT_TRUE(log.Subscribe(&before, "", 0, false).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "", false);
+  Publish(log, VmEventType::kAdded, Vm("b"), "", false);
+  QueueWatcher resumed, snapshot, now;
+  ASSERT_TRUE(log.Subscribe(&resumed, "", 1, false).ok());
+  ASSERT_TRUE(log.Subscribe(&snapshot, "", 0, true).ok());
+  ASSERT_TRUE(log.Subscribe(&now, "", 0, false).ok());
+  Publish(log, VmEventType::kChanged, Vm("a"), "", false);
+  log.EndPass();
+  auto revisions = [](const QueueWatcher& w) {
+    std::vector<uint64_t> r;
+    for (const auto& e : w.events) r.push_back(e.revision());
+    return r;
+  };
+  EXPECT_EQ(revisions(before), (std::vector<uint64_t>{1, 2, 3}));
+  EXPECT_EQ(revisions(resumed), (std::vector<uint64_t>{2, 3}));
+  // a at 1 and b at 2, the end at 2, then the change of a.
+  EXPECT_EQ(revisions(snapshot), (std::vector<uint64_t>{1, 2, 2, 3}));
+  EXPECT_EQ(snapshot.events[2].type(), v1::EVENT_TYPE_SNAPSHOT_END);
+  EXPECT_EQ(revisions(now), (std::vector<uint64_t>{3}));
+  for (QueueWatcher* w : {&before, &resumed, &snapshot, &now}) log.Unsubscribe(w);
+}
+
+// A pass larger than kChunkBytes goes out as several Chunks, in order.
+TEST(EventLogTest, ALargePassIsSeveralChunks) {
+  EventLog log("e", 100);
+  QueueWatcher w(1000);
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, false).ok());
+  const std::string detail(kChunkBytes / 4, 'x');
+  for (int i = 0; i < 10; ++i) {
+    Publish(log, VmEventType::kChanged, Vm("a"), detail, false);
+  }
+  log.EndPass();
+  ASSERT_GE(w.chunks.size(), 3u);
+  for (const Chunk& c : w.chunks) {
+    EXPECT_TRUE(c.events == 1 || c.bytes.size() <= kChunkBytes) << c.bytes.size();
+  }
+  ASSERT_EQ(w.events.size(), 10u);
+  for (uint64_t i = 0; i < 10; ++i) EXPECT_EQ(w.events[i].revision(), i + 1);
+  log.Unsubscribe(&w);
+}
+
+// A progress message never claims a revision whose event is still waiting
+// for its pass's end.
+TEST(EventLogTest, ProgressIsNotAheadOfThePass) {
+  FakeClock clock;
+  EventLog log("e", 10, &clock);
+  QueueWatcher idle;
+  ASSERT_TRUE(log.Subscribe(&idle, "", 0, false, std::chrono::seconds(10)).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  Publish(log, VmEventType::kAdded, Vm("b"), "", false);  // the pass goes on
+  clock.Advance(std::chrono::seconds(10));
+  ASSERT_TRUE(WaitFor([&] { return idle.progress_count() == 1; }));
+  {
+    vmnet::MutexLock lock(&idle.mu);
+    EXPECT_EQ(idle.progress[0].first, 1u);
+    EXPECT_EQ(idle.progress[0].second.progress().revision(), 1u);
+  }
+  log.EndPass();
+  log.Unsubscribe(&idle);
 }
 
 }  // namespace

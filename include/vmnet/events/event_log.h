@@ -3,19 +3,26 @@
 // VMs for snapshots, and a bounded queue per watcher.
 //
 // Each event is serialized once, when it is published, as a WatchResponse
-// holding that event alone, and the bytes are shared by the history and every
-// watcher's queue: a fan-out to many watchers copies pointers, and a Watch
-// stream writes several events as one message by concatenating their bytes
-// (concatenated protobuf messages are one message whose repeated fields are
-// joined), copying none.
+// holding that event alone (kept by the history and the current VMs).
+// Concatenated protobuf messages are one message whose repeated fields are
+// joined, so several events' bytes one after the other are the WatchResponse
+// holding them all: a Chunk.
+//
+// Events reach the watchers once per reconcile pass, not once per event: what
+// a pass published is held until the reconciler marks the pass's end
+// (EndPass), then joined into one Chunk (or a few, of at most kChunkBytes) and
+// that Chunk is queued to every watcher that selects every VM. So a pass of
+// 40 events costs each watcher one queue entry, and each Watch write is a few
+// shared slices, not one per event. A watcher of one VM is queued that VM's
+// events alone. Nothing is copied per watcher.
 //
 // The log's sender thread (started with the first watcher) does two things
-// for the watchers: after events were pushed to them, it calls Flush so that
+// for the watchers: after chunks were queued to them, it calls Flush so that
 // they start their writes (not on the publishing thread, which goes on
-// publishing: what it publishes meanwhile goes out in the same messages);
-// and a watcher subscribed with a progress interval that has been sent
-// nothing for that long is offered a progress message. Between the two it
-// sleeps until woken or the next progress is due: idle watchers cost no work.
+// reconciling); and a watcher subscribed with a progress interval that has
+// been sent nothing for that long is offered a progress message. Between the
+// two it sleeps until woken or the next progress is due: idle watchers cost
+// no work.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
@@ -29,6 +36,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/btree_map.h"
@@ -54,8 +62,6 @@ class Event {
   const std::string& vm_id() const { return vm_id_; }
   // The serialized WatchResponse holding this event alone (a
   // reference-counted slice: a write refers to it, it does not copy it).
-  // Several events' bytes one after the other are the WatchResponse holding
-  // them all.
   const grpc::Slice& bytes() const { return bytes_; }
   // The message again, parsed from the bytes.
   v1::WatchEvent Parse() const;
@@ -69,6 +75,21 @@ class Event {
 
 using EventPtr = std::shared_ptr<const Event>;
 
+// Events as a Watch stream writes them: the serialized WatchResponse holding
+// `events` events in order (a reference-counted slice, shared by every
+// watcher it is queued to). A Watch message is one or more Chunks' bytes one
+// after the other.
+struct Chunk {
+  grpc::Slice bytes;
+  uint32_t events = 0;
+  // The events, parsed from the bytes (for tests and tools).
+  std::vector<v1::WatchEvent> Parse() const;
+};
+
+// A Chunk joins events up to this many bytes (at least one event), so a
+// Watch message of up to 256 KiB holds several.
+constexpr size_t kChunkBytes = 64 * 1024;
+
 // The protos of a VM, shared by the API and the event log.
 v1::Vm ToProto(const VmView& vm);
 
@@ -77,10 +98,11 @@ v1::Vm ToProto(const VmView& vm);
 class Watcher {
  public:
   virtual ~Watcher() = default;
-  // A live event, queued. Returns false when the watcher's queue is full:
-  // the log then drops the watcher and calls Close with RESOURCE_EXHAUSTED.
-  // Flush follows, from the log's sender thread.
-  virtual bool Push(EventPtr event) = 0;
+  // Live events, queued (the events of one reconcile pass, or of part of
+  // one). Returns false when the watcher's queue is full: the log then drops
+  // the watcher and calls Close with RESOURCE_EXHAUSTED. Flush follows, from
+  // the log's sender thread.
+  virtual bool Push(const Chunk& chunk) = 0;
   // Start sending what is queued (the log's sender thread calls it, not
   // under the log's lock, after Push).
   virtual void Flush() {}
@@ -88,7 +110,7 @@ class Watcher {
   // bounded by the VM count and the retained history, and must fit whatever
   // the live queue's size, or a watcher cut off for being slow could never
   // resume.
-  virtual void PushBacklog(EventPtr event) = 0;
+  virtual void PushBacklog(const Chunk& chunk) = 0;
   // No more events will come, with the reason (OK on shutdown).
   virtual void Close(absl::Status status) = 0;
   // The progress interval passed with nothing pushed: `message` is a
@@ -112,8 +134,13 @@ class EventLog : public VmObserver {
   ~EventLog() override;
 
   void StartRevisionsAt(uint64_t first) override;
+  // Into the history and the current VMs at once (a snapshot or a resume
+  // sees it); to the watchers at the pass's end.
   void Publish(VmEventType type, const VmView& vm, const std::string& detail) override;
   void Seed(const VmView& vm) override;
+  // Queues what was published since the last EndPass to the watchers, as
+  // one Chunk per kChunkBytes, and wakes the sender thread to write it.
+  void EndPass() override;
 
   // Subscribes `watcher` and, under one lock so nothing is lost or repeated
   // in between, pushes what it asked for first: the snapshot (every current
@@ -140,7 +167,18 @@ class EventLog : public VmObserver {
     std::string vm_id;                               // filter; empty: all
     std::chrono::milliseconds progress_interval{0};  // 0: none
     Clock::TimePoint last_push{};                    // of an event or a progress message
+    // The revision when it subscribed: its snapshot or replay holds every
+    // event up to it, including those of the pass not yet ended.
+    uint64_t after = 0;
   };
+  // Queues pass_ to the watchers; the ones whose queue was full are closed,
+  // out of watchers_, and appended to `cut_off` (for ForgetCutOff, after mu_).
+  void EndPassLocked(std::vector<Watcher*>* cut_off) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A watcher cut off is never touched again (its owner may destroy it once
+  // closed): waits for a flush round that may hold it, takes it out of the next.
+  void ForgetCutOff(const std::vector<Watcher*>& cut_off) ABSL_LOCKS_EXCLUDED(mu_);
+  // Every event up to this revision was queued to the watchers it concerns.
+  uint64_t QueuedRevision() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The sender thread: flushes the watchers pushed to, offers progress to
   // the watchers due, sleeps until the next is due or it is woken.
   void SenderLoop();
@@ -168,6 +206,10 @@ class EventLog : public VmObserver {
   std::atomic<bool> progress_recheck_{false};
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
+  // Published in this pass, not yet queued to the watchers (empty while
+  // there are none: a watcher that subscribes later gets them from the
+  // history or the snapshot).
+  std::vector<EventPtr> pass_ ABSL_GUARDED_BY(mu_);
   // The current VMs by id, as their last event left them (a B-tree: sorted
   // for snapshots, without a node per VM).
   absl::btree_map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);

@@ -41,6 +41,9 @@ class VmObserver {
   virtual void Seed(const VmView& vm) = 0;
   // `vm.revision` is the change's revision.
   virtual void Publish(VmEventType type, const VmView& vm, const std::string& detail) = 0;
+  // The end of a reconcile pass: what was published since the last call may
+  // be delivered together (the Watch log sends it to watchers then).
+  virtual void EndPass() {}
 };
 
 }  // namespace vmnet
