@@ -132,6 +132,7 @@ std::vector<absl::Status> FakePortSecurityKernel::Apply(
     return result;
   }
   ++transactions_;
+  for (const kernel::NftWrite& w : writes) write_log_.push_back(kernel::ToString(w));
   if (has_base) {
     base_ = std::move(config);
   } else {
@@ -285,6 +286,11 @@ std::optional<kernel::PortSecurityConfig> FakePortSecurityKernel::base() const {
 std::set<NftElement> FakePortSecurityKernel::elements() const {
   MutexLock lock(&mu_);
   return elements_;
+}
+
+std::vector<std::string> FakePortSecurityKernel::write_log() const {
+  MutexLock lock(&mu_);
+  return write_log_;
 }
 
 size_t FakePortSecurityKernel::transactions() const {

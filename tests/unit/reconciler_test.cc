@@ -979,9 +979,15 @@ TEST_F(PacketRateTest, ALimitIsInstalledReplacedAndRemoved) {
   ASSERT_TRUE(AttachLimited(200).ok());
   EXPECT_EQ(Limits(), (std::vector<kernel::NftPacketRateLimit>{{"vme1a", 200, 20}}));
   // A changed rate: one add that replaces the limit, no delete beside it
-  // (which would remove the new one with the old).
+  // (which would remove the new one with the old, or leave the link
+  // unlimited between two transactions).
+  size_t logged = kernel_.port_security().write_log().size();
   ASSERT_TRUE(AttachLimited(1000).ok());
   EXPECT_EQ(Limits(), (std::vector<kernel::NftPacketRateLimit>{{"vme1a", 1000, 100}}));
+  auto log = kernel_.port_security().write_log();
+  EXPECT_EQ(std::vector<std::string>(log.begin() + logged, log.end()),
+            std::vector<std::string>{
+                "add packet-rate limit vme1a over 1000/second burst 100 packets"});
   ASSERT_TRUE(AttachLimited(0).ok());
   EXPECT_TRUE(Limits().empty());
   ASSERT_TRUE(AttachLimited(3).ok());
@@ -1021,8 +1027,17 @@ TEST_F(PacketRateTest, AnUnknownLimitIsReplacedOrSwept) {
             .ok());
   }
   ASSERT_EQ(Limits().size(), 2u);
+  size_t logged = kernel_.port_security().write_log().size();
   StartAgent();
-  EXPECT_EQ(Limits(), (std::vector<kernel::NftPacketRateLimit>{{"vme1a", 200, 20}}));
+  EXPECT_TRUE(WaitFor([&] {
+    return Limits() == std::vector<kernel::NftPacketRateLimit>{{"vme1a", 200, 20}};
+  }));
+  // vme1a's unknown limit replaced (no delete of it), vme2a's swept.
+  auto log = kernel_.port_security().write_log();
+  EXPECT_THAT(std::vector<std::string>(log.begin() + logged, log.end()),
+              ::testing::UnorderedElementsAre(
+                  "add packet-rate limit vme1a over 200/second burst 20 packets",
+                  "delete packet-rate limit vme2a (not as vmnetd writes it)"));
 }
 
 TEST_F(PacketRateTest, RefusedWithPortSecurityOff) {
