@@ -527,6 +527,18 @@ class PacketRateTest(BandwidthTestCase):
             self.assertTrue(ok, self.nft("list", "ruleset"))
 
 
+    def test_5_vmnetctl_sets_it(self):
+        """`vmnetctl attach --egress-pps N` (its bandwidth options were once ignored)."""
+        lab.run_command(os.path.join(lab.REPO, "build", "client", "vmnetctl"),
+                        f"--server={self.lab.daemon.target}", "attach", self.vm1.vm_id,
+                        "--interface", self.vm1.interface, "--ip", self.vm1.address,
+                        "--egress-pps", "300", "--ingress-bps", str(LIMIT))
+        self.assertEqual(self.pps_limit(), 300)
+        got = self.call("GetVm", {"vm_id": self.vm1.vm_id})["vm"]["bandwidth"]
+        self.assertEqual((got["egress_packets_per_second"], got["ingress_bits_per_second"]),
+                         ("300", str(LIMIT)), got)
+
+
 class PacketRateWithoutPortSecurityTest(BandwidthTestCase):
     """--port-security=false: no ruleset to hold a packet-rate limit; refused, naming it."""
 
