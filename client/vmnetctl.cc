@@ -48,13 +48,14 @@ Usage: vmnetctl [--server=ADDR] [--ca=PEM] [--cert=PEM --key=PEM] [--output=text
 Commands:
   attach VM_ID --interface IF --ip ADDR [--ip ADDR ...] [--mac MAC]
                [--allow-source PREFIX ...] [--ingress-bps N] [--egress-bps N]
-               [--burst-bytes N] [--validate-only]
+               [--burst-bytes N] [--egress-pps N] [--validate-only]
                    Attach a VM (an upsert: the same spec again changes nothing).
                    --allow-source: a source prefix the VM may send from besides
                    its addresses (port security), e.g. 203.0.113.0/24.
                    --ingress-bps, --egress-bps: bandwidth limits in bit/s, towards
                    and from the VM (0 or absent: unlimited); --burst-bytes: their
-                   burst (absent: the agent's default).
+                   burst (absent: the agent's default); --egress-pps: a packet
+                   rate limit from the VM, in packets/s (needs port security).
   detach VM_ID [--allow-missing]
                    Remove what the VM's attach installed.
   get VM_ID        One VM: its spec, state and message.
@@ -169,14 +170,19 @@ std::string RateText(uint64_t bits_per_second) {
   return absl::StrFormat("%g %s", v, units[unit]);
 }
 
-// "ingress 20 Mbit/s, egress unlimited, burst default", or "unlimited".
+// "ingress 20 Mbit/s, egress unlimited, burst default[, egress 200 packets/s]",
+// or "unlimited".
 std::string BandwidthText(const vmnet::v1::Vm& vm) {
   if (!vm.has_bandwidth()) return "unlimited";
   const vmnet::v1::Bandwidth& b = vm.bandwidth();
-  return absl::StrCat("ingress ", RateText(b.ingress_bits_per_second()), ", egress ",
-                      RateText(b.egress_bits_per_second()), ", burst ",
-                      b.burst_bytes() == 0 ? std::string("default")
-                                           : absl::StrCat(b.burst_bytes(), " bytes"));
+  std::string text =
+      absl::StrCat("ingress ", RateText(b.ingress_bits_per_second()), ", egress ",
+                   RateText(b.egress_bits_per_second()), ", burst ",
+                   b.burst_bytes() == 0 ? std::string("default")
+                                        : absl::StrCat(b.burst_bytes(), " bytes"));
+  if (b.egress_packets_per_second() != 0)
+    absl::StrAppend(&text, ", egress ", b.egress_packets_per_second(), " packets/s");
+  return text;
 }
 
 bool Has(const Args& args, const std::string& name) {
@@ -383,9 +389,9 @@ class Client {
   }
 
   int Attach() {
-    if (auto e =
-            CheckOptions(args_, {"interface", "ip", "mac", "allow-source", "ingress-bps",
-                                 "egress-bps", "burst-bytes", "validate-only"});
+    if (auto e = CheckOptions(
+            args_, {"interface", "ip", "mac", "allow-source", "ingress-bps", "egress-bps",
+                    "burst-bytes", "egress-pps", "validate-only"});
         !e.empty()) {
       return Usage(e);
     }
@@ -399,8 +405,10 @@ class Client {
     for (auto it = first; it != last; ++it)
       request.add_allowed_source_prefixes(it->second);
     request.set_mac_address(Option(args_, "mac"));
-    for (const char* name : {"ingress-bps", "egress-bps", "burst-bytes"}) {
-      if (!Has(args_, name)) continue;
+    for (const char* name : {"ingress-bps", "egress-bps", "burst-bytes", "egress-pps"}) {
+      // A valued option, not a switch (Has() looks at switches only, so the
+      // limits were silently dropped before).
+      if (args_.options.count(name) == 0) continue;
       uint64_t value = 0;
       if (!absl::SimpleAtoi(Option(args_, name), &value)) {
         return Usage(absl::StrCat("attach: --", name, " takes a number, not \"",
@@ -410,6 +418,7 @@ class Client {
       if (std::string(name) == "ingress-bps") b->set_ingress_bits_per_second(value);
       if (std::string(name) == "egress-bps") b->set_egress_bits_per_second(value);
       if (std::string(name) == "burst-bytes") b->set_burst_bytes(value);
+      if (std::string(name) == "egress-pps") b->set_egress_packets_per_second(value);
     }
     request.set_validate_only(Has(args_, "validate-only"));
     vmnet::v1::AttachVmResponse response;

@@ -69,11 +69,15 @@ absl::Status Agent::Start() {
       // That works on every kernel (tbf, ingress, u32, mirred, ifb); a
       // policer (police action, matchall) would drop instead of shaping and
       // is missing from some kernels, so it is not used even where present.
+      // Packet-rate limits are nftables limit objects in port security's
+      // ruleset (every kernel with nf_tables has them).
       kernel::TcCapabilities tc = kernel_->tc_capabilities();
-      config_.service.rules.kernel_has_police = tc.police;
+      const bool port_security = config_.reconciler.host.port_security.has_value();
+      config_.service.rules.port_security = port_security;
       VMNET_LOG(Info) << "event=traffic_control " << tc.ToString()
                       << " towards_vm=tbf from_vm=u32+mirred+ifb+tbf"
-                      << " packet_rate_limits=unavailable";
+                      << " packet_rate_limits="
+                      << (port_security ? "nftables" : "unavailable(port_security_off)");
     }
     ReconcilerOptions& options = config_.reconciler;
     if (options.host.uplinks.empty()) {

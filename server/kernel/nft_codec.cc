@@ -32,6 +32,7 @@
 #include <memory>
 #include <set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -170,7 +171,9 @@ void Lookup(Rule r, const char* set, bool invert = false) {
   Add(r, e);
 }
 
-void CounterFromMap(Rule r, const char* map) {
+// The object (counter or limit) the map holds for REG_1's key; a limit
+// object breaks the rule while under its rate, as does a missing key.
+void ObjectFromMap(Rule r, const char* map) {
   nftnl_expr* e = nftnl_expr_alloc("objref");
   nftnl_expr_set_u32(e, NFTNL_EXPR_OBJREF_SET_SREG, NFT_REG_1);
   nftnl_expr_set_str(e, NFTNL_EXPR_OBJREF_SET_NAME, map);
@@ -217,6 +220,10 @@ void Prefix16(Rule r, uint32_t base, uint32_t offset, uint8_t b0, uint8_t b1,
 
 // ---- The base ---------------------------------------------------------
 
+constexpr char kEgressPpsMap[] = "egress_pps";
+constexpr char kEgressPpsChain[] = "drop_egress_pps";
+constexpr char kEgressPpsPrefix[] = "egress_pps.";
+
 struct RuleSpec {
   const char* chain;
   const char* comment;
@@ -233,7 +240,7 @@ struct SetSpec {
   uint32_t key_type = 0;
   uint32_t key_len = 0;
   std::vector<uint8_t> concat;  // field lengths, for concatenated ranges
-  bool counter_map = false;
+  uint32_t obj_type = 0;        // object maps: NFT_OBJECT_COUNTER or NFT_OBJECT_LIMIT
   std::vector<std::vector<uint8_t>> constant_elements;
 };
 struct TableSpec {
@@ -251,30 +258,30 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
   const uint32_t kIfnameLen = IFNAMSIZ;
   TableSpec inet{NFPROTO_INET, {}, {}, {}};
   inet.sets = {
-      {"vm_links", 0, kTypeIfname, kIfnameLen, {}, false, {}},
+      {"vm_links", 0, kTypeIfname, kIfnameLen, {}, 0, {}},
       // The VMs' own addresses: exact matches in hash sets (O(1) per
       // packet at any number of VMs). Allowed prefixes: concatenated-range
       // sets, reached only by packets the hash sets did not accept (the
       // kernel's range lookup costs grow with the number of elements).
-      {"src4", 0, Concat(kTypeIfname, kTypeIpAddr), kIfnameLen + 4, {}, false, {}},
-      {"src6", 0, Concat(kTypeIfname, kTypeIp6Addr), kIfnameLen + 16, {}, false, {}},
+      {"src4", 0, Concat(kTypeIfname, kTypeIpAddr), kIfnameLen + 4, {}, 0, {}},
+      {"src6", 0, Concat(kTypeIfname, kTypeIp6Addr), kIfnameLen + 16, {}, 0, {}},
       {"src4_ranges",
        NFT_SET_INTERVAL | NFT_SET_CONCAT,
        Concat(kTypeIfname, kTypeIpAddr),
        kIfnameLen + 4,
        {16, 4},
-       false,
+       0,
        {}},
       {"src6_ranges",
        NFT_SET_INTERVAL | NFT_SET_CONCAT,
        Concat(kTypeIfname, kTypeIp6Addr),
        kIfnameLen + 16,
        {16, 16},
-       false,
+       0,
        {}},
-      {"vm_to_host_allow", 0, Concat(kTypeInetProto, kTypeInetService), 8, {}, false, {}},
-      {"icmp_to_host", 0, kTypeIcmpType, 1, {}, false, {}},
-      {"icmpv6_to_host", 0, kTypeIcmp6Type, 1, {}, false, {}},
+      {"vm_to_host_allow", 0, Concat(kTypeInetProto, kTypeInetService), 8, {}, 0, {}},
+      {"icmp_to_host", 0, kTypeIcmpType, 1, {}, 0, {}},
+      {"icmpv6_to_host", 0, kTypeIcmp6Type, 1, {}, 0, {}},
   };
   for (const VmToHostPort& p : config.vm_to_host_allow) {
     inet.sets[5].constant_elements.push_back({static_cast<uint8_t>(p.protocol), 0, 0, 0,
@@ -285,16 +292,37 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
   for (uint8_t t : kIcmp6ToHost) inet.sets[7].constant_elements.push_back({t});
   for (DropReason reason :
        {DropReason::kSpoofedSource, DropReason::kSpoofedArpNd, DropReason::kToHost}) {
-    inet.sets.push_back(
-        {DropReasonName(reason), NFT_SET_OBJECT, kTypeIfname, kIfnameLen, {}, true, {}});
+    inet.sets.push_back({DropReasonName(reason),
+                         NFT_SET_OBJECT,
+                         kTypeIfname,
+                         kIfnameLen,
+                         {},
+                         NFT_OBJECT_COUNTER,
+                         {}});
   }
-  inet.chains = {{"prerouting", NF_INET_PRE_ROUTING, -300},
-                 {"input", NF_INET_LOCAL_IN, 0},
-                 {"drop_spoofed_source", std::nullopt, 0},
-                 {"drop_spoofed_arp_nd", std::nullopt, 0},
-                 {"drop_to_host", std::nullopt, 0}};
+  // Packet-rate limits: the limit objects and their drop counters.
+  inet.sets.push_back(
+      {kEgressPpsMap, NFT_SET_OBJECT, kTypeIfname, kIfnameLen, {}, NFT_OBJECT_LIMIT, {}});
+  inet.sets.push_back({DropReasonName(DropReason::kEgressPacketRate),
+                       NFT_SET_OBJECT,
+                       kTypeIfname,
+                       kIfnameLen,
+                       {},
+                       NFT_OBJECT_COUNTER,
+                       {}});
+  inet.chains = {
+      {"prerouting", NF_INET_PRE_ROUTING, -300}, {"input", NF_INET_LOCAL_IN, 0},
+      {"drop_spoofed_source", std::nullopt, 0},  {"drop_spoofed_arp_nd", std::nullopt, 0},
+      {"drop_to_host", std::nullopt, 0},         {kEgressPpsChain, std::nullopt, 0}};
   inet.rules = {
       {"prerouting", "vmnetd: not from a VM link: not checked", NotFromVmLink},
+      {"prerouting",
+       "vmnetd: over the VM's packet-rate limit (a link without one is not limited)",
+       [](Rule r) {
+         Meta(r, NFT_META_IIFNAME, NFT_REG_1);
+         ObjectFromMap(r, kEgressPpsMap);
+         Goto(r, kEgressPpsChain);
+       }},
       {"prerouting", "vmnetd: IPv4 from the VM's addresses",
        [](Rule r) {
          Family(r, NFPROTO_IPV4);
@@ -415,22 +443,29 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
     const char* map = DropReasonName(reason);
     inet.rules.push_back({chain, "vmnetd: count per VM link and drop", [map](Rule r) {
                             Meta(r, NFT_META_IIFNAME, NFT_REG_1);
-                            CounterFromMap(r, map);
+                            ObjectFromMap(r, map);
                             Drop(r);
                           }});
     inet.rules.push_back({chain, "vmnetd: drop (a link without counters)", Drop});
   }
+  inet.rules.push_back(
+      {kEgressPpsChain, "vmnetd: count per VM link and drop", [](Rule r) {
+         Meta(r, NFT_META_IIFNAME, NFT_REG_1);
+         ObjectFromMap(r, DropReasonName(DropReason::kEgressPacketRate));
+         Drop(r);
+       }});
+  inet.rules.push_back({kEgressPpsChain, "vmnetd: drop (a link without counters)", Drop});
 
   TableSpec arp{NFPROTO_ARP, {}, {}, {}};
   arp.sets = {
-      {"vm_links", 0, kTypeIfname, kIfnameLen, {}, false, {}},
-      {"arp_src4", 0, Concat(kTypeIfname, kTypeIpAddr), kIfnameLen + 4, {}, false, {}},
+      {"vm_links", 0, kTypeIfname, kIfnameLen, {}, 0, {}},
+      {"arp_src4", 0, Concat(kTypeIfname, kTypeIpAddr), kIfnameLen + 4, {}, 0, {}},
       {DropReasonName(DropReason::kSpoofedArpNd),
        NFT_SET_OBJECT,
        kTypeIfname,
        kIfnameLen,
        {},
-       true,
+       NFT_OBJECT_COUNTER,
        {}},
   };
   arp.chains = {{"input", NF_ARP_IN, 0}, {"drop_spoofed_arp_nd", std::nullopt, 0}};
@@ -454,7 +489,7 @@ std::vector<TableSpec> BaseSpec(const PortSecurityConfig& config) {
       {"drop_spoofed_arp_nd", "vmnetd: count per VM link and drop",
        [](Rule r) {
          Meta(r, NFT_META_IIFNAME, NFT_REG_1);
-         CounterFromMap(r, DropReasonName(DropReason::kSpoofedArpNd));
+         ObjectFromMap(r, DropReasonName(DropReason::kSpoofedArpNd));
          Drop(r);
        }},
       {"drop_spoofed_arp_nd", "vmnetd: drop (a link without counters)", Drop},
@@ -516,6 +551,26 @@ NftMessage CounterMessage(uint16_t type, uint8_t family, uint16_t flags,
   });
 }
 
+// A limit object: `rate over <pps>/second burst <burst> packets`. For a
+// delete (destroy) only the name counts.
+NftMessage LimitMessage(uint16_t type, uint16_t flags, const std::string& name,
+                        const NftPacketRateLimit& limit) {
+  return Build(type, NFPROTO_INET, flags, [&](nlmsghdr* nlh) {
+    ObjPtr o(nftnl_obj_alloc());
+    nftnl_obj_set_str(o.get(), NFTNL_OBJ_TABLE, kNftTableName);
+    nftnl_obj_set_str(o.get(), NFTNL_OBJ_NAME, name.c_str());
+    nftnl_obj_set_u32(o.get(), NFTNL_OBJ_TYPE, NFT_OBJECT_LIMIT);
+    if (type == NFT_MSG_NEWOBJ) {
+      nftnl_obj_set_u64(o.get(), NFTNL_OBJ_LIMIT_RATE, limit.packets_per_second);
+      nftnl_obj_set_u64(o.get(), NFTNL_OBJ_LIMIT_UNIT, 1);  // per second
+      nftnl_obj_set_u32(o.get(), NFTNL_OBJ_LIMIT_BURST, limit.burst_packets);
+      nftnl_obj_set_u32(o.get(), NFTNL_OBJ_LIMIT_TYPE, NFT_LIMIT_PKTS);
+      nftnl_obj_set_u32(o.get(), NFTNL_OBJ_LIMIT_FLAGS, NFT_LIMIT_F_INV);  // "over"
+    }
+    nftnl_obj_nlmsg_build_payload(nlh, o.get());
+  });
+}
+
 void EncodeBase(const PortSecurityConfig& config, std::vector<NftMessage>* out) {
   const uint16_t create = NLM_F_CREATE;
   std::string tag = config.Fingerprint();
@@ -536,8 +591,8 @@ void EncodeBase(const PortSecurityConfig& config, std::vector<NftMessage>* out) 
           nftnl_set_set_data(s.get(), NFTNL_SET_DESC_CONCAT, spec.concat.data(),
                              static_cast<uint32_t>(spec.concat.size()));
         }
-        if (spec.counter_map)
-          nftnl_set_set_u32(s.get(), NFTNL_SET_OBJ_TYPE, NFT_OBJECT_COUNTER);
+        if (spec.obj_type != 0)
+          nftnl_set_set_u32(s.get(), NFTNL_SET_OBJ_TYPE, spec.obj_type);
         if (spec.key_type == kTypeIfname) {
           // Tells nft the key is a string in host order, so that `nft list`
           // prints the names (the kernel does not look at userdata).
@@ -676,6 +731,38 @@ absl::Status EncodeElement(const NftElement& element, bool add,
     }
     return absl::OkStatus();
   }
+  if (const auto* limit = std::get_if<NftPacketRateLimit>(&element)) {
+    if (auto s = CheckIfname(limit->ifname, element); !s.ok()) return s;
+    if (add && (limit->packets_per_second == 0 || limit->burst_packets == 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(ToString(element), ": a rate and a burst of at least 1"));
+    }
+    const std::vector<uint8_t> key = IfnameKey(limit->ifname);
+    const std::string name = absl::StrCat(kEgressPpsPrefix, limit->ifname);
+    const std::string counter = CounterName(DropReason::kEgressPacketRate, limit->ifname);
+    const char* counter_map = DropReasonName(DropReason::kEgressPacketRate);
+    // The limit is destroyed and re-created either way: the kernel has no
+    // update for limit objects (NEWOBJ on an existing one is a silent no-op),
+    // and one transaction makes the replacement atomic for packets.
+    out->push_back(ElementsMessage(kNftMsgDestroySetElem, NFPROTO_INET, 0, kEgressPpsMap,
+                                   {{key, {}, ""}}));
+    out->push_back(LimitMessage(kNftMsgDestroyObj, 0, name, *limit));
+    if (add) {
+      out->push_back(LimitMessage(NFT_MSG_NEWOBJ, NLM_F_CREATE, name, *limit));
+      // The counter and its element stay (adding what exists is OK): a rate
+      // change keeps the count.
+      out->push_back(CounterMessage(NFT_MSG_NEWOBJ, NFPROTO_INET, NLM_F_CREATE, counter));
+      out->push_back(ElementsMessage(NFT_MSG_NEWSETELEM, NFPROTO_INET, NLM_F_CREATE,
+                                     counter_map, {{key, {}, counter}}));
+      out->push_back(ElementsMessage(NFT_MSG_NEWSETELEM, NFPROTO_INET, NLM_F_CREATE,
+                                     kEgressPpsMap, {{key, {}, name}}));
+    } else {
+      out->push_back(ElementsMessage(kNftMsgDestroySetElem, NFPROTO_INET, 0, counter_map,
+                                     {{key, {}, ""}}));
+      out->push_back(CounterMessage(kNftMsgDestroyObj, NFPROTO_INET, 0, counter));
+    }
+    return absl::OkStatus();
+  }
   const auto& arp = std::get<NftArpSender>(element);
   if (auto s = CheckIfname(arp.ifname, element); !s.ok()) return s;
   if (!arp.address.is_v4()) {
@@ -716,6 +803,15 @@ bool ParseCounterName(const std::string& name, DropReason* reason, std::string* 
     }
   }
   return false;
+}
+
+// The link of a packet-rate limit's drop counter, "egress_pps_dropped.<ifname>".
+bool LimitCounterIfname(const std::string& name, std::string* ifname) {
+  std::string prefix = absl::StrCat(DropReasonName(DropReason::kEgressPacketRate), ".");
+  if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0)
+    return false;
+  *ifname = name.substr(prefix.size());
+  return true;
 }
 
 std::string FamilyName(uint8_t family) {
@@ -793,10 +889,10 @@ NftMessage EncodeDumpElements(uint8_t family, const std::string& set) {
   return ElementsMessage(NFT_MSG_GETSETELEM, family, NLM_F_DUMP, set.c_str(), {});
 }
 NftMessage EncodeDumpCounters(uint8_t family) {
+  // Every object of the table: the counters and the packet-rate limits.
   return Build(NFT_MSG_GETOBJ, family, NLM_F_DUMP, [](nlmsghdr* nlh) {
     ObjPtr o(nftnl_obj_alloc());
     nftnl_obj_set_str(o.get(), NFTNL_OBJ_TABLE, kNftTableName);
-    nftnl_obj_set_u32(o.get(), NFTNL_OBJ_TYPE, NFT_OBJECT_COUNTER);
     nftnl_obj_nlmsg_build_payload(nlh, o.get());
   });
 }
@@ -905,9 +1001,18 @@ void NftDumpParser::AddCounter(const nlmsghdr* msg) {
   ObjPtr o(nftnl_obj_alloc());
   if (nftnl_obj_nlmsg_parse(msg, o.get()) < 0) return;
   Table* table = TableOf(FamilyOf(msg), nftnl_obj_get_str(o.get(), NFTNL_OBJ_TABLE));
-  if (table == nullptr ||
-      nftnl_obj_get_u32(o.get(), NFTNL_OBJ_TYPE) != NFT_OBJECT_COUNTER)
+  if (table == nullptr) return;
+  const uint32_t type = nftnl_obj_get_u32(o.get(), NFTNL_OBJ_TYPE);
+  if (type == NFT_OBJECT_LIMIT) {
+    Limit& l = table->limits[nftnl_obj_get_str(o.get(), NFTNL_OBJ_NAME)];
+    l.rate = nftnl_obj_get_u64(o.get(), NFTNL_OBJ_LIMIT_RATE);
+    l.unit = nftnl_obj_get_u64(o.get(), NFTNL_OBJ_LIMIT_UNIT);
+    l.burst = nftnl_obj_get_u32(o.get(), NFTNL_OBJ_LIMIT_BURST);
+    l.type = nftnl_obj_get_u32(o.get(), NFTNL_OBJ_LIMIT_TYPE);
+    l.flags = nftnl_obj_get_u32(o.get(), NFTNL_OBJ_LIMIT_FLAGS);
     return;
+  }
+  if (type != NFT_OBJECT_COUNTER) return;
   table->counters[nftnl_obj_get_str(o.get(), NFTNL_OBJ_NAME)] = {
       nftnl_obj_get_u64(o.get(), NFTNL_OBJ_CTR_PKTS),
       nftnl_obj_get_u64(o.get(), NFTNL_OBJ_CTR_BYTES)};
@@ -1057,6 +1162,8 @@ NftSnapshot NftDumpParser::Finish() const {
       if (ParseCounterName(name, &reason, &ifname) &&
           (family == NFPROTO_INET || reason == DropReason::kSpoofedArpNd)) {
         note(ifname);
+      } else if (family == NFPROTO_INET && LimitCounterIfname(name, &ifname)) {
+        // A packet-rate limit's part: counted below.
       } else {
         ++snap.foreign_elements;
       }
@@ -1118,6 +1225,57 @@ NftSnapshot NftDumpParser::Finish() const {
           IpAddress::FromBytes(IpAddress::Family::kV4, key.data() + IFNAMSIZ)});
     }
   }
+  // Packet-rate limits: the limit object, its counter and both map
+  // elements. Anything less, or a limit vmnetd does not write, is reported
+  // with rate 0 (replaced when desired, deleted otherwise).
+  if (inet != tables_.end()) {
+    const Table& t = inet->second;
+    std::map<std::string, int> limit_parts;
+    std::map<std::string, NftPacketRateLimit> limits;
+    for (const auto& [name, l] : t.limits) {
+      if (!absl::StartsWith(name, kEgressPpsPrefix)) {
+        ++snap.foreign_elements;
+        continue;
+      }
+      std::string ifname = name.substr(sizeof(kEgressPpsPrefix) - 1);
+      ++limit_parts[ifname];
+      if (l.unit == 1 && l.type == NFT_LIMIT_PKTS && l.flags == NFT_LIMIT_F_INV &&
+          l.rate != 0 && l.burst != 0) {
+        limits[ifname] = {ifname, l.rate, l.burst};
+      }
+    }
+    for (const auto& [name, value] : t.counters) {
+      std::string ifname;
+      if (LimitCounterIfname(name, &ifname)) ++limit_parts[ifname];
+    }
+    for (const auto& [map, prefix] :
+         {std::pair<const char*, std::string>{kEgressPpsMap, kEgressPpsPrefix},
+          {DropReasonName(DropReason::kEgressPacketRate),
+           absl::StrCat(DropReasonName(DropReason::kEgressPacketRate), ".")}}) {
+      const Set* s = set_of(NFPROTO_INET, map);
+      if (s == nullptr) continue;
+      for (const auto& [key, obj] : s->elements) {
+        if (key.size() != IFNAMSIZ) {
+          ++snap.foreign_elements;
+          continue;
+        }
+        std::string ifname = IfnameOf(key.data());
+        // An element naming another object counts as a part, never as the
+        // right one: the limit is not complete.
+        limit_parts[ifname] += obj == prefix + ifname ? 1 : 10;
+      }
+    }
+    // The limit, its counter and their two map elements.
+    constexpr int kLimitParts = 4;
+    for (const auto& [ifname, n] : limit_parts) {
+      auto it = limits.find(ifname);
+      if (n == kLimitParts && it != limits.end()) {
+        snap.elements.push_back(it->second);
+      } else {
+        snap.elements.push_back(NftPacketRateLimit{ifname, 0, 0});
+      }
+    }
+  }
   std::sort(snap.elements.begin(), snap.elements.end());
   return snap;
 }
@@ -1128,7 +1286,11 @@ std::vector<DropCounter> NftDumpParser::Counters() const {
     for (const auto& [name, value] : table.counters) {
       DropReason reason;
       std::string ifname;
-      if (!ParseCounterName(name, &reason, &ifname)) continue;
+      if (LimitCounterIfname(name, &ifname)) {
+        reason = DropReason::kEgressPacketRate;
+      } else if (!ParseCounterName(name, &reason, &ifname)) {
+        continue;
+      }
       DropCounter& c = sums[{ifname, reason}];
       c.ifname = ifname;
       c.reason = reason;
@@ -1206,12 +1368,22 @@ std::vector<NftEvent> ParseNftEvent(const nlmsghdr* msg, uint32_t own_portid) {
       std::string name = nftnl_obj_get_str(o.get(), NFTNL_OBJ_NAME);
       NftEvent e;
       e.own = own;
-      e.what = absl::StrCat(verb, " counter ", table_name, " ", name);
+      e.what = absl::StrCat(verb, " object ", table_name, " ", name);
       DropReason reason;
       std::string ifname;
-      if (ParseCounterName(name, &reason, &ifname)) {
+      const uint32_t obj_type = nftnl_obj_get_u32(o.get(), NFTNL_OBJ_TYPE);
+      if (obj_type == NFT_OBJECT_COUNTER && ParseCounterName(name, &reason, &ifname)) {
         e.kind = is_new ? NftEvent::Kind::kElementAdded : NftEvent::Kind::kElementDeleted;
         e.element = NftVmLink{ifname};
+      } else if ((obj_type == NFT_OBJECT_COUNTER && family == NFPROTO_INET &&
+                  LimitCounterIfname(name, &ifname)) ||
+                 (obj_type == NFT_OBJECT_LIMIT && family == NFPROTO_INET &&
+                  absl::StartsWith(name, kEgressPpsPrefix) &&
+                  name.size() > sizeof(kEgressPpsPrefix) - 1)) {
+        if (obj_type == NFT_OBJECT_LIMIT)
+          ifname = name.substr(sizeof(kEgressPpsPrefix) - 1);
+        e.kind = is_new ? NftEvent::Kind::kElementAdded : NftEvent::Kind::kElementDeleted;
+        e.element = NftPacketRateLimit{ifname, 0, 0};
       }
       out.push_back(std::move(e));
       return out;
@@ -1252,6 +1424,10 @@ std::vector<NftEvent> ParseNftEvent(const nlmsghdr* msg, uint32_t own_portid) {
                   len == IFNAMSIZ) {
                 ev.kind = c->kind;
                 ev.element = NftVmLink{ifname};
+              } else if ((set == kEgressPpsMap || set == "egress_pps_dropped") &&
+                         len == IFNAMSIZ && c->family == NFPROTO_INET) {
+                ev.kind = c->kind;
+                ev.element = NftPacketRateLimit{ifname, 0, 0};
               } else if ((set == "src4" || set == "src4_ranges" || set == "src6" ||
                           set == "src6_ranges") &&
                          len == IFNAMSIZ + (set[3] == '4' ? 4 : 16)) {

@@ -9,7 +9,7 @@ namespace vmnet::kernel {
 
 // Bumped whenever the base's rules change: a daemon of a new version
 // replaces the base of an old one.
-constexpr char kRulesetVersion[] = "vmnetd-portsec-1";
+constexpr char kRulesetVersion[] = "vmnetd-portsec-2";  // 2: packet-rate limits
 
 const char* DropReasonName(DropReason reason) {
   switch (reason) {
@@ -19,8 +19,16 @@ const char* DropReasonName(DropReason reason) {
       return "spoofed_arp_nd";
     case DropReason::kToHost:
       return "to_host";
+    case DropReason::kEgressPacketRate:
+      return "egress_pps_dropped";
   }
   return "unknown";
+}
+
+uint32_t PacketRateBurst(uint64_t packets_per_second) {
+  uint64_t burst = packets_per_second / 10;
+  if (burst < 5) burst = 5;
+  return static_cast<uint32_t>(std::min<uint64_t>(burst, UINT32_MAX));
 }
 
 std::string VmToHostPort::ToString() const {
@@ -55,6 +63,12 @@ struct ElementNamer {
   }
   std::string operator()(const NftArpSender& e) const {
     return absl::StrCat("permitted ARP sender ", e.ifname, " . ", e.address.ToString());
+  }
+  std::string operator()(const NftPacketRateLimit& e) const {
+    if (e.packets_per_second == 0)
+      return absl::StrCat("packet-rate limit ", e.ifname, " (not as vmnetd writes it)");
+    return absl::StrCat("packet-rate limit ", e.ifname, " over ", e.packets_per_second,
+                        "/second burst ", e.burst_packets, " packets");
   }
 };
 

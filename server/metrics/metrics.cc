@@ -196,15 +196,27 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
                             "another's address, router advertisements, redirects), "
                             "to_host (to the host's own addresses, not allowed).",
                             MetricType::Counter);
+    MetricFamily packet_rate =
+        Family("vmnet_vm_packet_rate_limited_dropped_packets_total",
+               "Packets from the VM that its packet-rate limit "
+               "(bandwidth.egress_packets_per_second) dropped; only VMs with one.",
+               MetricType::Counter);
     for (const kernel::DropCounter& d : *drops) {
       auto it = vm_of_link.find(d.ifname);
       if (it == vm_of_link.end()) continue;
+      if (d.reason == kernel::DropReason::kEgressPacketRate) {
+        packet_rate.metric.push_back(
+            Sample({{"vm_id", it->second->spec.vm_id}, {"interface", d.ifname}},
+                   static_cast<double>(d.packets), MetricType::Counter));
+        continue;
+      }
       f.metric.push_back(Sample({{"vm_id", it->second->spec.vm_id},
                                  {"interface", d.ifname},
                                  {"reason", kernel::DropReasonName(d.reason)}},
                                 static_cast<double>(d.packets), MetricType::Counter));
     }
     out->push_back(std::move(f));
+    out->push_back(std::move(packet_rate));
   }
 
   MetricFamily info =

@@ -42,6 +42,15 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   ResetTc(snapshot);
 }
 
+void KernelModel::ForgetPacketRateLimit(const std::string& ifname) {
+  auto it = nft_elements_.lower_bound(kernel::NftPacketRateLimit{ifname, 0, 0});
+  while (it != nft_elements_.end()) {
+    const auto* l = std::get_if<kernel::NftPacketRateLimit>(&*it);
+    if (l == nullptr || l->ifname != ifname) break;
+    it = nft_elements_.erase(it);
+  }
+}
+
 void KernelModel::UpsertLink(const Link& link) {
   auto it = links_.find(link.ifindex);
   if (it != links_.end()) {
@@ -229,6 +238,11 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
       nft_intact_ = false;
       touched.everything = true;
     } else {
+      if (const auto* limit = std::get_if<kernel::NftPacketRateLimit>(&*e->element)) {
+        // An event does not carry the rate: the link's limit is unknown
+        // (rate 0) when a part of it was added, gone when one was deleted.
+        ForgetPacketRateLimit(limit->ifname);
+      }
       if (e->kind == Kind::kElementAdded) {
         nft_elements_.insert(*e->element);
         touched.sweep_orphans = true;
@@ -254,8 +268,14 @@ void KernelModel::ApplyWrite(const kernel::Write& write) {
     nft_intact_ = false;
     nft_elements_.clear();
   } else if (auto* w = std::get_if<kernel::AddNftElement>(&write)) {
+    // A link has one packet-rate limit: adding one replaces the other.
+    if (const auto* l = std::get_if<kernel::NftPacketRateLimit>(&w->element))
+      ForgetPacketRateLimit(l->ifname);
     nft_elements_.insert(w->element);
   } else if (auto* w = std::get_if<kernel::DeleteNftElement>(&write)) {
+    // Deleting a limit deletes the link's, whatever its rate.
+    if (const auto* l = std::get_if<kernel::NftPacketRateLimit>(&w->element))
+      ForgetPacketRateLimit(l->ifname);
     nft_elements_.erase(w->element);
   } else if (auto* w = std::get_if<kernel::SetLinkUp>(&write)) {
     if (auto it = links_.find(w->ifindex); it != links_.end()) it->second.up = true;

@@ -169,7 +169,21 @@ std::vector<kernel::NftElement> PortSecurityElements(const VmSpec& spec) {
   for (const IpPrefix& p : kernel::NonOverlappingPrefixes(spec.allowed_source_prefixes)) {
     out.insert(kernel::NftSourcePrefix{spec.interface, p});
   }
+  if (spec.bandwidth.egress_packets_per_second != 0) {
+    out.insert(kernel::MakePacketRateLimit(spec.interface,
+                                           spec.bandwidth.egress_packets_per_second));
+  }
   return {out.begin(), out.end()};
+}
+
+bool ReplacedByWanted(const kernel::NftElement& e,
+                      const std::vector<kernel::NftElement>& wanted) {
+  const auto* limit = std::get_if<kernel::NftPacketRateLimit>(&e);
+  if (limit == nullptr) return false;
+  return std::any_of(wanted.begin(), wanted.end(), [&](const kernel::NftElement& w) {
+    const auto* l = std::get_if<kernel::NftPacketRateLimit>(&w);
+    return l != nullptr && l->ifname == limit->ifname;
+  });
 }
 
 VmPlan PlanVm(const VmSpec& spec, const KernelModel& model, const HostConfig& config) {
@@ -294,6 +308,7 @@ std::vector<kernel::Write> PlanRemoval(const VmSpec& old_spec, const VmSpec* new
     if (new_spec != nullptr) kept_elements = PortSecurityElements(*new_spec);
     for (kernel::NftElement& e : PortSecurityElements(old_spec)) {
       if (!std::binary_search(kept_elements.begin(), kept_elements.end(), e) &&
+          !ReplacedByWanted(e, kept_elements) &&
           model.HasNftElement(e, *config.port_security)) {
         writes.push_back(kernel::DeleteNftElement{std::move(e)});
       }
@@ -405,20 +420,25 @@ std::vector<kernel::Write> PlanOrphans(const KernelModel& model, const HostConfi
   absl::flat_hash_map<IpAddress, AddressOwner> owner;
   absl::flat_hash_map<std::string, std::string> vm_of_interface;
   std::set<kernel::NftElement> wanted;
+  std::vector<kernel::NftElement> wanted_limits;
   for (const VmSpec* spec : desired) {
     for (const IpAddress& a : spec->addresses) {
       owner[a] = {spec->interface, spec->mac.has_value()};
     }
     vm_of_interface[spec->interface] = spec->vm_id;
     if (config.port_security) {
-      for (kernel::NftElement& e : PortSecurityElements(*spec))
+      for (kernel::NftElement& e : PortSecurityElements(*spec)) {
+        if (std::holds_alternative<kernel::NftPacketRateLimit>(e))
+          wanted_limits.push_back(e);
         wanted.insert(std::move(e));
+      }
     }
   }
   std::vector<kernel::Write> writes = PlanOrphans(model, config, owner, vm_of_interface);
   if (config.port_security && model.PortSecurityBaseMatches(*config.port_security)) {
     model.ForEachNftElement([&](const kernel::NftElement& e) {
-      if (!wanted.contains(e)) writes.push_back(kernel::DeleteNftElement{e});
+      if (!wanted.contains(e) && !ReplacedByWanted(e, wanted_limits))
+        writes.push_back(kernel::DeleteNftElement{e});
     });
   }
   PlanBandwidthOrphans(model, desired, &writes);

@@ -153,6 +153,7 @@ std::string StateStore::Encode(const StoredState& state) {
     r->set_ingress_bits_per_second(vm.spec.bandwidth.ingress_bits_per_second);
     r->set_egress_bits_per_second(vm.spec.bandwidth.egress_bits_per_second);
     r->set_burst_bytes(vm.spec.bandwidth.burst_bytes);
+    r->set_egress_packets_per_second(vm.spec.bandwidth.egress_packets_per_second);
     r->set_revision(vm.revision);
   }
   std::string payload = file.SerializeAsString();
@@ -189,6 +190,9 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
   SpecRules permissive;
   permissive.interface_pattern = std::regex(".*");
   permissive.max_addresses = 1u << 20;
+  // A stored packet-rate limit loads whatever --port-security is now
+  // (without it, the limit is kept but not enforced).
+  permissive.port_security = true;
   std::set<std::string> vm_ids, interfaces;
   std::set<IpAddress> addresses_seen;
   for (const state::VmRecord& r : file.vms()) {
@@ -213,7 +217,7 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
     spec->allowed_source_prefixes = std::move(*allowed);
     auto bandwidth =
         ParseBandwidth(r.ingress_bits_per_second(), r.egress_bits_per_second(),
-                       r.burst_bytes(), 0, permissive);
+                       r.burst_bytes(), r.egress_packets_per_second(), permissive);
     if (!bandwidth.ok()) {
       return absl::DataLossError(
           absl::StrCat("invalid VM record: ", bandwidth.status().message()));

@@ -164,22 +164,17 @@ absl::StatusOr<Bandwidth> ParseBandwidth(uint64_t ingress_bits_per_second,
         absl::StrCat("bandwidth.egress_packets_per_second: ", egress_packets_per_second,
                      " is above the greatest limit, 1000000000"));
   }
-  if (egress_packets_per_second != 0) {
-    if (!rules.kernel_has_police) {
-      return absl::FailedPreconditionError(
-          "bandwidth.egress_packets_per_second: a packet-rate limit needs the kernel's "
-          "police action (CONFIG_NET_ACT_POLICE), which this host's kernel lacks; leave "
-          "it 0, or limit egress_bits_per_second instead");
-    }
-    return absl::UnimplementedError(
-        "bandwidth.egress_packets_per_second: packet-rate limits are not implemented "
-        "(vmnetd shapes with tbf, which counts bytes); leave it 0, or limit "
-        "egress_bits_per_second instead");
+  if (egress_packets_per_second != 0 && !rules.port_security) {
+    return absl::FailedPreconditionError(
+        "bandwidth.egress_packets_per_second: a packet-rate limit is enforced by port "
+        "security's nftables ruleset, and this vmnetd runs with --port-security=false; "
+        "leave it 0, limit egress_bits_per_second instead, or turn port security on");
   }
   Bandwidth out;
   out.ingress_bits_per_second = ingress_bits_per_second;
   out.egress_bits_per_second = egress_bits_per_second;
   out.burst_bytes = static_cast<uint32_t>(burst_bytes);
+  out.egress_packets_per_second = egress_packets_per_second;
   return out;
 }
 
@@ -194,15 +189,17 @@ absl::StatusOr<std::vector<IpPrefix>> ParseSourcePrefixes(
   for (size_t i = 0; i < prefixes.size(); ++i) {
     std::string field = absl::StrCat("allowed_source_prefixes[", i, "]");
     const std::string& text = prefixes[i];
-    auto prefix = text.find('/') == std::string::npos ? std::nullopt : IpPrefix::Parse(text);
+    auto prefix =
+        text.find('/') == std::string::npos ? std::nullopt : IpPrefix::Parse(text);
     if (!prefix) {
-      return Invalid(field, text,
-                     "is not a prefix in CIDR notation (e.g. 203.0.113.0/24, 2001:db8::/48)");
+      return Invalid(
+          field, text,
+          "is not a prefix in CIDR notation (e.g. 203.0.113.0/24, 2001:db8::/48)");
     }
     if (!(prefix->address == prefix->Masked().address)) {
-      return Invalid(field, text,
-                     absl::StrCat("has host bits set; the prefix is ",
-                                  prefix->Masked().ToString()));
+      return Invalid(
+          field, text,
+          absl::StrCat("has host bits set; the prefix is ", prefix->Masked().ToString()));
     }
     const IpAddress& a = prefix->address;
     if (prefix->length > 0) {

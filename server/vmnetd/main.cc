@@ -71,8 +71,9 @@ ABSL_FLAG(
     "allowed_source_prefixes, claims only its own addresses in ARP and neighbour "
     "discovery, sends no router advertisement or redirect, and reaches the host "
     "itself only with ICMP echo/errors, neighbour discovery and --vm-to-host-allow. "
-    "Enforced in nftables tables of vmnetd's own (inet vmnet, arp vmnet). "
-    "--port-security=false removes them.");
+    "Enforced in nftables tables of vmnetd's own (inet vmnet, arp vmnet), which "
+    "also hold the VMs' packet-rate limits (bandwidth.egress_packets_per_second). "
+    "--port-security=false removes them, and packet-rate limits are then refused.");
 ABSL_FLAG(std::string, vm_to_host_allow, Defaults().vm_to_host_allow,
           "Comma-separated PROTOCOL/PORT a VM may reach on the host's own addresses "
           "(e.g. udp/53,tcp/80 for a DNS or metadata service); tcp or udp.");

@@ -16,9 +16,12 @@
                   going; a foreign root qdisc on VM 3's link fails VM 3 naming it, untouched
   RestartTest     SIGTERM and start again with nothing drifted: `tc monitor` sees nothing
   DetachTest      DetachVm removes exactly the VM's tc objects and its ifb
-  PacketRateTest  egress_packets_per_second is refused (FAILED_PRECONDITION on a kernel
-                  without the police action, as this one; UNIMPLEMENTED otherwise) naming it;
-                  the log says what traffic control the agent chose
+  PacketRateTest  egress_packets_per_second 200 on VM 1: a ping flood from it is answered at
+                  about 200/s, from VM 2 (unlimited) far above; an upsert to 1000 moves it;
+                  removed, the full rate is back; the nft objects, /metrics, vmnetctl get;
+                  its map elements deleted by hand come back within 1 s
+  PacketRateWithoutPortSecurityTest  --port-security=false: refused (FAILED_PRECONDITION)
+                  naming the field and why
 
 Throughputs are printed to stderr. Only 198.51.100.0/24 is used; nothing touches the root
 namespace.
@@ -30,6 +33,7 @@ Needs root, iperf3 and tc, and the vmnetd binary (<repo>/build/server/vmnetd, or
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -408,7 +412,137 @@ class DetachTest(BandwidthTestCase):
         self.assertTrue(self.fully_limited(vm2, LIMIT, LIMIT), "VM 2 lost its limits")
 
 
+PPS = 200  # packets/s
+PPS_HIGHER = 1000
+FLOOD_SECONDS = 3
+# A policer measured with ping -f (which waits 10 ms after each unanswered request): the
+# delivered rate is near the limit; generous bounds, as the lab runs on shared cores.
+PPS_LOW, PPS_HIGH = 0.5, 1.5
+
+
 class PacketRateTest(BandwidthTestCase):
+    """egress_packets_per_second: VM 1 limited to 200 packets/s from the VM, VM 2 unlimited.
+    A flood from each (ping -f, 16-byte payloads, for 3 s, to X) is answered at about the
+    limit from VM 1 and far above it from VM 2; an upsert to 1000 moves the rate; removing
+    the limit restores the full rate; the kernel objects, /metrics and `vmnetctl get`."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.vm1, cls.vm2 = cls.lab.vms[1], cls.lab.vms[2]
+        cls.attach(cls.vm2)
+
+    def setUp(self):
+        self.attach(self.vm1, bandwidth={"egress_packets_per_second": PPS})
+        self.wait_pps(PPS)
+
+    def nft(self, *args):
+        return lab.run_command("ip", "netns", "exec", self.lab.host, "nft", *args,
+                               check=False).stdout
+
+    def pps_limit(self):
+        """The rate of vme1a's limit object as `nft` lists it, or None."""
+        text = self.nft("list", "limits", "table", "inet", "vmnet")
+        for block in text.split("limit ")[1:]:
+            if block.startswith(f"egress_pps.{self.vm1.interface} "):
+                rate = block.split("rate over ", 1)[1].split("/second", 1)[0]
+                element = f'"{self.vm1.interface}" : "egress_pps.{self.vm1.interface}"'
+                if element in self.nft("list", "map", "inet", "vmnet", "egress_pps"):
+                    return int(rate)
+        return None
+
+    def wait_pps(self, pps, timeout=5):
+        self.assertTrue(lab.wait_until(lambda: self.pps_limit() == pps, timeout),
+                        f"no limit of {pps}/s: {self.nft('list', 'ruleset')}")
+
+    def flood(self, vm):
+        """ping -f from `vm` to X for FLOOD_SECONDS; the answered requests per second."""
+        out = lab.run_command("ip", "netns", "exec", vm.ns, "ping", "-q", "-f", "-s", "16",
+                              "-w", str(FLOOD_SECONDS), lab.X_ADDRESS, check=False,
+                              timeout=FLOOD_SECONDS + 10).stdout
+        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        self.assertIsNotNone(match, out)
+        sent, received = int(match.group(1)), int(match.group(2))
+        return sent / FLOOD_SECONDS, received / FLOOD_SECONDS
+
+    def assertPps(self, vm, limit, what):
+        sent, got = self.flood(vm)
+        measured(f"{what}: {got:.0f} packets/s answered of {sent:.0f} sent (limit {limit}/s)")
+        self.assertGreater(got, PPS_LOW * limit, what)
+        self.assertLess(got, PPS_HIGH * limit, what)
+        return got
+
+    def test_1_limited_and_unlimited(self):
+        self.assertPps(self.vm1, PPS, "VM 1 -> X, ping -f")
+        _, free = self.flood(self.vm2)
+        measured(f"VM 2 (unlimited) -> X, ping -f: {free:.0f} packets/s answered")
+        self.assertGreater(free, 5 * PPS, "VM 2, unlimited, is limited")
+        # The kernel objects: VM 1's limit and counter, none for VM 2.
+        ruleset = self.nft("list", "ruleset")
+        self.assertIn(f"rate over {PPS}/second burst {PPS // 10} packets", ruleset)
+        self.assertIn(f"counter egress_pps_dropped.{self.vm1.interface}", ruleset)
+        self.assertNotIn(f"egress_pps.{self.vm2.interface}", ruleset)
+        self.assertIn("limit name iifname map @egress_pps goto drop_egress_pps", ruleset)
+        # /metrics: the limit's drops, read at scrape time; no series for VM 2.
+        metrics = self.lab.daemon.metrics()
+        key = ('vmnet_vm_packet_rate_limited_dropped_packets_total{vm_id="vm-1",'
+               'interface="vme1a"}')
+        self.assertGreater(metrics.get(key, 0), 0,
+                           {k: v for k, v in metrics.items() if "packet_rate" in k})
+        self.assertFalse(any('vm_id="vm-2"' in k for k in metrics if "packet_rate" in k))
+        # The API and vmnetctl report the limit.
+        got = self.call("GetVm", {"vm_id": "vm-1"})["vm"]
+        self.assertEqual(got["bandwidth"]["egress_packets_per_second"], str(PPS), got)
+        out = lab.run_command(os.path.join(lab.REPO, "build", "client", "vmnetctl"),
+                              f"--server={self.lab.daemon.target}", "get", "vm-1").stdout
+        self.assertIn(f"egress {PPS} packets/s", out)
+
+    def test_2_upsert_changes_the_rate(self):
+        self.attach(self.vm1, bandwidth={"egress_packets_per_second": PPS_HIGHER})
+        # The AttachVm reply comes after the write: the new rate is in place already.
+        self.assertEqual(self.pps_limit(), PPS_HIGHER)
+        self.assertPps(self.vm1, PPS_HIGHER, "VM 1 -> X after the upsert to 1000/s")
+
+    def test_3_removed_restores_the_full_rate(self):
+        self.attach(self.vm1)
+        self.assertIsNone(self.pps_limit())
+        self.assertNotIn(f"egress_pps.{self.vm1.interface}", self.nft("list", "ruleset"))
+        _, free = self.flood(self.vm1)
+        measured(f"VM 1 -> X with its limit removed: {free:.0f} packets/s answered")
+        self.assertGreater(free, 5 * PPS)
+
+    def test_4_drift_repaired(self):
+        for cmd in (("delete", "element", "inet", "vmnet", "egress_pps",
+                     f'{{ "{self.vm1.interface}" }}'),
+                    ("delete", "element", "inet", "vmnet", "egress_pps_dropped",
+                     f'{{ "{self.vm1.interface}" }}')):
+            lab.run_command("ip", "netns", "exec", self.lab.host, "nft", *cmd)
+            start = time.monotonic()
+            ok = lab.wait_until(
+                lambda: self.pps_limit() == PPS and f'"{self.vm1.interface}" : '
+                in self.nft("list", "map", "inet", "vmnet", "egress_pps_dropped"),
+                REPAIR_DEADLINE, interval=0.02)
+            measured(f"`nft {' '.join(cmd)}` repaired in {(time.monotonic() - start) * 1000:.0f}"
+                     f" ms")
+            self.assertTrue(ok, self.nft("list", "ruleset"))
+
+
+    def test_5_vmnetctl_sets_it(self):
+        """`vmnetctl attach --egress-pps N` (its bandwidth options were once ignored)."""
+        lab.run_command(os.path.join(lab.REPO, "build", "client", "vmnetctl"),
+                        f"--server={self.lab.daemon.target}", "attach", self.vm1.vm_id,
+                        "--interface", self.vm1.interface, "--ip", self.vm1.address,
+                        "--egress-pps", "300", "--ingress-bps", str(LIMIT))
+        self.assertEqual(self.pps_limit(), 300)
+        got = self.call("GetVm", {"vm_id": self.vm1.vm_id})["vm"]["bandwidth"]
+        self.assertEqual((got["egress_packets_per_second"], got["ingress_bits_per_second"]),
+                         ("300", str(LIMIT)), got)
+
+
+class PacketRateWithoutPortSecurityTest(BandwidthTestCase):
+    """--port-security=false: no ruleset to hold a packet-rate limit; refused, naming it."""
+
+    daemon_flags = ("--port-security=false",)
 
     def test_packet_rate_refused(self):
         vm1 = self.lab.vms[1]
@@ -417,9 +551,10 @@ class PacketRateTest(BandwidthTestCase):
             {"vm_id": vm1.vm_id, "interface": vm1.interface, "ip_addresses": [vm1.address],
              "bandwidth": {"egress_packets_per_second": 1000}}, "a packet-rate limit")
         self.assertIn("bandwidth.egress_packets_per_second", error.details)
-        self.assertIn("police", error.details)
+        self.assertIn("--port-security=false", error.details)
         self.assertEqual(self.call("ListVms").get("vms", []), [])
-        self.assertIn("event=traffic_control police=no matchall=no", self.lab.daemon.log())
+        self.assertIn("packet_rate_limits=unavailable(port_security_off)",
+                      self.lab.daemon.log())
 
 
 if __name__ == "__main__":

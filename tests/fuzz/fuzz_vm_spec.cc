@@ -147,7 +147,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto prefixes = vmnet::ParseSourcePrefixes(addresses, *rules);
   if (!prefixes.ok()) {
     CheckRefusal(prefixes.status(), input);
-    EXPECT(absl::StartsWith(prefixes.status().message(), "allowed_source_prefixes"), input);
+    EXPECT(absl::StartsWith(prefixes.status().message(), "allowed_source_prefixes"),
+           input);
   } else {
     EXPECT(prefixes->size() == addresses.size(), input);
     for (size_t i = 0; i < prefixes->size(); ++i) {
@@ -171,9 +172,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (uint64_t& x : v) {
       if (x & 1) x = (x >> 1) % 20000;
     }
-    vmnet::SpecRules police = *rules;
-    police.kernel_has_police = (data[0] & 2) != 0;
-    auto b = vmnet::ParseBandwidth(v[0], v[1], v[2], v[3], police);
+    vmnet::SpecRules portsec = *rules;
+    portsec.port_security = (data[0] & 2) != 0;
+    auto b = vmnet::ParseBandwidth(v[0], v[1], v[2], v[3], portsec);
     auto rate_ok = [](uint64_t r) {
       return r == 0 || (r >= vmnet::kMinBitsPerSecond && r <= vmnet::kMaxBitsPerSecond);
     };
@@ -186,17 +187,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                       (lowest == 0 || v[2] * 8 <= lowest * vmnet::kMaxBurstSeconds));
     bool valid =
         rate_ok(v[0]) && rate_ok(v[1]) && burst_ok && v[3] <= vmnet::kMaxPacketsPerSecond;
-    EXPECT(b.ok() == (valid && v[3] == 0), input);
+    // A packet rate needs port security.
+    EXPECT(b.ok() == (valid && (v[3] == 0 || portsec.port_security)), input);
     if (b.ok()) {
       EXPECT(b->ingress_bits_per_second == v[0] && b->egress_bits_per_second == v[1] &&
-                 b->burst_bytes == v[2] && b->egress_packets_per_second == 0,
+                 b->burst_bytes == v[2] && b->egress_packets_per_second == v[3],
              input);
     } else {
       EXPECT(absl::StartsWith(b.status().message(), "bandwidth."), input);
       if (valid) {
-        EXPECT(b.status().code() == (police.kernel_has_police
-                                         ? absl::StatusCode::kUnimplemented
-                                         : absl::StatusCode::kFailedPrecondition),
+        EXPECT(b.status().code() == absl::StatusCode::kFailedPrecondition &&
+                   absl::StrContains(b.status().message(), "--port-security=false"),
                input);
       } else {
         CheckRefusal(b.status(), input);
@@ -259,11 +260,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // An error about an address, named by value below the API, names the
   // field the caller sent.
   for (size_t i = 0; i < spec->addresses.size(); ++i) {
-    absl::Status named = vmnet::NameAddressField(
-        vmnet::AddressError(absl::StatusCode::kAlreadyExists, spec->addresses[i], "is held"),
-        *spec, request_index);
-    EXPECT(absl::StartsWith(named.message(), vmnet::AddressField(request_index, i) + ": "),
-           input);
+    absl::Status named =
+        vmnet::NameAddressField(vmnet::AddressError(absl::StatusCode::kAlreadyExists,
+                                                    spec->addresses[i], "is held"),
+                                *spec, request_index);
+    EXPECT(
+        absl::StartsWith(named.message(), vmnet::AddressField(request_index, i) + ": "),
+        input);
   }
 
   // The canonical form parses to the same spec.

@@ -340,7 +340,7 @@ TEST_F(NftKernelTest, RuleCountDoesNotDependOnTheNumberOfVms) {
   }
   ExpectAllOk(kernel_->Apply(writes));
   EXPECT_EQ(CountRules(), rules_10);
-  EXPECT_EQ(rules_10, 30);  // 24 in inet vmnet, 6 in arp vmnet
+  EXPECT_EQ(rules_10, 33);  // 27 in inet vmnet, 6 in arp vmnet
   auto snap = kernel_->Dump();
   ASSERT_TRUE(snap.ok()) << snap.status();
   EXPECT_TRUE(snap->BaseMatches(config_));
@@ -765,6 +765,99 @@ TEST_F(NftKernelTest, DISABLED_MeasureForwardingWithTenThousandVms) {
     std::cout << "on (10,000 VMs): " << gbits();
     ExpectAllOk(kernel_->Apply({DeletePortSecurityBase{}}));
   }
+}
+
+// A packet-rate limit: a limit object and its counter as `nft list ruleset`
+// shows them, reached by one base rule; over the rate, the VM's packets are
+// dropped and counted; a rate change replaces the object; a link without a
+// limit is not limited.
+TEST_F(NftKernelTest, PacketRateLimitIsANamedLimitObjectPerVmLink) {
+  MakeVm();
+  ExpectAllOk(kernel_->Apply({EnsurePortSecurityBase{config_}}));
+  ExpectAllOk(kernel_->Apply(VmWrites("vme1a", 201)));
+  // No limit: a quick flood all answered.
+  EXPECT_EQ(InVm("ping -q -f -c 200 -s 16 -I 198.51.100.201 169.255.30.1 "
+                 "| grep -o '200 received'"),
+            "200 received\n");
+
+  ExpectAllOk(kernel_->Apply({AddNftElement{MakePacketRateLimit("vme1a", 50)}}));
+  std::string listing = Sh("nft list ruleset");
+  // (nft leaves out a burst of 5 packets, its default.)
+  EXPECT_THAT(listing, HasSubstr("limit egress_pps.vme1a {\n"
+                                 "\t\trate over 50/second\n"));
+  EXPECT_THAT(listing, HasSubstr("counter egress_pps_dropped.vme1a {"));
+  EXPECT_THAT(listing, HasSubstr("map egress_pps {\n\t\ttype ifname : limit\n"
+                                 "\t\telements = { \"vme1a\" : \"egress_pps.vme1a\" }"));
+  EXPECT_THAT(listing, HasSubstr("map egress_pps_dropped {\n\t\ttype ifname : counter\n"
+                                 "\t\telements = { \"vme1a\" : "
+                                 "\"egress_pps_dropped.vme1a\" }"));
+  EXPECT_THAT(
+      listing,
+      HasSubstr("iifname != @vm_links accept comment \"vmnetd: not from a VM link: "
+                "not checked\"\n\t\tlimit name iifname map @egress_pps goto "
+                "drop_egress_pps"));
+  auto snap = kernel_->Dump();
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  EXPECT_TRUE(snap->BaseMatches(config_)) << snap->damage;
+  EXPECT_THAT(snap->elements, Contains(NftElement{NftPacketRateLimit{"vme1a", 50, 5}}));
+  EXPECT_EQ(snap->foreign_elements, 0);
+
+  // 300 echo requests as fast as the answers come (or 100/s): at 50/s
+  // with a burst of 5, many are dropped, and counted.
+  std::string out = InVm(
+      "ping -q -f -c 300 -s 16 -I 198.51.100.201 169.255.30.1 | grep -o '[0-9]* "
+      "received'");
+  int received = std::stoi(out);
+  uint64_t dropped = DropPackets("vme1a", DropReason::kEgressPacketRate);
+  std::cerr << "  [measured] limit 50/s: " << received << " of 300 answered, " << dropped
+            << " dropped by the limit\n";
+  EXPECT_LT(received, 300);
+  // Every unanswered request was the limit's (a stray ND or MLD packet of the
+  // VM's may be counted too).
+  EXPECT_GE(dropped, 300u - static_cast<uint64_t>(received));
+  EXPECT_LE(dropped, 300u - static_cast<uint64_t>(received) + 5);
+  EXPECT_EQ(DropPackets("vme1a", DropReason::kSpoofedSource), 0u);
+
+  // Another rate: the object replaced, its counter kept.
+  ExpectAllOk(kernel_->Apply({AddNftElement{MakePacketRateLimit("vme1a", 1000)}}));
+  EXPECT_THAT(Sh("nft list limits table inet vmnet"),
+              HasSubstr("rate over 1000/second burst 100 packets"));
+  EXPECT_EQ(DropPackets("vme1a", DropReason::kEgressPacketRate), dropped);
+  snap = kernel_->Dump();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_THAT(snap->elements,
+              Contains(NftElement{NftPacketRateLimit{"vme1a", 1000, 100}}));
+
+  // Half deleted by hand: reported with rate 0, and an add repairs it.
+  Sh("nft delete element inet vmnet egress_pps_dropped '{ \"vme1a\" }'");
+  snap = kernel_->Dump();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_THAT(snap->elements, Contains(NftElement{NftPacketRateLimit{"vme1a", 0, 0}}));
+  ExpectAllOk(kernel_->Apply({AddNftElement{MakePacketRateLimit("vme1a", 1000)}}));
+  snap = kernel_->Dump();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_THAT(snap->elements,
+              Contains(NftElement{NftPacketRateLimit{"vme1a", 1000, 100}}));
+
+  // Deleted: every part goes, and the flood is all answered again.
+  ExpectAllOk(kernel_->Apply({DeleteNftElement{MakePacketRateLimit("vme1a", 1000)}}));
+  listing = Sh("nft list ruleset");
+  EXPECT_THAT(listing, Not(HasSubstr("egress_pps.vme1a")));
+  EXPECT_THAT(listing, Not(HasSubstr("egress_pps_dropped.vme1a")));
+  EXPECT_EQ(InVm("ping -q -f -c 300 -s 16 -I 198.51.100.201 169.255.30.1 "
+                 "| grep -o '300 received'"),
+            "300 received\n");
+}
+
+TEST_F(NftKernelTest, PacketRateLimitEventsNameTheLink) {
+  ExpectAllOk(kernel_->Apply({EnsurePortSecurityBase{config_}}));
+  ExpectAllOk(kernel_->Apply({AddNftElement{MakePacketRateLimit("vme1a", 200)}}));
+  DrainEvents();
+  Sh("nft delete element inet vmnet egress_pps '{ \"vme1a\" }'");
+  WaitForEvent([](const NftEvent& e) {
+    return !e.own && e.kind == NftEvent::Kind::kElementDeleted && e.element &&
+           *e.element == NftElement{NftPacketRateLimit{"vme1a", 0, 0}};
+  });
 }
 
 }  // namespace

@@ -26,6 +26,22 @@ void FakePortSecurityKernel::Emit(NftEvent event) {
 
 namespace {
 
+// A link's packet-rate limits (there is at most one), any rate.
+void ForgetLimits(std::set<NftElement>* elements, const std::string& ifname) {
+  for (auto it = elements->begin(); it != elements->end();) {
+    const auto* l = std::get_if<kernel::NftPacketRateLimit>(&*it);
+    it = l != nullptr && l->ifname == ifname ? elements->erase(it) : std::next(it);
+  }
+}
+
+bool HasLimit(const std::set<NftElement>& elements, const std::string& ifname) {
+  for (const NftElement& e : elements) {
+    const auto* l = std::get_if<kernel::NftPacketRateLimit>(&e);
+    if (l != nullptr && l->ifname == ifname) return true;
+  }
+  return false;
+}
+
 bool Overlaps(const kernel::NftSourcePrefix& a, const kernel::NftSourcePrefix& b) {
   if (a.ifname != b.ifname || a.prefix.address.family() != b.prefix.address.family()) {
     return false;
@@ -83,6 +99,11 @@ std::vector<absl::Status> FakePortSecurityKernel::Apply(
         const auto* other = std::get_if<kernel::NftSourcePrefix>(&e);
         if (src && other && *src != *other && Overlaps(*src, *other)) overlap = true;
       }
+      const auto* limit = std::get_if<kernel::NftPacketRateLimit>(&add->element);
+      if (limit != nullptr && !overlap) {
+        // Like NftKernel: the link's limit is destroyed and re-created.
+        ForgetLimits(&elements, limit->ifname);
+      }
       if (overlap) {
         result[i] = kernel::ErrnoStatus(EEXIST, what);
       } else if (elements.insert(add->element).second) {
@@ -90,7 +111,11 @@ std::vector<absl::Status> FakePortSecurityKernel::Apply(
       }
     } else {
       const auto& del = std::get<kernel::DeleteNftElement>(w);
-      if (elements.erase(del.element) > 0) {
+      const auto* limit = std::get_if<kernel::NftPacketRateLimit>(&del.element);
+      if (limit != nullptr && HasLimit(elements, limit->ifname)) {
+        ForgetLimits(&elements, limit->ifname);
+        event(NftEvent::Kind::kElementDeleted, del.element, what);
+      } else if (elements.erase(del.element) > 0) {
         event(NftEvent::Kind::kElementDeleted, del.element, what);
       }
     }
@@ -107,6 +132,7 @@ std::vector<absl::Status> FakePortSecurityKernel::Apply(
     return result;
   }
   ++transactions_;
+  for (const kernel::NftWrite& w : writes) write_log_.push_back(kernel::ToString(w));
   if (has_base) {
     base_ = std::move(config);
   } else {
@@ -115,7 +141,10 @@ std::vector<absl::Status> FakePortSecurityKernel::Apply(
   base_intact_ = intact;
   // A deleted VM link takes its counters with it.
   for (auto it = counters_.begin(); it != counters_.end();) {
-    if (!elements.count(NftElement{kernel::NftVmLink{it->first.first}})) {
+    bool kept = it->first.second == kernel::DropReason::kEgressPacketRate
+                    ? HasLimit(elements, it->first.first)
+                    : elements.count(NftElement{kernel::NftVmLink{it->first.first}}) > 0;
+    if (!kept) {
       it = counters_.erase(it);
     } else {
       ++it;
@@ -159,6 +188,15 @@ FakePortSecurityKernel::ReadDropCounters() {
   MutexLock lock(&mu_);
   std::vector<kernel::DropCounter> out;
   for (const NftElement& e : elements_) {
+    if (const auto* limit = std::get_if<kernel::NftPacketRateLimit>(&e)) {
+      auto it = counters_.find({limit->ifname, kernel::DropReason::kEgressPacketRate});
+      out.push_back(it != counters_.end()
+                        ? it->second
+                        : kernel::DropCounter{limit->ifname,
+                                              kernel::DropReason::kEgressPacketRate, 0,
+                                              0});
+      continue;
+    }
     const auto* link = std::get_if<kernel::NftVmLink>(&e);
     if (link == nullptr) continue;
     for (auto reason : {kernel::DropReason::kSpoofedSource,
@@ -248,6 +286,11 @@ std::optional<kernel::PortSecurityConfig> FakePortSecurityKernel::base() const {
 std::set<NftElement> FakePortSecurityKernel::elements() const {
   MutexLock lock(&mu_);
   return elements_;
+}
+
+std::vector<std::string> FakePortSecurityKernel::write_log() const {
+  MutexLock lock(&mu_);
+  return write_log_;
 }
 
 size_t FakePortSecurityKernel::transactions() const {

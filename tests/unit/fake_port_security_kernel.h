@@ -48,6 +48,8 @@ class FakePortSecurityKernel : public kernel::PortSecurityKernel {
   std::optional<kernel::PortSecurityConfig> base() const;
   std::set<kernel::NftElement> elements() const;
   size_t transactions() const;  // Applies that wrote something
+  // Every write of every committed Apply, as ToString, in order.
+  std::vector<std::string> write_log() const;
   std::vector<IpAddress> conntrack_deletions() const;
 
  private:
@@ -64,6 +66,7 @@ class FakePortSecurityKernel : public kernel::PortSecurityKernel {
   bool overflow_ ABSL_GUARDED_BY(mu_) = false;
   int fail_errno_ ABSL_GUARDED_BY(mu_) = 0;
   size_t transactions_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::string> write_log_ ABSL_GUARDED_BY(mu_);
   bool conntrack_present_ ABSL_GUARDED_BY(mu_) = true;
   std::map<IpAddress, int> conntrack_ ABSL_GUARDED_BY(mu_);
   std::vector<IpAddress> conntrack_deletions_ ABSL_GUARDED_BY(mu_);

@@ -952,5 +952,120 @@ TEST_F(ReconcilerTest, AnIpv6PermanentNeighbourEntryIsPutBack) {
   }));
 }
 
+// Packet-rate limits (bandwidth.egress_packets_per_second): a limit element
+// per limited VM link, replaced in one write when the rate changes.
+class PacketRateTest : public PortSecurityTest {
+ protected:
+  void SetUp() override {
+    PortSecurityTest::SetUp();
+    options_.rules.port_security = true;
+  }
+  absl::StatusOr<VmView> AttachLimited(uint64_t pps) {
+    auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "", options_.rules);
+    if (!spec.ok()) return spec.status();
+    spec->bandwidth.egress_packets_per_second = pps;
+    std::promise<absl::StatusOr<VmView>> done;
+    reconciler_->Attach(*spec, false, "",
+                        [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+    return done.get_future().get();
+  }
+  // The limits the fake kernel holds.
+  std::vector<kernel::NftPacketRateLimit> Limits() {
+    std::vector<kernel::NftPacketRateLimit> out;
+    for (const auto& e : Elements()) {
+      if (const auto* l = std::get_if<kernel::NftPacketRateLimit>(&e)) out.push_back(*l);
+    }
+    return out;
+  }
+};
+
+TEST_F(PacketRateTest, ALimitIsInstalledReplacedAndRemoved) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(AttachLimited(200).ok());
+  EXPECT_EQ(Limits(), (std::vector<kernel::NftPacketRateLimit>{{"vme1a", 200, 20}}));
+  // A changed rate: one add that replaces the limit, no delete beside it
+  // (which would remove the new one with the old, or leave the link
+  // unlimited between two transactions).
+  size_t logged = kernel_.port_security().write_log().size();
+  ASSERT_TRUE(AttachLimited(1000).ok());
+  EXPECT_EQ(Limits(), (std::vector<kernel::NftPacketRateLimit>{{"vme1a", 1000, 100}}));
+  auto log = kernel_.port_security().write_log();
+  EXPECT_EQ(std::vector<std::string>(log.begin() + logged, log.end()),
+            std::vector<std::string>{
+                "add packet-rate limit vme1a over 1000/second burst 100 packets"});
+  ASSERT_TRUE(AttachLimited(0).ok());
+  EXPECT_TRUE(Limits().empty());
+  ASSERT_TRUE(AttachLimited(3).ok());
+  EXPECT_EQ(Limits(), (std::vector<kernel::NftPacketRateLimit>{{"vme1a", 3, 5}}));
+  ASSERT_TRUE(Detach("vm-1").ok());
+  EXPECT_TRUE(Limits().empty());
+  EXPECT_TRUE(Elements().empty());
+}
+
+TEST_F(PacketRateTest, ADeletedOrAlteredLimitIsRepaired) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(AttachLimited(200).ok());
+  kernel_.port_security().RemoveElement(kernel::MakePacketRateLimit("vme1a", 200));
+  EXPECT_TRUE(WaitFor([&] {
+    return Limits() == std::vector<kernel::NftPacketRateLimit>{{"vme1a", 200, 20}};
+  }));
+  // Restarted with nothing drifted: no transaction.
+  StopAgent();
+  size_t transactions = kernel_.port_security().transactions();
+  StartAgent();
+  EXPECT_EQ(kernel_.port_security().transactions(), transactions);
+}
+
+TEST_F(PacketRateTest, AnUnknownLimitIsReplacedOrSwept) {
+  kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2a");
+  StartAgent();
+  ASSERT_TRUE(AttachLimited(200).ok());
+  StopAgent();
+  // What a dump reports for a half-present limit, or one vmnetd does not
+  // write: rate 0. Here on the limited link and on an unlimited one.
+  for (const char* link : {"vme1a", "vme2a"}) {
+    ASSERT_TRUE(
+        kernel_.port_security()
+            .Apply({kernel::AddNftElement{kernel::NftPacketRateLimit{link, 0, 0}}})[0]
+            .ok());
+  }
+  ASSERT_EQ(Limits().size(), 2u);
+  size_t logged = kernel_.port_security().write_log().size();
+  StartAgent();
+  EXPECT_TRUE(WaitFor([&] {
+    return Limits() == std::vector<kernel::NftPacketRateLimit>{{"vme1a", 200, 20}};
+  }));
+  // vme1a's unknown limit replaced (no delete of it), vme2a's swept.
+  auto log = kernel_.port_security().write_log();
+  EXPECT_THAT(std::vector<std::string>(log.begin() + logged, log.end()),
+              ::testing::UnorderedElementsAre(
+                  "add packet-rate limit vme1a over 200/second burst 20 packets",
+                  "delete packet-rate limit vme2a (not as vmnetd writes it)"));
+}
+
+TEST_F(PacketRateTest, RefusedWithPortSecurityOff) {
+  SpecRules rules;
+  rules.port_security = false;
+  auto b = ParseBandwidth(0, 0, 0, 200, rules);
+  ASSERT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(b.status().message()),
+              ::testing::StartsWith("bandwidth.egress_packets_per_second: "));
+  EXPECT_THAT(std::string(b.status().message()), HasSubstr("--port-security=false"));
+  rules.port_security = true;
+  b = ParseBandwidth(0, 0, 0, 200, rules);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->egress_packets_per_second, 200u);
+  EXPECT_TRUE(b->limited());
+  b = ParseBandwidth(0, 0, 0, kMaxPacketsPerSecond + 1, rules);
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(b.status().message()),
+              ::testing::StartsWith("bandwidth.egress_packets_per_second: "));
+  EXPECT_TRUE(ParseBandwidth(0, 0, 0, kMaxPacketsPerSecond, rules).ok());
+  EXPECT_TRUE(ParseBandwidth(0, 0, 0, 1, rules).ok());
+}
+
 }  // namespace
 }  // namespace vmnet

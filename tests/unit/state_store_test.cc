@@ -56,6 +56,15 @@ TEST_F(StateStoreTest, SavedStateSurvivesReopen) {
   EXPECT_EQ(*state, Example());
 }
 
+TEST_F(StateStoreTest, BandwidthLimitsAndThePacketRateAreKept) {
+  StoredState s = Example();
+  s.vms[0].spec.bandwidth = {20000000, 8000000, 30000, 200};
+  s.vms[1].spec.bandwidth.egress_packets_per_second = 1000000000;
+  auto decoded = StateStore::Decode(StateStore::Encode(s));
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(*decoded, s);
+}
+
 TEST_F(StateStoreTest, SecondAgentOnSameDirectoryIsRefused) {
   auto first = StateStore::Open(dir_);
   ASSERT_TRUE(first.ok());

@@ -49,6 +49,7 @@ class NftDumpParser {
   void AddRule(const nlmsghdr* msg);
   void AddSet(const nlmsghdr* msg);
   void AddElements(const nlmsghdr* msg);
+  // Counter and limit objects (EncodeDumpCounters dumps both).
   void AddCounter(const nlmsghdr* msg);
 
   // Which tables exist (after AddTable) and which sets each holds (after
@@ -75,11 +76,19 @@ class NftDumpParser {
     // object map's element names.
     std::vector<std::pair<std::vector<uint8_t>, std::string>> elements;
   };
+  struct Limit {
+    uint64_t rate = 0;
+    uint64_t unit = 0;
+    uint32_t burst = 0;
+    uint32_t type = 0;
+    uint32_t flags = 0;
+  };
   struct Table {
     std::string comment;
     std::map<std::string, Chain> chains;
     std::map<std::string, Set> sets;
     std::map<std::string, std::pair<uint64_t, uint64_t>> counters;  // packets, bytes
+    std::map<std::string, Limit> limits;
   };
 
  private:

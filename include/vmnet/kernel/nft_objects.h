@@ -25,10 +25,13 @@ enum class DropReason : uint8_t {
   kSpoofedSource = 0,  // IPv4/IPv6 source not the VM's (nor allowed, nor link-local)
   kSpoofedArpNd,       // ARP sender not the VM's; NA target not the VM's; RA, redirect
   kToHost,             // to one of the host's own addresses, not allowed
+  // Over the VM's packet-rate limit (bandwidth.egress_packets_per_second);
+  // the counter belongs to the NftPacketRateLimit, not to the NftVmLink.
+  kEgressPacketRate,
 };
-constexpr int kDropReasons = 3;
-// "spoofed_source", "spoofed_arp_nd", "to_host": also the counters' and
-// maps' names in the ruleset.
+constexpr int kDropReasons = 4;
+// "spoofed_source", "spoofed_arp_nd", "to_host", "egress_pps_dropped":
+// also the counters' and maps' names in the ruleset.
 const char* DropReasonName(DropReason reason);
 
 // One `--vm-to-host-allow` entry, e.g. udp/53.
@@ -76,7 +79,33 @@ struct NftArpSender {
   IpAddress address;
   auto operator<=>(const NftArpSender&) const = default;
 };
-using NftElement = std::variant<NftVmLink, NftSourcePrefix, NftArpSender>;
+// A VM link's packet-rate limit (bandwidth.egress_packets_per_second): a
+// named limit object `egress_pps.<ifname>` (rate over N/second, burst B
+// packets), a named counter `egress_pps_dropped.<ifname>` of what it
+// dropped, and their elements in the `egress_pps` and `egress_pps_dropped`
+// maps. One base rule (prerouting, right after the vm_links check) drops a
+// packet from a listed link that is over its limit; a link with no element
+// is not limited. Adding it replaces the link's limit in the same
+// transaction (destroy and re-create: the kernel cannot change a limit
+// object in place), so a rate change is never a moment unlimited; the
+// counter keeps its value. A snapshot or event reports a limit it cannot
+// vouch for (half present, another rate unit or type) with
+// packets_per_second 0: never desired, so it is replaced or deleted.
+struct NftPacketRateLimit {
+  std::string ifname;
+  uint64_t packets_per_second = 0;
+  uint32_t burst_packets = 0;
+  auto operator<=>(const NftPacketRateLimit&) const = default;
+};
+// The burst vmnetd gives a packet-rate limit: 100 ms of the rate, at least
+// 5 packets (nft's default burst).
+uint32_t PacketRateBurst(uint64_t packets_per_second);
+inline NftPacketRateLimit MakePacketRateLimit(std::string ifname,
+                                              uint64_t packets_per_second) {
+  return {std::move(ifname), packets_per_second, PacketRateBurst(packets_per_second)};
+}
+using NftElement =
+    std::variant<NftVmLink, NftSourcePrefix, NftArpSender, NftPacketRateLimit>;
 std::string ToString(const NftElement& element);
 
 // Removes the prefixes that another one in `prefixes` covers (CIDR
@@ -148,7 +177,8 @@ struct NftEvent {
   };
   Kind kind = Kind::kBaseChanged;
   // For element events: the element the change touched (any part of a VM
-  // link reports the NftVmLink).
+  // link reports the NftVmLink; any part of a packet-rate limit an
+  // NftPacketRateLimit with packets_per_second 0, the rate unknown).
   std::optional<NftElement> element;
   // Caused by this process's own NftKernel::Apply (same netlink port).
   bool own = false;

@@ -99,6 +99,8 @@ class KernelModel {
   const std::vector<kernel::TcFilter>* IngressFilters(int ifindex) const;
 
  private:
+  // Drops every packet-rate limit of `ifname` (any rate) from the model.
+  void ForgetPacketRateLimit(const std::string& ifname);
   struct AddressKey {
     int ifindex;
     IpPrefix prefix;

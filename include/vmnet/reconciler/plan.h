@@ -61,6 +61,12 @@ std::vector<kernel::Write> PlanUplinks(const KernelModel& model, const HostConfi
 // as a permitted source (and IPv4 ones as ARP senders), and its allowed
 // source prefixes (those another one covers left out). Sorted.
 std::vector<kernel::NftElement> PortSecurityElements(const VmSpec& spec);
+// Whether deleting `e` must be left out because an element of `wanted`
+// replaces it: a packet-rate limit of another rate on the same link (its
+// add destroys and re-creates the limit in one transaction; a delete
+// planned beside it would remove the new one).
+bool ReplacedByWanted(const kernel::NftElement& e,
+                      const std::vector<kernel::NftElement>& wanted);
 
 // Whether host-wide writes (PlanUplinks) drop objects of every VM, which
 // must then all be planned again in the same pass (a rebuilt port-security

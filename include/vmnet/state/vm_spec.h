@@ -61,9 +61,9 @@ struct SpecRules {
   IpAddress gateway = *IpAddress::Parse(kDefaultGateway);
   IpAddress gateway6 = *IpAddress::Parse(kDefaultGateway6);
   size_t max_addresses = 64;
-  // Whether the kernel has the police action (kernel::TcCapabilities): a
-  // packet-rate limit needs it.
-  bool kernel_has_police = false;
+  // Whether port security is on (--port-security): a packet-rate limit is
+  // a limit object in its nftables ruleset, so it needs it.
+  bool port_security = false;
 };
 
 constexpr size_t kMaxVmIdLength = 64;
@@ -92,10 +92,10 @@ absl::StatusOr<std::vector<IpPrefix>> ParseSourcePrefixes(
 
 // Validates bandwidth limits: each rate 0 or within [8 kbit/s, 400 Gbit/s],
 // the burst 0 or within [1514 bytes, 1 GiB] and at most 60 s at the lowest
-// limit. INVALID_ARGUMENT naming bandwidth.<field> otherwise. A packet rate
-// (egress_packets_per_second) is FAILED_PRECONDITION when the kernel has no
-// police action (rules.kernel_has_police) and UNIMPLEMENTED otherwise:
-// vmnetd shapes with tbf, which counts bytes, not packets.
+// limit, the packet rate (egress_packets_per_second) 0 or within [1, 10^9].
+// INVALID_ARGUMENT naming bandwidth.<field> otherwise. A packet rate is
+// FAILED_PRECONDITION with port security off (rules.port_security): it is
+// enforced by port security's nftables ruleset.
 absl::StatusOr<Bandwidth> ParseBandwidth(uint64_t ingress_bits_per_second,
                                          uint64_t egress_bits_per_second,
                                          uint64_t burst_bytes,
