@@ -88,16 +88,22 @@ void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_o
   });
   if (addresses_too) {
     std::vector<Address> gone;
-    for (const auto& [key, a] : addresses_) {
-      if (key.ifindex == ifindex) gone.push_back(a);
+    for (const Address& a : addresses_) {
+      if (a.ifindex == ifindex) gone.push_back(a);
     }
     for (const Address& a : gone) RemoveAddress(a);
   }
 }
 
 void KernelModel::AddAddress(const Address& a) {
-  auto [it, inserted] = addresses_.insert_or_assign({a.ifindex, a.prefix}, a);
-  if (!inserted) return;
+  auto [it, inserted] = addresses_.insert(a);
+  if (!inserted) {
+    // The same (link, prefix) with new attributes: a set's elements are
+    // immutable, so the old one makes way.
+    addresses_.erase(it);
+    addresses_.insert(a);
+    return;
+  }
   ++local_address_count_[a.prefix.address];
   if (a.prefix.address.is_v6() && a.prefix.address.IsLinkLocal()) {
     link_local6_.try_emplace(a.ifindex, a.prefix.address);
@@ -109,7 +115,7 @@ void KernelModel::AddAddress(const Address& a) {
 }
 
 void KernelModel::RemoveAddress(const Address& a) {
-  if (addresses_.erase({a.ifindex, a.prefix}) == 0) return;
+  if (addresses_.erase(AddressKey{a.ifindex, a.prefix}) == 0) return;
   auto decrement = [](absl::flat_hash_map<IpAddress, int>& counts, const IpAddress& key) {
     auto it = counts.find(key);
     if (it != counts.end() && --it->second <= 0) counts.erase(it);
@@ -331,7 +337,7 @@ const Link* KernelModel::LinkByIndex(int ifindex) const {
 
 const Address* KernelModel::FindAddress(int ifindex, const IpPrefix& prefix) const {
   auto it = addresses_.find(AddressKey{ifindex, prefix});
-  return it == addresses_.end() ? nullptr : &it->second;
+  return it == addresses_.end() ? nullptr : &*it;
 }
 
 const std::vector<Route>* KernelModel::RoutesTo(const IpPrefix& prefix) const {
