@@ -13,8 +13,8 @@ absl::StatusOr<DesiredState> DesiredState::Load(StateStore* store) {
   for (StoredVm& vm : stored->vms) {
     VmRecord record;
     record.revision = vm.revision;
-    record.spec = std::move(vm.spec);
-    std::string vm_id = record.spec.vm_id;
+    record.spec = std::make_shared<const VmSpec>(std::move(vm.spec));
+    std::string vm_id = record.spec->vm_id;
     state.Set(vm_id, std::move(record));
   }
   state.revision_lease_ = stored->revision_lease;
@@ -35,36 +35,40 @@ VmRecord* DesiredState::FindMutable(const std::string& vm_id) {
 
 std::string DesiredState::VmOfAddress(const IpAddress& address) const {
   auto it = vm_of_address_.find(address);
-  return it == vm_of_address_.end() ? "" : it->second;
+  return it == vm_of_address_.end() ? "" : it->second->vm_id;
 }
 
 std::string DesiredState::VmAllowingAddress(const IpAddress& address) const {
   auto it = vm_allowing_address_.find(address);
-  return it == vm_allowing_address_.end() ? "" : it->second;
+  return it == vm_allowing_address_.end() ? "" : it->second->vm_id;
 }
 
 std::string DesiredState::VmOfInterface(const std::string& interface) const {
   auto it = vm_of_interface_.find(interface);
-  return it == vm_of_interface_.end() ? "" : it->second;
+  return it == vm_of_interface_.end() ? "" : it->second->vm_id;
 }
 
 void DesiredState::Set(const std::string& vm_id, std::optional<VmRecord> record) {
   if (auto old = vms_.find(vm_id); old != vms_.end()) {
-    if (old->second.spec.has_ipv6()) --ipv6_vms_;
-    for (const IpAddress& a : old->second.spec.addresses) vm_of_address_.erase(a);
-    for (const IpPrefix& p : old->second.spec.allowed_source_prefixes) {
+    const VmSpec& spec = *old->second.spec;
+    if (spec.has_ipv6()) --ipv6_vms_;
+    for (const IpAddress& a : spec.addresses) vm_of_address_.erase(a);
+    for (const IpPrefix& p : spec.allowed_source_prefixes) {
       if (p.length == p.address.bit_length()) vm_allowing_address_.erase(p.address);
     }
-    vm_of_interface_.erase(old->second.spec.interface);
+    vm_of_interface_.erase(spec.interface);
     vms_.erase(old);
   }
   if (!record) return;
-  if (record->spec.has_ipv6()) ++ipv6_vms_;
-  for (const IpAddress& a : record->spec.addresses) vm_of_address_[a] = vm_id;
-  for (const IpPrefix& p : record->spec.allowed_source_prefixes) {
-    if (p.length == p.address.bit_length()) vm_allowing_address_[p.address] = vm_id;
+  const VmSpec* spec = record->spec.get();
+  if (spec->has_ipv6()) ++ipv6_vms_;
+  for (const IpAddress& a : spec->addresses) vm_of_address_[a] = spec;
+  for (const IpPrefix& p : spec->allowed_source_prefixes) {
+    if (p.length == p.address.bit_length()) vm_allowing_address_[p.address] = spec;
   }
-  vm_of_interface_[record->spec.interface] = vm_id;
+  // The key views this spec's string: replace the entry, not only its value.
+  vm_of_interface_.erase(spec->interface);
+  vm_of_interface_.emplace(spec->interface, spec);
   vms_.emplace(vm_id, std::move(*record));
 }
 
@@ -76,7 +80,7 @@ void DesiredState::Put(const std::string& vm_id, VmSpec spec) {
     record = *existing;
   }
   undo_.emplace_back(vm_id, std::move(previous));
-  record.spec = std::move(spec);
+  record.spec = std::make_shared<const VmSpec>(std::move(spec));
   record.backoff = std::chrono::milliseconds(0);
   Set(vm_id, std::move(record));
 }
@@ -101,7 +105,7 @@ absl::Status DesiredState::Commit() {
 absl::Status DesiredState::Persist() const {
   StoredState state;
   state.vms.reserve(vms_.size());
-  for (const auto& [id, r] : vms_) state.vms.push_back({r.spec, r.revision});
+  for (const auto& [id, r] : vms_) state.vms.push_back({*r.spec, r.revision});
   std::sort(state.vms.begin(), state.vms.end(), [](const StoredVm& a, const StoredVm& b) {
     return a.spec.vm_id < b.spec.vm_id;
   });

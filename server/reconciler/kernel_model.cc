@@ -36,9 +36,7 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   for (Link& l : snapshot.links) UpsertLink(l);
   for (const Address& a : snapshot.addresses) AddAddress(a);
   for (const Route& r : snapshot.routes) AddRoute(r);
-  for (const Neighbor& n : snapshot.neighbors) {
-    neighbors_[{n.ifindex, n.address, n.proxy}] = n;
-  }
+  for (const Neighbor& n : snapshot.neighbors) Upsert(neighbors_, n);
   ResetTc(snapshot);
 }
 
@@ -92,21 +90,19 @@ void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_o
       ++it;
     }
   }
-  absl::erase_if(neighbors_, [&](const auto& kv) {
-    return gone(kv.first.ifindex, kv.first.address);
-  });
+  absl::erase_if(neighbors_,
+                 [&](const Neighbor& n) { return gone(n.ifindex, n.address); });
   if (addresses_too) {
     std::vector<Address> gone;
-    for (const auto& [key, a] : addresses_) {
-      if (key.ifindex == ifindex) gone.push_back(a);
+    for (const Address& a : addresses_) {
+      if (a.ifindex == ifindex) gone.push_back(a);
     }
     for (const Address& a : gone) RemoveAddress(a);
   }
 }
 
 void KernelModel::AddAddress(const Address& a) {
-  auto [it, inserted] = addresses_.insert_or_assign({a.ifindex, a.prefix}, a);
-  if (!inserted) return;
+  if (!Upsert(addresses_, a)) return;  // known: perhaps new attributes
   ++local_address_count_[a.prefix.address];
   if (a.prefix.address.is_v6() && a.prefix.address.IsLinkLocal()) {
     link_local6_.try_emplace(a.ifindex, a.prefix.address);
@@ -118,7 +114,7 @@ void KernelModel::AddAddress(const Address& a) {
 }
 
 void KernelModel::RemoveAddress(const Address& a) {
-  if (addresses_.erase({a.ifindex, a.prefix}) == 0) return;
+  if (addresses_.erase(AddressKey{a.ifindex, a.prefix}) == 0) return;
   auto decrement = [](absl::flat_hash_map<IpAddress, int>& counts, const IpAddress& key) {
     auto it = counts.find(key);
     if (it != counts.end() && --it->second <= 0) counts.erase(it);
@@ -220,11 +216,10 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
     const IpPrefix& d = e->route.destination;
     if (d.length == d.address.bit_length()) touched.addresses.push_back(d.address);
   } else if (auto* e = std::get_if<kernel::NeighborEvent>(&event)) {
-    NeighborKey key{e->neighbor.ifindex, e->neighbor.address, e->neighbor.proxy};
     if (e->deleted) {
-      neighbors_.erase(key);
+      neighbors_.erase(NeighborKey::Of(e->neighbor));
     } else {
-      neighbors_[key] = e->neighbor;
+      Upsert(neighbors_, e->neighbor);
     }
     touched.addresses.push_back(e->neighbor.address);
   } else if (auto* e = std::get_if<kernel::HostSettingsEvent>(&event)) {
@@ -306,35 +301,34 @@ void KernelModel::ApplyWrite(const kernel::Write& write) {
   } else if (auto* w = std::get_if<kernel::DeleteRoute>(&write)) {
     RemoveRoute(w->route);
   } else if (auto* w = std::get_if<kernel::SetNeighbor>(&write)) {
-    neighbors_[{w->neighbor.ifindex, w->neighbor.address, w->neighbor.proxy}] =
-        w->neighbor;
+    Upsert(neighbors_, w->neighbor);
   } else if (auto* w = std::get_if<kernel::DeleteNeighbor>(&write)) {
-    neighbors_.erase({w->neighbor.ifindex, w->neighbor.address, w->neighbor.proxy});
+    neighbors_.erase(NeighborKey::Of(w->neighbor));
   }
 }
 
 std::vector<IpAddress> KernelModel::ReplaceProxies(const std::vector<Neighbor>& proxies) {
-  absl::flat_hash_map<NeighborKey, Neighbor> fresh;
-  for (const Neighbor& n : proxies) fresh[{n.ifindex, n.address, true}] = n;
+  SetByKey<Neighbor, NeighborKey> fresh;
+  for (Neighbor n : proxies) {
+    n.proxy = true;
+    Upsert(fresh, n);
+  }
   absl::flat_hash_set<IpAddress> changed;
   for (auto it = neighbors_.begin(); it != neighbors_.end();) {
-    if (!it->first.proxy) {
+    if (!it->proxy) {
       ++it;
       continue;
     }
-    auto f = fresh.find(it->first);
-    if (f == fresh.end() || !(f->second == it->second)) {
-      changed.insert(it->first.address);
-    }
+    auto f = fresh.find(NeighborKey::Of(*it));
+    if (f == fresh.end() || !(*f == *it)) changed.insert(it->address);
     if (f == fresh.end()) {
       neighbors_.erase(it++);
     } else {
       ++it;
     }
   }
-  for (auto& [key, n] : fresh) {
-    auto [it, inserted] = neighbors_.insert_or_assign(key, n);
-    if (inserted) changed.insert(key.address);
+  for (const Neighbor& n : fresh) {
+    if (Upsert(neighbors_, n)) changed.insert(n.address);
   }
   return {changed.begin(), changed.end()};
 }
@@ -351,7 +345,7 @@ const Link* KernelModel::LinkByIndex(int ifindex) const {
 
 const Address* KernelModel::FindAddress(int ifindex, const IpPrefix& prefix) const {
   auto it = addresses_.find(AddressKey{ifindex, prefix});
-  return it == addresses_.end() ? nullptr : &it->second;
+  return it == addresses_.end() ? nullptr : &*it;
 }
 
 const std::vector<Route>* KernelModel::RoutesTo(const IpPrefix& prefix) const {
@@ -362,7 +356,7 @@ const std::vector<Route>* KernelModel::RoutesTo(const IpPrefix& prefix) const {
 const Neighbor* KernelModel::FindNeighbor(int ifindex, const IpAddress& address,
                                           bool proxy) const {
   auto it = neighbors_.find(NeighborKey{ifindex, address, proxy});
-  return it == neighbors_.end() ? nullptr : &it->second;
+  return it == neighbors_.end() ? nullptr : &*it;
 }
 
 IpAddress KernelModel::LinkLocal6(int ifindex) const {

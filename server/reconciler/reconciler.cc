@@ -300,7 +300,7 @@ void Reconciler::CheckProxies() {
 void Reconciler::CheckLinkSettings() {
   if (settings_round_.empty()) {
     for (const auto& [id, r] : desired_->vms()) {
-      if (r.spec.has_ipv6()) settings_round_.push_back(r.spec.interface);
+      if (r.spec->has_ipv6()) settings_round_.push_back(r.spec->interface);
     }
   }
   std::vector<int> ifindexes;
@@ -348,7 +348,7 @@ absl::Status Reconciler::FullResync(bool initial) {
   if (initial && options_.dad) {
     // What this host published before a restart passed its check then.
     for (const auto& [vm_id, r] : desired_->vms()) {
-      for (const IpAddress& a : r.spec.addresses) {
+      for (const IpAddress& a : r.spec->addresses) {
         for (const std::string& name : options_.host.uplinks) {
           const kernel::Link* uplink = model_.LinkByName(name);
           const kernel::Neighbor* proxy =
@@ -458,7 +458,7 @@ void Reconciler::TakeCommands(std::vector<Reply>* replies) {
         replies->push_back(std::move(reply));
         continue;
       }
-      removed_.try_emplace(c->vm_id, existing->spec);
+      removed_.try_emplace(c->vm_id, *existing->spec);
       detached.push_back(existing->View());
       desired_->Remove(c->vm_id);
       dirty_.erase(c->vm_id);
@@ -481,21 +481,21 @@ void Reconciler::TakeCommands(std::vector<Reply>* replies) {
     if (c.validate_only) {
       // Answer with what the VM would be, changing nothing.
       VmRecord would = existing != nullptr ? *existing : VmRecord{};
-      would.spec = spec;
+      would.spec = std::make_shared<const VmSpec>(spec);
       VmPlan plan = PlanVm(spec, model_, options_.host);
       would.state = plan.state;
       would.message = plan.message;
       reply.attach_done(would.View());
       continue;
     }
-    if (existing != nullptr && existing->spec == spec) {
+    if (existing != nullptr && *existing->spec == spec) {
       // The same spec again: a no-op, except that it retries a duplicate
       // address check that failed.
       if (dad_.ClearFailure(vm_id)) dirty_.insert(vm_id);
       replies->push_back(std::move(reply));
       continue;
     }
-    if (existing != nullptr) removed_.try_emplace(vm_id, existing->spec);
+    if (existing != nullptr) removed_.try_emplace(vm_id, *existing->spec);
     spec_changed_[vm_id] =
         existing != nullptr ? VmEventType::kChanged : VmEventType::kAdded;
     desired_->Put(vm_id, spec);
@@ -548,7 +548,7 @@ void Reconciler::ProbeDone(const ProbeResult& result) {
   const VmRecord* record = desired_->Find(result.vm_id);
   if (record == nullptr) return;
   dirty_.insert(result.vm_id);
-  size_t conflicts = dad_.ProbeDone(record->spec, result.probed, result.conflicts);
+  size_t conflicts = dad_.ProbeDone(*record->spec, result.probed, result.conflicts);
   if (conflicts > 0) {
     {
       vmnet::MutexLock lock(&counters_mu_);
@@ -590,9 +590,7 @@ void Reconciler::Reconcile() {
     counters_.RecordPass(seconds);
   }
   for (const std::string& vm_id : changed_views_) {
-    const VmRecord* r = desired_->Find(vm_id);
-    directory_.Update(vm_id,
-                      r != nullptr ? std::optional<VmView>(r->View()) : std::nullopt);
+    directory_.Update(vm_id, desired_->Find(vm_id));
   }
   changed_views_.clear();
 }
@@ -601,7 +599,7 @@ std::vector<kernel::Write> Reconciler::PlanRemovals() {
   std::vector<kernel::Write> removals;
   for (const auto& [vm_id, old_spec] : removed_) {
     const VmRecord* now = desired_->Find(vm_id);
-    auto w = PlanRemoval(old_spec, now != nullptr ? &now->spec : nullptr, model_,
+    auto w = PlanRemoval(old_spec, now != nullptr ? now->spec.get() : nullptr, model_,
                          options_.host);
     removals.insert(removals.end(), w.begin(), w.end());
   }
@@ -609,7 +607,7 @@ std::vector<kernel::Write> Reconciler::PlanRemovals() {
   if (sweep_orphans_) {
     std::vector<const VmSpec*> desired;
     desired.reserve(desired_->size());
-    for (const auto& [vm_id, r] : desired_->vms()) desired.push_back(&r.spec);
+    for (const auto& [vm_id, r] : desired_->vms()) desired.push_back(r.spec.get());
     auto w = PlanOrphans(model_, options_.host, desired);
     removals.insert(removals.end(), w.begin(), w.end());
     sweep_orphans_ = false;
@@ -671,10 +669,10 @@ std::vector<absl::Status> Reconciler::ApplyWrites(
 
 VmPlan Reconciler::PlanWithDad(const VmRecord& record) {
   if (!options_.dad || options_.announcer == nullptr) {
-    return PlanVm(record.spec, model_, options_.host);
+    return PlanVm(*record.spec, model_, options_.host);
   }
-  const std::string& vm_id = record.spec.vm_id;
-  DadTracker::Publishable split = dad_.Split(record.spec);
+  const std::string& vm_id = record.spec->vm_id;
+  DadTracker::Publishable split = dad_.Split(*record.spec);
   if (split.start_probe) {
     std::vector<AddressAnnouncer::ProbeLink> links;
     for (const std::string& name : options_.host.uplinks) {
@@ -773,9 +771,9 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   }
   std::vector<IpAddress> addresses;
   if (everything) {
-    addresses = record.spec.addresses;
+    addresses = record.spec->addresses;
   } else {
-    for (const IpAddress& a : record.spec.addresses) {
+    for (const IpAddress& a : record.spec->addresses) {
       if (back.contains(a)) addresses.push_back(a);
     }
   }
@@ -791,13 +789,13 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   }
   // The gateway on the VM's link: a VM that moved here learns this host's
   // MAC for it at once.
-  const kernel::Link* link = model_.LinkByName(record.spec.interface);
+  const kernel::Link* link = model_.LinkByName(record.spec->interface);
   if ((everything || gateway_back) && link != nullptr) {
     items.push_back(
         {link->ifindex, link->name, link->mac, options_.host.gateway, {}, false});
   }
   if ((everything || gateway6_back) && link != nullptr) {
-    if (record.spec.has_ipv6()) {
+    if (record.spec->has_ipv6()) {
       items.push_back({link->ifindex, link->name, link->mac, options_.host.gateway6,
                        options_.host.gateway6, true});
     }
@@ -813,13 +811,13 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
 void Reconciler::Publish(VmEventType type, VmRecord& record, const std::string& detail) {
   desired_->IssueRevision(&record);
   observer_->Publish(type, record.View(), detail);
-  changed_views_.insert(record.spec.vm_id);
+  changed_views_.insert(record.spec->vm_id);
 }
 
 void Reconciler::PublishOutcome(VmRecord& r, VmState old_state,
                                 const std::string& old_message,
                                 const std::vector<kernel::Write>& writes) {
-  const std::string& vm_id = r.spec.vm_id;
+  const std::string& vm_id = r.spec->vm_id;
   if (auto it = spec_changed_.find(vm_id); it != spec_changed_.end()) {
     std::string detail = it->second == VmEventType::kAdded ? "attached" : "spec changed";
     if (!writes.empty()) absl::StrAppend(&detail, ": ", WritesText(writes));

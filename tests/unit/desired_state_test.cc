@@ -49,7 +49,7 @@ TEST_F(DesiredStateTest, ACommittedBatchIsWhatARestartFinds) {
   ASSERT_TRUE(state_->Commit().ok());
   Reopen();
   ASSERT_EQ(state_->size(), 2u);
-  EXPECT_EQ(state_->Find("vm-1")->spec,
+  EXPECT_EQ(*state_->Find("vm-1")->spec,
             Spec("vm-1", "vme1a", {"198.51.100.201", "2001:db8::201"}));
   EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("2001:db8::201")), "vm-1");
   EXPECT_EQ(state_->VmOfInterface("vme2a"), "vm-2");
@@ -75,7 +75,7 @@ TEST_F(DesiredStateTest, ABatchThatCannotBeMadeDurableIsUndoneWhole) {
   EXPECT_FALSE(state_->Commit().ok());
   EXPECT_TRUE(state_->batch_empty());
   ASSERT_EQ(state_->size(), 1u);
-  EXPECT_EQ(state_->Find("vm-1")->spec, Spec("vm-1", "vme1a", {"198.51.100.201"}));
+  EXPECT_EQ(*state_->Find("vm-1")->spec, Spec("vm-1", "vme1a", {"198.51.100.201"}));
   EXPECT_EQ(state_->Find("vm-2"), nullptr);
   EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("198.51.100.201")), "vm-1");
   EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("198.51.100.209")), "");

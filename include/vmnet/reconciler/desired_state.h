@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -18,20 +19,23 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "vmnet/state/state_store.h"
 #include "vmnet/vm/vm.h"
 
 namespace vmnet {
 
 struct VmRecord {
-  VmSpec spec;
+  // Never null. Immutable and shared: the VmDirectory holds the same copy,
+  // and the indexes below point into it.
+  std::shared_ptr<const VmSpec> spec;
   VmState state = VmState::kPending;
   std::string message;
   uint64_t revision = 0;  // of the VM's last change
   // The wait before the next retry after a failed write.
   std::chrono::milliseconds backoff{0};
 
-  VmView View() const { return VmView{spec, state, message, revision}; }
+  VmView View() const { return VmView{*spec, state, message, revision}; }
 };
 
 class DesiredState {
@@ -86,12 +90,15 @@ class DesiredState {
   absl::Status Persist() const;
 
   StateStore* store_;
-  // A node per VM: a flat map's slots would be a whole VmRecord each (about
-  // 230 bytes), with a third to a half of them empty after each doubling.
+  // A node per VM: a flat map's slots would be a whole VmRecord each, with a
+  // third to a half of them empty after each doubling.
   absl::node_hash_map<std::string, VmRecord> vms_;
-  absl::flat_hash_map<IpAddress, std::string> vm_of_address_;
-  absl::flat_hash_map<std::string, std::string> vm_of_interface_;
-  absl::flat_hash_map<IpAddress, std::string> vm_allowing_address_;
+  // The indexes point into the records' specs (an interface key views the
+  // spec's own string): a slot is 24 to 32 bytes instead of two strings.
+  // Set erases a record's index entries before the record.
+  absl::flat_hash_map<IpAddress, const VmSpec*> vm_of_address_;
+  absl::flat_hash_map<absl::string_view, const VmSpec*> vm_of_interface_;
+  absl::flat_hash_map<IpAddress, const VmSpec*> vm_allowing_address_;
   size_t ipv6_vms_ = 0;
   std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
   uint64_t revision_lease_ = 0;

@@ -7,21 +7,25 @@
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/node_hash_map.h"
+#include "absl/strings/string_view.h"
 #include "vmnet/base/mutex.h"
+#include "vmnet/reconciler/desired_state.h"
 #include "vmnet/vm/vm.h"
 
 namespace vmnet {
 
 class VmDirectory {
  public:
-  // Replaces the VM's entry; nullopt removes it.
-  void Update(const std::string& vm_id, std::optional<VmView> vm);
+  // Replaces the VM's entry with the record's spec (shared, not copied),
+  // state, message and revision; nullptr removes it.
+  void Update(const std::string& vm_id, const VmRecord* record);
 
   std::vector<VmView> All() const;
   std::optional<VmView> Find(const std::string& vm_id) const;
@@ -30,12 +34,23 @@ class VmDirectory {
   std::string VmOfInterface(const std::string& interface) const;
 
  private:
+  struct Entry {
+    std::shared_ptr<const VmSpec> spec;  // the desired state's copy
+    VmState state;
+    std::string message;
+    uint64_t revision;
+
+    VmView View() const { return VmView{*spec, state, message, revision}; }
+  };
+
   mutable vmnet::Mutex mu_;
   // A node per VM (see DesiredState::vms_): slots of a pointer, not of a
-  // whole VmView.
-  absl::node_hash_map<std::string, VmView> vms_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<IpAddress, std::string> vm_of_address_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, std::string> vm_of_interface_ ABSL_GUARDED_BY(mu_);
+  // whole entry.
+  absl::node_hash_map<std::string, Entry> vms_ ABSL_GUARDED_BY(mu_);
+  // Point into the entries' specs, as DesiredState's indexes do.
+  absl::flat_hash_map<IpAddress, const VmSpec*> vm_of_address_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<absl::string_view, const VmSpec*> vm_of_interface_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace vmnet
