@@ -77,8 +77,8 @@ void MemoryTrimmer::Run() {
     // Checked often while memory moves, rarely while it stands still: what
     // a transient freed shows in the checks that follow its growth.
     size_t resident = ResidentBytes();
-    size_t moved = resident > last_resident ? resident - last_resident
-                                            : last_resident - resident;
+    size_t moved =
+        resident > last_resident ? resident - last_resident : last_resident - resident;
     last_resident = resident;
     interval_ms = trimmed || moved > kStill ? interval_ms_
                                             : std::min(interval_ms * 2, max_interval_ms_);

@@ -587,7 +587,10 @@ void NetlinkKernel::BringUpCreatedIfbs(absl::Span<const Write> writes,
   std::vector<int> result = writes_.Transact(requests, &messages, options_.write_window);
   for (size_t k = 0; k < requests.size(); ++k) {
     size_t i = owner[k];
-    if (result[k] == 0 || (*errnos)[i] != 0) continue;
+    // The first of each pair is the IPv6 mode: a kernel without IPv6 has
+    // none to set (EAFNOSUPPORT), and the up that follows is what matters.
+    bool no_ipv6 = k % 2 == 0 && result[k] == EAFNOSUPPORT;
+    if (result[k] == 0 || no_ipv6 || (*errnos)[i] != 0) continue;
     (*errnos)[i] = result[k];
     (*ack_messages)[i] = absl::StrCat("created, but not brought up: ", messages[k]);
   }

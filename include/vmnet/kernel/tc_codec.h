@@ -27,6 +27,7 @@ std::vector<uint8_t> EncodeTcWrite(const Write& write);
 // it, these requests (by name) turn off its IPv6 address generation and bring
 // it up: an ifb needs no IPv6 setup, which on a host of many routes costs
 // more than everything else vmnetd does for the VM (BENCHMARKS.md).
+// Two requests, in this order: the IPv6 mode, then the up.
 std::vector<std::vector<uint8_t>> EncodeIfbBringUp(const CreateIfb& w);
 
 // The tbf vmnetd installs for a limit of `bits_per_second` with `burst_bytes`
