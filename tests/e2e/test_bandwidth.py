@@ -266,9 +266,17 @@ class ShapingTest(BandwidthTestCase):
                                                f"{out[-1000:]}")
         report = json.loads(out)
         intervals = [i["sum"] for i in report["intervals"]]
-        after = [i for i in intervals if i["start"] >= changed + 1.0]
-        settled = sum(i["bytes"] for i in after) * 8 / sum(i["seconds"] for i in after)
-        self.assertNear(settled, LOWER, "X -> VM 1 from 1 s after the upsert to 8 Mbit/s")
+        def rate_from(offset):
+            window = [i for i in intervals if i["start"] >= changed + offset]
+            return sum(i["bytes"] for i in window) * 8 / sum(i["seconds"] for i in window)
+        # Moved within a second: from 1 s after the upsert nothing above the new limit...
+        moved = rate_from(1.0)
+        self.assertLess(moved, LOWER * (1 + TOLERANCE),
+                        f"X -> VM 1 from 1 s after the upsert to 8 Mbit/s: "
+                        f"{moved / 1e6:.2f} Mbit/s")
+        # ...and, once TCP has recovered from the drops of the sudden change (which can take
+        # it below the rate for a moment: 7.0 Mbit/s was seen in the first second), at it.
+        self.assertNear(rate_from(2.0), LOWER, "X -> VM 1 from 2 s after the upsert to 8 Mbit/s")
         # In place: the qdisc kept its counters (a new one would start from zero).
         self.assertGreater(self.root_qdisc(vm.interface)["bytes"], before)
         self.assertEqual(self.root_qdisc(vm.interface)["handle"], QDISC_HANDLE)
