@@ -108,10 +108,12 @@ class CountingWatcher : public Watcher {
   int64_t pushed_ = 0;
 };
 
-void BM_EventPublish(benchmark::State& s) {
+// Reconcile passes of `per_pass` events each, published to `watchers`
+// watchers of all VMs.
+void PublishPasses(benchmark::State& s, size_t watchers, int64_t per_pass) {
   EventLog log("bench", 65536);
-  std::vector<CountingWatcher> watchers(static_cast<size_t>(s.range(0)));
-  for (CountingWatcher& w : watchers) {
+  std::vector<CountingWatcher> subscribed(watchers);
+  for (CountingWatcher& w : subscribed) {
     if (!log.Subscribe(&w, "", 0, false).ok()) abort();
   }
   StoredState one = LabState(1);
@@ -120,36 +122,26 @@ void BM_EventPublish(benchmark::State& s) {
       "attached: set link vme0 up; add address 169.255.30.1/32 dev vme0; add route "
       "198.18.0.1/32 dev vme0; add proxy 198.18.0.1 dev eth0";
   for (auto _ : s) {
-    ++view.revision;
-    log.Publish(VmEventType::kChanged, view, detail);
+    for (int64_t i = 0; i < per_pass; ++i) {
+      ++view.revision;
+      log.Publish(VmEventType::kChanged, view, detail);
+    }
     log.EndPass();
   }
-  for (CountingWatcher& w : watchers) log.Unsubscribe(&w);
+  for (CountingWatcher& w : subscribed) log.Unsubscribe(&w);
+}
+
+// One event per pass, to 0, 1 or 100 watchers.
+void BM_EventPublish(benchmark::State& s) {
+  PublishPasses(s, static_cast<size_t>(s.range(0)), 1);
 }
 BENCHMARK(BM_EventPublish)->Arg(0)->Arg(1)->Arg(100);
 
 // A reconcile pass of P events (a storm's pass is about 40) to 100
 // watchers: one Chunk queued per watcher per pass.
 void BM_EventPass(benchmark::State& s) {
-  EventLog log("bench", 65536);
-  std::vector<CountingWatcher> watchers(100);
-  for (CountingWatcher& w : watchers) {
-    if (!log.Subscribe(&w, "", 0, false).ok()) abort();
-  }
-  StoredState one = LabState(1);
-  VmView view{one.vms[0].spec, VmState::kProgrammed, "", 0};
-  const std::string detail =
-      "attached: set link vme0 up; add address 169.255.30.1/32 dev vme0; add route "
-      "198.18.0.1/32 dev vme0; add proxy 198.18.0.1 dev eth0";
-  for (auto _ : s) {
-    for (int64_t i = 0; i < s.range(0); ++i) {
-      ++view.revision;
-      log.Publish(VmEventType::kChanged, view, detail);
-    }
-    log.EndPass();
-  }
+  PublishPasses(s, 100, s.range(0));
   s.SetItemsProcessed(s.iterations() * s.range(0));
-  for (CountingWatcher& w : watchers) log.Unsubscribe(&w);
 }
 BENCHMARK(BM_EventPass)->Arg(1)->Arg(40);
 
