@@ -22,10 +22,10 @@ size_t ResidentBytes() {
 
 // What the process holds beyond the heap it uses: code, stacks, and the free
 // memory the allocator keeps. Only the last one grows.
-size_t Slack() {
+// `resident` is ResidentBytes(), read by the caller.
+size_t Slack(size_t resident) {
   struct mallinfo2 info = mallinfo2();
   size_t used = info.uordblks + info.hblkhd;  // in the heap and in mapped blocks
-  size_t resident = ResidentBytes();
   return resident > used ? resident - used : 0;
 }
 
@@ -57,18 +57,20 @@ size_t MemoryTrimmer::trims() const {
 }
 
 void MemoryTrimmer::Run() {
-  size_t floor = Slack();
   size_t last_resident = ResidentBytes();
+  size_t floor = Slack(last_resident);
   int interval_ms = interval_ms_;
   std::unique_lock<std::mutex> lock(mu_);
   while (!wake_.wait_for(lock, std::chrono::milliseconds(interval_ms),
                          [this] { return stop_; })) {
     lock.unlock();
-    size_t slack = Slack();
+    size_t resident = ResidentBytes();
+    size_t slack = Slack(resident);
     bool trimmed = false;
     if (slack > floor + slack_bytes_) {
       malloc_trim(0);
-      slack = Slack();
+      resident = ResidentBytes();
+      slack = Slack(resident);
       trimmed = true;
       floor = slack;  // what could not be given back does not count again
     } else if (slack < floor) {
@@ -76,7 +78,6 @@ void MemoryTrimmer::Run() {
     }
     // Checked often while memory moves, rarely while it stands still: what
     // a transient freed shows in the checks that follow its growth.
-    size_t resident = ResidentBytes();
     size_t moved =
         resident > last_resident ? resident - last_resident : last_resident - resident;
     last_resident = resident;
