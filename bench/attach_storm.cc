@@ -14,14 +14,12 @@
 // the Watch messages (each carries one or more events).
 //
 // With --ingress_bps / --egress_bps (and --burst_bytes), every request
-// carries those bandwidth limits (AttachVmRequest.bandwidth). A VM with an
-// egress limit is answered PENDING ("creating vmb...": its ifb device's
-// ifindex is known only from the kernel's RTM_NEWLINK, a pass later); with
-// --settle such answers are not failures, and the storm ends when every VM
-// is PROGRAMMED as seen on one more Watch stream (opened before the first
-// attach, on its own connection): wall_s is then from the first call to the
-// later of the last answer and the event that made the last VM PROGRAMMED
-// (answers_wall_s: to the last answer).
+// carries those bandwidth limits (AttachVmRequest.bandwidth). With --settle
+// an answer that is not PROGRAMMED (PENDING) is not a failure, and the storm
+// ends when every VM is PROGRAMMED as seen on one more Watch stream (opened before the
+// first attach, on its own connection): wall_s is then from the first call to the later
+// of the last answer and the event that made the last VM PROGRAMMED (answers_wall_s: to
+// the last answer).
 //
 // Prints one JSON object on stdout; exit status 0 when every attach was
 // programmed and every watcher saw every event, 1 otherwise.

@@ -571,7 +571,8 @@ void NetlinkKernel::BringUpCreatedIfbs(absl::Span<const Write> writes,
                                        std::vector<int>* errnos,
                                        std::vector<std::string>* ack_messages) {
   // Only the ifbs this batch created: a name whose create failed may be
-  // another's link. Their follow-ups go in one more pipelined batch.
+  // another's link. Their bring-up and the get of their ifindex go in one
+  // more pipelined batch, their tbf and redirect in another.
   std::vector<std::vector<uint8_t>> requests;
   std::vector<size_t> owner;
   for (size_t i = 0; i < writes.size(); ++i) {
@@ -583,16 +584,47 @@ void NetlinkKernel::BringUpCreatedIfbs(absl::Span<const Write> writes,
     }
   }
   if (requests.empty()) return;
+  auto fail = [&](size_t i, int err, absl::string_view step, const std::string& message) {
+    if ((*errnos)[i] != 0) return;
+    (*errnos)[i] = err;
+    (*ack_messages)[i] = absl::StrCat("created, but ", step, ": ", message);
+  };
+  std::vector<int> ifindex(writes.size(), 0);
   std::vector<std::string> messages;
-  std::vector<int> result = writes_.Transact(requests, &messages, options_.write_window);
+  std::vector<int> result =
+      writes_.Transact(requests, &messages, options_.write_window,
+                       [&](size_t k, const nlmsghdr* reply) {
+                         if (std::optional<Link> link = ParseLink(reply))
+                           ifindex[owner[k]] = link->ifindex;
+                       });
   for (size_t k = 0; k < requests.size(); ++k) {
-    size_t i = owner[k];
-    // The first of each pair is the IPv6 mode: a kernel without IPv6 has
-    // none to set (EAFNOSUPPORT), and the up that follows is what matters.
-    bool no_ipv6 = k % 2 == 0 && result[k] == EAFNOSUPPORT;
-    if (result[k] == 0 || no_ipv6 || (*errnos)[i] != 0) continue;
-    (*errnos)[i] = result[k];
-    (*ack_messages)[i] = absl::StrCat("created, but not brought up: ", messages[k]);
+    auto step = static_cast<IfbBringUpStep>(k % kIfbBringUpSteps);
+    // A kernel without IPv6 has no address generation mode to set
+    // (EAFNOSUPPORT): the up that follows is what matters.
+    if (result[k] == 0 || (step == kIfbMode && result[k] == EAFNOSUPPORT)) continue;
+    fail(owner[k], result[k], step == kIfbGet ? "not found again" : "not brought up",
+         messages[k]);
+  }
+  requests.clear();
+  std::vector<size_t> follow_up_owner;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    const auto* create = std::get_if<CreateIfb>(&writes[i]);
+    if (create == nullptr || (*errnos)[i] != 0) continue;
+    if (ifindex[i] == 0) {
+      fail(i, EIO, "not found again", "the kernel's answer carried no ifindex");
+      continue;
+    }
+    for (const Write& w : IfbFollowUps(*create, ifindex[i])) {
+      requests.push_back(EncodeTcWrite(w));
+      follow_up_owner.push_back(i);
+    }
+  }
+  if (requests.empty()) return;
+  result = writes_.Transact(requests, &messages, options_.write_window);
+  for (size_t k = 0; k < requests.size(); ++k) {
+    if (result[k] != 0) {
+      fail(follow_up_owner[k], result[k], "its tbf or redirect failed", messages[k]);
+    }
   }
 }
 

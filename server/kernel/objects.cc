@@ -100,7 +100,9 @@ struct WriteNamer {
     return "delete " + w.filter.ToString();
   }
   std::string operator()(const CreateIfb& w) const {
-    return absl::StrCat("create ifb link ", w.name, " for ", w.vm_link);
+    return absl::StrCat("create ifb link ", w.name, " for ", w.vm_link, " with tbf rate ",
+                        w.tbf.rate_bytes_per_second * 8, "bit burst ", w.tbf.burst_bytes,
+                        "b, and redirect dev #", w.redirect.ifindex, " to it");
   }
   std::string operator()(const DeleteLink& w) const {
     return absl::StrCat("delete link ", w.name, " (#", w.ifindex, ")");

@@ -329,7 +329,23 @@ std::vector<std::vector<uint8_t>> EncodeIfbBringUp(const CreateIfb& w) {
   nla_put_u8(mode.get(), IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE);
   nla_nest_end(mode.get(), inet6);
   nla_nest_end(mode.get(), af_spec);
-  return {Bytes(mode), Bytes(ChangeLinkByName(w.name, IFF_UP, IFF_UP))};
+  ifinfomsg ifi{};
+  ifi.ifi_family = AF_UNSPEC;
+  Msg get = NewMessage(RTM_GETLINK, 0, &ifi, sizeof(ifi));
+  nla_put_string(get.get(), IFLA_IFNAME, w.name.c_str());
+  std::vector<std::vector<uint8_t>> steps(kIfbBringUpSteps);
+  steps[kIfbMode] = Bytes(mode);
+  steps[kIfbUp] = Bytes(ChangeLinkByName(w.name, IFF_UP, IFF_UP));
+  steps[kIfbGet] = Bytes(get);
+  return steps;
+}
+
+std::vector<Write> IfbFollowUps(const CreateIfb& w, int ifb_ifindex) {
+  Qdisc tbf = w.tbf;
+  tbf.ifindex = ifb_ifindex;
+  TcFilter redirect = w.redirect;
+  redirect.redirect_ifindex = ifb_ifindex;
+  return {SetQdisc{tbf}, AddTcFilter{redirect}};
 }
 
 Qdisc Tbf(int ifindex, uint64_t bits_per_second, uint32_t burst_bytes) {

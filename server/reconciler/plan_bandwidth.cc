@@ -120,29 +120,22 @@ void PlanBandwidth(const VmSpec& spec, const Link& link, const KernelModel& mode
     RemoveIfb(spec.interface, model, &plan->writes);
     return;
   }
-  if (ifb == nullptr) {
-    plan->writes.push_back(kernel::CreateIfb{ifb_name, spec.interface});
-    // Its tbf and the filter once it exists (its ifindex): its RTM_NEWLINK
-    // plans the VM again, moments later. Until then the VM is not all there.
-    if (plan->state == VmState::kProgrammed) {
-      plan->state = VmState::kPending;
-      plan->message = absl::StrCat("creating ", ifb_name,
-                                   ", the ifb device of its egress bandwidth limit");
-    }
-    return;
-  }
-  if (ifb->kind != "ifb") {
+  if (ifb != nullptr && ifb->kind != "ifb") {
     Conflict(plan,
              absl::StrCat("link ", ifb_name, " (", ifb->kind.empty() ? "?" : ifb->kind,
                           ") is not vmnetd's ifb device and has the name the VM's "
                           "must have; remove it"));
     return;
   }
-  if (!ifb->up) plan->writes.push_back(kernel::SetLinkUp{ifb->ifindex, ifb->name});
-  PlanRootTbf(*ifb,
-              kernel::Tbf(ifb->ifindex, b.egress_bits_per_second,
-                          BurstFor(b, b.egress_bits_per_second)),
-              model, plan);
+  // Without the ifb, its ifindex is unknown: the create carries the tbf and
+  // the redirect, and the kernel layer writes them once it knows it.
+  int ifb_ifindex = ifb != nullptr ? ifb->ifindex : 0;
+  Qdisc tbf = kernel::Tbf(ifb_ifindex, b.egress_bits_per_second,
+                          BurstFor(b, b.egress_bits_per_second));
+  if (ifb != nullptr) {
+    if (!ifb->up) plan->writes.push_back(kernel::SetLinkUp{ifb->ifindex, ifb->name});
+    PlanRootTbf(*ifb, tbf, model, plan);
+  }
   const Qdisc* ingress = model.FindQdisc(link.ifindex, kernel::kIngressParent);
   if (ingress != nullptr && ingress->kind != "ingress") {
     Conflict(plan,
@@ -160,14 +153,19 @@ void PlanBandwidth(const VmSpec& spec, const Link& link, const KernelModel& mode
     for (const TcFilter& f : *filters) {
       if (f.prio != kernel::kFilterPrio) continue;
       at_prio = true;
-      if (IsOurRedirect(f, ifb->ifindex)) present = true;
+      if (ifb != nullptr && IsOurRedirect(f, ifb->ifindex)) present = true;
     }
   }
   if (present) return;
   // Ours, but wrong (a redirect to an ifb that was recreated, say): the
   // whole prio goes and comes back.
   if (at_prio) plan->writes.push_back(kernel::DeleteTcFilter{Redirect(link.ifindex, 0)});
-  plan->writes.push_back(kernel::AddTcFilter{Redirect(link.ifindex, ifb->ifindex)});
+  if (ifb == nullptr) {
+    plan->writes.push_back(
+        kernel::CreateIfb{ifb_name, spec.interface, tbf, Redirect(link.ifindex, 0)});
+  } else {
+    plan->writes.push_back(kernel::AddTcFilter{Redirect(link.ifindex, ifb->ifindex)});
+  }
 }
 
 void PlanBandwidthRemoval(const VmSpec& old_spec, const VmSpec* new_spec,

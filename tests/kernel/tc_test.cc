@@ -56,19 +56,20 @@ class TcKernelTest : public ::testing::Test {
   int vme_ = 0;
 };
 
+// One batch, as the reconciler sends it for a new VM: the ifb's create
+// carries its tbf and the redirect, written once its ifindex is read back.
 TEST_F(TcKernelTest, ShapersAsTcShowsThemAndReadBackEqual) {
-  ExpectAllOk(kernel_->Apply({CreateIfb{"vmb1a", "vme1a"}}));
-  int ifb = IfIndex("vmb1a");
-  ASSERT_NE(ifb, 0);
   Qdisc to_vm = Tbf(vme_, 20'000'000, DefaultBurstBytes(20'000'000));
-  Qdisc from_vm = Tbf(ifb, 400'000'000'000ull, 30000);  // a rate above 2^32 bytes/s
   Qdisc ingress{.ifindex = vme_,
                 .parent = kIngressParent,
                 .handle = kIngressHandle,
                 .kind = "ingress"};
-  TcFilter redirect{.ifindex = vme_, .redirect_ifindex = ifb};
-  ExpectAllOk(kernel_->Apply(
-      {SetQdisc{to_vm}, SetQdisc{from_vm}, SetQdisc{ingress}, AddTcFilter{redirect}}));
+  CreateIfb create{"vmb1a", "vme1a", Tbf(0, 400'000'000'000ull, 30000),  // above 2^32 B/s
+                   TcFilter{.ifindex = vme_}};
+  ExpectAllOk(kernel_->Apply({SetQdisc{to_vm}, SetQdisc{ingress}, create}));
+  int ifb = IfIndex("vmb1a");
+  ASSERT_NE(ifb, 0);
+  Qdisc from_vm = Tbf(ifb, 400'000'000'000ull, 30000);
 
   EXPECT_THAT(Sh("tc qdisc show dev vme1a root"), HasSubstr("qdisc tbf ed: root refcnt"));
   EXPECT_THAT(Sh("tc qdisc show dev vme1a root"),
@@ -117,13 +118,27 @@ TEST_F(TcKernelTest, ShapersAsTcShowsThemAndReadBackEqual) {
 // that succeeded: another's link of that name stays as it was.
 TEST_F(TcKernelTest, AnotherLinkWithTheIfbsNameIsLeftDown) {
   ASSERT_EQ(Sh("ip link add vmb1a type veth peer name vm1"), "");
-  std::vector<absl::Status> results = kernel_->Apply({CreateIfb{"vmb1a", "vme1a"}});
+  std::vector<absl::Status> results = kernel_->Apply({CreateIfb{"vmb1a", "vme1a", {}, {}}});
   ASSERT_EQ(results.size(), 1u);
   EXPECT_EQ(results[0].code(), absl::StatusCode::kAlreadyExists) << results[0];
   std::string link = Sh("ip -d link show vmb1a");
   EXPECT_THAT(link, HasSubstr("veth"));
   EXPECT_THAT(link, Not(HasSubstr(",UP")));
   EXPECT_THAT(link, HasSubstr("addrgenmode eui64"));
+}
+
+// The redirect needs the VM link's ingress qdisc: without it the create's
+// follow-up fails, and the CreateIfb says so; the ifb and its tbf stay (the
+// next pass finds them and adds what is missing).
+TEST_F(TcKernelTest, AFailedRedirectFailsItsCreate) {
+  CreateIfb create{"vmb1a", "vme1a", Tbf(0, 8'000'000, 30000), TcFilter{.ifindex = vme_}};
+  std::vector<absl::Status> results = kernel_->Apply({create});
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_FALSE(results[0].ok());
+  EXPECT_THAT(results[0].message(), HasSubstr("created, but its tbf or redirect failed"));
+  EXPECT_THAT(Sh("ip link show vmb1a"), HasSubstr(",UP"));
+  EXPECT_THAT(Sh("tc qdisc show dev vmb1a root"), HasSubstr("rate 8Mbit"));
+  EXPECT_EQ(Sh("tc filter show dev vme1a ingress"), "");
 }
 
 TEST_F(TcKernelTest, ReplaceChangesInPlace) {

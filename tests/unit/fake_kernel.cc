@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "vmnet/kernel/netlink_kernel.h"
+#include "vmnet/kernel/tc_codec.h"
 
 namespace vmnet::testing {
 
@@ -317,6 +318,10 @@ absl::Status FakeKernel::ApplyTc(const kernel::Write& write) {
     l.up = true;
     links_[l.ifindex] = l;
     Emit(kernel::LinkEvent{false, l});
+    // Its tbf and the redirect to it, as NetlinkKernel writes them.
+    for (const kernel::Write& follow_up : kernel::IfbFollowUps(*w, l.ifindex)) {
+      if (absl::Status s = ApplyTc(follow_up); !s.ok()) return s;
+    }
   } else if (auto* w = std::get_if<kernel::DeleteLink>(&write)) {
     auto it = links_.find(w->ifindex);
     if (it == links_.end()) return absl::OkStatus();

@@ -70,27 +70,50 @@ TEST(IfbNameTest, DerivedFromTheLinkAndFitsIfnamsiz) {
   EXPECT_EQ(kernel::IfbName("x").size(), 15u);
 }
 
-TEST_F(PlanBandwidthTest, InstallsInTwoPassesThenNothing) {
+// The ifb's ifindex is unknown until it exists, so its tbf and the redirect
+// ride on its create: the VM is PROGRAMMED after one pass, and once the
+// kernel's events for what the create made are in, nothing is left to do.
+TEST_F(PlanBandwidthTest, InstallsInOnePassThenNothing) {
   VmPlan first = Plan();
-  EXPECT_EQ(first.state, VmState::kPending);
-  EXPECT_THAT(first.message, HasSubstr("creating vmb1a"));
-  ASSERT_EQ(first.writes.size(), 2u) << ::testing::PrintToString(Text(first.writes));
-  EXPECT_TRUE(std::holds_alternative<kernel::SetQdisc>(first.writes[0]));
-  EXPECT_EQ(std::get<kernel::CreateIfb>(first.writes[1]),
-            (kernel::CreateIfb{"vmb1a", "vme1a"}));
+  EXPECT_EQ(first.state, VmState::kProgrammed) << first.message;
+  EXPECT_THAT(Text(first.writes),
+              ElementsAre(HasSubstr("qdisc tbf ed: dev #7 root rate 20000000bit"),
+                          HasSubstr("qdisc ingress ffff: dev #7 ingress"),
+                          "create ifb link vmb1a for vme1a with tbf rate 20000000bit "
+                          "burst 65536b, and redirect dev #7 to it"));
+  const auto& create = std::get<kernel::CreateIfb>(first.writes[2]);
+  EXPECT_EQ(create.tbf, kernel::Tbf(0, k20M, kernel::DefaultBurstBytes(k20M)));
+  EXPECT_EQ(create.redirect.ifindex, 7);
+  EXPECT_EQ(create.redirect.redirect_ifindex, 0);
+  // What the kernel layer writes once it knows the ifb is #9.
+  EXPECT_THAT(Text(kernel::IfbFollowUps(create, 9)),
+              ElementsAre(HasSubstr("qdisc tbf ed: dev #9 root rate 20000000bit"),
+                          HasSubstr("add filter dev #7 parent ffff: prio 237 u32 match all "
+                                    "action mirred egress redirect dev #9")));
   Hold(first.writes);
   IfbAppears();
   // The ifb's RTM_NEWLINK plans the VM again: its link is touched.
   EXPECT_THAT(touched_.links, ::testing::Contains("vme1a"));
+  Hold(kernel::IfbFollowUps(create, 9));
   VmPlan second = Plan();
   EXPECT_EQ(second.state, VmState::kProgrammed);
+  EXPECT_TRUE(second.writes.empty()) << ::testing::PrintToString(Text(second.writes));
+}
+
+// An ifb that is there but has lost its tbf and redirect (or a redirect to an
+// older ifb) gets them back as writes of their own.
+TEST_F(PlanBandwidthTest, AnExistingIfbGetsItsTbfAndRedirect) {
+  IfbAppears();
+  VmPlan plan = Plan();
+  EXPECT_EQ(plan.state, VmState::kProgrammed);
   EXPECT_THAT(
-      Text(second.writes),
-      ElementsAre(HasSubstr("qdisc tbf ed: dev #9 root rate 20000000bit"),
+      Text(plan.writes),
+      ElementsAre(HasSubstr("qdisc tbf ed: dev #7 root rate 20000000bit"),
+                  HasSubstr("qdisc tbf ed: dev #9 root rate 20000000bit"),
                   HasSubstr("qdisc ingress ffff: dev #7 ingress"),
                   HasSubstr("add filter dev #7 parent ffff: prio 237 u32 match all "
                             "action mirred egress redirect dev #9")));
-  Hold(second.writes);
+  Hold(plan.writes);
   EXPECT_TRUE(Plan().writes.empty());
 }
 

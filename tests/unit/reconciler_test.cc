@@ -214,6 +214,47 @@ TEST_F(ReconcilerTest, AcknowledgedAttachIsAlreadyOnDisk) {
   EXPECT_EQ(state->vms[0].spec.vm_id, "vm-1");
 }
 
+// An attach with an egress limit is answered PROGRAMMED: the ifb's tbf and
+// the redirect to it ride on the ifb's create, so one pass installs all;
+// the events of what the create made change nothing after (no second event).
+TEST_F(ReconcilerTest, AttachWithAnEgressLimitIsProgrammedInOnePass) {
+  int vme = kernel_.AddLink("vme1a");
+  kernel_.AddLink("vme2b");
+  StartAgent();
+  auto spec = ParseVmSpec("vm-1", "vme1a", {"198.51.100.201"}, "", options_.rules);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  spec->bandwidth.egress_bits_per_second = 20'000'000;
+  std::promise<absl::StatusOr<VmView>> done;
+  reconciler_->Attach(*spec, false, "",
+                      [&](absl::StatusOr<VmView> v) { done.set_value(std::move(v)); });
+  absl::StatusOr<VmView> vm = done.get_future().get();
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  EXPECT_EQ(vm->state, VmState::kProgrammed) << vm->message;
+  kernel::Snapshot s = kernel_.State();
+  int ifb = 0;
+  for (const kernel::Link& l : s.links) {
+    if (l.name == "vmb1a" && l.kind == "ifb" && l.up) ifb = l.ifindex;
+  }
+  ASSERT_NE(ifb, 0);
+  bool tbf = false, redirect = false;
+  for (const kernel::Qdisc& q : s.qdiscs) {
+    tbf |= q.ifindex == ifb && q.kind == "tbf" && q.rate_bytes_per_second == 2'500'000;
+  }
+  for (const kernel::TcFilter& f : s.filters) {
+    redirect |= f.ifindex == vme && f.redirect_ifindex == ifb;
+  }
+  EXPECT_TRUE(tbf);
+  EXPECT_TRUE(redirect);
+  // Another VM's pass reads the kernel's events of the ifb first and plans
+  // vm-1 again: a write for it would be a second event (a repair).
+  ASSERT_TRUE(Attach("vm-2", "vme2b", {"198.51.100.202"}).ok());
+  std::vector<std::string> vm1_events;
+  for (const v1::WatchEvent& e : watcher_.events()) {
+    if (e.vm().vm_id() == "vm-1") vm1_events.push_back(e.detail());
+  }
+  EXPECT_EQ(vm1_events.size(), 1u) << ::testing::PrintToString(vm1_events);
+}
+
 TEST_F(ReconcilerTest, SameSpecAgainWritesNothing) {
   kernel_.AddLink("vme1a");
   StartAgent();

@@ -107,7 +107,9 @@ class NetlinkKernel : public Kernel {
 
   void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);
   // Each ifb device the batch created (down) gets no IPv6 address generation
-  // and is brought up (EncodeIfbBringUp); a failure there is its CreateIfb's.
+  // and is brought up (EncodeIfbBringUp), then gets its tbf and the VM link's
+  // redirect (IfbFollowUps, with the ifindex read back); a failure there is
+  // its CreateIfb's.
   void BringUpCreatedIfbs(absl::Span<const Write> writes, std::vector<int>* errnos,
                           std::vector<std::string>* ack_messages);
   // For each proxy entry about to be created: the entry the kernel holds at

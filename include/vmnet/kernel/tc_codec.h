@@ -27,8 +27,13 @@ std::vector<uint8_t> EncodeTcWrite(const Write& write);
 // it, these requests (by name) turn off its IPv6 address generation and bring
 // it up: an ifb needs no IPv6 setup, which on a host of many routes costs
 // more than everything else vmnetd does for the VM (BENCHMARKS.md).
-// Two requests, in this order: the IPv6 mode, then the up.
+// Three requests, in this order (kIfbBringUp*): the IPv6 mode, the up, and
+// a get of the link, whose answer tells its ifindex.
+enum IfbBringUpStep { kIfbMode = 0, kIfbUp = 1, kIfbGet = 2, kIfbBringUpSteps = 3 };
 std::vector<std::vector<uint8_t>> EncodeIfbBringUp(const CreateIfb& w);
+// The writes that finish a CreateIfb once the ifb's ifindex is known: its
+// tbf, and the VM link's redirect to it.
+std::vector<Write> IfbFollowUps(const CreateIfb& w, int ifb_ifindex);
 
 // The tbf vmnetd installs for a limit of `bits_per_second` with `burst_bytes`
 // of burst: its queue holds the burst and 50 ms at the rate (enough for TCP

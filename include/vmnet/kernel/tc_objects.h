@@ -114,12 +114,18 @@ struct DeleteTcFilter {
   bool operator==(const DeleteTcFilter&) const = default;
 };
 // Creates an ifb device, up, with no IPv6 address generation (an ifb needs
-// no link-local address; see EncodeIfbBringUp). Its ifindex is known once its RTM_NEWLINK
-// arrives; `vm_link` names the VM link it serves, so that event plans the
-// VM again.
+// no link-local address; see EncodeIfbBringUp), and then its root `tbf` and
+// the VM link's `redirect` to it: the VM's egress limit in one write, so the
+// VM is whole after one pass. The ifb's ifindex is known only once the kernel
+// made it: the kernel layer reads it and fills in `tbf.ifindex` and
+// `redirect.redirect_ifindex` (0 here). The VM link's ingress qdisc must be
+// there before (an earlier write of the same batch). `vm_link` names the VM
+// link it serves, so that the ifb's events plan that VM again.
 struct CreateIfb {
   std::string name;
   std::string vm_link;
+  Qdisc tbf;
+  TcFilter redirect;
   bool operator==(const CreateIfb&) const = default;
 };
 // Deletes a link vmnetd created (an ifb device).
