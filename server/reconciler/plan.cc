@@ -149,7 +149,17 @@ void PlanNeighbor(const IpAddress& address, const Link& link, const MacAddress& 
 
 void PlanPortSecurity(const VmSpec& spec, const KernelModel& model,
                       const HostConfig& config, VmPlan* plan) {
-  if (!config.port_security) return;
+  if (!config.port_security) {
+    // A limit stored before port security was turned off: new ones are
+    // refused (FAILED_PRECONDITION), this one can only be said not to hold.
+    if (spec.bandwidth.egress_packets_per_second != 0) {
+      Conflict(plan, absl::StrCat("bandwidth.egress_packets_per_second (",
+                                  spec.bandwidth.egress_packets_per_second,
+                                  "/s) is not enforced: port security, whose ruleset "
+                                  "holds packet-rate limits, is off on this host"));
+    }
+    return;
+  }
   for (kernel::NftElement& e : PortSecurityElements(spec)) {
     if (!model.HasNftElement(e, *config.port_security)) {
       plan->writes.push_back(kernel::AddNftElement{std::move(e)});

@@ -1087,6 +1087,23 @@ TEST_F(PacketRateTest, AnUnknownLimitIsReplacedOrSwept) {
                   "delete packet-rate limit vme2a (not as vmnetd writes it)"));
 }
 
+// A limit stored while port security was on, loaded by an agent with it off:
+// the VM is FAILED, saying its limit does not hold; the rest of it is there.
+TEST_F(PacketRateTest, AStoredLimitWithPortSecurityOffFailsTheVmVisibly) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  ASSERT_TRUE(AttachLimited(200).ok());
+  StopAgent();
+  options_.host.port_security.reset();
+  options_.rules.port_security = false;
+  StartAgent();
+  ASSERT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kFailed; }));
+  std::optional<VmView> vm = reconciler_->FindVm("vm-1");
+  ASSERT_TRUE(vm.has_value());
+  EXPECT_THAT(vm->message, HasSubstr("egress_packets_per_second (200/s) is not enforced"));
+  EXPECT_NE(FindRoute(kernel_.State(), "198.51.100.201"), nullptr);
+}
+
 TEST_F(PacketRateTest, RefusedWithPortSecurityOff) {
   SpecRules rules;
   rules.port_security = false;
