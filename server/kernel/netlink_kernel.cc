@@ -591,12 +591,11 @@ void NetlinkKernel::BringUpCreatedIfbs(absl::Span<const Write> writes,
   };
   std::vector<int> ifindex(writes.size(), 0);
   std::vector<std::string> messages;
-  std::vector<int> result =
-      writes_.Transact(requests, &messages, options_.write_window,
-                       [&](size_t k, const nlmsghdr* reply) {
-                         if (std::optional<Link> link = ParseLink(reply))
-                           ifindex[owner[k]] = link->ifindex;
-                       });
+  std::vector<int> result = writes_.Transact(
+      requests, &messages, options_.write_window, [&](size_t k, const nlmsghdr* reply) {
+        if (std::optional<Link> link = ParseLink(reply))
+          ifindex[owner[k]] = link->ifindex;
+      });
   for (size_t k = 0; k < requests.size(); ++k) {
     auto step = static_cast<IfbBringUpStep>(k % kIfbBringUpSteps);
     // A kernel without IPv6 has no address generation mode to set

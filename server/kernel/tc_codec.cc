@@ -1,5 +1,4 @@
 #include "vmnet/kernel/tc_codec.h"
-#include "request.h"
 
 #include <arpa/inet.h>
 #include <linux/gen_stats.h>
@@ -16,6 +15,8 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+
+#include "request.h"
 
 namespace vmnet::kernel {
 namespace {

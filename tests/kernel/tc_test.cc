@@ -118,7 +118,8 @@ TEST_F(TcKernelTest, ShapersAsTcShowsThemAndReadBackEqual) {
 // that succeeded: another's link of that name stays as it was.
 TEST_F(TcKernelTest, AnotherLinkWithTheIfbsNameIsLeftDown) {
   ASSERT_EQ(Sh("ip link add vmb1a type veth peer name vm1"), "");
-  std::vector<absl::Status> results = kernel_->Apply({CreateIfb{"vmb1a", "vme1a", {}, {}}});
+  std::vector<absl::Status> results =
+      kernel_->Apply({CreateIfb{"vmb1a", "vme1a", {}, {}}});
   ASSERT_EQ(results.size(), 1u);
   EXPECT_EQ(results[0].code(), absl::StatusCode::kAlreadyExists) << results[0];
   std::string link = Sh("ip -d link show vmb1a");

@@ -86,10 +86,11 @@ TEST_F(PlanBandwidthTest, InstallsInOnePassThenNothing) {
   EXPECT_EQ(create.redirect.ifindex, 7);
   EXPECT_EQ(create.redirect.redirect_ifindex, 0);
   // What the kernel layer writes once it knows the ifb is #9.
-  EXPECT_THAT(Text(kernel::IfbFollowUps(create, 9)),
-              ElementsAre(HasSubstr("qdisc tbf ed: dev #9 root rate 20000000bit"),
-                          HasSubstr("add filter dev #7 parent ffff: prio 237 u32 match all "
-                                    "action mirred egress redirect dev #9")));
+  EXPECT_THAT(
+      Text(kernel::IfbFollowUps(create, 9)),
+      ElementsAre(HasSubstr("qdisc tbf ed: dev #9 root rate 20000000bit"),
+                  HasSubstr("add filter dev #7 parent ffff: prio 237 u32 match all "
+                            "action mirred egress redirect dev #9")));
   Hold(first.writes);
   IfbAppears();
   // The ifb's RTM_NEWLINK plans the VM again: its link is touched.

@@ -1100,7 +1100,8 @@ TEST_F(PacketRateTest, AStoredLimitWithPortSecurityOffFailsTheVmVisibly) {
   ASSERT_TRUE(WaitFor([&] { return StateOf("vm-1") == VmState::kFailed; }));
   std::optional<VmView> vm = reconciler_->FindVm("vm-1");
   ASSERT_TRUE(vm.has_value());
-  EXPECT_THAT(vm->message, HasSubstr("egress_packets_per_second (200/s) is not enforced"));
+  EXPECT_THAT(vm->message,
+              HasSubstr("egress_packets_per_second (200/s) is not enforced"));
   EXPECT_NE(FindRoute(kernel_.State(), "198.51.100.201"), nullptr);
 }
 
