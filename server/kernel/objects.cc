@@ -12,7 +12,7 @@ std::string Dev(int ifindex) { return absl::StrCat("dev #", ifindex); }
 
 }  // namespace
 
-std::string Link::ToString() const {
+std::string LinkInfo::ToString() const {
   return absl::StrCat("link ", name, " (#", ifindex, ", ", up ? "up" : "down", ")");
 }
 

@@ -3,25 +3,27 @@
 #include <linux/rtnetlink.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "absl/container/flat_hash_set.h"
 
 namespace vmnet {
 
 using kernel::Address;
-using kernel::Link;
+using kernel::LinkInfo;
 using kernel::Neighbor;
 using kernel::Route;
 
 void KernelModel::Reset(kernel::Snapshot snapshot) {
   nft_fingerprint_.reset();
   nft_intact_ = false;
-  nft_elements_.clear();
+  nft_elements_.Clear();
   if (snapshot.port_security) {
     nft_fingerprint_ = snapshot.port_security->fingerprint;
     nft_intact_ = snapshot.port_security->base_intact;
-    nft_elements_.insert(snapshot.port_security->elements.begin(),
-                         snapshot.port_security->elements.end());
+    for (const kernel::NftElement& e : snapshot.port_security->elements) {
+      nft_elements_.Insert(e);
+    }
   }
   links_.clear();
   link_by_name_.clear();
@@ -33,39 +35,127 @@ void KernelModel::Reset(kernel::Snapshot snapshot) {
   neighbors_.clear();
   link_local6_.clear();
   ipv6_forwarding_all_ = snapshot.ipv6_forwarding_all;
-  for (Link& l : snapshot.links) UpsertLink(l);
+  for (const kernel::Link& l : snapshot.links) UpsertLink(l);
   for (const Address& a : snapshot.addresses) AddAddress(a);
   for (const Route& r : snapshot.routes) AddRoute(r);
   for (const Neighbor& n : snapshot.neighbors) Upsert(neighbors_, n);
   ResetTc(snapshot);
 }
 
-void KernelModel::ForgetPacketRateLimit(const std::string& ifname) {
-  auto it = nft_elements_.lower_bound(kernel::NftPacketRateLimit{ifname, 0, 0});
-  while (it != nft_elements_.end()) {
-    const auto* l = std::get_if<kernel::NftPacketRateLimit>(&*it);
-    if (l == nullptr || l->ifname != ifname) break;
-    it = nft_elements_.erase(it);
-  }
+namespace {
+
+// Small sorted lists (a link's nftables elements of one kind).
+template <typename List, typename T>
+void InsertSorted(List& list, const T& x) {
+  auto it = std::lower_bound(list.begin(), list.end(), x);
+  if (it == list.end() || !(*it == x)) list.insert(it, x);
+}
+template <typename List, typename T>
+void EraseSorted(List& list, const T& x) {
+  auto it = std::lower_bound(list.begin(), list.end(), x);
+  if (it != list.end() && *it == x) list.erase(it);
+}
+template <typename List, typename T>
+bool ContainsSorted(const List& list, const T& x) {
+  return std::binary_search(list.begin(), list.end(), x);
 }
 
-void KernelModel::UpsertLink(const Link& link) {
+}  // namespace
+
+void KernelModel::NftElements::Insert(const kernel::NftElement& e) {
+  std::visit(
+      [&](const auto& x) {
+        OfLink& l = links_[x.ifname];
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, kernel::NftVmLink>) {
+          l.vm_link = true;
+        } else if constexpr (std::is_same_v<T, kernel::NftSourcePrefix>) {
+          InsertSorted(l.source_prefixes, x.prefix);
+        } else if constexpr (std::is_same_v<T, kernel::NftArpSender>) {
+          InsertSorted(l.arp_senders, x.address);
+        } else {
+          InsertSorted(l.packet_rate_limits, std::pair<uint64_t, uint32_t>(
+                                                 x.packets_per_second, x.burst_packets));
+        }
+      },
+      e);
+}
+
+void KernelModel::NftElements::Erase(const kernel::NftElement& e) {
+  std::visit(
+      [&](const auto& x) {
+        auto it = links_.find(x.ifname);
+        if (it == links_.end()) return;
+        OfLink& l = it->second;
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, kernel::NftVmLink>) {
+          l.vm_link = false;
+        } else if constexpr (std::is_same_v<T, kernel::NftSourcePrefix>) {
+          EraseSorted(l.source_prefixes, x.prefix);
+        } else if constexpr (std::is_same_v<T, kernel::NftArpSender>) {
+          EraseSorted(l.arp_senders, x.address);
+        } else {
+          EraseSorted(l.packet_rate_limits, std::pair<uint64_t, uint32_t>(
+                                                x.packets_per_second, x.burst_packets));
+        }
+        if (l.empty()) links_.erase(it);
+      },
+      e);
+}
+
+bool KernelModel::NftElements::Contains(const kernel::NftElement& e) const {
+  return std::visit(
+      [&](const auto& x) {
+        auto it = links_.find(x.ifname);
+        if (it == links_.end()) return false;
+        const OfLink& l = it->second;
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, kernel::NftVmLink>) {
+          return l.vm_link;
+        } else if constexpr (std::is_same_v<T, kernel::NftSourcePrefix>) {
+          return ContainsSorted(l.source_prefixes, x.prefix);
+        } else if constexpr (std::is_same_v<T, kernel::NftArpSender>) {
+          return ContainsSorted(l.arp_senders, x.address);
+        } else {
+          return ContainsSorted(
+              l.packet_rate_limits,
+              std::pair<uint64_t, uint32_t>(x.packets_per_second, x.burst_packets));
+        }
+      },
+      e);
+}
+
+void KernelModel::NftElements::ForgetPacketRateLimits(const std::string& ifname) {
+  auto it = links_.find(ifname);
+  if (it == links_.end()) return;
+  it->second.packet_rate_limits.clear();
+  if (it->second.empty()) links_.erase(it);
+}
+
+void KernelModel::UpsertLink(const LinkInfo& link) {
   auto it = links_.find(link.ifindex);
   if (it != links_.end()) {
+    // The by-name set hashes the name in the node: out before it changes.
     if (it->second.name != link.name) link_by_name_.erase(it->second.name);
     // The kernel flushes a link's routes and neighbours when it goes down,
     // without an event for the routes.
     if (it->second.up && !link.up) ForgetLinkObjects(link.ifindex, false);
   }
-  links_[link.ifindex] = link;
-  link_by_name_[link.name] = link.ifindex;
+  LinkInfo& stored = links_[link.ifindex];
+  stored = link;
+  // The name's last link wins (as a map's assignment did).
+  if (auto named = link_by_name_.find(link.name);
+      named != link_by_name_.end() && *named != &stored) {
+    link_by_name_.erase(named);
+  }
+  link_by_name_.insert(&stored);
 }
 
 void KernelModel::RemoveLink(int ifindex) {
   auto it = links_.find(ifindex);
   if (it == links_.end()) return;
   auto name = link_by_name_.find(it->second.name);
-  if (name != link_by_name_.end() && name->second == ifindex) {
+  if (name != link_by_name_.end() && *name == &it->second) {
     link_by_name_.erase(name);
   }
   links_.erase(it);
@@ -78,7 +168,7 @@ void KernelModel::ForgetLinkObjects(int ifindex, bool addresses_too, bool ipv4_o
     return on == ifindex && (!ipv4_only || a.is_v4());
   };
   for (auto it = routes_.begin(); it != routes_.end();) {
-    auto& list = it->second;
+    RouteList& list = it->routes;
     list.erase(std::remove_if(list.begin(), list.end(),
                               [&](const Route& r) {
                                 return gone(r.ifindex, r.destination.address);
@@ -140,14 +230,18 @@ void KernelModel::RemoveAddress(const Address& a) {
 
 void KernelModel::AddRoute(const Route& r) {
   if (r.table != RT_TABLE_MAIN) return;
-  auto& list = routes_[r.destination];
-  for (Route& existing : list) {
+  auto it = routes_.find(r.destination);
+  if (it == routes_.end()) {
+    routes_.insert(Routes{RouteList{r}});
+    return;
+  }
+  for (Route& existing : it->routes) {
     if (existing.metric == r.metric && existing.ifindex == r.ifindex) {
       existing = r;
       return;
     }
   }
-  list.push_back(r);
+  it->routes.push_back(r);
 }
 
 void KernelModel::ReplaceRoute(const Route& r) {
@@ -155,16 +249,20 @@ void KernelModel::ReplaceRoute(const Route& r) {
   if (it == routes_.end()) return;
   // The kernel keeps one route per (table, destination, metric) that a
   // replace overwrites, whatever its link or protocol was.
-  std::erase_if(it->second, [&](const Route& existing) {
-    return existing.table == r.table && existing.metric == r.metric;
-  });
-  if (it->second.empty()) routes_.erase(it);
+  RouteList& list = it->routes;
+  list.erase(std::remove_if(list.begin(), list.end(),
+                            [&](const Route& existing) {
+                              return existing.table == r.table &&
+                                     existing.metric == r.metric;
+                            }),
+             list.end());
+  if (list.empty()) routes_.erase(it);
 }
 
 void KernelModel::RemoveRoute(const Route& r) {
   auto it = routes_.find(r.destination);
   if (it == routes_.end()) return;
-  auto& list = it->second;
+  RouteList& list = it->routes;
   list.erase(std::remove_if(list.begin(), list.end(),
                             [&](const Route& e) {
                               return e.metric == r.metric &&
@@ -179,12 +277,12 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
   Touched touched;
   if (ApplyTcEvent(event, &touched)) return touched;
   auto link_of = [&](int ifindex) {
-    if (const kernel::Link* l = LinkByIndex(ifindex)) touched.links.push_back(l->name);
+    if (const LinkInfo* l = LinkByIndex(ifindex)) touched.links.push_back(l->name);
   };
   if (auto* e = std::get_if<kernel::LinkEvent>(&event)) {
     touched.links.push_back(e->link.name);
     // A rename is the old name's link leaving and the new one's appearing.
-    if (const kernel::Link* before = LinkByIndex(e->link.ifindex);
+    if (const LinkInfo* before = LinkByIndex(e->link.ifindex);
         before != nullptr && before->name != e->link.name) {
       touched.links.push_back(before->name);
       touched.sweep_orphans = true;
@@ -192,7 +290,7 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
     if (e->deleted) {
       RemoveLink(e->link.ifindex);
     } else {
-      const kernel::Link* before = LinkByIndex(e->link.ifindex);
+      const LinkInfo* before = LinkByIndex(e->link.ifindex);
       if (e->link.up && (before == nullptr || !before->up)) {
         touched.came_up.push_back(e->link.name);
       }
@@ -236,13 +334,13 @@ KernelModel::Touched KernelModel::Apply(const kernel::Event& event) {
       if (const auto* limit = std::get_if<kernel::NftPacketRateLimit>(&*e->element)) {
         // An event does not carry the rate: the link's limit is unknown
         // (rate 0) when a part of it was added, gone when one was deleted.
-        ForgetPacketRateLimit(limit->ifname);
+        nft_elements_.ForgetPacketRateLimits(limit->ifname);
       }
       if (e->kind == Kind::kElementAdded) {
-        nft_elements_.insert(*e->element);
+        nft_elements_.Insert(*e->element);
         touched.sweep_orphans = true;
       } else {
-        nft_elements_.erase(*e->element);
+        nft_elements_.Erase(*e->element);
       }
       touched.links.push_back(
           std::visit([](const auto& x) { return x.ifname; }, *e->element));
@@ -257,21 +355,21 @@ void KernelModel::ApplyWrite(const kernel::Write& write) {
   } else if (auto* w = std::get_if<kernel::EnsurePortSecurityBase>(&write)) {
     nft_fingerprint_ = w->config.Fingerprint();
     nft_intact_ = true;
-    nft_elements_.clear();
+    nft_elements_.Clear();
   } else if (std::holds_alternative<kernel::DeletePortSecurityBase>(write)) {
     nft_fingerprint_.reset();
     nft_intact_ = false;
-    nft_elements_.clear();
+    nft_elements_.Clear();
   } else if (auto* w = std::get_if<kernel::AddNftElement>(&write)) {
     // A link has one packet-rate limit: adding one replaces the other.
     if (const auto* l = std::get_if<kernel::NftPacketRateLimit>(&w->element))
-      ForgetPacketRateLimit(l->ifname);
-    nft_elements_.insert(w->element);
+      nft_elements_.ForgetPacketRateLimits(l->ifname);
+    nft_elements_.Insert(w->element);
   } else if (auto* w = std::get_if<kernel::DeleteNftElement>(&write)) {
     // Deleting a limit deletes the link's, whatever its rate.
     if (const auto* l = std::get_if<kernel::NftPacketRateLimit>(&w->element))
-      ForgetPacketRateLimit(l->ifname);
-    nft_elements_.erase(w->element);
+      nft_elements_.ForgetPacketRateLimits(l->ifname);
+    nft_elements_.Erase(w->element);
   } else if (auto* w = std::get_if<kernel::SetLinkUp>(&write)) {
     if (auto it = links_.find(w->ifindex); it != links_.end()) it->second.up = true;
   } else if (auto* w = std::get_if<kernel::SetIpv4Forwarding>(&write)) {
@@ -333,12 +431,12 @@ std::vector<IpAddress> KernelModel::ReplaceProxies(const std::vector<Neighbor>& 
   return {changed.begin(), changed.end()};
 }
 
-const Link* KernelModel::LinkByName(absl::string_view name) const {
+const LinkInfo* KernelModel::LinkByName(absl::string_view name) const {
   auto it = link_by_name_.find(name);
-  return it == link_by_name_.end() ? nullptr : LinkByIndex(it->second);
+  return it == link_by_name_.end() ? nullptr : *it;
 }
 
-const Link* KernelModel::LinkByIndex(int ifindex) const {
+const LinkInfo* KernelModel::LinkByIndex(int ifindex) const {
   auto it = links_.find(ifindex);
   return it == links_.end() ? nullptr : &it->second;
 }
@@ -348,9 +446,9 @@ const Address* KernelModel::FindAddress(int ifindex, const IpPrefix& prefix) con
   return it == addresses_.end() ? nullptr : &*it;
 }
 
-const std::vector<Route>* KernelModel::RoutesTo(const IpPrefix& prefix) const {
+const KernelModel::RouteList* KernelModel::RoutesTo(const IpPrefix& prefix) const {
   auto it = routes_.find(prefix);
-  return it == routes_.end() ? nullptr : &it->second;
+  return it == routes_.end() ? nullptr : &it->routes;
 }
 
 const Neighbor* KernelModel::FindNeighbor(int ifindex, const IpAddress& address,

@@ -25,19 +25,28 @@ bool SameSlot(const TcFilter& a, const TcFilter& b) {
 void KernelModel::ResetTc(const kernel::Snapshot& snapshot) {
   qdiscs_.clear();
   ingress_filters_.clear();
-  for (const Qdisc& q : snapshot.qdiscs) qdiscs_[{q.ifindex, q.parent}] = q;
+  for (const Qdisc& q : snapshot.qdiscs) ReplaceQdisc(q);
   for (const TcFilter& f : snapshot.filters) ingress_filters_[f.ifindex].push_back(f);
 }
 
 void KernelModel::ForgetTc(int ifindex) {
-  qdiscs_.erase({ifindex, kernel::kRootParent});
-  qdiscs_.erase({ifindex, kernel::kIngressParent});
+  qdiscs_.erase(QdiscKey{ifindex, kernel::kRootParent});
+  qdiscs_.erase(QdiscKey{ifindex, kernel::kIngressParent});
   ingress_filters_.erase(ifindex);
 }
 
+void KernelModel::ReplaceQdisc(const Qdisc& q) {
+  // Whole, statistics included (Qdisc's operator== leaves them out).
+  auto [it, inserted] = qdiscs_.insert(q);
+  if (!inserted) {
+    qdiscs_.erase(it);
+    qdiscs_.insert(q);
+  }
+}
+
 const Qdisc* KernelModel::FindQdisc(int ifindex, uint32_t parent) const {
-  auto it = qdiscs_.find({ifindex, parent});
-  return it == qdiscs_.end() ? nullptr : &it->second;
+  auto it = qdiscs_.find(QdiscKey{ifindex, parent});
+  return it == qdiscs_.end() ? nullptr : &*it;
 }
 
 const std::vector<TcFilter>* KernelModel::IngressFilters(int ifindex) const {
@@ -59,11 +68,11 @@ void KernelModel::AddIfbOwners(Touched* touched) const {
       owners.push_back(vm_link);
     }
     // ...and whatever link's filter redirects to it.
-    if (const kernel::Link* ifb = LinkByName(name)) {
+    if (const kernel::LinkInfo* ifb = LinkByName(name)) {
       for (const auto& [ifindex, filters] : ingress_filters_) {
         for (const TcFilter& f : filters) {
           if (f.redirect_ifindex != ifb->ifindex) continue;
-          if (const kernel::Link* l = LinkByIndex(ifindex)) owners.push_back(l->name);
+          if (const kernel::LinkInfo* l = LinkByIndex(ifindex)) owners.push_back(l->name);
         }
       }
     }
@@ -79,12 +88,12 @@ bool KernelModel::ApplyTcEvent(const kernel::Event& event, Touched* touched) {
       return true;
     ifindex = q.ifindex;
     if (e->deleted) {
-      auto it = qdiscs_.find({q.ifindex, q.parent});
-      if (it != qdiscs_.end() && it->second.handle == q.handle) qdiscs_.erase(it);
+      auto it = qdiscs_.find(QdiscKey::Of(q));
+      if (it != qdiscs_.end() && it->handle == q.handle) qdiscs_.erase(it);
       // An ingress qdisc takes its filters with it.
       if (q.parent == kernel::kIngressParent) ingress_filters_.erase(q.ifindex);
     } else {
-      qdiscs_[{q.ifindex, q.parent}] = q;
+      ReplaceQdisc(q);
     }
   } else if (const auto* e = std::get_if<kernel::TcFilterEvent>(&event)) {
     const TcFilter& f = e->filter;
@@ -110,16 +119,16 @@ bool KernelModel::ApplyTcEvent(const kernel::Event& event, Touched* touched) {
   } else {
     return false;
   }
-  if (const kernel::Link* l = LinkByIndex(ifindex)) touched->links.push_back(l->name);
+  if (const kernel::LinkInfo* l = LinkByIndex(ifindex)) touched->links.push_back(l->name);
   AddIfbOwners(touched);
   return true;
 }
 
 void KernelModel::ApplyTcWrite(const kernel::Write& write) {
   if (const auto* w = std::get_if<kernel::SetQdisc>(&write)) {
-    qdiscs_[{w->qdisc.ifindex, w->qdisc.parent}] = w->qdisc;
+    ReplaceQdisc(w->qdisc);
   } else if (const auto* w = std::get_if<kernel::DeleteQdisc>(&write)) {
-    qdiscs_.erase({w->qdisc.ifindex, w->qdisc.parent});
+    qdiscs_.erase(QdiscKey::Of(w->qdisc));
     if (w->qdisc.parent == kernel::kIngressParent)
       ingress_filters_.erase(w->qdisc.ifindex);
   } else if (const auto* w = std::get_if<kernel::AddTcFilter>(&write)) {

@@ -13,7 +13,7 @@
 namespace vmnet {
 
 using kernel::Address;
-using kernel::Link;
+using Link = kernel::LinkInfo;  // a link as the model keeps it
 using kernel::Neighbor;
 using kernel::Route;
 

@@ -10,7 +10,7 @@
 
 namespace vmnet {
 
-using kernel::Link;
+using Link = kernel::LinkInfo;  // a link as the model keeps it
 using kernel::Qdisc;
 using kernel::TcFilter;
 

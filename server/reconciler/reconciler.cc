@@ -305,7 +305,7 @@ void Reconciler::CheckLinkSettings() {
   }
   std::vector<int> ifindexes;
   while (!settings_round_.empty() && ifindexes.size() < kLinkSettingsPerCheck) {
-    if (const kernel::Link* link = model_.LinkByName(settings_round_.back())) {
+    if (const kernel::LinkInfo* link = model_.LinkByName(settings_round_.back())) {
       ifindexes.push_back(link->ifindex);
     }
     settings_round_.pop_back();
@@ -318,7 +318,7 @@ void Reconciler::CheckLinkSettings() {
     return;
   }
   for (kernel::Link& link : *links) {
-    const kernel::Link* known = model_.LinkByIndex(link.ifindex);
+    const kernel::LinkInfo* known = model_.LinkByIndex(link.ifindex);
     if (known != nullptr && known->name == link.name && known->up == link.up &&
         known->ipv4_forwarding == link.ipv4_forwarding && known->ipv6 == link.ipv6) {
       continue;
@@ -350,7 +350,7 @@ absl::Status Reconciler::FullResync(bool initial) {
     for (const auto& [vm_id, r] : desired_->vms()) {
       for (const IpAddress& a : r.spec->addresses) {
         for (const std::string& name : options_.host.uplinks) {
-          const kernel::Link* uplink = model_.LinkByName(name);
+          const kernel::LinkInfo* uplink = model_.LinkByName(name);
           const kernel::Neighbor* proxy =
               uplink == nullptr ? nullptr : model_.FindNeighbor(uplink->ifindex, a, true);
           if (proxy != nullptr && proxy->protocol == options_.host.protocol) {
@@ -410,7 +410,7 @@ absl::Status Reconciler::CheckAttach(const VmSpec& spec) const {
           "interface: \"", spec.interface, "\" is an uplink of this host (--uplinks)"));
     }
   }
-  if (const kernel::Link* link = model_.LinkByName(spec.interface);
+  if (const kernel::LinkInfo* link = model_.LinkByName(spec.interface);
       link && link->loopback) {
     return absl::InvalidArgumentError(absl::StrCat(
         "interface: \"", spec.interface, "\" is a loopback interface, not a VM's link"));
@@ -676,7 +676,7 @@ VmPlan Reconciler::PlanWithDad(const VmRecord& record) {
   if (split.start_probe) {
     std::vector<AddressAnnouncer::ProbeLink> links;
     for (const std::string& name : options_.host.uplinks) {
-      if (const kernel::Link* uplink = model_.LinkByName(name); uplink && uplink->up) {
+      if (const kernel::LinkInfo* uplink = model_.LinkByName(name); uplink && uplink->up) {
         links.push_back({uplink->ifindex, uplink->name, uplink->mac});
       }
     }
@@ -779,7 +779,7 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   }
   std::vector<Announcement> items;
   for (const std::string& name : options_.host.uplinks) {
-    const kernel::Link* uplink = model_.LinkByName(name);
+    const kernel::LinkInfo* uplink = model_.LinkByName(name);
     if (uplink == nullptr || !uplink->up) continue;
     for (const IpAddress& a : addresses) {
       items.push_back({uplink->ifindex, uplink->name, uplink->mac, a,
@@ -789,7 +789,7 @@ void Reconciler::Announce(const VmRecord& record, bool everything,
   }
   // The gateway on the VM's link: a VM that moved here learns this host's
   // MAC for it at once.
-  const kernel::Link* link = model_.LinkByName(record.spec->interface);
+  const kernel::LinkInfo* link = model_.LinkByName(record.spec->interface);
   if ((everything || gateway_back) && link != nullptr) {
     items.push_back(
         {link->ifindex, link->name, link->mac, options_.host.gateway, {}, false});

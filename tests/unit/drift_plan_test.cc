@@ -115,7 +115,7 @@ TEST_F(DriftPlanTest, ForeignProxyEntryIsAConflictNeverAWrite) {
 }
 
 TEST_F(DriftPlanTest, LinkSettingsEventsUpdateTheModel) {
-  kernel::Link vme = *model_.LinkByName("vme1a");
+  kernel::Link vme{*model_.LinkByName("vme1a"), {}};
   vme.ipv6.reset();  // an MTU below 1280
   model_.Apply(kernel::LinkEvent{false, vme});
   VmSpec spec = Spec({"198.51.100.201", "2001:db8:1::201"});
@@ -133,7 +133,7 @@ TEST_F(DriftPlanTest, LinkSettingsEventsUpdateTheModel) {
 }
 
 TEST_F(DriftPlanTest, UplinkComingUpIsNamed) {
-  kernel::Link uplink = *model_.LinkByName("eth0");
+  kernel::Link uplink{*model_.LinkByName("eth0"), {}};
   uplink.up = false;
   EXPECT_THAT(model_.Apply(kernel::LinkEvent{false, uplink}).came_up, IsEmpty());
   uplink.up = true;

@@ -139,7 +139,7 @@ TEST_F(PlanBandwidthTest, DriftIsRepaired) {
               ElementsAre(HasSubstr("replace qdisc tbf ed: dev #7")));
   Hold(Plan().writes);
   // The ifb recreated with another ifindex: the filter is put back to it.
-  model_.Apply(kernel::LinkEvent{true, *model_.LinkByName("vmb1a")});
+  model_.Apply(kernel::LinkEvent{true, {*model_.LinkByName("vmb1a"), {}}});
   IfbAppears(12);
   EXPECT_THAT(Text(Plan().writes),
               ElementsAre(HasSubstr("qdisc tbf ed: dev #12"), HasSubstr("delete filter"),

@@ -20,7 +20,7 @@ namespace vmnet {
 // and given its tbf and filter in the next (its ifindex is known once its
 // RTM_NEWLINK arrives). A root qdisc or an ingress-side qdisc that is not
 // ours fails the VM, naming it.
-void PlanBandwidth(const VmSpec& spec, const kernel::Link& link, const KernelModel& model,
+void PlanBandwidth(const VmSpec& spec, const kernel::LinkInfo& link, const KernelModel& model,
                    VmPlan* plan);
 
 // Removes the traffic-control objects of `old_spec`'s link when the VM is
