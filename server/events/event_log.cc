@@ -214,8 +214,8 @@ void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& de
 }
 
 void EventLog::SetCurrent(absl::string_view vm_id, EventPtr event) {
-  // Erased and inserted, not assigned: the key is the event's own vm_id, and
-  // the old event may be gone before the VM changes again.
+  // Erased and inserted, not assigned in place: a set's element is its own
+  // key (the event's vm_id), and the hint keeps the insert from searching.
   auto it = current_.find(vm_id);
   if (it != current_.end()) it = current_.erase(it);
   if (event) current_.insert(it, std::move(event));
