@@ -117,7 +117,8 @@ void PublishPasses(benchmark::State& s, size_t watchers, int64_t per_pass) {
     if (!log.Subscribe(&w, "", 0, false).ok()) abort();
   }
   StoredState one = LabState(1);
-  VmView view{one.vms[0].spec, VmState::kProgrammed, "", 0};
+  VmView view{std::make_shared<const VmSpec>(one.vms[0].spec), VmState::kProgrammed, "",
+              0};
   const std::string detail =
       "attached: set link vme0 up; add address 169.255.30.1/32 dev vme0; add route "
       "198.18.0.1/32 dev vme0; add proxy 198.18.0.1 dev eth0";

@@ -490,7 +490,7 @@ void VmNetworkService::ServeListVms(UnaryCall* call, const v1::ListVmsRequest* r
               proto.state() != request->state()) {
             continue;
           }
-          read.emplace_back(vm.spec.vm_id, std::move(proto));
+          read.emplace_back(vm.spec->vm_id, std::move(proto));
         }
         return read;
       },

@@ -37,27 +37,32 @@ v1::EventType ToProto(VmEventType type) {
   return v1::EVENT_TYPE_UNSPECIFIED;
 }
 
+void FillVm(const VmSpec& spec, VmState state, absl::string_view message,
+            uint64_t revision, v1::Vm* out) {
+  out->set_vm_id(spec.vm_id);
+  out->set_interface(spec.interface);
+  for (const IpAddress& a : spec.addresses) out->add_ip_addresses(a.ToString());
+  if (spec.mac) out->set_mac_address(spec.mac->ToString());
+  for (const IpPrefix& p : spec.allowed_source_prefixes) {
+    out->add_allowed_source_prefixes(p.ToString());
+  }
+  if (spec.bandwidth.limited()) {
+    v1::Bandwidth* b = out->mutable_bandwidth();
+    b->set_ingress_bits_per_second(spec.bandwidth.ingress_bits_per_second);
+    b->set_egress_bits_per_second(spec.bandwidth.egress_bits_per_second);
+    b->set_burst_bytes(spec.bandwidth.burst_bytes);
+    b->set_egress_packets_per_second(spec.bandwidth.egress_packets_per_second);
+  }
+  out->set_state(ToProto(state));
+  out->set_message(message.data(), message.size());
+  out->set_revision(revision);
+}
+
 }  // namespace
 
 v1::Vm ToProto(const VmView& vm) {
   v1::Vm out;
-  out.set_vm_id(vm.spec.vm_id);
-  out.set_interface(vm.spec.interface);
-  for (const IpAddress& a : vm.spec.addresses) out.add_ip_addresses(a.ToString());
-  if (vm.spec.mac) out.set_mac_address(vm.spec.mac->ToString());
-  for (const IpPrefix& p : vm.spec.allowed_source_prefixes) {
-    out.add_allowed_source_prefixes(p.ToString());
-  }
-  if (vm.spec.bandwidth.limited()) {
-    v1::Bandwidth* b = out.mutable_bandwidth();
-    b->set_ingress_bits_per_second(vm.spec.bandwidth.ingress_bits_per_second);
-    b->set_egress_bits_per_second(vm.spec.bandwidth.egress_bits_per_second);
-    b->set_burst_bytes(vm.spec.bandwidth.burst_bytes);
-    b->set_egress_packets_per_second(vm.spec.bandwidth.egress_packets_per_second);
-  }
-  out.set_state(ToProto(vm.state));
-  out.set_message(vm.message);
-  out.set_revision(vm.revision);
+  FillVm(*vm.spec, vm.state, vm.message, vm.revision, &out);
   return out;
 }
 
@@ -66,8 +71,10 @@ v1::Vm ToProto(const VmView& vm) {
 // serialized with that one event.
 constexpr uint8_t kEventsTag = (1 << 3) | 2;
 
-Event::Event(const v1::WatchEvent& event)
-    : revision_(event.revision()), type_(event.type()), vm_id_(event.vm().vm_id()) {
+namespace {
+
+// `event` serialized as a WatchResponse holding it alone.
+grpc::Slice Serialize(const v1::WatchEvent& event) {
   using google::protobuf::io::CodedOutputStream;
   size_t size = event.ByteSizeLong();
   size_t header = 1 + CodedOutputStream::VarintSize32(static_cast<uint32_t>(size));
@@ -76,14 +83,44 @@ Event::Event(const v1::WatchEvent& event)
   *out++ = kEventsTag;
   out = CodedOutputStream::WriteVarint32ToArray(static_cast<uint32_t>(size), out);
   event.SerializeWithCachedSizesToArray(out);
-  bytes_ = grpc::Slice(slice, grpc::Slice::STEAL_REF);
+  return grpc::Slice(slice, grpc::Slice::STEAL_REF);
 }
 
-v1::WatchEvent Event::Parse() const {
-  v1::WatchResponse response;
-  response.ParseFromArray(bytes_.begin(), static_cast<int>(bytes_.size()));
-  if (response.events_size() != 1) return v1::WatchEvent();
-  return std::move(*response.mutable_events(0));
+}  // namespace
+
+EventPtr Event::Make(v1::EventType type, const VmView& vm, absl::string_view detail) {
+  // One block: the Event, then the message and the detail (see text()).
+  void* block = ::operator new(sizeof(Event) + vm.message.size() + detail.size());
+  return EventPtr(new (block) Event(type, vm, detail));
+}
+
+Event::Event(v1::EventType type, const VmView& vm, absl::string_view detail)
+    : message_size_(static_cast<uint32_t>(vm.message.size())),
+      detail_size_(static_cast<uint32_t>(detail.size())),
+      type_(static_cast<uint8_t>(type)),
+      state_(static_cast<uint8_t>(vm.state)),
+      revision_(vm.revision),
+      spec_(vm.spec) {
+  char* out = reinterpret_cast<char*>(this + 1);
+  std::memcpy(out, vm.message.data(), vm.message.size());
+  std::memcpy(out + vm.message.size(), detail.data(), detail.size());
+}
+
+void Event::Unref() const {
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  Event* self = const_cast<Event*>(this);
+  self->~Event();
+  ::operator delete(self);
+}
+
+v1::WatchEvent Event::ToProto(const std::string& epoch) const {
+  v1::WatchEvent event;
+  event.set_revision(revision_);
+  event.set_epoch(epoch);
+  event.set_type(type());
+  FillVm(*spec_, state(), message(), revision_, event.mutable_vm());
+  event.set_detail(detail().data(), detail().size());
+  return event;
 }
 
 std::vector<v1::WatchEvent> Chunk::Parse() const {
@@ -95,28 +132,26 @@ std::vector<v1::WatchEvent> Chunk::Parse() const {
 
 namespace {
 
-// `events` joined into Chunks of at most kChunkBytes (at least one event
-// each). A Chunk of one event is that event's own bytes, not a copy.
-std::vector<Chunk> MakeChunks(const std::vector<EventPtr>& events) {
+// Events' bytes joined into Chunks of at most kChunkBytes (at least one
+// event each). A Chunk of one event is that event's own bytes, not a copy.
+std::vector<Chunk> MakeChunks(const std::vector<grpc::Slice>& events) {
   std::vector<Chunk> chunks;
   size_t i = 0;
   while (i < events.size()) {
     size_t j = i;
     size_t bytes = 0;
-    while (j < events.size() &&
-           (j == i || bytes + events[j]->bytes().size() <= kChunkBytes)) {
-      bytes += events[j]->bytes().size();
+    while (j < events.size() && (j == i || bytes + events[j].size() <= kChunkBytes)) {
+      bytes += events[j].size();
       ++j;
     }
     if (j - i == 1) {
-      chunks.push_back({events[i]->bytes(), 1});
+      chunks.push_back({events[i], 1});
     } else {
       grpc_slice slice = grpc_slice_malloc(bytes);
       uint8_t* out = GRPC_SLICE_START_PTR(slice);
       for (size_t k = i; k < j; ++k) {
-        const grpc::Slice& b = events[k]->bytes();
-        std::memcpy(out, b.begin(), b.size());
-        out += b.size();
+        std::memcpy(out, events[k].begin(), events[k].size());
+        out += events[k].size();
       }
       chunks.push_back(
           {grpc::Slice(slice, grpc::Slice::STEAL_REF), static_cast<uint32_t>(j - i)});
@@ -156,31 +191,34 @@ void EventLog::StartRevisionsAt(uint64_t first) {
 }
 
 void EventLog::Publish(VmEventType type, const VmView& vm, const std::string& detail) {
-  // Serialized before the lock: readers of the log wait only for the fan-out.
-  v1::WatchEvent event;
-  event.set_revision(vm.revision);
-  event.set_epoch(epoch_);
-  event.set_type(ToProto(type));
-  *event.mutable_vm() = ToProto(vm);
-  event.set_detail(detail);
-  auto shared = std::make_shared<const Event>(event);
+  EventPtr event = Event::Make(ToProto(type), vm, detail);
+  // Serialized before the lock when someone watches: readers of the log
+  // wait only for the fan-out.
+  grpc::Slice bytes;
+  if (watched_.load(std::memory_order_relaxed)) bytes = Serialize(event->ToProto(epoch_));
   std::vector<Watcher*> cut_off;
   {
     vmnet::MutexLock lock(&mu_);
     revision_ = vm.revision;
-    history_.push_back(shared);
+    history_.push_back(event);
     if (history_.size() > history_limit_) history_.pop_front();
-    if (type == VmEventType::kRemoved) {
-      current_.erase(vm.spec.vm_id);
-    } else {
-      current_[vm.spec.vm_id] = shared;
-    }
+    SetCurrent(vm.spec->vm_id, type == VmEventType::kRemoved ? EventPtr() : event);
     if (!watchers_.empty()) {
-      pass_.push_back(std::move(shared));
+      // A watcher subscribed since watched_ was read.
+      if (bytes.size() == 0) bytes = Serialize(event->ToProto(epoch_));
+      pass_.push_back({std::move(event), std::move(bytes)});
       if (pass_.size() >= kMaxPassEvents) EndPassLocked(&cut_off);
     }
   }
   ForgetCutOff(cut_off);
+}
+
+void EventLog::SetCurrent(absl::string_view vm_id, EventPtr event) {
+  // Erased and inserted, not assigned in place: a set's element is its own
+  // key (the event's vm_id), and the hint keeps the insert from searching.
+  auto it = current_.find(vm_id);
+  if (it != current_.end()) it = current_.erase(it);
+  if (event) current_.insert(it, std::move(event));
 }
 
 void EventLog::EndPass() {
@@ -194,13 +232,13 @@ void EventLog::EndPass() {
 
 void EventLog::EndPassLocked(std::vector<Watcher*>* cut_off) {
   if (pass_.empty()) return;
-  std::vector<EventPtr> pass;
+  std::vector<Pending> pass;
   pass.swap(pass_);
-  const uint64_t first = pass.front()->revision();
+  const uint64_t first = pass.front().event->revision();
   // The whole pass, made once and queued to every watcher of all VMs.
   std::vector<Chunk> all;
   std::vector<Chunk> own;  // a watcher's part, for the others
-  std::vector<EventPtr> selected;
+  std::vector<grpc::Slice> selected;
   Clock::TimePoint now = progress_watchers_ > 0 ? clock_->Now() : Clock::TimePoint();
   std::vector<Watcher*> pushed;
   pushed.reserve(watchers_.size());
@@ -210,15 +248,19 @@ void EventLog::EndPassLocked(std::vector<Watcher*>* cut_off) {
     Subscription& sub = current->second;
     const std::vector<Chunk>* chunks = &all;
     if (sub.vm_id.empty() && sub.after < first) {
-      if (all.empty()) all = MakeChunks(pass);
+      if (all.empty()) {
+        selected.clear();
+        for (const Pending& p : pass) selected.push_back(p.bytes);
+        all = MakeChunks(selected);
+      }
     } else {
       // A watcher of one VM, or one that subscribed during this pass (its
       // snapshot or replay already holds the events up to `after`).
       selected.clear();
-      for (const EventPtr& e : pass) {
-        if (e->revision() <= sub.after) continue;
-        if (!sub.vm_id.empty() && e->vm_id() != sub.vm_id) continue;
-        selected.push_back(e);
+      for (const Pending& p : pass) {
+        if (p.event->revision() <= sub.after) continue;
+        if (!sub.vm_id.empty() && p.event->vm_id() != sub.vm_id) continue;
+        selected.push_back(p.bytes);
       }
       own = MakeChunks(selected);
       chunks = &own;
@@ -235,6 +277,7 @@ void EventLog::EndPassLocked(std::vector<Watcher*>* cut_off) {
     }
     if (sub.progress_interval.count() > 0) --progress_watchers_;
     watchers_.erase(current);
+    watched_ = !watchers_.empty();
     cut_off->push_back(watcher);
     watcher->Close(absl::ResourceExhaustedError(
         absl::StrCat("this watcher fell behind by more than its queue holds; resume with "
@@ -259,17 +302,13 @@ void EventLog::ForgetCutOff(const std::vector<Watcher*>& cut_off) {
 }
 
 uint64_t EventLog::QueuedRevision() const {
-  return pass_.empty() ? revision_ : pass_.front()->revision() - 1;
+  return pass_.empty() ? revision_ : pass_.front().event->revision() - 1;
 }
 
 void EventLog::Seed(const VmView& vm) {
+  EventPtr event = Event::Make(v1::EVENT_TYPE_SNAPSHOT, vm, "");
   vmnet::MutexLock lock(&mu_);
-  v1::WatchEvent event;
-  event.set_revision(vm.revision);
-  event.set_epoch(epoch_);
-  event.set_type(v1::EVENT_TYPE_SNAPSHOT);
-  *event.mutable_vm() = ToProto(vm);
-  current_[vm.spec.vm_id] = std::make_shared<const Event>(event);
+  SetCurrent(vm.spec->vm_id, std::move(event));
 }
 
 absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
@@ -294,29 +333,36 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
   }
   // The snapshot and the replay, in Chunks: 10,000 VMs are a few dozen
   // queue entries, not 10,001.
-  std::vector<EventPtr> backlog;
+  // Serialized again from the retained events (the live path's bytes are
+  // not kept).
+  std::vector<grpc::Slice> backlog;
   if (initial_snapshot) {
     backlog.reserve(vm_id.empty() ? current_.size() + 1 : 2);
-    for (const auto& [id, last] : current_) {
-      if (!vm_id.empty() && id != vm_id) continue;
+    auto snapshot = [&](const Event& last) {
       v1::WatchEvent event;
-      event.set_revision(last->revision());
+      event.set_revision(last.revision());
       event.set_epoch(epoch_);
       event.set_type(v1::EVENT_TYPE_SNAPSHOT);
-      *event.mutable_vm() = std::move(*last->Parse().mutable_vm());
-      backlog.push_back(std::make_shared<const Event>(event));
+      FillVm(last.spec(), last.state(), last.message(), last.revision(),
+             event.mutable_vm());
+      backlog.push_back(Serialize(event));
+    };
+    if (vm_id.empty()) {
+      for (const EventPtr& last : current_) snapshot(*last);
+    } else if (auto it = current_.find(vm_id); it != current_.end()) {
+      snapshot(**it);
     }
     v1::WatchEvent end;
     end.set_revision(revision_);
     end.set_epoch(epoch_);
     end.set_type(v1::EVENT_TYPE_SNAPSHOT_END);
-    backlog.push_back(std::make_shared<const Event>(end));
+    backlog.push_back(Serialize(end));
   }
   if (from_revision != 0) {
     for (const EventPtr& e : history_) {
       if (e->revision() <= from_revision) continue;
       if (!sub.vm_id.empty() && e->vm_id() != sub.vm_id) continue;
-      backlog.push_back(e);
+      backlog.push_back(Serialize(e->ToProto(epoch_)));
     }
   }
   for (const Chunk& c : MakeChunks(backlog)) watcher->PushBacklog(c);
@@ -330,6 +376,7 @@ absl::Status EventLog::Subscribe(Watcher* watcher, const std::string& vm_id,
     WakeSender();  // its first progress may be due before the next one
   }
   watchers_[watcher] = std::move(sub);
+  watched_ = true;
   return absl::OkStatus();
 }
 
@@ -344,6 +391,7 @@ void EventLog::Unsubscribe(Watcher* watcher) {
       if (it->second.progress_interval.count() > 0) --progress_watchers_;
       watchers_.erase(it);
     }
+    watched_ = !watchers_.empty();
   }
   std::lock_guard lock(wake_mu_);
   flush_.erase(watcher);
@@ -357,6 +405,7 @@ void EventLog::CloseAll() {
     EndPassLocked(&cut_off);  // what was published goes before the end
     for (auto& [watcher, sub] : watchers_) watcher->Close(absl::OkStatus());
     watchers_.clear();
+    watched_ = false;
     progress_watchers_ = 0;
   }
   ForgetCutOff(cut_off);

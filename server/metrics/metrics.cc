@@ -80,7 +80,7 @@ void MetricsCollector::CollectBandwidth(
     std::vector<MetricFamily>* out) const {
   // No limited VM, no qdisc dump (and no series).
   if (std::none_of(vms.begin(), vms.end(),
-                   [](const VmView& vm) { return vm.spec.bandwidth.limited(); })) {
+                   [](const VmView& vm) { return vm.spec->bandwidth.limited(); })) {
     return;
   }
   auto qdiscs = kernel_->DumpQdiscs();
@@ -104,14 +104,14 @@ void MetricsCollector::CollectBandwidth(
       "from the VM's point of view.",
       MetricType::Counter);
   for (const VmView& vm : vms) {
-    if (!vm.spec.bandwidth.limited()) continue;
+    if (!vm.spec->bandwidth.limited()) continue;
     for (const auto& [direction, link] :
-         {std::pair<const char*, std::string>{"receive", vm.spec.interface},
-          {"transmit", kernel::IfbName(vm.spec.interface)}}) {
+         {std::pair<const char*, std::string>{"receive", vm.spec->interface},
+          {"transmit", kernel::IfbName(vm.spec->interface)}}) {
       auto it = shaper_of_link.find(link);
       if (it == shaper_of_link.end()) continue;
-      std::vector<ClientMetric::Label> labels = {{"vm_id", vm.spec.vm_id},
-                                                 {"interface", vm.spec.interface},
+      std::vector<ClientMetric::Label> labels = {{"vm_id", vm.spec->vm_id},
+                                                 {"interface", vm.spec->interface},
                                                  {"direction", direction}};
       dropped.metric.push_back(
           Sample(labels, static_cast<double>(it->second->drops), MetricType::Counter));
@@ -175,10 +175,10 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
     MetricFamily f = Family(c.name, c.help, MetricType::Counter);
     f.metric.reserve(vms.size());  // grown by doubling, it would hold up to twice that
     for (const VmView& vm : vms) {
-      auto it = stats.find(vm.spec.interface);
+      auto it = stats.find(vm.spec->interface);
       if (it == stats.end()) continue;  // no link: no traffic series
       f.metric.push_back(
-          Sample({{"vm_id", vm.spec.vm_id}, {"interface", vm.spec.interface}},
+          Sample({{"vm_id", vm.spec->vm_id}, {"interface", vm.spec->interface}},
                  static_cast<double>(it->second.*(c.field)), MetricType::Counter));
     }
     out->push_back(std::move(f));
@@ -188,7 +188,7 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
   // scrape (the VM's view: packets the VM sent that the host dropped).
   if (auto drops = kernel_->ReadDropCounters(); drops.ok()) {
     absl::flat_hash_map<std::string, const VmView*> vm_of_link;
-    for (const VmView& vm : vms) vm_of_link.emplace(vm.spec.interface, &vm);
+    for (const VmView& vm : vms) vm_of_link.emplace(vm.spec->interface, &vm);
     MetricFamily f = Family("vmnet_vm_dropped_packets_total",
                             "Packets from the VM that port security dropped, by reason: "
                             "spoofed_source (a source address not the VM's), "
@@ -206,11 +206,11 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
       if (it == vm_of_link.end()) continue;
       if (d.reason == kernel::DropReason::kEgressPacketRate) {
         packet_rate.metric.push_back(
-            Sample({{"vm_id", it->second->spec.vm_id}, {"interface", d.ifname}},
+            Sample({{"vm_id", it->second->spec->vm_id}, {"interface", d.ifname}},
                    static_cast<double>(d.packets), MetricType::Counter));
         continue;
       }
-      f.metric.push_back(Sample({{"vm_id", it->second->spec.vm_id},
+      f.metric.push_back(Sample({{"vm_id", it->second->spec->vm_id},
                                  {"interface", d.ifname},
                                  {"reason", kernel::DropReasonName(d.reason)}},
                                 static_cast<double>(d.packets), MetricType::Counter));
@@ -230,13 +230,13 @@ void MetricsCollector::CollectVms(std::vector<MetricFamily>* out) const {
   state.metric.reserve(3 * vms.size());
   for (const VmView& vm : vms) {
     info.metric.push_back(
-        Sample({{"vm_id", vm.spec.vm_id},
-                {"interface", vm.spec.interface},
-                {"mac_address", vm.spec.mac ? vm.spec.mac->ToString() : ""}},
+        Sample({{"vm_id", vm.spec->vm_id},
+                {"interface", vm.spec->interface},
+                {"mac_address", vm.spec->mac ? vm.spec->mac->ToString() : ""}},
                1, MetricType::Gauge));
     for (VmState s : {VmState::kPending, VmState::kProgrammed, VmState::kFailed}) {
-      state.metric.push_back(Sample({{"vm_id", vm.spec.vm_id},
-                                     {"interface", vm.spec.interface},
+      state.metric.push_back(Sample({{"vm_id", vm.spec->vm_id},
+                                     {"interface", vm.spec->interface},
                                      {"state", VmStateName(s)}},
                                     vm.state == s ? 1 : 0, MetricType::Gauge));
     }

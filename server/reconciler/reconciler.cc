@@ -537,8 +537,8 @@ void Reconciler::TakeCommands(std::vector<Reply>* replies) {
   }
   CrashPoint("after_state_saved");
   for (VmView& view : detached) {
-    dad_.Forget(view.spec.vm_id);
-    changed_views_.insert(view.spec.vm_id);
+    dad_.Forget(view.spec->vm_id);
+    changed_views_.insert(view.spec->vm_id);
     view.revision = desired_->IssueRevision();
     observer_->Publish(VmEventType::kRemoved, view, "detached");
   }

@@ -25,15 +25,14 @@ void VmDirectory::Update(const std::string& vm_id, const VmRecord* record) {
   // The key views this spec's string: replace the entry, not only its value.
   vm_of_interface_.erase(spec->interface);
   vm_of_interface_.emplace(spec->interface, spec);
-  vms_.emplace(vm_id,
-               Entry{record->spec, record->state, record->message, record->revision});
+  vms_.emplace(vm_id, record->View());
 }
 
 std::vector<VmView> VmDirectory::All() const {
   vmnet::ReaderMutexLock lock(&mu_);
   std::vector<VmView> out;
   out.reserve(vms_.size());
-  for (const auto& [id, entry] : vms_) out.push_back(entry.View());
+  for (const auto& [id, view] : vms_) out.push_back(view);
   return out;
 }
 
@@ -41,7 +40,7 @@ std::optional<VmView> VmDirectory::Find(const std::string& vm_id) const {
   vmnet::ReaderMutexLock lock(&mu_);
   auto it = vms_.find(vm_id);
   if (it == vms_.end()) return std::nullopt;
-  return it->second.View();
+  return it->second;
 }
 
 std::string VmDirectory::VmOfAddress(const IpAddress& address) const {

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
+#include <memory>
 #include <thread>
 
 #include "fake_clock.h"
@@ -50,9 +52,11 @@ class QueueWatcher : public Watcher {
 };
 
 VmView Vm(const std::string& id) {
+  VmSpec spec;
+  spec.vm_id = id;
+  spec.interface = "vme1";
   VmView v;
-  v.spec.vm_id = id;
-  v.spec.interface = "vme1";
+  v.spec = std::make_shared<const VmSpec>(std::move(spec));
   v.state = VmState::kProgrammed;
   return v;
 }
@@ -127,6 +131,101 @@ TEST(EventLogTest, EventBytesAreTheWholeWatchEvent) {
   *alone.add_events() = live;
   EXPECT_EQ(w.chunks.back().bytes.size(), alone.ByteSizeLong());
   log.Unsubscribe(&w);
+}
+
+// The log keeps no bytes of a published event, only what makes them: a
+// replay and a snapshot serialize the event again, and must say what the
+// live event said, every field of the VM included.
+TEST(EventLogTest, ReplayAndSnapshotSayWhatTheLiveEventSaid) {
+  EventLog log("epoch-1", 10);
+  VmSpec spec;
+  spec.vm_id = "vm-full";
+  spec.interface = "vme7";
+  spec.addresses = {*IpAddress::Parse("198.51.100.7"), *IpAddress::Parse("2001:db8::7")};
+  spec.mac = MacAddress::Parse("02:00:00:00:00:07").value();
+  spec.allowed_source_prefixes = {*IpPrefix::Parse("203.0.113.0/24")};
+  spec.bandwidth = {20000000, 8000000, 30000, 200};
+  VmView vm{std::make_shared<const VmSpec>(spec), VmState::kFailed,
+            "address 198.51.100.7 is held by another host", 0};
+  Publish(log, VmEventType::kAdded, Vm("a"), "attached");  // the revision to resume from
+  QueueWatcher live;
+  ASSERT_TRUE(log.Subscribe(&live, "", 0, false).ok());
+  uint64_t revision = Publish(log, VmEventType::kChanged, vm,
+                              "programmed -> failed: add route 198.51.100.7/32");
+  ASSERT_EQ(live.chunks.size(), 1u);
+
+  QueueWatcher resumed;
+  ASSERT_TRUE(log.Subscribe(&resumed, "", revision - 1, false).ok());
+  ASSERT_EQ(resumed.chunks.size(), 1u);
+  EXPECT_EQ(resumed.chunks[0].bytes.size(), live.chunks[0].bytes.size());
+  EXPECT_EQ(std::memcmp(Data(resumed.chunks[0]), Data(live.chunks[0]),
+                        live.chunks[0].bytes.size()),
+            0);
+  const v1::WatchEvent& e = resumed.events.at(0);
+  EXPECT_EQ(e.detail(), "programmed -> failed: add route 198.51.100.7/32");
+  EXPECT_EQ(e.vm().message(), "address 198.51.100.7 is held by another host");
+  EXPECT_EQ(e.vm().state(), v1::VM_STATE_FAILED);
+  EXPECT_EQ(e.vm().ip_addresses_size(), 2);
+  EXPECT_EQ(e.vm().mac_address(), "02:00:00:00:00:07");
+  EXPECT_EQ(e.vm().allowed_source_prefixes(0), "203.0.113.0/24");
+  EXPECT_EQ(e.vm().bandwidth().egress_packets_per_second(), 200u);
+
+  QueueWatcher listed;
+  ASSERT_TRUE(log.Subscribe(&listed, "", 0, true).ok());
+  ASSERT_EQ(listed.events.size(), 3u);
+  v1::WatchEvent snapshot = listed.events[1];
+  ASSERT_EQ(snapshot.vm().vm_id(), "vm-full");
+  EXPECT_EQ(snapshot.type(), v1::EVENT_TYPE_SNAPSHOT);
+  EXPECT_EQ(snapshot.detail(), "");  // a snapshot says what the VM is, not what changed
+  snapshot.set_type(e.type());
+  snapshot.set_detail(e.detail());
+  EXPECT_EQ(snapshot.SerializeAsString(), e.SerializeAsString());
+  for (QueueWatcher* w : {&live, &resumed, &listed}) log.Unsubscribe(w);
+}
+
+// A retained event holds the desired state's spec, not a copy, and lets it
+// go once neither the history nor the current VMs need the event.
+TEST(EventLogTest, RetainedEventsShareTheSpec) {
+  EventLog log("e", 2);
+  VmView a = Vm("a");
+  const std::shared_ptr<const VmSpec> spec = a.spec;
+  Publish(log, VmEventType::kAdded, a, "attached");
+  // `spec`, `a`, and the one event the history and the current VMs share.
+  EXPECT_EQ(spec.use_count(), 3);
+  Publish(log, VmEventType::kAdded, Vm("b"), "attached");
+  Publish(log, VmEventType::kAdded, Vm("c"), "attached");
+  EXPECT_EQ(spec.use_count(), 3);  // out of the history, still a current VM
+  Publish(log, VmEventType::kRemoved, a, "detached");
+  EXPECT_EQ(spec.use_count(), 3);  // the removal, in the history
+  Publish(log, VmEventType::kChanged, Vm("b"), "changed");
+  Publish(log, VmEventType::kChanged, Vm("c"), "changed");
+  EXPECT_EQ(spec.use_count(), 2);
+}
+
+// The current VMs are keyed by the vm_id of their last event's spec: a VM
+// whose first event left the history long ago, changed with a spec of its
+// own, is found, listed once and in order.
+TEST(EventLogTest, SnapshotAfterTheHistoryMovedOn) {
+  EventLog log("e", 1);
+  for (const char* id : {"c", "a", "b"})
+    Publish(log, VmEventType::kAdded, Vm(id), "attached");
+  Publish(log, VmEventType::kChanged, Vm("a"), "changed");  // a new spec for "a"
+  Publish(log, VmEventType::kChanged, Vm("c"), "changed");
+  QueueWatcher w;
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, true).ok());
+  ASSERT_EQ(w.events.size(), 4u);
+  EXPECT_EQ(w.events[0].vm().vm_id(), "a");
+  EXPECT_EQ(w.events[0].revision(), 4u);
+  EXPECT_EQ(w.events[1].vm().vm_id(), "b");
+  EXPECT_EQ(w.events[1].revision(), 3u);
+  EXPECT_EQ(w.events[2].vm().vm_id(), "c");
+  EXPECT_EQ(w.events[2].revision(), 5u);
+  QueueWatcher one;
+  ASSERT_TRUE(log.Subscribe(&one, "a", 0, true).ok());
+  ASSERT_EQ(one.events.size(), 2u);
+  EXPECT_EQ(one.events[0].revision(), 4u);
+  log.Unsubscribe(&w);
+  log.Unsubscribe(&one);
 }
 
 // A Watch message is several events' bytes one after the other: that must

@@ -3,10 +3,16 @@
 // VMs for snapshots, and a bounded queue per watcher.
 //
 // Each event is serialized once, when it is published, as a WatchResponse
-// holding that event alone (kept by the history and the current VMs).
-// Concatenated protobuf messages are one message whose repeated fields are
-// joined, so several events' bytes one after the other are the WatchResponse
-// holding them all: a Chunk.
+// holding that event alone: that is what the live path queues. Concatenated
+// protobuf messages are one message whose repeated fields are joined, so
+// several events' bytes one after the other are the WatchResponse holding
+// them all: a Chunk.
+//
+// What the log retains (the history, and each current VM's last event for
+// snapshots) is not those bytes but a compact Event: the VM's spec as the
+// desired state holds it (shared, not copied), its state, message, revision,
+// the event's type and its detail text, in one allocation. A replay or a
+// snapshot (rare) serializes them again; the live path never does.
 //
 // Events reach the watchers once per reconcile pass, not once per event: what
 // a pass published is held until the reconciler marks the pass's end
@@ -32,17 +38,18 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <map>
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/btree_map.h"
+#include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "grpcpp/support/slice.h"
 #include "vmnet/base/clock.h"
 #include "vmnet/base/mutex.h"
@@ -51,29 +58,80 @@
 
 namespace vmnet {
 
-// One published WatchEvent: what the log filters on, and the serialized
-// message ready to be written to a Watch stream. Immutable.
-class Event {
- public:
-  explicit Event(const v1::WatchEvent& event);
+class Event;
 
-  uint64_t revision() const { return revision_; }
-  v1::EventType type() const { return type_; }
-  const std::string& vm_id() const { return vm_id_; }
-  // The serialized WatchResponse holding this event alone (a
-  // reference-counted slice: a write refers to it, it does not copy it).
-  const grpc::Slice& bytes() const { return bytes_; }
-  // The message again, parsed from the bytes.
-  v1::WatchEvent Parse() const;
+// A counted reference to an Event (the Event holds its count: see Event).
+class EventPtr {
+ public:
+  EventPtr() = default;
+  EventPtr(const EventPtr& other);
+  EventPtr(EventPtr&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
+  EventPtr& operator=(EventPtr other) noexcept {
+    std::swap(event_, other.event_);
+    return *this;
+  }
+  ~EventPtr();
+
+  const Event* get() const { return event_; }
+  const Event& operator*() const { return *event_; }
+  const Event* operator->() const { return event_; }
+  explicit operator bool() const { return event_ != nullptr; }
 
  private:
-  uint64_t revision_;
-  v1::EventType type_;
-  std::string vm_id_;
-  grpc::Slice bytes_;
+  friend class Event;
+  explicit EventPtr(Event* event) : event_(event) {}
+  Event* event_ = nullptr;
 };
 
-using EventPtr = std::shared_ptr<const Event>;
+// One published WatchEvent as the log retains it: what the log filters on
+// and what it takes to serialize the event again. Immutable.
+//
+// At 10,000 VMs the history and the current VMs hold one Event per VM, so
+// its layout is what the log costs per VM: the fixed fields, the reference
+// count and the text (the message, then the detail) are one allocation of
+// about 40 bytes plus the text, with no control block of a shared_ptr and
+// no second block for a string; the spec is the desired state's own.
+class Event {
+ public:
+  // `vm.spec` is shared, not copied; `vm.revision` is the event's.
+  static EventPtr Make(v1::EventType type, const VmView& vm, absl::string_view detail);
+
+  uint64_t revision() const { return revision_; }
+  v1::EventType type() const { return static_cast<v1::EventType>(type_); }
+  const std::string& vm_id() const { return spec_->vm_id; }
+  const VmSpec& spec() const { return *spec_; }
+  VmState state() const { return static_cast<VmState>(state_); }
+  absl::string_view message() const { return {text(), message_size_}; }
+  absl::string_view detail() const { return {text() + message_size_, detail_size_}; }
+
+  // The WatchEvent, with `epoch` (the log's).
+  v1::WatchEvent ToProto(const std::string& epoch) const;
+
+ private:
+  friend class EventPtr;
+  Event(v1::EventType type, const VmView& vm, absl::string_view detail);
+  ~Event() = default;
+  // The text follows the object in its allocation.
+  const char* text() const { return reinterpret_cast<const char*>(this + 1); }
+  void Ref() const { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void Unref() const;
+
+  mutable std::atomic<uint32_t> refs_{1};
+  uint32_t message_size_;
+  uint32_t detail_size_;
+  uint8_t type_;   // a v1::EventType
+  uint8_t state_;  // a VmState
+  uint64_t revision_;
+  std::shared_ptr<const VmSpec> spec_;
+};
+
+inline EventPtr::EventPtr(const EventPtr& other) : event_(other.event_) {
+  if (event_ != nullptr) event_->Ref();
+}
+
+inline EventPtr::~EventPtr() {
+  if (event_ != nullptr) event_->Unref();
+}
 
 // Events as a Watch stream writes them: the serialized WatchResponse holding
 // `events` events in order (a reference-counted slice, shared by every
@@ -177,6 +235,9 @@ class EventLog : public VmObserver {
   // A watcher cut off is never touched again (its owner may destroy it once
   // closed): waits for a flush round that may hold it, takes it out of the next.
   void ForgetCutOff(const std::vector<Watcher*>& cut_off) ABSL_LOCKS_EXCLUDED(mu_);
+  // Replaces `vm_id`'s entry in current_ with `event` (null: removes it).
+  void SetCurrent(absl::string_view vm_id, EventPtr event)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Every event up to this revision was queued to the watchers it concerns.
   uint64_t QueuedRevision() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The sender thread: flushes the watchers pushed to, offers progress to
@@ -206,13 +267,33 @@ class EventLog : public VmObserver {
   std::atomic<bool> progress_recheck_{false};
   uint64_t revision_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<EventPtr> history_ ABSL_GUARDED_BY(mu_);
+  // An event published in this pass, with its bytes for the live path.
+  struct Pending {
+    EventPtr event;
+    grpc::Slice bytes;
+  };
   // Published in this pass, not yet queued to the watchers (empty while
   // there are none: a watcher that subscribes later gets them from the
   // history or the snapshot).
-  std::vector<EventPtr> pass_ ABSL_GUARDED_BY(mu_);
-  // The current VMs by id, as their last event left them (a B-tree: sorted
-  // for snapshots, without a node per VM).
-  absl::btree_map<std::string, EventPtr> current_ ABSL_GUARDED_BY(mu_);
+  std::vector<Pending> pass_ ABSL_GUARDED_BY(mu_);
+  // Whether watchers_ is not empty, read by Publish before it takes mu_: it
+  // serializes an event for the live path outside the lock only then (and
+  // under it in the rare race with a Subscribe).
+  std::atomic<bool> watched_{false};
+  // Orders the current VMs by id without a copy of it: the key is the
+  // event's spec's own vm_id.
+  struct ByVmId {
+    using is_transparent = void;
+    static absl::string_view Id(const EventPtr& e) { return e->vm_id(); }
+    static absl::string_view Id(absl::string_view id) { return id; }
+    template <typename A, typename B>
+    bool operator()(const A& a, const B& b) const {
+      return Id(a) < Id(b);
+    }
+  };
+  // The current VMs, as their last event left them, by id (a B-tree: sorted
+  // for snapshots, a pointer per VM, without a node per VM or a key copied).
+  absl::btree_set<EventPtr, ByVmId> current_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<Watcher*, Subscription> watchers_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };

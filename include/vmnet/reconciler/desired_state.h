@@ -35,7 +35,7 @@ struct VmRecord {
   // The wait before the next retry after a failed write.
   std::chrono::milliseconds backoff{0};
 
-  VmView View() const { return VmView{*spec, state, message, revision}; }
+  VmView View() const { return VmView{spec, state, message, revision}; }
 };
 
 class DesiredState {

@@ -34,19 +34,10 @@ class VmDirectory {
   std::string VmOfInterface(const std::string& interface) const;
 
  private:
-  struct Entry {
-    std::shared_ptr<const VmSpec> spec;  // the desired state's copy
-    VmState state;
-    std::string message;
-    uint64_t revision;
-
-    VmView View() const { return VmView{*spec, state, message, revision}; }
-  };
-
   mutable vmnet::Mutex mu_;
   // A node per VM (see DesiredState::vms_): slots of a pointer, not of a
-  // whole entry.
-  absl::node_hash_map<std::string, Entry> vms_ ABSL_GUARDED_BY(mu_);
+  // whole entry. Each view holds the desired state's spec, shared.
+  absl::node_hash_map<std::string, VmView> vms_ ABSL_GUARDED_BY(mu_);
   // Point into the entries' specs, as DesiredState's indexes do.
   absl::flat_hash_map<IpAddress, const VmSpec*> vm_of_address_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<absl::string_view, const VmSpec*> vm_of_interface_

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "vmnet/state/vm_spec.h"
@@ -20,7 +21,9 @@ const char* VmStateName(VmState state);  // "pending", "programmed", "failed"
 // A VM as the API reports it: its spec, state, why, and the revision of its
 // last change.
 struct VmView {
-  VmSpec spec;
+  // Never null. The desired state's own spec, shared: a view (one per
+  // publish, per directory update, per reader's copy) does not copy it.
+  std::shared_ptr<const VmSpec> spec;
   VmState state = VmState::kPending;
   std::string message;
   uint64_t revision = 0;
