@@ -1073,7 +1073,17 @@ class SlowWatcherTest(ReconcilerTestCase):
             raise AssertionError("the reading Watch sent no response headers")
         cls.reader = host_routed.EventCollector(cls.reader_stream)
         cls.addClassCleanup(cls.reader.close)
-        cls.added = [cls.attach_bulk(addresses=60) for _ in range(cls.EVENTS)]
+        # Each attach waits until the reading watcher has its event, so that the reader
+        # keeps up by construction however loaded the machine (a queue of 4 would otherwise
+        # cut off a reader whose thread is starved) while the other queue only fills.
+        cls.added = []
+        for _ in range(cls.EVENTS):
+            vm = cls.attach_bulk(addresses=60)
+            cls.added.append(vm)
+            revision = int(vm["revision"])
+            if not any(int(e["revision"]) >= revision for e in cls.reader.seen):
+                cls.reader.next_matching(lambda e: int(e["revision"]) >= revision,
+                                         EVENT_DEADLINE)
         cls.watchers_before_reading = lab.metric_total(cls.lab.daemon.metrics(), "vmnet_watchers")
         # Only now the slow watcher reads: what it got, and the error that ended it (None if
         # nothing ended it within EVENT_DEADLINE).
