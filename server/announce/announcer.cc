@@ -5,6 +5,7 @@
 #include <linux/filter.h>
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
+#include <net/if.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -13,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -86,6 +89,12 @@ void CloseAll(std::initializer_list<int> fds) {
   }
 }
 
+// For log lines: queued entries keep only the ifindex. "?" for a link gone.
+std::string LinkName(int ifindex) {
+  char name[IF_NAMESIZE];
+  return if_indextoname(static_cast<unsigned>(ifindex), name) != nullptr ? name : "?";
+}
+
 bool LinkGone(int e) { return e == ENXIO || e == ENODEV || e == ENETDOWN; }
 
 int PollTimeoutMs(absl::Time next) {
@@ -102,6 +111,10 @@ absl::StatusOr<std::unique_ptr<Announcer>> Announcer::Create(Options options) {
   if (options.count < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("announcement count must be at least 1, not ", options.count));
+  }
+  if (options.count > 65535) {  // Pending::remaining
+    return absl::InvalidArgumentError(
+        absl::StrCat("announcement count must be at most 65535, not ", options.count));
   }
   if (options.interval <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
@@ -158,10 +171,10 @@ void Announcer::Announce(std::vector<Announcement> announcements) {
   absl::Time now = absl::Now();
   {
     MutexLock l(&mu_);
-    for (Announcement& a : announcements) {
+    for (const Announcement& a : announcements) {
       if (!a.address.is_v4() && !a.address.is_v6()) continue;
-      auto key = std::make_pair(a.ifindex, a.address);
-      pending_[key] = Pending{std::move(a), options_.count, now};
+      incoming_.push_back(Pending{now, a.ifindex, a.address, a.source, a.mac, a.router,
+                                  static_cast<uint16_t>(options_.count)});
     }
   }
   Wake();
@@ -220,38 +233,67 @@ void Announcer::Run() {
   }
 }
 
-absl::Time Announcer::SendDueAnnouncements(absl::Time now) {
-  std::vector<Announcement> due;
-  absl::Time next = absl::InfiniteFuture();
+void Announcer::MergeIncoming() {
+  std::vector<Pending> incoming;
   {
     MutexLock l(&mu_);
-    for (auto it = pending_.begin(); it != pending_.end();) {
-      Pending& p = it->second;
-      if (p.next <= now) {
-        due.push_back(p.announcement);
-        if (--p.remaining == 0) {
-          it = pending_.erase(it);
-          continue;
-        }
-        p.next = now + options_.interval;
-      }
-      next = std::min(next, p.next);
-      ++it;
-    }
+    incoming.swap(incoming_);
   }
+  if (incoming.empty()) return;
+  auto by_key = [](const Pending& a, const Pending& b) {
+    return std::tie(a.ifindex, a.address) < std::tie(b.ifindex, b.address);
+  };
+  // Stable throughout, so that of the entries for one (ifindex, address)
+  // the newest comes last: the queued one, then the new ones in call order.
+  size_t queued = pending_.size();
+  // Room for an eighth more, not the double that insert would make: the
+  // storm's queue is thousands of entries, merged a batch at a time.
+  if (size_t want = queued + incoming.size(); want > pending_.capacity()) {
+    pending_.reserve(want + want / 8);
+  }
+  pending_.insert(pending_.end(), incoming.begin(), incoming.end());
+  std::stable_sort(pending_.begin() + queued, pending_.end(), by_key);
+  std::inplace_merge(pending_.begin(), pending_.begin() + queued, pending_.end(), by_key);
+  // A newer Announce replaces the queued one: keep the last of each run.
+  auto out = pending_.begin();
+  for (auto it = pending_.begin(); it != pending_.end(); ++it) {
+    auto next = std::next(it);
+    if (next != pending_.end() && !by_key(*it, *next)) continue;
+    *out++ = *it;
+  }
+  pending_.erase(out, pending_.end());
+}
+
+absl::Time Announcer::SendDueAnnouncements(absl::Time now) {
+  MergeIncoming();
+  absl::Time next = absl::InfiniteFuture();
   uint64_t sent = 0;
-  for (const Announcement& a : due) {
-    bool ok = a.address.is_v4()
-                  ? Send(a.ifindex, a.interface,
-                         announce::GratuitousArp(a.mac, a.address), ETH_P_ARP)
-                  : Send(a.ifindex, a.interface,
-                         announce::UnsolicitedNeighborAdvertisement(a.mac, a.address,
-                                                                    a.source, a.router),
-                         ETH_P_IPV6);
-    if (!ok) continue;
-    ++sent;
-    VMNET_LOG(Debug) << "event=announced interface=" << a.interface << " address="
-                     << a.address.ToString() << " mac=" << a.mac.ToString();
+  auto out = pending_.begin();
+  for (Pending& p : pending_) {
+    if (p.next <= now) {
+      bool ok =
+          p.address.is_v4()
+              ? Send(p.ifindex, announce::GratuitousArp(p.mac, p.address), ETH_P_ARP)
+              : Send(p.ifindex,
+                     announce::UnsolicitedNeighborAdvertisement(p.mac, p.address,
+                                                                p.source, p.router),
+                     ETH_P_IPV6);
+      if (ok) {
+        ++sent;
+        VMNET_LOG(Debug) << "event=announced interface=" << LinkName(p.ifindex)
+                         << " address=" << p.address.ToString()
+                         << " mac=" << p.mac.ToString();
+      }
+      if (--p.remaining == 0) continue;
+      p.next = now + options_.interval;
+    }
+    next = std::min(next, p.next);
+    *out++ = p;
+  }
+  pending_.erase(out, pending_.end());
+  // The storm's queue is given back as it drains.
+  if (pending_.capacity() > 1024 && pending_.size() < pending_.capacity() / 2) {
+    pending_.shrink_to_fit();
   }
   if (sent > 0) {
     MutexLock l(&mu_);
@@ -279,10 +321,9 @@ void Announcer::SendProbes(const ProbeRun& run) {
   for (const ProbeLink& p : run.links) {
     for (const IpAddress& a : run.addresses) {
       if (a.is_v4()) {
-        sent += Send(p.ifindex, p.interface, announce::ArpProbe(p.mac, a), ETH_P_ARP);
+        sent += Send(p.ifindex, announce::ArpProbe(p.mac, a), ETH_P_ARP);
       } else if (a.is_v6()) {
-        sent += Send(p.ifindex, p.interface, announce::DadNeighborSolicitation(p.mac, a),
-                     ETH_P_IPV6);
+        sent += Send(p.ifindex, announce::DadNeighborSolicitation(p.mac, a), ETH_P_IPV6);
       }
     }
   }
@@ -376,8 +417,7 @@ void Announcer::Receive(int fd) {
   }
 }
 
-bool Announcer::Send(int ifindex, const std::string& interface, const Frame& frame,
-                     uint16_t ethertype) {
+bool Announcer::Send(int ifindex, const Frame& frame, uint16_t ethertype) {
   sockaddr_ll to = {};
   to.sll_family = AF_PACKET;
   to.sll_protocol = htons(ethertype);
@@ -394,13 +434,12 @@ bool Announcer::Send(int ifindex, const std::string& interface, const Frame& fra
     ++stats_.send_errors;
   }
   if (LinkGone(e)) {
-    VMNET_LOG(Debug) << "event=announce_send_failed interface="
-                     << interface << " ifindex=" << ifindex << " error=\""
-                     << std::strerror(e) << "\"";
+    VMNET_LOG(Debug) << "event=announce_send_failed interface=" << LinkName(ifindex)
+                     << " ifindex=" << ifindex << " error=\"" << std::strerror(e) << "\"";
   } else {
-    VMNET_LOG(Warning) << "event=announce_send_failed interface="
-                       << interface << " ifindex=" << ifindex << " error=\""
-                       << std::strerror(e) << "\"";
+    VMNET_LOG(Warning) << "event=announce_send_failed interface=" << LinkName(ifindex)
+                       << " ifindex=" << ifindex << " error=\"" << std::strerror(e)
+                       << "\"";
   }
   return false;
 }

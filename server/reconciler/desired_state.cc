@@ -6,6 +6,11 @@
 
 namespace vmnet {
 
+const std::string& StateMessage::str() const {
+  static const std::string* const kEmpty = new std::string;
+  return text_ ? *text_ : *kEmpty;
+}
+
 absl::StatusOr<DesiredState> DesiredState::Load(StateStore* store) {
   auto stored = store->Load();
   if (!stored.ok()) return stored.status();
@@ -35,17 +40,17 @@ VmRecord* DesiredState::FindMutable(const std::string& vm_id) {
 
 std::string DesiredState::VmOfAddress(const IpAddress& address) const {
   auto it = vm_of_address_.find(address);
-  return it == vm_of_address_.end() ? "" : it->second->vm_id;
+  return it == vm_of_address_.end() ? "" : it->spec->vm_id;
 }
 
 std::string DesiredState::VmAllowingAddress(const IpAddress& address) const {
   auto it = vm_allowing_address_.find(address);
-  return it == vm_allowing_address_.end() ? "" : it->second->vm_id;
+  return it == vm_allowing_address_.end() ? "" : it->spec->vm_id;
 }
 
 std::string DesiredState::VmOfInterface(const std::string& interface) const {
-  auto it = vm_of_interface_.find(interface);
-  return it == vm_of_interface_.end() ? "" : it->second->vm_id;
+  auto it = vm_of_interface_.find(absl::string_view(interface));
+  return it == vm_of_interface_.end() ? "" : (*it)->vm_id;
 }
 
 void DesiredState::Set(const std::string& vm_id, std::optional<VmRecord> record) {
@@ -56,20 +61,24 @@ void DesiredState::Set(const std::string& vm_id, std::optional<VmRecord> record)
     for (const IpPrefix& p : spec.allowed_source_prefixes) {
       if (p.length == p.address.bit_length()) vm_allowing_address_.erase(p.address);
     }
-    vm_of_interface_.erase(spec.interface);
+    vm_of_interface_.erase(absl::string_view(spec.interface));
     vms_.erase(old);
   }
   if (!record) return;
   const VmSpec* spec = record->spec.get();
   if (spec->has_ipv6()) ++ipv6_vms_;
-  for (const IpAddress& a : spec->addresses) vm_of_address_[a] = spec;
+  // An entry is replaced, not kept: it points into the spec it names.
+  auto index = [spec](AddressIndex& to, const IpAddress& a) {
+    to.erase(a);
+    to.insert(SpecAddress{&a, spec});
+  };
+  for (const IpAddress& a : spec->addresses) index(vm_of_address_, a);
   for (const IpPrefix& p : spec->allowed_source_prefixes) {
-    if (p.length == p.address.bit_length()) vm_allowing_address_[p.address] = spec;
+    if (p.length == p.address.bit_length()) index(vm_allowing_address_, p.address);
   }
-  // The key views this spec's string: replace the entry, not only its value.
-  vm_of_interface_.erase(spec->interface);
-  vm_of_interface_.emplace(spec->interface, spec);
-  vms_.emplace(vm_id, std::move(*record));
+  vm_of_interface_.erase(absl::string_view(spec->interface));
+  vm_of_interface_.insert(spec);
+  vms_.emplace(spec->vm_id, std::move(*record));
 }
 
 void DesiredState::Put(const std::string& vm_id, VmSpec spec) {
@@ -103,14 +112,14 @@ absl::Status DesiredState::Commit() {
 }
 
 absl::Status DesiredState::Persist() const {
-  StoredState state;
-  state.vms.reserve(vms_.size());
-  for (const auto& [id, r] : vms_) state.vms.push_back({*r.spec, r.revision});
-  std::sort(state.vms.begin(), state.vms.end(), [](const StoredVm& a, const StoredVm& b) {
-    return a.spec.vm_id < b.spec.vm_id;
+  // The records' own specs, by reference: nothing is copied but a pointer.
+  std::vector<StoredVmRef> vms;
+  vms.reserve(vms_.size());
+  for (const auto& [id, r] : vms_) vms.push_back({r.spec.get(), r.revision});
+  std::sort(vms.begin(), vms.end(), [](const StoredVmRef& a, const StoredVmRef& b) {
+    return a.spec->vm_id < b.spec->vm_id;
   });
-  state.revision_lease = revision_lease_;
-  return store_->Save(state);
+  return store_->Save(vms, revision_lease_);
 }
 
 uint64_t DesiredState::IssueRevision(VmRecord* vm) {

@@ -256,7 +256,7 @@ void Reconciler::DrainKernelEvents() {
 }
 
 void Reconciler::MarkAllDirty() {
-  for (const auto& [id, r] : desired_->vms()) dirty_.insert(id);
+  for (const auto& [id, r] : desired_->vms()) dirty_.insert(r.spec->vm_id);
 }
 
 void Reconciler::MarkDirty(const KernelModel::Touched& touched) {
@@ -354,7 +354,7 @@ absl::Status Reconciler::FullResync(bool initial) {
           const kernel::Neighbor* proxy =
               uplink == nullptr ? nullptr : model_.FindNeighbor(uplink->ifindex, a, true);
           if (proxy != nullptr && proxy->protocol == options_.host.protocol) {
-            dad_.MarkVerified(vm_id, a);
+            dad_.MarkVerified(r.spec->vm_id, a);
             break;
           }
         }
@@ -736,7 +736,8 @@ void Reconciler::RecordOutcome(const PlannedVm& p,
                          << r.message << "\"";
     }
   } else if (r.state == VmState::kFailed) {
-    r.backoff = std::min(kMaxBackoff, std::max(kFirstBackoff, r.backoff * 2));
+    r.backoff =
+        std::min(kMaxBackoff, std::max(kFirstBackoff, milliseconds(r.backoff) * 2));
     retries_.emplace(Now() + r.backoff, p.vm_id);
     if (old_message != r.message) {
       VMNET_LOG(Warning) << "event=vm_failed vm_id=" << p.vm_id << " error=\""
@@ -844,7 +845,7 @@ void Reconciler::PublishOutcome(VmRecord& r, VmState old_state,
   if (r.state != old_state || r.message != old_message) {
     std::string detail =
         absl::StrCat(VmStateName(old_state), " -> ", VmStateName(r.state));
-    if (!r.message.empty()) absl::StrAppend(&detail, ": ", r.message);
+    if (!r.message.empty()) absl::StrAppend(&detail, ": ", r.message.str());
     VMNET_LOG(Info) << "event=vm_state vm_id=" << vm_id
                     << " state=" << VmStateName(r.state);
     Publish(VmEventType::kChanged, r, detail);

@@ -11,6 +11,9 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "server/state/state_file.pb.h"
 #include "vmnet/log/log.h"
 
@@ -138,31 +141,68 @@ absl::Status StateStore::CheckDirectory() const {
                    remedy));
 }
 
+namespace {
+
+std::vector<StoredVmRef> RefsTo(const StoredState& state) {
+  std::vector<StoredVmRef> refs;
+  refs.reserve(state.vms.size());
+  for (const StoredVm& vm : state.vms) refs.push_back({&vm.spec, vm.revision});
+  return refs;
+}
+
+}  // namespace
+
 std::string StateStore::Encode(const StoredState& state) {
-  state::StateFile file;
-  file.set_revision_lease(state.revision_lease);
-  for (const StoredVm& vm : state.vms) {
-    state::VmRecord* r = file.add_vms();
-    r->set_vm_id(vm.spec.vm_id);
-    r->set_interface(vm.spec.interface);
-    for (const IpAddress& a : vm.spec.addresses) r->add_ip_addresses(a.ToString());
-    if (vm.spec.mac) r->set_mac_address(vm.spec.mac->ToString());
-    for (const IpPrefix& p : vm.spec.allowed_source_prefixes) {
-      r->add_allowed_source_prefixes(p.ToString());
-    }
-    r->set_ingress_bits_per_second(vm.spec.bandwidth.ingress_bits_per_second);
-    r->set_egress_bits_per_second(vm.spec.bandwidth.egress_bits_per_second);
-    r->set_burst_bytes(vm.spec.bandwidth.burst_bytes);
-    r->set_egress_packets_per_second(vm.spec.bandwidth.egress_packets_per_second);
-    r->set_revision(vm.revision);
-  }
-  std::string payload = file.SerializeAsString();
+  return Encode(RefsTo(state), state.revision_lease);
+}
+
+std::string StateStore::Encode(absl::Span<const StoredVmRef> vms,
+                               uint64_t revision_lease) {
+  using google::protobuf::internal::WireFormatLite;
+  // The bytes StateFile::SerializeAsString would make (fields in number
+  // order), written one record at a time into the file's own string: no
+  // tree of 10,000 messages, no second copy of the payload. The header is
+  // filled in at the end.
   std::string out(kMagic, sizeof(kMagic));
-  PutU32(&out, static_cast<uint32_t>(payload.size()));
-  PutU32(&out,
-         static_cast<uint32_t>(crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
-                                     static_cast<uInt>(payload.size()))));
-  return out + payload;
+  out.resize(kHeader);
+  {
+    google::protobuf::io::StringOutputStream stream(&out);
+    google::protobuf::io::CodedOutputStream coded(&stream);
+    state::VmRecord r;  // reused: its strings keep their capacity
+    for (const StoredVmRef& vm : vms) {
+      const VmSpec& spec = *vm.spec;
+      r.Clear();
+      r.set_vm_id(spec.vm_id);
+      r.set_interface(spec.interface);
+      for (const IpAddress& a : spec.addresses) r.add_ip_addresses(a.ToString());
+      if (spec.mac) r.set_mac_address(spec.mac->ToString());
+      for (const IpPrefix& p : spec.allowed_source_prefixes) {
+        r.add_allowed_source_prefixes(p.ToString());
+      }
+      r.set_ingress_bits_per_second(spec.bandwidth.ingress_bits_per_second);
+      r.set_egress_bits_per_second(spec.bandwidth.egress_bits_per_second);
+      r.set_burst_bytes(spec.bandwidth.burst_bytes);
+      r.set_egress_packets_per_second(spec.bandwidth.egress_packets_per_second);
+      r.set_revision(vm.revision);
+      coded.WriteTag(WireFormatLite::MakeTag(state::StateFile::kVmsFieldNumber,
+                                             WireFormatLite::WIRETYPE_LENGTH_DELIMITED));
+      coded.WriteVarint32(static_cast<uint32_t>(r.ByteSizeLong()));  // caches the sizes
+      r.SerializeWithCachedSizes(&coded);
+    }
+    if (revision_lease != 0) {
+      WireFormatLite::WriteUInt64(state::StateFile::kRevisionLeaseFieldNumber,
+                                  revision_lease, &coded);
+    }
+  }  // flushed: `out` ends with the payload
+  absl::string_view payload = absl::string_view(out).substr(kHeader);
+  uint32_t crc =
+      static_cast<uint32_t>(crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
+                                  static_cast<uInt>(payload.size())));
+  std::string header;
+  PutU32(&header, static_cast<uint32_t>(payload.size()));
+  PutU32(&header, crc);
+  out.replace(sizeof(kMagic), 8, header);
+  return out;
 }
 
 absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
@@ -268,6 +308,11 @@ absl::StatusOr<StoredState> StateStore::Load() const {
 }
 
 absl::Status StateStore::Save(const StoredState& state) {
+  return Save(RefsTo(state), state.revision_lease);
+}
+
+absl::Status StateStore::Save(absl::Span<const StoredVmRef> vms,
+                              uint64_t revision_lease) {
   // Checked before the write (nothing is written into a new directory at the
   // path, nor into the removed one) and after it (the directory may have
   // been moved away while it was written): either way the caller changes
@@ -286,7 +331,7 @@ absl::Status StateStore::Save(const StoredState& state) {
     if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
     return s;
   }
-  absl::Status s = WriteAll(fd, Encode(state), tmp);
+  absl::Status s = WriteAll(fd, Encode(vms, revision_lease), tmp);
   if (s.ok() && fsync(fd) != 0) s = ErrnoError("fsync", tmp);
   close(fd);
   if (s.ok() && renameat(dir_fd_, kTempFile, dir_fd_, kStateFile) != 0) {

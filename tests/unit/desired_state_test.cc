@@ -93,6 +93,30 @@ TEST_F(DesiredStateTest, RemoveFreesTheIndexes) {
   EXPECT_EQ(state_->ipv6_vms(), 0u);
 }
 
+// The indexes point into the specs: a spec replaced in a batch moves its
+// entries to the new spec, and an address or interface it gave up can be
+// taken by another VM in the same batch; the undo of a failed batch puts
+// every entry back on the spec it names.
+TEST_F(DesiredStateTest, ReplacedSpecsMoveTheirIndexEntries) {
+  state_->Put("vm-1", Spec("vm-1", "vme1a", {"198.51.100.201"}));
+  ASSERT_TRUE(state_->Commit().ok());
+  state_->Put("vm-1", Spec("vm-1", "vme1b", {"198.51.100.202"}));
+  state_->Put("vm-2", Spec("vm-2", "vme1a", {"198.51.100.201"}));
+  EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("198.51.100.201")), "vm-2");
+  EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("198.51.100.202")), "vm-1");
+  EXPECT_EQ(state_->VmOfInterface("vme1a"), "vm-2");
+  EXPECT_EQ(state_->VmOfInterface("vme1b"), "vm-1");
+  // The directory disappears: the batch cannot be durable and is undone.
+  std::filesystem::remove_all(dir_);
+  ASSERT_FALSE(state_->Commit().ok());
+  EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("198.51.100.201")), "vm-1");
+  EXPECT_EQ(state_->VmOfAddress(*IpAddress::Parse("198.51.100.202")), "");
+  EXPECT_EQ(state_->VmOfInterface("vme1a"), "vm-1");
+  EXPECT_EQ(state_->VmOfInterface("vme1b"), "");
+  EXPECT_EQ(state_->Find("vm-2"), nullptr);
+  EXPECT_EQ(state_->Find("vm-1")->spec->interface, "vme1a");
+}
+
 TEST_F(DesiredStateTest, RevisionsIncreaseStrictlyAcrossRestarts) {
   uint64_t last = 0;
   for (int run = 0; run < 3; ++run) {

@@ -12,12 +12,14 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
+#include "absl/hash/hash.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "vmnet/state/state_store.h"
@@ -25,15 +27,55 @@
 
 namespace vmnet {
 
+// Why a VM is in its state ("interface vme1 does not exist yet"); empty for
+// nearly every VM (a programmed one). Eight bytes, the text on the heap only
+// when there is one: a std::string member is 32 bytes in each of 10,000
+// records (issue 16). Reads and compares as a const std::string&.
+class StateMessage {
+ public:
+  StateMessage() = default;
+  StateMessage(const StateMessage& other) { *this = other.str(); }
+  StateMessage(StateMessage&&) noexcept = default;
+  StateMessage& operator=(const StateMessage& other) { return *this = other.str(); }
+  StateMessage& operator=(StateMessage&&) noexcept = default;
+  StateMessage& operator=(std::string text) {
+    if (text.empty()) {
+      text_.reset();
+    } else {
+      text_ = std::make_unique<std::string>(std::move(text));
+    }
+    return *this;
+  }
+
+  const std::string& str() const;
+  operator const std::string&() const { return str(); }  // NOLINT: reads as one
+  bool empty() const { return text_ == nullptr; }
+
+  friend bool operator==(const StateMessage& a, const StateMessage& b) {
+    return a.str() == b.str();
+  }
+  friend bool operator==(const StateMessage& a, const std::string& b) {
+    return a.str() == b;
+  }
+  friend std::ostream& operator<<(std::ostream& out, const StateMessage& m) {
+    return out << m.str();
+  }
+
+ private:
+  std::unique_ptr<std::string> text_;  // null: empty
+};
+
 struct VmRecord {
   // Never null. Immutable and shared: the VmDirectory holds the same copy,
-  // and the indexes below point into it.
+  // and DesiredState's key and indexes point into it (so a record found with
+  // FindMutable keeps its spec: only Put replaces it).
   std::shared_ptr<const VmSpec> spec;
-  VmState state = VmState::kPending;
-  std::string message;
   uint64_t revision = 0;  // of the VM's last change
-  // The wait before the next retry after a failed write.
-  std::chrono::milliseconds backoff{0};
+  StateMessage message;
+  VmState state = VmState::kPending;
+  // The wait before the next retry after a failed write (at most 30 s): 32
+  // bits of milliseconds, so that the record is 40 bytes, not 48.
+  std::chrono::duration<int32_t, std::milli> backoff{0};
 
   VmView View() const { return VmView{spec, state, message, revision}; }
 };
@@ -60,7 +102,8 @@ class DesiredState {
   size_t size() const { return vms_.size(); }
   // VMs with an IPv6 address: the host's IPv6 settings are made for them.
   size_t ipv6_vms() const { return ipv6_vms_; }
-  const absl::node_hash_map<std::string, VmRecord>& vms() const { return vms_; }
+  // Keyed by a view of each record's own spec->vm_id.
+  const absl::node_hash_map<absl::string_view, VmRecord>& vms() const { return vms_; }
 
   // A batch: Put and Remove change the records at once and remember how to
   // undo it; Commit makes the whole batch durable, or undoes it and returns
@@ -85,20 +128,57 @@ class DesiredState {
   uint64_t first_revision() const { return first_revision_; }
 
  private:
+  // An index entry: one of a spec's addresses (or of its allowed source
+  // prefixes), pointing into the immutable spec.
+  struct SpecAddress {
+    const IpAddress* address;
+    const VmSpec* spec;
+  };
+  // The indexes are sets of pointers into the specs that hash and compare
+  // what they point at, so that they are searched by the address or the
+  // name itself (transparent functors).
+  struct AddressHash {
+    using is_transparent = void;
+    size_t operator()(const IpAddress& a) const { return absl::Hash<IpAddress>()(a); }
+    size_t operator()(const SpecAddress& s) const { return (*this)(*s.address); }
+  };
+  struct AddressEq {
+    using is_transparent = void;
+    static const IpAddress& Of(const IpAddress& a) { return a; }
+    static const IpAddress& Of(const SpecAddress& s) { return *s.address; }
+    bool operator()(const auto& a, const auto& b) const { return Of(a) == Of(b); }
+  };
+  struct InterfaceHash {
+    using is_transparent = void;
+    size_t operator()(absl::string_view name) const {
+      return absl::Hash<absl::string_view>()(name);
+    }
+    size_t operator()(const VmSpec* s) const { return (*this)(s->interface); }
+  };
+  struct InterfaceEq {
+    using is_transparent = void;
+    static absl::string_view Of(absl::string_view name) { return name; }
+    static absl::string_view Of(const VmSpec* s) { return s->interface; }
+    bool operator()(const auto& a, const auto& b) const { return Of(a) == Of(b); }
+  };
+  using AddressIndex = absl::flat_hash_set<SpecAddress, AddressHash, AddressEq>;
+
   explicit DesiredState(StateStore* store) : store_(store) {}
   void Set(const std::string& vm_id, std::optional<VmRecord> record);
   absl::Status Persist() const;
 
   StateStore* store_;
-  // A node per VM: a flat map's slots would be a whole VmRecord each, with a
-  // third to a half of them empty after each doubling.
-  absl::node_hash_map<std::string, VmRecord> vms_;
-  // The indexes point into the records' specs (an interface key views the
-  // spec's own string): a slot is 24 to 32 bytes instead of two strings.
-  // Set erases a record's index entries before the record.
-  absl::flat_hash_map<IpAddress, const VmSpec*> vm_of_address_;
-  absl::flat_hash_map<absl::string_view, const VmSpec*> vm_of_interface_;
-  absl::flat_hash_map<IpAddress, const VmSpec*> vm_allowing_address_;
+  // A node per VM (a flat map's slots would be a whole VmRecord each, with a
+  // third to a half of them empty after each doubling), keyed by a view of
+  // the record's own spec->vm_id, so that the id is stored once; Set
+  // replaces key and record together.
+  absl::node_hash_map<absl::string_view, VmRecord> vms_;
+  // Slots of 16 bytes (address index) and 8 (interface index), where maps
+  // from an IpAddress or a string_view to the spec were 32 and 24: 10,000
+  // VMs fill 16,383 slots. Set erases a record's entries before the record.
+  AddressIndex vm_of_address_;
+  absl::flat_hash_set<const VmSpec*, InterfaceHash, InterfaceEq> vm_of_interface_;
+  AddressIndex vm_allowing_address_;
   size_t ipv6_vms_ = 0;
   std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
   uint64_t revision_lease_ = 0;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "vmnet/state/vm_spec.h"
 
 namespace vmnet {
@@ -27,6 +28,15 @@ struct StoredVm {
   VmSpec spec;
   uint64_t revision = 0;  // of the VM's last change
   bool operator==(const StoredVm&) const = default;
+};
+
+// A VM to save, by reference to a spec held elsewhere (the desired
+// state's): a save copies no spec. Every commit of an attach storm saves
+// every VM, and copies of 10,000 specs made and freed at each one were
+// holes left between the storm's live allocations (issue 16).
+struct StoredVmRef {
+  const VmSpec* spec;
+  uint64_t revision = 0;
 };
 
 struct StoredState {
@@ -52,6 +62,8 @@ class StateStore {
   // event=state_dir_lost, when the directory this store locked is no longer
   // the one at its path (see above); nothing is then written to the path.
   absl::Status Save(const StoredState& state);
+  // The same, for VMs held elsewhere; they are written in the order given.
+  absl::Status Save(absl::Span<const StoredVmRef> vms, uint64_t revision_lease);
 
   // OK while the directory at the path is the one this store locked;
   // otherwise the FAILED_PRECONDITION that Save answers.
@@ -61,6 +73,7 @@ class StateStore {
 
   // The file format, exposed for tests and the fuzzer.
   static std::string Encode(const StoredState& state);
+  static std::string Encode(absl::Span<const StoredVmRef> vms, uint64_t revision_lease);
   static absl::StatusOr<StoredState> Decode(absl::string_view bytes);
 
  private:
