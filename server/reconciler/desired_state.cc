@@ -103,6 +103,7 @@ void DesiredState::Remove(const std::string& vm_id) {
 
 absl::Status DesiredState::Commit() {
   if (undo_.empty()) return absl::OkStatus();
+  for (const auto& [vm_id, before] : undo_) unsaved_.insert(vm_id);
   absl::Status s = Persist();
   if (!s.ok()) {
     for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) Set(it->first, it->second);
@@ -111,20 +112,39 @@ absl::Status DesiredState::Commit() {
   return s;
 }
 
-absl::Status DesiredState::Persist() const {
+absl::Status DesiredState::Persist() {
   // The records' own specs, by reference: nothing is copied but a pointer.
   std::vector<StoredVmRef> vms;
-  vms.reserve(vms_.size());
-  for (const auto& [id, r] : vms_) vms.push_back({r.spec.get(), r.revision});
+  std::vector<std::string> removed;
+  bool whole = store_->WantsSave();
+  if (whole) {
+    vms.reserve(vms_.size());
+    for (const auto& [id, r] : vms_) vms.push_back({r.spec.get(), r.revision});
+  } else {
+    for (const std::string& vm_id : unsaved_) {
+      if (const VmRecord* r = Find(vm_id)) {
+        vms.push_back({r->spec.get(), r->revision});
+      } else {
+        removed.push_back(vm_id);
+      }
+    }
+    std::sort(removed.begin(), removed.end());
+  }
   std::sort(vms.begin(), vms.end(), [](const StoredVmRef& a, const StoredVmRef& b) {
     return a.spec->vm_id < b.spec->vm_id;
   });
-  return store_->Save(vms, revision_lease_);
+  absl::Status s = whole ? store_->Save(vms, revision_lease_)
+                         : store_->Append(vms, removed, revision_lease_);
+  if (s.ok()) unsaved_.clear();
+  return s;
 }
 
 uint64_t DesiredState::IssueRevision(VmRecord* vm) {
   uint64_t revision = ++last_revision_;
-  if (vm != nullptr) vm->revision = revision;
+  if (vm != nullptr) {
+    vm->revision = revision;
+    unsaved_.insert(vm->spec->vm_id);
+  }
   if (revision + kRevisionLease / 2 >= revision_lease_) {
     revision_lease_ = revision + kRevisionLease;
     if (absl::Status s = Persist(); !s.ok()) {

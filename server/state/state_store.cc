@@ -7,9 +7,13 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstring>
+#include <map>
 #include <set>
+#include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
@@ -22,6 +26,7 @@ namespace {
 
 constexpr char kStateFile[] = "state.bin";
 constexpr char kTempFile[] = "state.bin.tmp";
+constexpr char kJournalFile[] = "journal.bin";
 constexpr char kLockFile[] = "lock";
 
 constexpr char kMagic[8] = {'V', 'M', 'N', 'E', 'T', 'S', 'T', '1'};
@@ -55,6 +60,65 @@ absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
   return absl::OkStatus();
 }
 
+// One frame at the start of `bytes` (magic, length, crc32, then a
+// StateFile): its message, and in *size the bytes it takes. `*size` is set
+// whenever the header can be read, even when the rest is bad.
+absl::StatusOr<state::StateFile> ParseFrame(absl::string_view bytes, size_t* size) {
+  *size = SIZE_MAX;
+  if (bytes.size() < kHeader) return absl::DataLossError("truncated header");
+  uint32_t length = GetU32(bytes.data() + 8);
+  uint32_t checksum = GetU32(bytes.data() + 12);
+  if (length <= kMaxPayload) *size = kHeader + length;
+  if (std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
+    return absl::DataLossError("not a vmnetd state file (bad header)");
+  }
+  if (length > kMaxPayload || bytes.size() < kHeader + length) {
+    return absl::DataLossError("truncated or oversized state file");
+  }
+  absl::string_view payload = bytes.substr(kHeader, length);
+  if (crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
+            static_cast<uInt>(payload.size())) != checksum) {
+    return absl::DataLossError("state file checksum mismatch");
+  }
+  state::StateFile file;
+  if (!file.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+    return absl::DataLossError("state file does not parse");
+  }
+  return file;
+}
+
+// The journal's frames, up to the first bad one. A bad frame that is the
+// file's last (it reaches or passes its end) is a torn append: `torn`, and
+// `valid` is where it starts. A bad frame with bytes after it is damage.
+struct JournalScan {
+  std::vector<state::StateFile> frames;
+  size_t valid = 0;
+  bool torn = false;
+  absl::Status damage;
+};
+
+JournalScan ScanJournal(absl::string_view journal) {
+  JournalScan scan;
+  while (scan.valid < journal.size()) {
+    absl::string_view rest = journal.substr(scan.valid);
+    size_t size = 0;
+    auto frame = ParseFrame(rest, &size);
+    if (frame.ok()) {
+      scan.frames.push_back(std::move(*frame));
+      scan.valid += size;
+      continue;
+    }
+    scan.torn = true;
+    if (size < rest.size()) {
+      scan.damage = absl::DataLossError(absl::StrCat(
+          "the frame at byte ", scan.valid, " is damaged (", frame.status().message(),
+          ") and ", rest.size() - size, " bytes follow it"));
+    }
+    break;
+  }
+  return scan;
+}
+
 }  // namespace
 
 StateStore::StateStore(std::string dir, int dir_fd, int lock_fd)
@@ -66,13 +130,15 @@ StateStore::StateStore(std::string dir, int dir_fd, int lock_fd)
 StateStore::StateStore(StateStore&& other) noexcept
     : dir_(std::move(other.dir_)),
       path_(std::move(other.path_)),
-      dir_fd_(other.dir_fd_),
-      lock_fd_(other.lock_fd_) {
-  other.dir_fd_ = -1;
-  other.lock_fd_ = -1;
-}
+      dir_fd_(std::exchange(other.dir_fd_, -1)),
+      lock_fd_(std::exchange(other.lock_fd_, -1)),
+      journal_fd_(std::exchange(other.journal_fd_, -1)),
+      journal_bytes_(other.journal_bytes_),
+      state_bytes_(other.state_bytes_),
+      journal_broken_(other.journal_broken_) {}
 
 StateStore::~StateStore() {
+  if (journal_fd_ >= 0) close(journal_fd_);
   if (lock_fd_ >= 0) close(lock_fd_);
   if (dir_fd_ >= 0) close(dir_fd_);
 }
@@ -101,7 +167,70 @@ absl::StatusOr<StateStore> StateStore::Open(const std::string& dir) {
   StateStore store(dir, dir_fd, fd);
   // Removed or replaced between the open and the lock: start on nothing.
   if (absl::Status s = store.CheckDirectory(); !s.ok()) return s;
+  struct stat st;
+  if (fstatat(dir_fd, kStateFile, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    store.state_bytes_ = static_cast<size_t>(st.st_size);
+  }
+  std::string journal_path = absl::StrCat(dir, "/", kJournalFile);
+  auto journal = store.ReadFile(kJournalFile, journal_path);
+  if (!journal.ok()) return journal.status();
+  JournalScan scan = ScanJournal(*journal);
+  store.journal_bytes_ = scan.valid;
+  if (scan.torn && scan.damage.ok()) {
+    // A frame whose append never finished (and so was never acknowledged):
+    // cut off, so that the next append does not follow it.
+    VMNET_LOG(Warning) << "event=state_journal_torn journal=" << journal_path
+                       << " valid_bytes=" << scan.valid
+                       << " dropped_bytes=" << journal->size() - scan.valid;
+    if (absl::Status s = store.OpenJournal(); !s.ok()) return s;
+    if (ftruncate(store.journal_fd_, static_cast<off_t>(scan.valid)) != 0 ||
+        fdatasync(store.journal_fd_) != 0) {
+      return ErrnoError("cut the torn end of", journal_path);
+    }
+  }
   return store;
+}
+
+absl::StatusOr<std::string> StateStore::ReadFile(const char* name,
+                                                 const std::string& path) const {
+  std::string bytes;
+  int fd = openat(dir_fd_, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return bytes;
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot read ", path, ": ", strerror(errno)));
+  }
+  char buf[1 << 16];
+  while (true) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      close(fd);
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot read ", path, ": ", strerror(err)));
+    }
+    if (n == 0) break;
+    bytes.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return bytes;
+}
+
+absl::Status StateStore::OpenJournal() {
+  if (journal_fd_ >= 0) return absl::OkStatus();
+  std::string path = absl::StrCat(dir_, "/", kJournalFile);
+  int flags = O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC;
+  journal_fd_ = openat(dir_fd_, kJournalFile, flags | O_CREAT | O_EXCL, 0600);
+  if (journal_fd_ >= 0) {
+    // A new file: its name must be durable before anything in it counts.
+    if (fsync(dir_fd_) != 0) return ErrnoError("fsync", dir_);
+    return absl::OkStatus();
+  }
+  if (errno != EEXIST) return ErrnoError("create", path);
+  journal_fd_ = openat(dir_fd_, kJournalFile, flags);
+  if (journal_fd_ < 0) return ErrnoError("open", path);
+  return absl::OkStatus();
 }
 
 absl::Status StateStore::CheckDirectory() const {
@@ -156,8 +285,8 @@ std::string StateStore::Encode(const StoredState& state) {
   return Encode(RefsTo(state), state.revision_lease);
 }
 
-std::string StateStore::Encode(absl::Span<const StoredVmRef> vms,
-                               uint64_t revision_lease) {
+std::string StateStore::Encode(absl::Span<const StoredVmRef> vms, uint64_t revision_lease,
+                               absl::Span<const std::string> removed) {
   using google::protobuf::internal::WireFormatLite;
   // The bytes StateFile::SerializeAsString would make (fields in number
   // order), written one record at a time into the file's own string: no
@@ -193,6 +322,10 @@ std::string StateStore::Encode(absl::Span<const StoredVmRef> vms,
       WireFormatLite::WriteUInt64(state::StateFile::kRevisionLeaseFieldNumber,
                                   revision_lease, &coded);
     }
+    for (const std::string& vm_id : removed) {
+      WireFormatLite::WriteString(state::StateFile::kRemovedVmIdsFieldNumber, vm_id,
+                                  &coded);
+    }
   }  // flushed: `out` ends with the payload
   absl::string_view payload = absl::string_view(out).substr(kHeader);
   uint32_t crc =
@@ -205,24 +338,62 @@ std::string StateStore::Encode(absl::Span<const StoredVmRef> vms,
   return out;
 }
 
+namespace {
+
+absl::StatusOr<StoredState> Validate(const state::StateFile& file);
+
+}  // namespace
+
 absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
-  if (bytes.size() < kHeader || std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
-    return absl::DataLossError("not a vmnetd state file (bad header)");
-  }
-  uint32_t length = GetU32(bytes.data() + 8);
-  uint32_t checksum = GetU32(bytes.data() + 12);
-  if (length > kMaxPayload || bytes.size() - kHeader != length) {
+  size_t size = 0;
+  auto file = ParseFrame(bytes, &size);
+  if (!file.ok()) return file.status();
+  if (size != bytes.size())
     return absl::DataLossError("truncated or oversized state file");
-  }
-  absl::string_view payload = bytes.substr(kHeader);
-  if (crc32(0, reinterpret_cast<const Bytef*>(payload.data()),
-            static_cast<uInt>(payload.size())) != checksum) {
-    return absl::DataLossError("state file checksum mismatch");
-  }
+  return Validate(*file);
+}
+
+absl::StatusOr<StoredState> StateStore::Decode(absl::string_view state,
+                                               absl::string_view journal) {
   state::StateFile file;
-  if (!file.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
-    return absl::DataLossError("state file does not parse");
+  if (!state.empty()) {
+    size_t size = 0;
+    auto parsed = ParseFrame(state, &size);
+    if (!parsed.ok()) return parsed.status();
+    if (size != state.size()) {
+      return absl::DataLossError("truncated or oversized state file");
+    }
+    file = std::move(*parsed);
   }
+  JournalScan scan = ScanJournal(journal);
+  if (!scan.damage.ok()) {
+    return absl::DataLossError(absl::StrCat("journal: ", scan.damage.message()));
+  }
+  if (scan.frames.empty()) return Validate(file);
+  // Each frame sets whole records: the last frame that names a VM wins.
+  std::map<std::string, state::VmRecord> vms;
+  for (state::VmRecord& r : *file.mutable_vms()) {
+    std::string id = r.vm_id();
+    vms[id] = std::move(r);
+  }
+  uint64_t lease = file.revision_lease();
+  for (state::StateFile& frame : scan.frames) {
+    for (const std::string& id : frame.removed_vm_ids()) vms.erase(id);
+    for (state::VmRecord& r : *frame.mutable_vms()) {
+      std::string id = r.vm_id();
+      vms[id] = std::move(r);
+    }
+    lease = std::max(lease, frame.revision_lease());
+  }
+  state::StateFile merged;
+  merged.set_revision_lease(lease);
+  for (auto& [id, r] : vms) *merged.add_vms() = std::move(r);
+  return Validate(merged);
+}
+
+namespace {
+
+absl::StatusOr<StoredState> Validate(const state::StateFile& file) {
   StoredState state;
   state.revision_lease = file.revision_lease();
   // Records were validated when accepted; validate again, so that a file
@@ -274,34 +445,31 @@ absl::StatusOr<StoredState> StateStore::Decode(absl::string_view bytes) {
   return state;
 }
 
+}  // namespace
+
 absl::StatusOr<StoredState> StateStore::Load() const {
   if (absl::Status s = CheckDirectory(); !s.ok()) return s;
-  int fd = openat(dir_fd_, kStateFile, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return StoredState{};
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot read state file ", path_, ": ", strerror(errno)));
-  }
-  std::string bytes;
-  char buf[1 << 16];
-  while (true) {
-    ssize_t n = read(fd, buf, sizeof(buf));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int err = errno;
-      close(fd);
-      return absl::FailedPreconditionError(
-          absl::StrCat("cannot read state file ", path_, ": ", strerror(err)));
-    }
-    if (n == 0) break;
-    bytes.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  auto state = Decode(bytes);
-  if (!state.ok()) {
+  auto bytes = ReadFile(kStateFile, path_);
+  if (!bytes.ok()) return bytes.status();
+  std::string journal_path = absl::StrCat(dir_, "/", kJournalFile);
+  auto journal = ReadFile(kJournalFile, journal_path);
+  if (!journal.ok()) return journal.status();
+  struct stat st;
+  bool state_exists = fstatat(dir_fd_, kStateFile, &st, AT_SYMLINK_NOFOLLOW) == 0;
+  if (bytes->empty() && state_exists) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "state file ", path_, " is damaged: ", state.status().message(),
-        ". Move it aside to start with an empty state (the kernel objects of "
+        "state file ", path_, " is damaged: it is empty. Move it and ", journal_path,
+        " aside to start with an empty state (the kernel objects of VMs not in the state "
+        "are then removed)"));
+  }
+  auto state = Decode(*bytes, *journal);
+  if (!state.ok()) {
+    bool in_journal = absl::StartsWith(state.status().message(), "journal: ");
+    return absl::FailedPreconditionError(absl::StrCat(
+        in_journal ? "state journal " : "state file ", in_journal ? journal_path : path_,
+        " is damaged: ", state.status().message(), ". Move ", path_, " and ",
+        journal_path,
+        " aside to start with an empty state (the kernel objects of "
         "VMs not in the state are then removed)"));
   }
   return state;
@@ -331,7 +499,9 @@ absl::Status StateStore::Save(absl::Span<const StoredVmRef> vms,
     if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
     return s;
   }
-  absl::Status s = WriteAll(fd, Encode(vms, revision_lease), tmp);
+  std::string encoded = Encode(vms, revision_lease);
+  size_t encoded_size = encoded.size();
+  absl::Status s = WriteAll(fd, encoded, tmp);
   if (s.ok() && fsync(fd) != 0) s = ErrnoError("fsync", tmp);
   close(fd);
   if (s.ok() && renameat(dir_fd_, kTempFile, dir_fd_, kStateFile) != 0) {
@@ -339,7 +509,63 @@ absl::Status StateStore::Save(absl::Span<const StoredVmRef> vms,
   }
   if (s.ok() && fsync(dir_fd_) != 0) s = ErrnoError("fsync", dir_);
   if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+  if (!s.ok()) return s;
+  state_bytes_ = encoded_size;
+  // The new file holds what the journal held: empty it. Were this lost in a
+  // crash, its frames would be applied again to the new file, which holds
+  // them already: no change. A journal that cannot be emptied is left to the
+  // next Save (appending after a torn frame would make it damage).
+  if (journal_bytes_ == 0 && !journal_broken_) return s;
+  journal_broken_ = true;
+  std::string journal_path = absl::StrCat(dir_, "/", kJournalFile);
+  if (absl::Status open = OpenJournal(); !open.ok()) {
+    VMNET_LOG(Warning) << "event=state_journal_not_emptied error=\"" << open.message()
+                       << "\"";
+  } else if (ftruncate(journal_fd_, 0) != 0 || fdatasync(journal_fd_) != 0) {
+    VMNET_LOG(Warning) << "event=state_journal_not_emptied journal=" << journal_path
+                       << " error=\"" << strerror(errno) << "\"";
+  } else {
+    journal_bytes_ = 0;
+    journal_broken_ = false;
+  }
   return s;
+}
+
+bool StateStore::WantsSave() const {
+  return state_bytes_ == 0 || journal_broken_ ||
+         journal_bytes_ > std::max(kMinJournalBytes, state_bytes_);
+}
+
+absl::Status StateStore::Append(absl::Span<const StoredVmRef> vms,
+                                absl::Span<const std::string> removed,
+                                uint64_t revision_lease) {
+  auto lost = [this](const absl::Status& s) {
+    VMNET_LOG(Error) << "event=state_dir_lost state_dir=" << dir_ << " error=\""
+                     << s.message() << "\"";
+    return s;
+  };
+  if (journal_broken_) {
+    return absl::InternalError(
+        "the journal's end is unknown after a failed append: Save");
+  }
+  if (absl::Status s = CheckDirectory(); !s.ok()) return lost(s);
+  if (absl::Status s = OpenJournal(); !s.ok()) return s;
+  std::string journal_path = absl::StrCat(dir_, "/", kJournalFile);
+  std::string frame = Encode(vms, revision_lease, removed);
+  absl::Status s = WriteAll(journal_fd_, frame, journal_path);
+  if (s.ok() && fdatasync(journal_fd_) != 0) s = ErrnoError("fdatasync", journal_path);
+  if (!s.ok()) {
+    // Part of the frame may be in the file: cut it off, or have the next
+    // commit rewrite the state file and empty the journal.
+    if (ftruncate(journal_fd_, static_cast<off_t>(journal_bytes_)) != 0 ||
+        fdatasync(journal_fd_) != 0) {
+      journal_broken_ = true;
+    }
+    return s;
+  }
+  journal_bytes_ += frame.size();
+  if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+  return absl::OkStatus();
 }
 
 }  // namespace vmnet

@@ -675,12 +675,13 @@ TEST_F(ReconcilerTest, RestartRemovesOursThatNoVmWantsAndNothingElse) {
   StartAgent();
   ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
   StopAgent();
-  // While the agent was down: its state was lost for vm-1 (moved aside by
-  // an operator), and someone added an unmarked route of their own. (On the
-  // uplink: one on vme1a would go with the orphaned gateway address, the
-  // link's last IPv4 address, as the kernel flushes a link's IPv4 routes
-  // then; see FakeKernel.)
+  // While the agent was down: its state was lost for vm-1 (the state file
+  // and its journal moved aside by an operator), and someone added an unmarked route of
+  // their own. (On the uplink: one on vme1a would go with the orphaned gateway address,
+  // the link's last IPv4 address, as the kernel flushes a link's IPv4 routes then; see
+  // FakeKernel.)
   std::filesystem::remove(dir_ + "/state.bin");
+  std::filesystem::remove(dir_ + "/journal.bin");
   kernel::Route theirs;
   theirs.destination = IpPrefix::Host(Ip("198.51.100.250"));
   theirs.ifindex = uplink_;

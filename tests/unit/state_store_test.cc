@@ -96,6 +96,149 @@ TEST_F(StateStoreTest, EveryDamagedByteIsReportedNamingTheFile) {
   EXPECT_THAT(std::string(state.status().message()), HasSubstr(store->path()));
 }
 
+// ---- The journal ----
+
+class StateJournalTest : public StateStoreTest {
+ protected:
+  static StoredVm Vm(const char* id, const char* link, const char* address,
+                     uint64_t revision) {
+    return {*ParseVmSpec(id, link, {address}, "", SpecRules{}), revision};
+  }
+  static absl::Status Append(StateStore& store, const std::vector<StoredVm>& vms,
+                             const std::vector<std::string>& removed, uint64_t lease) {
+    std::vector<StoredVmRef> refs;
+    for (const StoredVm& vm : vms) refs.push_back({&vm.spec, vm.revision});
+    return store.Append(refs, removed, lease);
+  }
+  std::string journal_path() const { return dir_ + "/journal.bin"; }
+  std::string Read(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)),
+                       std::istreambuf_iterator<char>());
+  }
+  void Write(const std::string& path, const std::string& bytes) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+  }
+  // Example() with vm-1 at revision 11, vm-2 removed, vm-3 added; lease 99.
+  StoredState AfterBoth() {
+    StoredState s;
+    s.revision_lease = 99;
+    s.vms.push_back(Example().vms[0]);
+    s.vms[0].revision = 11;
+    s.vms.push_back(Vm("vm-3", "vme3a", "198.51.100.203", 12));
+    return s;
+  }
+  void AppendBoth(StateStore& store) {
+    StoredVm vm1 = Example().vms[0];
+    vm1.revision = 11;
+    ASSERT_TRUE(
+        Append(store, {vm1, Vm("vm-3", "vme3a", "198.51.100.203", 12)}, {}, 42).ok());
+    ASSERT_TRUE(Append(store, {}, {"vm-2"}, 99).ok());
+  }
+};
+
+TEST_F(StateJournalTest, CommitsAppendAndLoadOverTheStateFile) {
+  {
+    auto store = StateStore::Open(dir_);
+    EXPECT_TRUE(store->WantsSave()) << "no state file yet";
+    ASSERT_TRUE(store->Save(Example()).ok());
+    std::string state_file = Read(store->path());
+    EXPECT_FALSE(store->WantsSave());
+    AppendBoth(*store);
+    EXPECT_EQ(Read(store->path()), state_file) << "an append rewrote the state file";
+    EXPECT_GT(store->journal_bytes(), 0u);
+    EXPECT_FALSE(store->WantsSave()) << "a small journal is no reason to rewrite";
+  }
+  auto store = StateStore::Open(dir_);
+  auto state = store->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(*state, AfterBoth());
+}
+
+TEST_F(StateJournalTest, SaveEmptiesTheJournal) {
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store->Save(Example()).ok());
+    AppendBoth(*store);
+    ASSERT_TRUE(store->Save(AfterBoth()).ok());
+    EXPECT_EQ(store->journal_bytes(), 0u);
+    EXPECT_EQ(Read(journal_path()), "");
+  }
+  auto state = StateStore::Open(dir_)->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(*state, AfterBoth());
+}
+
+// A crash after the new state file's rename and before the journal was
+// emptied: its frames are applied again over a file that holds them.
+TEST_F(StateJournalTest, AJournalReplayedOverTheFileThatHoldsItChangesNothing) {
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store->Save(Example()).ok());
+    AppendBoth(*store);
+    std::string journal = Read(journal_path());
+    ASSERT_TRUE(store->Save(AfterBoth()).ok());
+    Write(journal_path(), journal);
+  }
+  auto state = StateStore::Open(dir_)->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(*state, AfterBoth());
+}
+
+// A crash in the middle of an append: the torn frame was never
+// acknowledged; it is dropped, and cut off so that later frames count.
+TEST_F(StateJournalTest, ATornLastFrameIsDroppedAndCutOffAtOpen) {
+  size_t first_frame = 0;
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store->Save(Example()).ok());
+    StoredVm vm1 = Example().vms[0];
+    vm1.revision = 11;
+    ASSERT_TRUE(Append(*store, {vm1}, {}, 42).ok());
+    first_frame = store->journal_bytes();
+    ASSERT_TRUE(Append(*store, {}, {"vm-2"}, 99).ok());
+  }
+  std::string journal = Read(journal_path());
+  for (size_t cut : {first_frame + 1, first_frame + 15, journal.size() - 1}) {
+    Write(journal_path(), journal.substr(0, cut));
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    EXPECT_EQ(Read(journal_path()).size(), first_frame) << "cut at " << cut;
+    auto state = store->Load();
+    ASSERT_TRUE(state.ok()) << state.status();
+    ASSERT_EQ(state->vms.size(), 2u) << "cut at " << cut;
+    EXPECT_EQ(state->vms[0].revision, 11u);
+  }
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(
+        Append(*store, {Vm("vm-3", "vme3a", "198.51.100.203", 12)}, {"vm-2"}, 99).ok());
+  }
+  auto state = StateStore::Open(dir_)->Load();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(*state, AfterBoth());
+}
+
+// A bad frame with frames after it is not a torn append: damage, reported
+// naming the journal, never a silently older state.
+TEST_F(StateJournalTest, ADamagedFrameBeforeOthersIsReportedNamingTheJournal) {
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store->Save(Example()).ok());
+    AppendBoth(*store);
+  }
+  std::string journal = Read(journal_path());
+  journal[20] ^= 0x5a;
+  Write(journal_path(), journal);
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto state = store->Load();
+  ASSERT_FALSE(state.ok());
+  EXPECT_EQ(state.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(state.status().message()), HasSubstr(journal_path()));
+  EXPECT_THAT(std::string(state.status().message()), HasSubstr("damaged"));
+}
+
 TEST_F(StateStoreTest, LeftoverTemporaryFileDoesNotBlockStart) {
   auto store = StateStore::Open(dir_);
   ASSERT_TRUE(store->Save(Example()).ok());

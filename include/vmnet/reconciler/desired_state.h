@@ -165,7 +165,9 @@ class DesiredState {
 
   explicit DesiredState(StateStore* store) : store_(store) {}
   void Set(const std::string& vm_id, std::optional<VmRecord> record);
-  absl::Status Persist() const;
+  // Makes the VMs in unsaved_ and the lease durable: appended to the
+  // store's journal, or the whole state saved when the store wants it.
+  absl::Status Persist();
 
   StateStore* store_;
   // A node per VM (a flat map's slots would be a whole VmRecord each, with a
@@ -181,6 +183,9 @@ class DesiredState {
   AddressIndex vm_allowing_address_;
   size_t ipv6_vms_ = 0;
   std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
+  // VMs changed (spec, removal or revision) since they were last made
+  // durable: the next Persist writes them.
+  absl::flat_hash_set<std::string> unsaved_;
   uint64_t revision_lease_ = 0;
   uint64_t last_revision_ = 0;
   uint64_t first_revision_ = 1;
