@@ -41,7 +41,8 @@ ABSL_FLAG(std::string, health_listen, Defaults().health_listen,
           "host:port of a plaintext port that serves only grpc.health.v1.Health, for "
           "probes that cannot present a client certificate (Kubernetes). Empty: none.");
 ABSL_FLAG(std::string, state_dir, Defaults().state_dir,
-          "Directory of the durable desired state (state.bin) and its lock. "
+          "Directory of the durable desired state (state.bin and its journal, "
+          "journal.bin) and its lock. "
           "Requests are acknowledged only once the state is on disk here.");
 ABSL_FLAG(std::string, uplinks, Defaults().uplinks,
           "Comma-separated host interfaces on which VM addresses are published "
