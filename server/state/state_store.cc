@@ -124,12 +124,14 @@ JournalScan ScanJournal(absl::string_view journal) {
 StateStore::StateStore(std::string dir, int dir_fd, int lock_fd)
     : dir_(std::move(dir)),
       path_(absl::StrCat(dir_, "/", kStateFile)),
+      journal_path_(absl::StrCat(dir_, "/", kJournalFile)),
       dir_fd_(dir_fd),
       lock_fd_(lock_fd) {}
 
 StateStore::StateStore(StateStore&& other) noexcept
     : dir_(std::move(other.dir_)),
       path_(std::move(other.path_)),
+      journal_path_(std::move(other.journal_path_)),
       dir_fd_(std::exchange(other.dir_fd_, -1)),
       lock_fd_(std::exchange(other.lock_fd_, -1)),
       journal_fd_(std::exchange(other.journal_fd_, -1)),
@@ -171,7 +173,7 @@ absl::StatusOr<StateStore> StateStore::Open(const std::string& dir) {
   if (fstatat(dir_fd, kStateFile, &st, AT_SYMLINK_NOFOLLOW) == 0) {
     store.state_bytes_ = static_cast<size_t>(st.st_size);
   }
-  std::string journal_path = absl::StrCat(dir, "/", kJournalFile);
+  const std::string& journal_path = store.journal_path_;
   auto journal = store.ReadFile(kJournalFile, journal_path);
   if (!journal.ok()) return journal.status();
   JournalScan scan = ScanJournal(*journal);
@@ -219,7 +221,6 @@ absl::StatusOr<std::string> StateStore::ReadFile(const char* name,
 
 absl::Status StateStore::OpenJournal() {
   if (journal_fd_ >= 0) return absl::OkStatus();
-  std::string path = absl::StrCat(dir_, "/", kJournalFile);
   int flags = O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC;
   journal_fd_ = openat(dir_fd_, kJournalFile, flags | O_CREAT | O_EXCL, 0600);
   if (journal_fd_ >= 0) {
@@ -227,10 +228,16 @@ absl::Status StateStore::OpenJournal() {
     if (fsync(dir_fd_) != 0) return ErrnoError("fsync", dir_);
     return absl::OkStatus();
   }
-  if (errno != EEXIST) return ErrnoError("create", path);
+  if (errno != EEXIST) return ErrnoError("create", journal_path_);
   journal_fd_ = openat(dir_fd_, kJournalFile, flags);
-  if (journal_fd_ < 0) return ErrnoError("open", path);
+  if (journal_fd_ < 0) return ErrnoError("open", journal_path_);
   return absl::OkStatus();
+}
+
+absl::Status StateStore::Lost(absl::Status s) const {
+  VMNET_LOG(Error) << "event=state_dir_lost state_dir=" << dir_ << " error=\""
+                   << s.message() << "\"";
+  return s;
 }
 
 absl::Status StateStore::CheckDirectory() const {
@@ -451,14 +458,13 @@ absl::StatusOr<StoredState> StateStore::Load() const {
   if (absl::Status s = CheckDirectory(); !s.ok()) return s;
   auto bytes = ReadFile(kStateFile, path_);
   if (!bytes.ok()) return bytes.status();
-  std::string journal_path = absl::StrCat(dir_, "/", kJournalFile);
-  auto journal = ReadFile(kJournalFile, journal_path);
+  auto journal = ReadFile(kJournalFile, journal_path_);
   if (!journal.ok()) return journal.status();
   struct stat st;
   bool state_exists = fstatat(dir_fd_, kStateFile, &st, AT_SYMLINK_NOFOLLOW) == 0;
   if (bytes->empty() && state_exists) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "state file ", path_, " is damaged: it is empty. Move it and ", journal_path,
+        "state file ", path_, " is damaged: it is empty. Move it and ", journal_path_,
         " aside to start with an empty state (the kernel objects of VMs not in the state "
         "are then removed)"));
   }
@@ -466,9 +472,9 @@ absl::StatusOr<StoredState> StateStore::Load() const {
   if (!state.ok()) {
     bool in_journal = absl::StartsWith(state.status().message(), "journal: ");
     return absl::FailedPreconditionError(absl::StrCat(
-        in_journal ? "state journal " : "state file ", in_journal ? journal_path : path_,
+        in_journal ? "state journal " : "state file ", in_journal ? journal_path_ : path_,
         " is damaged: ", state.status().message(), ". Move ", path_, " and ",
-        journal_path,
+        journal_path_,
         " aside to start with an empty state (the kernel objects of "
         "VMs not in the state are then removed)"));
   }
@@ -485,18 +491,13 @@ absl::Status StateStore::Save(absl::Span<const StoredVmRef> vms,
   // path, nor into the removed one) and after it (the directory may have
   // been moved away while it was written): either way the caller changes
   // nothing and acknowledges nothing.
-  auto lost = [this](const absl::Status& s) {
-    VMNET_LOG(Error) << "event=state_dir_lost state_dir=" << dir_ << " error=\""
-                     << s.message() << "\"";
-    return s;
-  };
-  if (absl::Status s = CheckDirectory(); !s.ok()) return lost(s);
+  if (absl::Status s = CheckDirectory(); !s.ok()) return Lost(s);
   std::string tmp = absl::StrCat(dir_, "/", kTempFile);
   int fd = openat(dir_fd_, kTempFile,
                   O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) {
     absl::Status s = ErrnoError("create", tmp);
-    if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+    if (absl::Status check = CheckDirectory(); !check.ok()) return Lost(check);
     return s;
   }
   std::string encoded = Encode(vms, revision_lease);
@@ -508,7 +509,7 @@ absl::Status StateStore::Save(absl::Span<const StoredVmRef> vms,
     s = ErrnoError("rename to", path_);
   }
   if (s.ok() && fsync(dir_fd_) != 0) s = ErrnoError("fsync", dir_);
-  if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+  if (absl::Status check = CheckDirectory(); !check.ok()) return Lost(check);
   if (!s.ok()) return s;
   state_bytes_ = encoded_size;
   // The new file holds what the journal held: empty it. Were this lost in a
@@ -517,12 +518,11 @@ absl::Status StateStore::Save(absl::Span<const StoredVmRef> vms,
   // next Save (appending after a torn frame would make it damage).
   if (journal_bytes_ == 0 && !journal_broken_) return s;
   journal_broken_ = true;
-  std::string journal_path = absl::StrCat(dir_, "/", kJournalFile);
   if (absl::Status open = OpenJournal(); !open.ok()) {
     VMNET_LOG(Warning) << "event=state_journal_not_emptied error=\"" << open.message()
                        << "\"";
   } else if (ftruncate(journal_fd_, 0) != 0 || fdatasync(journal_fd_) != 0) {
-    VMNET_LOG(Warning) << "event=state_journal_not_emptied journal=" << journal_path
+    VMNET_LOG(Warning) << "event=state_journal_not_emptied journal=" << journal_path_
                        << " error=\"" << strerror(errno) << "\"";
   } else {
     journal_bytes_ = 0;
@@ -539,21 +539,15 @@ bool StateStore::WantsSave() const {
 absl::Status StateStore::Append(absl::Span<const StoredVmRef> vms,
                                 absl::Span<const std::string> removed,
                                 uint64_t revision_lease) {
-  auto lost = [this](const absl::Status& s) {
-    VMNET_LOG(Error) << "event=state_dir_lost state_dir=" << dir_ << " error=\""
-                     << s.message() << "\"";
-    return s;
-  };
   if (journal_broken_) {
     return absl::InternalError(
         "the journal's end is unknown after a failed append: Save");
   }
-  if (absl::Status s = CheckDirectory(); !s.ok()) return lost(s);
+  if (absl::Status s = CheckDirectory(); !s.ok()) return Lost(s);
   if (absl::Status s = OpenJournal(); !s.ok()) return s;
-  std::string journal_path = absl::StrCat(dir_, "/", kJournalFile);
   std::string frame = Encode(vms, revision_lease, removed);
-  absl::Status s = WriteAll(journal_fd_, frame, journal_path);
-  if (s.ok() && fdatasync(journal_fd_) != 0) s = ErrnoError("fdatasync", journal_path);
+  absl::Status s = WriteAll(journal_fd_, frame, journal_path_);
+  if (s.ok() && fdatasync(journal_fd_) != 0) s = ErrnoError("fdatasync", journal_path_);
   if (!s.ok()) {
     // Part of the frame may be in the file: cut it off, or have the next
     // commit rewrite the state file and empty the journal.
@@ -564,7 +558,7 @@ absl::Status StateStore::Append(absl::Span<const StoredVmRef> vms,
     return s;
   }
   journal_bytes_ += frame.size();
-  if (absl::Status check = CheckDirectory(); !check.ok()) return lost(check);
+  if (absl::Status check = CheckDirectory(); !check.ok()) return Lost(check);
   return absl::OkStatus();
 }
 

@@ -114,9 +114,12 @@ class StateStore {
   StateStore(std::string dir, int dir_fd, int lock_fd);
   std::string dir_;
   std::string path_;
+  std::string journal_path_;
   absl::StatusOr<std::string> ReadFile(const char* name, const std::string& path) const;
   // Opens the journal for appending (creating it, durably) if not open.
   absl::Status OpenJournal();
+  // `s` (the directory was removed or replaced), logged as event=state_dir_lost.
+  absl::Status Lost(absl::Status s) const;
 
   int dir_fd_ = -1;   // the directory locked, opened once
   int lock_fd_ = -1;  // "lock" in it, flock()ed
