@@ -36,10 +36,12 @@ void TuneAllocator() {
   mallopt(M_TRIM_THRESHOLD, 1 << 20);
 }
 
-MemoryTrimmer::MemoryTrimmer(int interval_ms, int max_interval_ms, size_t slack_bytes)
+MemoryTrimmer::MemoryTrimmer(int interval_ms, int max_interval_ms,
+                             size_t busy_slack_bytes, size_t settled_slack_bytes)
     : interval_ms_(interval_ms),
       max_interval_ms_(std::max(interval_ms, max_interval_ms)),
-      slack_bytes_(slack_bytes),
+      busy_slack_bytes_(busy_slack_bytes),
+      settled_slack_bytes_(settled_slack_bytes),
       thread_([this] { Run(); }) {}
 
 MemoryTrimmer::~MemoryTrimmer() {
@@ -57,35 +59,50 @@ size_t MemoryTrimmer::trims() const {
 }
 
 void MemoryTrimmer::Run() {
-  size_t last_resident = ResidentBytes();
-  size_t floor = Slack(last_resident);
+  size_t resident = ResidentBytes();
+  TrimPolicy policy(busy_slack_bytes_, settled_slack_bytes_, resident, Slack(resident));
   int interval_ms = interval_ms_;
   std::unique_lock<std::mutex> lock(mu_);
   while (!wake_.wait_for(lock, std::chrono::milliseconds(interval_ms),
                          [this] { return stop_; })) {
     lock.unlock();
-    size_t resident = ResidentBytes();
-    size_t slack = Slack(resident);
-    bool trimmed = false;
-    if (slack > floor + slack_bytes_) {
+    resident = ResidentBytes();
+    bool trimmed = policy.Check(resident, Slack(resident));
+    if (trimmed) {
       malloc_trim(0);
       resident = ResidentBytes();
-      slack = Slack(resident);
-      trimmed = true;
-      floor = slack;  // what could not be given back does not count again
-    } else if (slack < floor) {
-      floor = slack;
+      policy.Trimmed(resident, Slack(resident));
     }
     // Checked often while memory moves, rarely while it stands still: what
     // a transient freed shows in the checks that follow its growth.
-    size_t moved =
-        resident > last_resident ? resident - last_resident : last_resident - resident;
-    last_resident = resident;
-    interval_ms = trimmed || moved > kStill ? interval_ms_
-                                            : std::min(interval_ms * 2, max_interval_ms_);
+    interval_ms = trimmed || policy.moving()
+                      ? interval_ms_
+                      : std::min(interval_ms * 2, max_interval_ms_);
     lock.lock();
     trims_ += trimmed;
   }
+}
+
+TrimPolicy::TrimPolicy(size_t busy_slack_bytes, size_t settled_slack_bytes,
+                       size_t resident, size_t slack)
+    : busy_slack_bytes_(busy_slack_bytes),
+      settled_slack_bytes_(settled_slack_bytes),
+      last_resident_(resident),
+      floor_(slack) {}
+
+bool TrimPolicy::Check(size_t resident, size_t slack) {
+  size_t moved =
+      resident > last_resident_ ? resident - last_resident_ : last_resident_ - resident;
+  bool settled = moving_ && moved <= kStill;
+  moving_ = moved > kStill;
+  last_resident_ = resident;
+  if (slack < floor_) floor_ = slack;
+  return slack > floor_ + (settled ? settled_slack_bytes_ : busy_slack_bytes_);
+}
+
+void TrimPolicy::Trimmed(size_t resident, size_t slack) {
+  last_resident_ = resident;
+  floor_ = slack;  // what could not be given back does not count again
 }
 
 }  // namespace vmnet

@@ -17,16 +17,45 @@ namespace vmnet {
 // keep such blocks in the heap). Call once, before any thread starts.
 void TuneAllocator();
 
+// When to trim, from what each check reads: the process's RSS and its
+// "slack", RSS minus the heap in use (the free memory the allocator keeps,
+// over a floor of what no trim gives back: code, stacks). While RSS moves (a
+// storm, a scrape: it changed by more than 1 MiB since the last check) a trim
+// is due when slack grew by more than `busy_slack_bytes` since the last trim,
+// so a long storm stays bounded without a trim at every check. At the first
+// check that finds RSS still after it moved, a trim is due when slack grew by
+// more than `settled_slack_bytes`: what a burst freed is given back when the
+// burst ends, not kept up to the busy threshold for good.
+class TrimPolicy {
+ public:
+  TrimPolicy(size_t busy_slack_bytes, size_t settled_slack_bytes, size_t resident,
+             size_t slack);
+
+  // One check's reading; true when a trim is due now. After a trim, call
+  // Trimmed with the reading that follows it.
+  bool Check(size_t resident, size_t slack);
+  void Trimmed(size_t resident, size_t slack);
+  // RSS moved at the last check.
+  bool moving() const { return moving_; }
+
+ private:
+  static constexpr size_t kStill = 1 << 20;
+  const size_t busy_slack_bytes_;
+  const size_t settled_slack_bytes_;
+  size_t last_resident_;
+  size_t floor_;
+  bool moving_ = false;
+};
+
 class MemoryTrimmer {
  public:
-  // Checks every `interval_ms` while the process's RSS moves (by more than
-  // 1 MiB between checks), and at intervals doubling up to `max_interval_ms`
-  // while it stands still (an idle agent: a check every 3.2 s, not 5 a
-  // second; a check reads /proc/self/statm and walks the heap's arenas).
-  // Trims when RSS minus the heap in use grew by more than `slack_bytes`
-  // since the last trim.
+  // Checks every `interval_ms` while the process's RSS moves, and at
+  // intervals doubling up to `max_interval_ms` while it stands still (an
+  // idle agent: a check every 3.2 s, not 5 a second; a check reads
+  // /proc/self/statm and walks the heap's arenas). Trims as TrimPolicy says.
   explicit MemoryTrimmer(int interval_ms = 200, int max_interval_ms = 3200,
-                         size_t slack_bytes = 4 << 20);
+                         size_t busy_slack_bytes = 4 << 20,
+                         size_t settled_slack_bytes = 256 << 10);
   ~MemoryTrimmer();
   MemoryTrimmer(const MemoryTrimmer&) = delete;
   MemoryTrimmer& operator=(const MemoryTrimmer&) = delete;
@@ -36,10 +65,10 @@ class MemoryTrimmer {
  private:
   void Run();
 
-  static constexpr size_t kStill = 1 << 20;
   const int interval_ms_;
   const int max_interval_ms_;
-  const size_t slack_bytes_;
+  const size_t busy_slack_bytes_;
+  const size_t settled_slack_bytes_;
   mutable std::mutex mu_;
   std::condition_variable wake_;
   bool stop_ = false;
