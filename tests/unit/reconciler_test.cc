@@ -15,6 +15,8 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "fake_clock.h"
 #include "fake_kernel.h"
 #include "vmnet/events/event_log.h"
@@ -199,6 +201,31 @@ TEST_F(ReconcilerTest, AttachProgramsEveryObjectOfTheRecipe) {
   EXPECT_EQ(neigh->lladdr->ToString(), "02:00:00:00:00:01");
   EXPECT_TRUE(neigh->state & NUD_PERMANENT);
   EXPECT_EQ(CountEvents(v1::EVENT_TYPE_VM_ADDED), 1u);
+}
+
+// The attach's event says how many kernel writes it took, by kind, not each
+// write: the Watch history retains it, one per VM.
+TEST_F(ReconcilerTest, AttachEventCountsItsWritesByKind) {
+  kernel_.AddLink("vme1a");
+  StartAgent();
+  size_t before = kernel_.writes_applied();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}, "02:00:00:00:00:01").ok());
+  size_t writes = kernel_.writes_applied() - before;
+  std::vector<std::string> details;
+  for (const v1::WatchEvent& e : watcher_.events()) {
+    if (e.type() == v1::EVENT_TYPE_VM_ADDED) details.push_back(e.detail());
+  }
+  ASSERT_EQ(details.size(), 1u);
+  const std::string& detail = details[0];
+  EXPECT_TRUE(
+      absl::StartsWith(detail, absl::StrCat("attached: ", writes, " kernel writes (")))
+      << detail;
+  // The gateway address, the route, the proxy entry on eth0, the MAC's neighbour.
+  for (const char* kind :
+       {" address=1", " route=1", " proxy_neighbor=1", " neighbor=1"}) {
+    EXPECT_TRUE(absl::StrContains(detail, kind)) << detail << " lacks" << kind;
+  }
+  EXPECT_FALSE(absl::StrContains(detail, "198.51.100.201")) << detail;
 }
 
 TEST_F(ReconcilerTest, AcknowledgedAttachIsAlreadyOnDisk) {
