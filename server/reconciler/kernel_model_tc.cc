@@ -36,6 +36,14 @@ void KernelModel::ForgetTc(int ifindex) {
 }
 
 void KernelModel::ReplaceQdisc(const Qdisc& q) {
+  // The kernel's default root qdisc (handle 0: the fq_codel or noqueue every
+  // new link gets) is not kept: to the planner it is the same as none (a
+  // replace puts a tbf in its place, and there is nothing of ours to
+  // remove), and keeping it would cost 110 bytes for every VM link.
+  if (q.parent == kernel::kRootParent && q.handle == 0) {
+    qdiscs_.erase(QdiscKey::Of(q));
+    return;
+  }
   // Whole, statistics included (Qdisc's operator== leaves them out).
   auto [it, inserted] = qdiscs_.insert(q);
   if (!inserted) {
