@@ -68,7 +68,7 @@ void DesiredState::Set(const std::string& vm_id, std::optional<VmRecord> record)
   const VmSpec* spec = record->spec.get();
   if (spec->has_ipv6()) ++ipv6_vms_;
   // An entry is replaced, not kept: it points into the spec it names.
-  auto index = [spec](AddressIndex& to, const IpAddress& a) {
+  auto index = [spec](SpecAddressIndex& to, const IpAddress& a) {
     to.erase(a);
     to.insert(SpecAddress{&a, spec});
   };

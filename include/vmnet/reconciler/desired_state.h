@@ -22,6 +22,7 @@
 #include "absl/hash/hash.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "vmnet/reconciler/spec_index.h"
 #include "vmnet/state/state_store.h"
 #include "vmnet/vm/vm.h"
 
@@ -128,41 +129,6 @@ class DesiredState {
   uint64_t first_revision() const { return first_revision_; }
 
  private:
-  // An index entry: one of a spec's addresses (or of its allowed source
-  // prefixes), pointing into the immutable spec.
-  struct SpecAddress {
-    const IpAddress* address;
-    const VmSpec* spec;
-  };
-  // The indexes are sets of pointers into the specs that hash and compare
-  // what they point at, so that they are searched by the address or the
-  // name itself (transparent functors).
-  struct AddressHash {
-    using is_transparent = void;
-    size_t operator()(const IpAddress& a) const { return absl::Hash<IpAddress>()(a); }
-    size_t operator()(const SpecAddress& s) const { return (*this)(*s.address); }
-  };
-  struct AddressEq {
-    using is_transparent = void;
-    static const IpAddress& Of(const IpAddress& a) { return a; }
-    static const IpAddress& Of(const SpecAddress& s) { return *s.address; }
-    bool operator()(const auto& a, const auto& b) const { return Of(a) == Of(b); }
-  };
-  struct InterfaceHash {
-    using is_transparent = void;
-    size_t operator()(absl::string_view name) const {
-      return absl::Hash<absl::string_view>()(name);
-    }
-    size_t operator()(const VmSpec* s) const { return (*this)(s->interface); }
-  };
-  struct InterfaceEq {
-    using is_transparent = void;
-    static absl::string_view Of(absl::string_view name) { return name; }
-    static absl::string_view Of(const VmSpec* s) { return s->interface; }
-    bool operator()(const auto& a, const auto& b) const { return Of(a) == Of(b); }
-  };
-  using AddressIndex = absl::flat_hash_set<SpecAddress, AddressHash, AddressEq>;
-
   explicit DesiredState(StateStore* store) : store_(store) {}
   void Set(const std::string& vm_id, std::optional<VmRecord> record);
   // Makes the VMs in unsaved_ and the lease durable: appended to the
@@ -175,12 +141,11 @@ class DesiredState {
   // the record's own spec->vm_id, so that the id is stored once; Set
   // replaces key and record together.
   absl::node_hash_map<absl::string_view, VmRecord> vms_;
-  // Slots of 16 bytes (address index) and 8 (interface index), where maps
-  // from an IpAddress or a string_view to the spec were 32 and 24: 10,000
-  // VMs fill 16,383 slots. Set erases a record's entries before the record.
-  AddressIndex vm_of_address_;
-  absl::flat_hash_set<const VmSpec*, InterfaceHash, InterfaceEq> vm_of_interface_;
-  AddressIndex vm_allowing_address_;
+  // Pointers into the specs (spec_index.h). Set erases a record's entries
+  // before the record.
+  SpecAddressIndex vm_of_address_;
+  SpecInterfaceIndex vm_of_interface_;
+  SpecAddressIndex vm_allowing_address_;
   size_t ipv6_vms_ = 0;
   std::vector<std::pair<std::string, std::optional<VmRecord>>> undo_;
   // VMs changed (spec, removal or revision) since they were last made
