@@ -21,8 +21,16 @@
 // of the last answer and the event that made the last VM PROGRAMMED (answers_wall_s: to
 // the last answer).
 //
+// With --detach the storm is one of DetachVm calls instead, for the same VMs
+// (first..first+count-1) with the same --concurrency and --channels: every
+// answer must be OK (the VM is gone from the host; allow_missing is not set,
+// so a VM that was not attached fails). No watchers, limits or --settle then.
+// bench/run.py detaches after each storm so that the next one starts from
+// zero VMs on the same links.
+//
 // Prints one JSON object on stdout; exit status 0 when every attach was
-// programmed and every watcher saw every event, 1 otherwise.
+// programmed (or every detach answered OK) and every watcher saw every event,
+// 1 otherwise.
 #include <sys/resource.h>
 
 #include <atomic>
@@ -55,6 +63,9 @@ ABSL_FLAG(uint64_t, burst_bytes, 0,
 ABSL_FLAG(bool, settle, false,
           "PENDING answers are not failures: the storm ends when a Watch stream has seen "
           "every VM PROGRAMMED (needed with --egress_bps).");
+ABSL_FLAG(bool, detach, false,
+          "DetachVm the VMs instead of attaching them; every answer must be OK. Not with "
+          "--watchers, --settle or limits.");
 ABSL_FLAG(
     double, watch_timeout_s, 60,
     "After the last attach answered, how long the watchers may take to see every event.");
@@ -64,6 +75,8 @@ namespace {
 
 using v1::AttachVmRequest;
 using v1::AttachVmResponse;
+using v1::DetachVmRequest;
+using v1::DetachVmResponse;
 using v1::VmNetwork;
 using v1::WatchEvent;
 using v1::WatchResponse;
@@ -74,24 +87,26 @@ struct Outcome {
   std::mutex mu;
   std::condition_variable done_cv;
   int answered = 0;
-  int programmed = 0;
+  int programmed = 0;                       // attached PROGRAMMED, or detached OK
   int pending = 0;                          // answered PENDING, with --settle
   std::map<std::string, int64_t> failures;  // gRPC code or VM state -> count
   std::string first_failure;
   double last_answer = 0;
 };
 
-// Keeps `concurrency` AttachVm calls in flight; each answer starts the next.
+// Keeps `concurrency` AttachVm (or, with `detach`, DetachVm) calls in
+// flight; each answer starts the next.
 class Storm {
  public:
   Storm(std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs, int first, int count,
-        double timeout_s, const v1::Bandwidth& bandwidth, bool settle)
+        double timeout_s, const v1::Bandwidth& bandwidth, bool settle, bool detach)
       : stubs_(stubs),
         first_(first),
         count_(count),
         timeout_s_(timeout_s),
         bandwidth_(bandwidth),
-        settle_(settle) {}
+        settle_(settle),
+        detach_(detach) {}
 
   void Start(int concurrency) {
     for (int i = 0; i < concurrency; ++i) StartNext();
@@ -115,25 +130,57 @@ class Storm {
     AttachVmRequest request;
     AttachVmResponse response;
   };
+  struct DetachCall {
+    grpc::ClientContext context;
+    DetachVmRequest request;
+    DetachVmResponse response;
+  };
 
   void StartNext() {
     int i = next_.fetch_add(1);
     if (i >= count_) return;
+    auto deadline = std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000));
+    auto& stub = (*stubs_)[static_cast<size_t>(i) % stubs_->size()];
+    if (detach_) {
+      auto* call = new DetachCall;
+      call->request.set_vm_id(VmId(first_ + i));
+      call->context.set_deadline(deadline);
+      stub->async()->DetachVm(&call->context, &call->request, &call->response,
+                              [this, call](grpc::Status status) {
+                                RecordDetach(call->request.vm_id(), status);
+                                delete call;
+                                StartNext();
+                              });
+      return;
+    }
     auto* call = new Call;
     call->request.set_vm_id(VmId(first_ + i));
     call->request.set_interface(Interface(first_ + i));
     call->request.add_ip_addresses(Address(first_ + i));
     if (bandwidth_.ByteSizeLong() != 0) *call->request.mutable_bandwidth() = bandwidth_;
-    call->context.set_deadline(
-        std::chrono::system_clock::now() +
-        std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
-    auto& stub = (*stubs_)[static_cast<size_t>(i) % stubs_->size()];
+    call->context.set_deadline(deadline);
     stub->async()->AttachVm(&call->context, &call->request, &call->response,
                             [this, call](grpc::Status status) {
                               Record(*call, status);
                               delete call;
                               StartNext();
                             });
+  }
+
+  void RecordDetach(const std::string& vm_id, const grpc::Status& status) {
+    std::lock_guard lock(outcome_.mu);
+    if (status.ok()) {
+      ++outcome_.programmed;
+    } else {
+      ++outcome_.failures[absl::StrCat("grpc_code_", status.error_code())];
+      if (outcome_.first_failure.empty()) {
+        outcome_.first_failure = absl::StrCat(vm_id, ": ", status.error_message());
+      }
+    }
+    ++outcome_.answered;
+    outcome_.last_answer = Now();
+    if (outcome_.answered == count_) outcome_.done_cv.notify_all();
   }
 
   void Record(const Call& call, const grpc::Status& status) {
@@ -169,6 +216,7 @@ class Storm {
   const double timeout_s_;
   const v1::Bandwidth bandwidth_;
   const bool settle_;
+  const bool detach_;
   std::atomic<int> next_{0};
   Outcome outcome_;
 };
@@ -401,6 +449,38 @@ double CpuSeconds() {
          static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
 }
 
+// --detach: DetachVm for every VM, `concurrency` calls in flight; every
+// answer must be OK.
+int DetachStorm(std::vector<std::unique_ptr<VmNetwork::Stub>>* stubs, int first,
+                int count, JsonObject* result) {
+  const double timeout_s = absl::GetFlag(FLAGS_timeout_s);
+  double cpu_before = CpuSeconds();
+  double start = Now();
+  Storm storm(stubs, first, count, timeout_s, v1::Bandwidth(), /*settle=*/false,
+              /*detach=*/true);
+  storm.Start(std::max(1, absl::GetFlag(FLAGS_concurrency)));
+  bool finished = storm.Wait(start + timeout_s + 5);
+  Outcome& o = storm.outcome();
+  bool ok;
+  {
+    std::lock_guard lock(o.mu);
+    double wall = (finished ? o.last_answer : Now()) - start;
+    ok = finished && o.programmed == count;
+    result->Add("mode", "detach")
+        .Add("finished", finished)
+        .Add("answered", o.answered)
+        .Add("detached", o.programmed)
+        .Add("failures", o.failures)
+        .Add("first_failure", o.first_failure)
+        .Add("started_at", start)
+        .Add("wall_s", wall)
+        .Add("detaches_per_s", count / std::max(wall, 1e-9));
+  }
+  result->Add("client_cpu_s", CpuSeconds() - cpu_before).Add("ok", ok);
+  std::cout << result->ToString() << std::endl;
+  return ok ? 0 : 1;
+}
+
 int Main() {
   const std::string target = absl::GetFlag(FLAGS_target);
   const int first = absl::GetFlag(FLAGS_first);
@@ -409,6 +489,15 @@ int Main() {
   if (target.empty() || count <= 0 || first < 0 || first + count > kMaxVms) {
     std::cerr << "vmnet_attach_storm: give --target, --count and --first (first + count "
               << "at most " << kMaxVms << ")\n";
+    return 2;
+  }
+  const bool detach = absl::GetFlag(FLAGS_detach);
+  if (detach &&
+      (watcher_count != 0 || absl::GetFlag(FLAGS_settle) ||
+       absl::GetFlag(FLAGS_ingress_bps) != 0 || absl::GetFlag(FLAGS_egress_bps) != 0 ||
+       absl::GetFlag(FLAGS_burst_bytes) != 0)) {
+    std::cerr << "vmnet_attach_storm: --detach takes no --watchers, --settle, "
+              << "--ingress_bps, --egress_bps or --burst_bytes\n";
     return 2;
   }
   JsonObject result;
@@ -427,6 +516,7 @@ int Main() {
     }
     stubs.push_back(VmNetwork::NewStub(channel));
   }
+  if (detach) return DetachStorm(&stubs, first, count, &result);
 
   std::vector<std::unique_ptr<Watcher>> watchers;
   for (int i = 0; i < watcher_count; ++i) {
@@ -469,7 +559,8 @@ int Main() {
 
   double cpu_before = CpuSeconds();
   double start = Now();
-  Storm storm(&stubs, first, count, absl::GetFlag(FLAGS_timeout_s), bandwidth, settle);
+  Storm storm(&stubs, first, count, absl::GetFlag(FLAGS_timeout_s), bandwidth, settle,
+              /*detach=*/false);
   storm.Start(std::max(1, absl::GetFlag(FLAGS_concurrency)));
   bool finished = storm.Wait(start + absl::GetFlag(FLAGS_timeout_s) + 5);
   Outcome& o = storm.outcome();
@@ -553,8 +644,8 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "attaches lab VMs over gRPC with many calls in flight and prints the wall time "
-      "(JSON)");
+      "attaches (or, with --detach, detaches) lab VMs over gRPC with many calls in "
+      "flight and prints the wall time (JSON)");
   absl::ParseCommandLine(argc, argv);
   return vmnet::bench::Main();
 }

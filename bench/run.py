@@ -2,13 +2,13 @@
 """vmnet benchmarks: vmnetd and the kernel's own tools side by side, in a namespace lab.
 
     bench/run.sh [--vms N] [--quick] [--json FILE] [--profile DIR | --heaptrack DIR]
-                 [--agent-flags '--flag=value ...']
+                 [--agent-flags '--flag=value ...'] [--watch-rounds R]
                  [--only baseline,watch,getvm,agent,portsec,bandwidth]
 
 A "host" is a network namespace with an uplink veth (eth0) to a namespace of its own standing
 for computer X, and N tap devices vme0, vme1, ... created with `ip -batch`. Host b gets the
 baseline `ip -batch`; host d the same batch VM by VM (for information); host c a vmnetd whose
-attach storm is followed by 100 Watch streams; host g (N+1 taps) a vmnetd read by GetVm while
+attach storms alternate without and with 100 Watch streams; host g (N+1 taps) a vmnetd read by GetVm while
 idle and during its storm; host a a vmnetd for everything else; hosts r (10 taps) and p (N
 taps and a veth to a VM namespace) a vmnetd with port security (issue 12); host t the
 bandwidth baseline and host l a vmnetd attaching VMs with bandwidth limits (issue 15). --only
@@ -41,7 +41,12 @@ bandwidth: t and l). Rows, each with its baseline in the same run:
   drift repair    200 routes deleted one at a time over rtnetlink: delete to re-added, p50/p99
   /metrics        scrape time  vs  prometheus-node-exporter (netdev collector only) in host a
   memory          (RSS with N VMs - RSS empty) / N, after the storm and at its high-water mark
-  Watch fan-out   attach storm time with 100 watchers / without; every watcher sees every event
+  Watch fan-out   (host c, one agent) median storm time with 100 watchers / median without, of
+                  R storms each (--watch-rounds, default 3, 1 with --quick) in ABBA order
+                  (without, with, with, without, ...); after each storm but the last a detach
+                  storm (vmnet_attach_storm --detach) and the links reset (down, forwarding on),
+                  so each storm starts from 0 VMs on the same links; every watcher must see
+                  every event in every watched storm. Every sample is in the log and the JSON
   idle watchers   then (host c, N VMs, no changes) 100 idle Watch streams with progress every
                   1 s: the agent's RSS per stream, and its CPU with them vs without
   ListRoutes/Arp  every page of 1000  vs  `ip route show` / `ip neigh show proxy`
@@ -83,6 +88,7 @@ of one run.
 import argparse
 import atexit
 import ctypes
+import difflib
 import hashlib
 import json
 import os
@@ -112,7 +118,9 @@ GETVM_CONTROL = "health"  # the loop alternates GetVm with grpc.health.v1.Health
 SKIPPED = 77  # exit status when the lab cannot be built here (CTest SKIP_RETURN_CODE)
 TOOLS = ("vmnet_attach_storm", "vmnet_getvm_latency", "vmnet_list_pages", "vmnet_wait_serving",
          "vmnet_drift_repair", "vmnet_idle_watchers")
-IDLE_WATCHERS = 100  # idle Watch streams held after the watched storm (host c)
+FANOUT_WATCHERS = 100  # Watch streams following the watched storms of the fan-out row (host c)
+FANOUT_ROUNDS = 3  # pairs of storms (without, with watchers) on host c; 1 with --quick
+IDLE_WATCHERS = 100  # idle Watch streams held after the fan-out rounds (host c)
 IDLE_PROGRESS_MS = 1000  # their progress_interval
 # --only: the phases, each in hosts of its own (see Bench.run).
 PHASES = ("baseline", "watch", "getvm", "agent", "portsec", "bandwidth")
@@ -411,6 +419,21 @@ def count_kernel_objects(ns):
     addresses = run("ip", "-n", ns, "-4", "-o", "addr", "show", timeout=60).stdout.count(
         f" {GATEWAY}/32 ")
     return routes, proxies, addresses
+
+
+def link_state(ns, links):
+    """{link: what the kernel shows of it}: `ip -d addr show` (flags, qdisc, addresses) and its
+    IPv4 and IPv6 sysctls, for comparing a link before and after an attach and detach."""
+    state = {}
+    for link in links:
+        shown = run("ip", "-n", ns, "-d", "addr", "show", "dev", link).stdout
+        # grep of the link's own directories (`sysctl -a` would read every link's); one
+        # entry, stable_secret, cannot be read while unset: -s, and no check of the status.
+        sysctls = run("ip", "netns", "exec", ns, "grep", "-rs", ".",
+                      f"/proc/sys/net/ipv4/conf/{link}", f"/proc/sys/net/ipv6/conf/{link}",
+                      check=False).stdout
+        state[link] = shown + "".join(sorted(sysctls.splitlines(keepends=True)))
+    return state
 
 
 # -- traffic control (bandwidth limits, issue 15) ---------------------------------------------
@@ -772,6 +795,42 @@ class Agent:
     def metric_sum(self, name):
         return sum(self.metric(name).values())
 
+    def metric_sums(self, *names):
+        """{name: the sum of its series} of several metrics, from one scrape (a scrape of
+        10,000 VMs takes most of a second)."""
+        body = run("ip", "netns", "exec", self.ns, "curl", "-sf", f"http://{METRICS}/metrics",
+                   timeout=60).stdout
+        sums = dict.fromkeys(names, 0.0)
+        for line in body.splitlines():
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:{.*})? (\S+)$", line)
+            if m and m.group(1) in sums:
+                sums[m.group(1)] += float(m.group(2))
+        return sums
+
+    def wait_quiet(self, timeout=20.0, window=0.5, busy=0.05):
+        """Polls the agent's CPU until it used less than `busy` of a core over `window` s (its
+        last change's work and announcements are over), or `timeout` s passed. Returns (quiet,
+        seconds waited)."""
+        start = time.monotonic()
+        while True:
+            cpu, began = self.cpu_seconds(), time.monotonic()
+            time.sleep(window)
+            used = self.cpu_seconds() - cpu
+            if used < busy * (time.monotonic() - began):
+                return True, time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                return False, time.monotonic() - start
+
+
+def thread_cpu_delta(before, after):
+    """{thread name: CPU seconds} used between two Agent.thread_cpu_seconds(): summed over the
+    threads of a name, except "vmnetd" (the main thread and unnamed ones: the busiest)."""
+    by_name = {}
+    for tid, (name, seconds) in after.items():
+        by_name.setdefault(name, []).append(seconds - before.get(tid, (name, 0.0))[1])
+    return {name: round(max(v) if name == "vmnetd" else sum(v), 3)
+            for name, v in by_name.items() if max(v) >= 0.01}
+
 
 def find_descendant(pid, comm):
     """The pid of the first process named `comm` below `pid` (breadth first)."""
@@ -1113,11 +1172,12 @@ class Bench:
         self._nft_base = text
         return text
 
-    def storm(self, agent, watchers, key, before_scrape=None, extra=()):
+    def storm(self, agent, watchers, key, before_scrape=None, extra=(), store=True):
         """One attach storm of N VMs; `before_scrape` runs after it and before /metrics is
         read (a scrape leaves its memory in the agent's RSS); `extra`: more flags of
-        vmnet_attach_storm."""
-        passes = 0 if self.heap.directory else agent.metric_sum("vmnet_reconcile_passes_total")
+        vmnet_attach_storm. Recorded under results[key] unless `store` is False."""
+        counters = ("vmnet_reconcile_passes_total", "vmnet_kernel_writes_total")
+        before = {} if self.heap.directory else agent.metric_sums(*counters)
         cpu = agent.cpu_seconds()
         threads = agent.thread_cpu_seconds()
         with self.profiler.phase(key, pid=agent.pid):
@@ -1131,16 +1191,13 @@ class Bench:
         if before_scrape:
             before_scrape()
         if not self.heap.directory:  # a scrape would be the heap profile's peak
-            result["reconcile_passes"] = (agent.metric_sum("vmnet_reconcile_passes_total") -
-                                          passes)
-            result["kernel_writes"] = agent.metric_sum("vmnet_kernel_writes_total")
-        by_name = {}
-        for tid, (name, seconds) in after.items():
-            by_name.setdefault(name, []).append(seconds - threads.get(tid, (name, 0.0))[1])
-        result["thread_cpu_s"] = {
-            name: round(max(v) if name == "vmnetd" else sum(v), 3)
-            for name, v in by_name.items() if max(v) >= 0.01}
-        self.results[key] = result
+            sums = agent.metric_sums(*counters)
+            result["reconcile_passes"] = sums[counters[0]] - before[counters[0]]
+            result["kernel_writes"] = sums[counters[1]]  # since the agent started
+            result["storm_kernel_writes"] = sums[counters[1]] - before[counters[1]]
+        result["thread_cpu_s"] = thread_cpu_delta(threads, after)
+        if store:
+            self.results[key] = result
         self.check(result["ok"], f"{key}: {json.dumps(result)[:600]}")
         log(f"{key}: {self.n} attaches in {result['wall_s']:.3f} s "
             f"(agent CPU {result['agent_cpu_s']:.2f} s, client CPU {result['client_cpu_s']:.2f} s)"
@@ -1186,13 +1243,128 @@ class Bench:
             f"{memory['rss_empty_kib']} KiB")
 
     def watch_fanout(self, agent):
+        """Issue 16's fan-out row, on host c alone: R rounds (--watch-rounds; 3, 1 with
+        --quick) of one storm without watchers and one with FANOUT_WATCHERS, in ABBA order
+        (without, with, with, without, ...), on one agent. Every storm but the last is
+        followed by a detach storm and the links' reset (reset_links), so that each storm
+        starts from zero VMs on the same links in the same state; the agent is let go quiet
+        before each. The row is median(with) / median(without) of these samples, each one
+        recorded; then the idle watchers, on the last storm's N VMs."""
+        rounds = self.args.watch_rounds or (1 if self.args.quick else FANOUT_ROUNDS)
+        order = []
+        for r in range(rounds):
+            order += [0, FANOUT_WATCHERS] if r % 2 == 0 else [FANOUT_WATCHERS, 0]
+        began = time.monotonic()
+        # Links come up once and go down again before the agent starts: the kernel gives a
+        # link its default qdisc the first time it comes up and keeps it, so without this the
+        # first storm alone would pay for 10,000 qdiscs.
+        self.reset_links(agent.ns, up_first=True)
+        reference = link_state(agent.ns, self.sample_links())
         agent.start()
-        self.storm(agent, 100, "storm_watched")
+        samples = []
+        for i, watchers in enumerate(order):
+            label = "with" if watchers else "without"
+            quiet, waited = agent.wait_quiet()
+            load = os.getloadavg()[0]
+            result = self.storm(agent, watchers, f"watch_{i + 1}_{label}", store=False)
+            result.update(sample=i + 1, round=i // 2 + 1, quiet_before=quiet,
+                          quiet_wait_s=waited, load_average_1min=load)
+            samples.append(result)
+            if i + 1 < len(order):
+                result["detach"] = self.detach_storm(agent, f"watch_{i + 1}_detach")
+                started = time.monotonic()
+                self.reset_links(agent.ns)
+                result["reset_links_s"] = time.monotonic() - started
+                state = link_state(agent.ns, self.sample_links())
+                changed = [line for link in state for line in difflib.unified_diff(
+                    reference[link].splitlines(), state[link].splitlines(), lineterm="", n=0)
+                    if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+                self.check(not changed,
+                           f"watch fan-out: after detaching sample {i + 1}, links "
+                           f"{self.sample_links()} differ from before the first storm: "
+                           f"{'; '.join(changed)[:1500]}")
+        self.check_objects(agent.ns, "vmnetd (watch fan-out, last storm)")
+        with_ = [x for x in samples if x["watchers"]]
+        without = [x for x in samples if not x["watchers"]]
+
+        def median(xs, key):
+            return statistics.median(x[key] for x in xs)
+
+        fanout = {
+            "watchers": FANOUT_WATCHERS, "rounds": rounds, "order": order,
+            "median_with_s": median(with_, "wall_s"),
+            "median_without_s": median(without, "wall_s"),
+            "median_agent_cpu_with_s": median(with_, "agent_cpu_s"),
+            "median_agent_cpu_without_s": median(without, "agent_cpu_s"),
+            "all_seen": all(x.get("watchers_complete") == x["watchers"] and
+                            x.get("watch_revision_gaps") == 0 and
+                            x.get("watch_duplicates") == 0 for x in with_),
+            "samples": samples,
+        }
+        fanout["ratio"] = fanout["median_with_s"] / fanout["median_without_s"]
+        fanout["cpu_ratio"] = (fanout["median_agent_cpu_with_s"] /
+                               fanout["median_agent_cpu_without_s"])
+        threads = sorted({name for x in samples for name in x.get("thread_cpu_s", {})})
+        fanout["median_thread_cpu_s"] = {
+            label: {name: round(statistics.median(x.get("thread_cpu_s", {}).get(name, 0.0)
+                                                  for x in xs), 3) for name in threads}
+            for label, xs in (("with", with_), ("without", without))}
+        fanout["rounds_s"] = time.monotonic() - began
+        self.results["watch_fanout"] = fanout
+        log(f"watch fan-out: {rounds} round{'s' if rounds > 1 else ''} in "
+            f"{fanout['rounds_s']:.0f} s; storm wall s "
+            + ", ".join(f"{'with' if x['watchers'] else 'without'} {x['wall_s']:.3f}"
+                        for x in samples)
+            + f"; median with / without {fanout['median_with_s']:.3f} / "
+            f"{fanout['median_without_s']:.3f} = {fanout['ratio']:.2f}; vmnetd CPU "
+            f"{fanout['median_agent_cpu_with_s']:.2f} / "
+            f"{fanout['median_agent_cpu_without_s']:.2f} s")
         self.idle_watchers(agent)
         agent.stop()
+        fanout["phase_s"] = time.monotonic() - began
+
+    def sample_links(self):
+        """The links whose state reset_links is checked on: the first VM's and the last's."""
+        return sorted({interface(0), interface(self.n - 1)})
+
+    def detach_storm(self, agent, key):
+        """DetachVm of the N VMs, 256 in flight over 4 connections (vmnet_attach_storm
+        --detach), each answered OK; then the host must hold none of their objects (kernel
+        and, with port security, nftables)."""
+        cpu, threads = agent.cpu_seconds(), agent.thread_cpu_seconds()
+        with self.profiler.phase(key, pid=agent.pid):
+            result = run_json(self.tools["vmnet_attach_storm"], f"--target={agent.target}",
+                              f"--count={self.n}", "--concurrency=256", "--channels=4",
+                              "--detach", "--timeout_s=400", timeout=480 + self.n * 0.01)
+        result["agent_cpu_s"] = agent.cpu_seconds() - cpu
+        result["thread_cpu_s"] = thread_cpu_delta(threads, agent.thread_cpu_seconds())
+        self.check(result["ok"], f"detach storm: {json.dumps(result)[:600]}")
+        self.check_objects(agent.ns, "vmnetd after the detach storm", want=0)
+        counts, _ = wait_nft(agent.ns, lambda c: not nft_per_vm_mismatches(c, 0), 30.0)
+        wrong = nft_per_vm_mismatches(counts, 0)
+        self.check(not wrong, f"detach storm: nftables objects left: {', '.join(wrong)}")
+        log(f"detach storm: {self.n} detaches in {result['wall_s']:.3f} s (agent CPU "
+            f"{result['agent_cpu_s']:.2f} s)")
+        return {k: result[k] for k in ("wall_s", "agent_cpu_s", "client_cpu_s", "ok",
+                                       "thread_cpu_s")}
+
+    def reset_links(self, ns, up_first=False):
+        """Puts the N VM links back as the lab built them, as far as an attach can tell: down
+        (DetachVm leaves a link's up/down state alone) with IPv4 forwarding on (DetachVm turns
+        it off; the host was built forwarding). With `up_first`, each link comes up first."""
+        lines = [f"link set dev {interface(i)} down" for i in range(self.n)]
+        if up_first:
+            lines = [f"link set dev {interface(i)} up" for i in range(self.n)] + lines
+        run("ip", "-n", ns, "-batch", "-", input="\n".join(lines) + "\n",
+            timeout=120 + self.n * 0.02)
+        path = os.path.join(self.workdir, "forwarding.conf")
+        with open(path, "w") as f:
+            f.writelines(f"net.ipv4.conf.{interface(i)}.forwarding = 1\n"
+                         for i in range(self.n))
+        run("ip", "netns", "exec", ns, "sysctl", "-q", "-p", path, timeout=120 + self.n * 0.01)
 
     def idle_watchers(self, agent):
-        """After the watched storm (N VMs, no changes): the agent's CPU over `hold` seconds
+        """After the fan-out rounds (N VMs, no changes): the agent's CPU over `hold` seconds
         alone, then with IDLE_WATCHERS idle Watch streams (progress every IDLE_PROGRESS_MS),
         and its RSS before and after they opened."""
         hold = 3.0 if self.args.quick else 10.0
@@ -1879,7 +2051,25 @@ def table(r):
         high = max(v for k, v in m.items() if k.startswith("per_vm_"))
         add("memory per VM, high-water (KiB)", f"{high:.2f}", "none", None, "<= 1.5 KiB",
             high <= 1.5)
-    if "storm_watched" in r:
+    if "watch_fanout" in r:
+        f = r["watch_fanout"]
+        samples = f["samples"]
+        with_ = [x for x in samples if x["watchers"]]
+        without = [x for x in samples if not x["watchers"]]
+        seen = sum(x.get("watchers_complete") == x["watchers"] for x in with_)
+        add(f"Watch fan-out, {f['watchers']} watchers, "
+            + (f"medians of {f['rounds']} storms each" if f["rounds"] > 1 else "one storm each")
+            + " (wall s)",
+            f"{f['median_with_s']:.3f} with / {f['median_without_s']:.3f} without; all saw "
+            f"all in {seen}/{len(with_)}", "none", f["ratio"], "<= 1.10, every event",
+            f["ratio"] <= 1.10 and f["all_seen"])
+        add("  (information: the storms in order, wall s)",
+            ", ".join(f"{x['wall_s']:.3f} {'with' if x['watchers'] else 'w/o'}"
+                      for x in samples), "-", None, "-", None)
+        add("  (information: vmnetd CPU s, medians with / without)",
+            f"{f['median_agent_cpu_with_s']:.3f}", f"{f['median_agent_cpu_without_s']:.3f}",
+            f["cpu_ratio"], "-", None)
+    elif "storm_watched" in r:  # an earlier run's --json: one watched storm, host a's without
         w = r["storm_watched"]
         v = ratio(w["wall_s"], s["wall_s"]) if s else None
         all_seen = (w.get("watchers_complete") == w["watchers"] and
@@ -1939,6 +2129,34 @@ def details(r):
             f"{s.get('reconcile_passes', 0):.0f}; ip -batch CPU "
             f"{r.get('attach_baseline_cpu_s', 0):.2f} s "
             f"(VM order {r.get('attach_baseline_vm_order_cpu_s', 0):.2f} s)")
+    f = r.get("watch_fanout")
+    if f:
+        lines.append(
+            f"Watch fan-out (host c, one agent, {f['rounds']} round"
+            f"{'s' if f['rounds'] > 1 else ''} in ABBA order, "
+            f"{f['rounds_s']:.0f} s; the whole watch phase {f.get('phase_s', 0):.0f} s): "
+            f"median vmnetd CPU per thread with {f['median_thread_cpu_s']['with']}, without "
+            f"{f['median_thread_cpu_s']['without']}")
+        for x in f["samples"]:
+            one = (f"  #{x['sample']} {'with' if x['watchers'] else 'without'}: "
+                   f"{x['wall_s']:.3f} s, vmnetd CPU {x['agent_cpu_s']:.2f} s, client CPU "
+                   f"{x['client_cpu_s']:.2f} s, reconcile passes "
+                   f"{x.get('reconcile_passes', 0):.0f}, kernel writes "
+                   f"{x.get('storm_kernel_writes', 0):.0f}, load average "
+                   f"{x.get('load_average_1min', -1):.1f} before it")
+            if x["watchers"]:
+                one += (f", {x.get('watchers_complete')}/{x['watchers']} watchers saw all, "
+                        f"gaps {x.get('watch_revision_gaps')}, duplicates "
+                        f"{x.get('watch_duplicates')}, resumes {x.get('watch_resumes')}, "
+                        f"{x.get('watch_messages')} messages, last complete "
+                        f"{x.get('watch_all_seen_s', -1):.3f} s")
+            if "detach" in x:
+                one += (f"; then detached in {x['detach']['wall_s']:.3f} s (vmnetd CPU "
+                        f"{x['detach']['agent_cpu_s']:.2f} s), links reset in "
+                        f"{x['reset_links_s']:.2f} s")
+            if not x.get("quiet_before", True):
+                one += "; the agent was not quiet before it"
+            lines.append(one)
     if w:
         lines.append(
             f"storm with watchers: vmnetd CPU {w['agent_cpu_s']:.2f} s, client CPU "
@@ -2081,6 +2299,10 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions, for a smoke run (use with --vms 100)")
     parser.add_argument("--json", help="also write every number measured to this file")
+    parser.add_argument("--watch-rounds", type=int, metavar="R",
+                        help=f"the watch phase's rounds, each a storm without watchers and one "
+                             f"with {FANOUT_WATCHERS}, in ABBA order (default "
+                             f"{FANOUT_ROUNDS}, 1 with --quick)")
     parser.add_argument("--profile", metavar="DIR",
                         help="perf record each phase and write the top functions to DIR "
                              "(perturbs the numbers: profile in a separate run)")
@@ -2106,7 +2328,8 @@ def main():
                              "takes 7.5 min at 10,000 VMs)")
     parser.add_argument("--only", metavar="PHASES", default=",".join(PHASES),
                         help="run only these phases, comma-separated: baseline (hosts b and "
-                             "d: ip -batch), watch (host c: the storm with 100 watchers), "
+                             "d: ip -batch), watch (host c: storms with and without 100 "
+                             "watchers, alternating, then idle watchers), "
                              "getvm (host g: GetVm latency idle and during the storm), agent "
                              "(host a: the storm, memory, restart, scrape, lists, drift), "
                              "portsec (hosts r and p: port security's storm, rule count and "
@@ -2135,6 +2358,8 @@ def main():
         args.time_limit = 2400 if args.profile or args.heaptrack else 1500
     if not 1 <= args.vms <= 100000:
         parser.error("--vms: give 1 to 100000")
+    if args.watch_rounds is not None and not 1 <= args.watch_rounds <= 20:
+        parser.error("--watch-rounds: give 1 to 20")
     if args.profile and args.heaptrack:
         parser.error("--profile and --heaptrack: one at a time")
     if os.geteuid() != 0:
