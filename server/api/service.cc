@@ -3,6 +3,7 @@
 #include <linux/neighbour.h>
 
 #include <algorithm>
+#include <cassert>
 #include <deque>
 #include <mutex>
 
@@ -194,15 +195,25 @@ absl::StatusOr<PageRequest> ParsePaging(absl::string_view list, int32_t page_siz
   return page;
 }
 
-template <typename Entry>
-using Sorted = std::shared_ptr<const std::vector<std::pair<std::string, Entry>>>;
+// A listing's entries as its snapshot holds them: each one's sort key and
+// the entry serialized. About 100 bytes an entry where the message object,
+// a heap string per field, is about 500: a snapshot of 10,000 routes is held
+// for the whole listing, and built at once when its first page is read.
+using KeyedEntries = VmNetworkService::KeyedEntries;
+using Sorted = std::shared_ptr<const KeyedEntries>;
 
-template <typename Entry>
-Sorted<Entry> SortEntries(std::vector<std::pair<std::string, Entry>> entries) {
+// Adds a snapshot's serialized entry to a page. The bytes are our own
+// serialization of this message type: parsing cannot fail.
+void AddParsed(const std::string& bytes, google::protobuf::MessageLite* to) {
+  bool parsed = to->ParseFromString(bytes);
+  assert(parsed);
+  (void)parsed;
+}
+
+Sorted SortEntries(KeyedEntries entries) {
   std::sort(entries.begin(), entries.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
-  return std::make_shared<const std::vector<std::pair<std::string, Entry>>>(
-      std::move(entries));
+  return std::make_shared<const KeyedEntries>(std::move(entries));
 }
 
 // The later pages of a listing are served from the snapshot its first page
@@ -210,10 +221,9 @@ Sorted<Entry> SortEntries(std::vector<std::pair<std::string, Entry>> entries) {
 // one consistent table. A snapshot lives a minute, or until its last page is
 // served; a token whose snapshot is gone continues from a fresh read after
 // its last key.
-template <typename Entry>
 class SnapshotCache {
  public:
-  uint64_t Put(const std::string& filters, Sorted<Entry> entries) {
+  uint64_t Put(const std::string& filters, Sorted entries) {
     vmnet::MutexLock lock(&mu_);
     Expire();
     if (snapshots_.size() >= kMaxSnapshots) snapshots_.erase(snapshots_.begin());
@@ -221,7 +231,7 @@ class SnapshotCache {
     snapshots_[id] = {filters, std::move(entries), absl::Now()};
     return id;
   }
-  Sorted<Entry> Get(uint64_t id, const std::string& filters) {
+  Sorted Get(uint64_t id, const std::string& filters) {
     vmnet::MutexLock lock(&mu_);
     Expire();
     auto it = snapshots_.find(id);
@@ -237,7 +247,7 @@ class SnapshotCache {
   static constexpr size_t kMaxSnapshots = 16;
   struct Snapshot {
     std::string filters;
-    Sorted<Entry> entries;
+    Sorted entries;
     absl::Time created;
   };
   void Expire() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -252,8 +262,8 @@ class SnapshotCache {
 
 // Fills one page from sorted entries, after `page.after`; returns the next
 // page's token, empty at the end.
-template <typename Entry, typename Add>
-std::string Paginate(const Sorted<Entry>& entries, const PageRequest& page,
+template <typename Add>
+std::string Paginate(const Sorted& entries, const PageRequest& page,
                      absl::string_view list, uint64_t snapshot, Add&& add) {
   auto it = entries->begin();
   if (!page.after.empty()) {
@@ -271,13 +281,12 @@ std::string Paginate(const Sorted<Entry>& entries, const PageRequest& page,
 // still cached, otherwise from a fresh `read()` (a StatusOr of keyed
 // entries), cached when it spans more than one page. Returns the next
 // page's token.
-template <typename Entry, typename Read, typename Add>
-absl::StatusOr<std::string> ServePage(SnapshotCache<Entry>& cache,
-                                      const PageRequest& page, absl::string_view list,
-                                      const std::string& filters, Read&& read,
-                                      Add&& add) {
+template <typename Read, typename Add>
+absl::StatusOr<std::string> ServePage(SnapshotCache& cache, const PageRequest& page,
+                                      absl::string_view list, const std::string& filters,
+                                      Read&& read, Add&& add) {
   uint64_t snapshot = page.snapshot;
-  Sorted<Entry> entries = snapshot != 0 ? cache.Get(snapshot, filters) : nullptr;
+  Sorted entries = snapshot != 0 ? cache.Get(snapshot, filters) : nullptr;
   if (entries == nullptr) {
     auto fresh = read();
     if (!fresh.ok()) return fresh.status();
@@ -333,9 +342,9 @@ std::string ArpFlags(const kernel::Neighbor& n) {
 }  // namespace
 
 struct VmNetworkService::ListCaches {
-  SnapshotCache<v1::ArpEntry> arp;
-  SnapshotCache<v1::RouteEntry> routes;
-  SnapshotCache<v1::Vm> vms;
+  SnapshotCache arp;
+  SnapshotCache routes;
+  SnapshotCache vms;
 };
 
 grpc::Status ToGrpc(const absl::Status& status) {
@@ -482,38 +491,40 @@ void VmNetworkService::ServeListVms(UnaryCall* call, const v1::ListVmsRequest* r
   }
   auto token = ServePage(
       caches_->vms, *page, "vms", absl::StrCat(request->state()),
-      [&]() -> absl::StatusOr<std::vector<std::pair<std::string, v1::Vm>>> {
-        std::vector<std::pair<std::string, v1::Vm>> read;
+      [&]() -> absl::StatusOr<KeyedEntries> {
+        KeyedEntries read;
         for (const VmView& vm : reconciler_->Vms()) {
           v1::Vm proto = ToProto(vm);
           if (request->state() != v1::VM_STATE_UNSPECIFIED &&
               proto.state() != request->state()) {
             continue;
           }
-          read.emplace_back(vm.spec->vm_id, std::move(proto));
+          read.emplace_back(vm.spec->vm_id, proto.SerializeAsString());
         }
         return read;
       },
-      [&](const v1::Vm& vm) { *response->add_vms() = vm; });
+      [&](const std::string& vm) { AddParsed(vm, response->add_vms()); });
   response->set_next_page_token(*token);  // reading the VMs cannot fail
   return Reply(call, "ListVms", grpc::Status::OK);
 }
 
-absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>>
-VmNetworkService::ReadArp(const v1::ListArpRequest& request) const {
+absl::StatusOr<VmNetworkService::KeyedEntries> VmNetworkService::ReadArp(
+    const v1::ListArpRequest& request) const {
   auto snapshot =
       kernel_->Dump(kernel::DumpSelection::Only(true, false, false, true, true));
   if (!snapshot.ok()) return snapshot.status();
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
 
-  std::vector<std::pair<std::string, v1::ArpEntry>> entries;
+  KeyedEntries entries;
+  entries.reserve(snapshot->neighbors.size());
+  v1::ArpEntry e;  // one, cleared for each entry: its strings are reused
   for (const kernel::Neighbor& n : snapshot->neighbors) {
     // As /proc/net/arp and `ip neigh`: entries that never need resolution
     // are not shown.
     if (!n.proxy && (n.state & NUD_NOARP)) continue;
     if (!FamilyMatches(request.family(), n.address)) continue;
-    v1::ArpEntry e;
+    e.Clear();
     e.set_ip_address(n.address.ToString());
     e.set_family(FamilyOf(n.address));
     e.set_proxy(n.proxy);
@@ -539,23 +550,25 @@ VmNetworkService::ReadArp(const v1::ListArpRequest& request) const {
     if (!request.vm_id().empty() && e.vm_id() != request.vm_id()) continue;
     std::string key =
         absl::StrCat(e.interface(), "|", AddressKey(n.address), "|", n.proxy ? "p" : "n");
-    entries.emplace_back(std::move(key), std::move(e));
+    entries.emplace_back(std::move(key), e.SerializeAsString());
   }
   return entries;
 }
 
-absl::StatusOr<std::vector<std::pair<std::string, v1::RouteEntry>>>
-VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
+absl::StatusOr<VmNetworkService::KeyedEntries> VmNetworkService::ReadRoutes(
+    const v1::ListRoutesRequest& request) const {
   auto snapshot =
       kernel_->Dump(kernel::DumpSelection::Only(true, false, true, false, false));
   if (!snapshot.ok()) return snapshot.status();
   absl::flat_hash_map<int, std::string> names;
   for (const auto& l : snapshot->links) names[l.ifindex] = l.name;
 
-  std::vector<std::pair<std::string, v1::RouteEntry>> entries;
+  KeyedEntries entries;
+  entries.reserve(snapshot->routes.size());
+  v1::RouteEntry e;  // one, cleared for each entry: its strings are reused
   for (const kernel::Route& r : snapshot->routes) {
     if (!FamilyMatches(request.family(), r.destination.address)) continue;
-    v1::RouteEntry e;
+    e.Clear();
     e.set_destination(r.destination.ToString());
     e.set_interface(r.ifindex != 0 ? names[r.ifindex] : "");
     if (r.gateway.family() != IpAddress::Family::kNone)
@@ -580,7 +593,7 @@ VmNetworkService::ReadRoutes(const v1::ListRoutesRequest& request) const {
     std::string key =
         absl::StrFormat("%s/%03d|%s|%010u", AddressKey(r.destination.address),
                         r.destination.length, e.interface(), r.metric);
-    entries.emplace_back(std::move(key), std::move(e));
+    entries.emplace_back(std::move(key), e.SerializeAsString());
   }
   return entries;
 }
@@ -589,8 +602,8 @@ namespace {
 
 // The paging and the filters ListArp and ListRoutes share: the page, the
 // family, and the key under which the listing's snapshot is kept.
-template <typename Request, typename Entry, typename Read, typename Add>
-absl::StatusOr<std::string> ServeFilteredPage(SnapshotCache<Entry>& cache,
+template <typename Request, typename Read, typename Add>
+absl::StatusOr<std::string> ServeFilteredPage(SnapshotCache& cache,
                                               absl::string_view list,
                                               const Request& request, Read&& read,
                                               Add&& add) {
@@ -610,7 +623,7 @@ void VmNetworkService::ServeListArp(UnaryCall* call, const v1::ListArpRequest* r
                                     v1::ListArpResponse* response) {
   auto token = ServeFilteredPage(
       caches_->arp, "arp", *request, [&] { return ReadArp(*request); },
-      [&](const v1::ArpEntry& e) { *response->add_entries() = e; });
+      [&](const std::string& e) { AddParsed(e, response->add_entries()); });
   if (!token.ok()) return Reply(call, "ListArp", ToGrpc(token.status()));
   response->set_next_page_token(*token);
   return Reply(call, "ListArp", grpc::Status::OK);
@@ -621,7 +634,7 @@ void VmNetworkService::ServeListRoutes(UnaryCall* call,
                                        v1::ListRoutesResponse* response) {
   auto token = ServeFilteredPage(
       caches_->routes, "routes", *request, [&] { return ReadRoutes(*request); },
-      [&](const v1::RouteEntry& e) { *response->add_routes() = e; });
+      [&](const std::string& e) { AddParsed(e, response->add_routes()); });
   if (!token.ok()) return Reply(call, "ListRoutes", ToGrpc(token.status()));
   response->set_next_page_token(*token);
   return Reply(call, "ListRoutes", grpc::Status::OK);

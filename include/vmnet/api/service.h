@@ -35,9 +35,9 @@ grpc::Status ToGrpc(const absl::Status& status);
 
 // VmNetwork::CallbackService with Watch served raw: each message is the
 // bytes the event log serialized once for every watcher, several events
-// concatenated into one WatchResponse (the wire format is the same). Spelled out rather than WithRawCallbackMethod_Watch on top of
-// CallbackService, which would hide its callback Watch (-Woverloaded-virtual).
-// A new RPC needs its WithCallbackMethod_ here.
+// concatenated into one WatchResponse (the wire format is the same). Spelled out rather
+// than WithRawCallbackMethod_Watch on top of CallbackService, which would hide its
+// callback Watch (-Woverloaded-virtual). A new RPC needs its WithCallbackMethod_ here.
 // Every method raw (grpc::ByteBuffer in and out), parsed by the service: see
 // VmNetworkService::Serve.
 using VmNetworkCallbackService = v1::VmNetwork::WithRawCallbackMethod_AttachVm<
@@ -62,6 +62,10 @@ class UnaryCall : public grpc::ServerUnaryReactor {
 
 class VmNetworkService final : public VmNetworkCallbackService {
  public:
+  // A listing's entries (ArpEntry, RouteEntry or Vm messages, serialized),
+  // each with its sort key.
+  using KeyedEntries = std::vector<std::pair<std::string, std::string>>;
+
   // `reconciler`, `kernel` (read only: dumps), `events` and `stats` (may be
   // null) must outlive the service.
   VmNetworkService(Reconciler* reconciler, kernel::Kernel* kernel, EventLog* events,
@@ -123,10 +127,8 @@ class VmNetworkService final : public VmNetworkCallbackService {
 
   // The kernel's tables as list entries, keyed by their sort keys, filtered
   // by the request.
-  absl::StatusOr<std::vector<std::pair<std::string, v1::ArpEntry>>> ReadArp(
-      const v1::ListArpRequest& request) const;
-  absl::StatusOr<std::vector<std::pair<std::string, v1::RouteEntry>>> ReadRoutes(
-      const v1::ListRoutesRequest& request) const;
+  absl::StatusOr<KeyedEntries> ReadArp(const v1::ListArpRequest& request) const;
+  absl::StatusOr<KeyedEntries> ReadRoutes(const v1::ListRoutesRequest& request) const;
 
   struct ListCaches;  // snapshots of listings being paged through
 
