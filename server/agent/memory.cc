@@ -33,7 +33,7 @@ size_t Slack(size_t resident) {
 
 void TuneAllocator() {
   mallopt(M_MMAP_THRESHOLD, 256 << 10);
-  mallopt(M_TRIM_THRESHOLD, 1 << 20);
+  mallopt(M_TRIM_THRESHOLD, 128 << 10);
 }
 
 MemoryTrimmer::MemoryTrimmer(int interval_ms, int max_interval_ms,
@@ -62,6 +62,7 @@ void MemoryTrimmer::Run() {
   size_t resident = ResidentBytes();
   TrimPolicy policy(busy_slack_bytes_, settled_slack_bytes_, resident, Slack(resident));
   int interval_ms = interval_ms_;
+  int quiet_checks = 0;  // in a row, since memory last moved or was trimmed
   std::unique_lock<std::mutex> lock(mu_);
   while (!wake_.wait_for(lock, std::chrono::milliseconds(interval_ms),
                          [this] { return stop_; })) {
@@ -73,9 +74,11 @@ void MemoryTrimmer::Run() {
       resident = ResidentBytes();
       policy.Trimmed(resident, Slack(resident));
     }
-    // Checked often while memory moves, rarely while it stands still: what
-    // a transient freed shows in the checks that follow its growth.
-    interval_ms = trimmed || policy.moving()
+    // Checked often while memory moves and for kQuietChecks checks after
+    // (what a burst's tail frees, e.g. the announcer's queue draining, is
+    // given back within a check), then rarely while it stands still.
+    quiet_checks = trimmed || policy.moving() ? 0 : quiet_checks + 1;
+    interval_ms = quiet_checks <= kQuietChecks
                       ? interval_ms_
                       : std::min(interval_ms * 2, max_interval_ms_);
     lock.lock();
@@ -93,11 +96,10 @@ TrimPolicy::TrimPolicy(size_t busy_slack_bytes, size_t settled_slack_bytes,
 bool TrimPolicy::Check(size_t resident, size_t slack) {
   size_t moved =
       resident > last_resident_ ? resident - last_resident_ : last_resident_ - resident;
-  bool settled = moving_ && moved <= kStill;
   moving_ = moved > kStill;
   last_resident_ = resident;
   if (slack < floor_) floor_ = slack;
-  return slack > floor_ + (settled ? settled_slack_bytes_ : busy_slack_bytes_);
+  return slack > floor_ + (moving_ ? busy_slack_bytes_ : settled_slack_bytes_);
 }
 
 void TrimPolicy::Trimmed(size_t resident, size_t slack) {

@@ -45,16 +45,13 @@ TEST(TrimPolicyTest, WhileMemoryMovesOnlyTheBusyThresholdTrims) {
   EXPECT_FALSE(policy.Check(38 * kMiB, 14 * kMiB));
 }
 
-TEST(TrimPolicyTest, SlackCreepingUpWhileStillWaitsForTheBusyThreshold) {
+TEST(TrimPolicyTest, SlackGrowingWhileRssStandsStillIsTrimmed) {
   TrimPolicy policy = Policy();
-  // Under 1 MiB of RSS a check: never a burst that ended.
-  size_t rss = 30 * kMiB, slack = 10 * kMiB;
-  for (int i = 0; i < 7; ++i) {
-    rss += kMiB / 2;
-    slack += kMiB / 2;
-    EXPECT_FALSE(policy.Check(rss, slack)) << "check " << i;
-  }
-  EXPECT_TRUE(policy.Check(rss + kMiB / 2, slack + kMiB));  // 4.5 MiB over
+  // Under 1 MiB of RSS a check: freed memory the next allocations did not
+  // take again.
+  EXPECT_FALSE(policy.Check(30 * kMiB + kMiB / 2, 10 * kMiB + kMiB / 8));
+  EXPECT_TRUE(policy.Check(31 * kMiB, 10 * kMiB + kMiB / 2));
+  EXPECT_FALSE(policy.moving());
 }
 
 TEST(TrimPolicyTest, WhatATrimCouldNotGiveBackIsNotTrimmedAgain) {

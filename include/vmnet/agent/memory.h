@@ -14,7 +14,10 @@ namespace vmnet {
 
 // Large blocks straight from and back to the kernel (a fixed threshold: glibc
 // would otherwise raise it to the largest block freed, 32 MiB at most, and
-// keep such blocks in the heap). Call once, before any thread starts.
+// keep such blocks in the heap), and the free top of each thread's heap
+// given back by free() above 128 KiB: malloc_trim returns the free pages
+// inside a heap but never the top of a thread's heap, which would otherwise
+// keep up to a megabyte each. Call once, before any thread starts.
 void TuneAllocator();
 
 // When to trim, from what each check reads: the process's RSS and its
@@ -22,10 +25,11 @@ void TuneAllocator();
 // over a floor of what no trim gives back: code, stacks). While RSS moves (a
 // storm, a scrape: it changed by more than 1 MiB since the last check) a trim
 // is due when slack grew by more than `busy_slack_bytes` since the last trim,
-// so a long storm stays bounded without a trim at every check. At the first
-// check that finds RSS still after it moved, a trim is due when slack grew by
-// more than `settled_slack_bytes`: what a burst freed is given back when the
-// burst ends, not kept up to the busy threshold for good.
+// so a long storm stays bounded without a trim at every check. While RSS
+// stands still, a trim is due when slack grew by more than
+// `settled_slack_bytes`: what a burst freed is given back when the burst
+// ends, not kept up to the busy threshold for good. An idle agent frees
+// nothing, so its slack does not grow and it does not trim.
 class TrimPolicy {
  public:
   TrimPolicy(size_t busy_slack_bytes, size_t settled_slack_bytes, size_t resident,
@@ -49,10 +53,11 @@ class TrimPolicy {
 
 class MemoryTrimmer {
  public:
-  // Checks every `interval_ms` while the process's RSS moves, and at
-  // intervals doubling up to `max_interval_ms` while it stands still (an
-  // idle agent: a check every 3.2 s, not 5 a second; a check reads
-  // /proc/self/statm and walks the heap's arenas). Trims as TrimPolicy says.
+  // Checks every `interval_ms` while the process's RSS moves and for 3 s
+  // after, and at intervals doubling up to `max_interval_ms` while it
+  // stands still (an idle agent: a check every 3.2 s, not 5 a second; a
+  // check reads /proc/self/statm and walks the heap's arenas). Trims as
+  // TrimPolicy says.
   explicit MemoryTrimmer(int interval_ms = 200, int max_interval_ms = 3200,
                          size_t busy_slack_bytes = 4 << 20,
                          size_t settled_slack_bytes = 256 << 10);
@@ -64,6 +69,8 @@ class MemoryTrimmer {
 
  private:
   void Run();
+
+  static constexpr int kQuietChecks = 15;  // 3 s of checks at 200 ms
 
   const int interval_ms_;
   const int max_interval_ms_;
