@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdio>
 
+#include "vmnet/log/log.h"
+
 namespace vmnet {
 namespace {
 
@@ -70,9 +72,17 @@ void MemoryTrimmer::Run() {
     resident = ResidentBytes();
     bool trimmed = policy.Check(resident, Slack(resident));
     if (trimmed) {
+      auto start = std::chrono::steady_clock::now();
       malloc_trim(0);
+      auto took = std::chrono::steady_clock::now() - start;
+      size_t before = resident;
       resident = ResidentBytes();
       policy.Trimmed(resident, Slack(resident));
+      VMNET_LOG(Debug)
+          << "event=memory_trimmed rss_kib=" << resident / 1024
+          << " given_back_kib=" << (before > resident ? (before - resident) / 1024 : 0)
+          << " took_us="
+          << std::chrono::duration_cast<std::chrono::microseconds>(took).count();
     }
     // Checked often while memory moves and for kQuietChecks checks after
     // (what a burst's tail frees, e.g. the announcer's queue draining, is
@@ -98,12 +108,22 @@ bool TrimPolicy::Check(size_t resident, size_t slack) {
       resident > last_resident_ ? resident - last_resident_ : last_resident_ - resident;
   moving_ = moved > kStill;
   last_resident_ = resident;
+  last_slack_ = slack;
   if (slack < floor_) floor_ = slack;
+  // What the last trim gave back was taken again, and freed, without RSS
+  // moving: a buffer the agent fills over and over, not a burst's leftover.
+  // Trimming it again would only have the kernel fault it back in.
+  if (!moving_ && given_back_ > 0 && slack >= floor_ + given_back_ - given_back_ / 4) {
+    floor_ = slack;
+    given_back_ = 0;
+    return false;
+  }
   return slack > floor_ + (moving_ ? busy_slack_bytes_ : settled_slack_bytes_);
 }
 
 void TrimPolicy::Trimmed(size_t resident, size_t slack) {
   last_resident_ = resident;
+  given_back_ = last_slack_ > slack ? last_slack_ - slack : 0;
   floor_ = slack;  // what could not be given back does not count again
 }
 

@@ -62,6 +62,18 @@ TEST(TrimPolicyTest, WhatATrimCouldNotGiveBackIsNotTrimmedAgain) {
   for (int i = 0; i < 3; ++i) EXPECT_FALSE(policy.Check(36 * kMiB, 12 * kMiB));
 }
 
+TEST(TrimPolicyTest, WhatComesBackRightAfterATrimIsNotTrimmedAgain) {
+  TrimPolicy policy = Policy();
+  EXPECT_FALSE(policy.Check(36 * kMiB, 12 * kMiB));
+  EXPECT_TRUE(policy.Check(36 * kMiB, 12 * kMiB));
+  policy.Trimmed(35 * kMiB, 11 * kMiB);
+  // A pass fills its 1 MiB buffer again and frees it: the same slack.
+  EXPECT_FALSE(policy.Check(36 * kMiB, 12 * kMiB));
+  EXPECT_FALSE(policy.Check(36 * kMiB, 12 * kMiB));
+  // More than that, freed later, is trimmed.
+  EXPECT_TRUE(policy.Check(36 * kMiB + kMiB / 2, 12 * kMiB + kMiB / 2));
+}
+
 // Sanitizers replace malloc: malloc_trim and the heap statistics the
 // trimmer reads are not theirs.
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)

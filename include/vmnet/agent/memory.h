@@ -29,7 +29,10 @@ void TuneAllocator();
 // stands still, a trim is due when slack grew by more than
 // `settled_slack_bytes`: what a burst freed is given back when the burst
 // ends, not kept up to the busy threshold for good. An idle agent frees
-// nothing, so its slack does not grow and it does not trim.
+// nothing, so its slack does not grow and it does not trim. What a trim gave
+// back and the agent takes again right away (a buffer each pass fills) is
+// left alone after that: trimming it again and again would cost a trim and
+// the page faults each time.
 class TrimPolicy {
  public:
   TrimPolicy(size_t busy_slack_bytes, size_t settled_slack_bytes, size_t resident,
@@ -47,7 +50,9 @@ class TrimPolicy {
   const size_t busy_slack_bytes_;
   const size_t settled_slack_bytes_;
   size_t last_resident_;
+  size_t last_slack_ = 0;
   size_t floor_;
+  size_t given_back_ = 0;  // by the last trim
   bool moving_ = false;
 };
 
