@@ -14,7 +14,10 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <optional>
+#include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 #include "vmnet/kernel/netlink_codec.h"
@@ -395,65 +398,110 @@ absl::Status NftKernel::ReadEvents(std::vector<NftEvent>* events) {
 
 namespace {
 
+// The batch's addresses, each with the index of its first occurrence (the
+// one an entry's deletion is attributed to), and what the dump found.
 struct ConntrackMatch {
-  IpAddress address;
-  std::vector<nf_conntrack*> found;
+  absl::flat_hash_map<IpAddress, size_t> wanted;
+  // A clone of each matching entry, with the index it is attributed to.
+  std::vector<std::pair<nf_conntrack*, size_t>> found;
 };
 
-bool SourceIs(const nf_conntrack* ct, const IpAddress& a, int v4_attr, int v6_attr) {
-  const void* p =
-      nfct_get_attr(ct, static_cast<nf_conntrack_attr>(a.is_v4() ? v4_attr : v6_attr));
-  return p != nullptr && std::memcmp(p, a.bytes(), a.size()) == 0;
+// The index of the batch address that `ct`'s original or reply source is
+// (the lower one when both are), or nullopt.
+std::optional<size_t> MatchingSource(const ConntrackMatch& match,
+                                     const nf_conntrack* ct) {
+  std::optional<size_t> best;
+  auto consider = [&](int attr, IpAddress::Family family) {
+    const void* p = nfct_get_attr(ct, static_cast<nf_conntrack_attr>(attr));
+    if (p == nullptr) return;
+    auto it = match.wanted.find(IpAddress::FromBytes(family, p));
+    if (it != match.wanted.end() && (!best || it->second < *best)) best = it->second;
+  };
+  if (nfct_get_attr_u8(ct, ATTR_L3PROTO) == AF_INET) {
+    consider(ATTR_ORIG_IPV4_SRC, IpAddress::Family::kV4);
+    consider(ATTR_REPL_IPV4_SRC, IpAddress::Family::kV4);
+  } else {
+    consider(ATTR_ORIG_IPV6_SRC, IpAddress::Family::kV6);
+    consider(ATTR_REPL_IPV6_SRC, IpAddress::Family::kV6);
+  }
+  return best;
 }
 
 int CollectMatches(enum nf_conntrack_msg_type, nf_conntrack* ct, void* data) {
   auto* match = static_cast<ConntrackMatch*>(data);
-  if (SourceIs(ct, match->address, ATTR_ORIG_IPV4_SRC, ATTR_ORIG_IPV6_SRC) ||
-      SourceIs(ct, match->address, ATTR_REPL_IPV4_SRC, ATTR_REPL_IPV6_SRC)) {
-    match->found.push_back(nfct_clone(ct));
+  if (std::optional<size_t> index = MatchingSource(*match, ct)) {
+    match->found.emplace_back(nfct_clone(ct), *index);
   }
   return NFCT_CB_CONTINUE;
 }
 
 }  // namespace
 
-absl::StatusOr<ConntrackDeletion> NftKernel::DeleteConntrack(const IpAddress& address) {
-  ConntrackDeletion result;
-  if (!address.is_v4() && !address.is_v6()) {
-    return absl::InvalidArgumentError("delete conntrack entries: not an IP address");
+std::vector<absl::StatusOr<ConntrackDeletion>> NftKernel::DeleteConntrack(
+    absl::Span<const IpAddress> addresses) {
+  std::vector<absl::StatusOr<ConntrackDeletion>> result(addresses.size(),
+                                                        ConntrackDeletion{});
+  ConntrackMatch match;
+  bool v4 = false, v6 = false;
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    const IpAddress& a = addresses[i];
+    if (!a.is_v4() && !a.is_v6()) {
+      result[i] =
+          absl::InvalidArgumentError("delete conntrack entries: not an IP address");
+      continue;
+    }
+    match.wanted.try_emplace(a, i);
+    (a.is_v4() ? v4 : v6) = true;
   }
+  if (match.wanted.empty()) return result;
   // Connection tracking registers this file in every namespace once it is
   // in the kernel; without it there is nothing to delete, and asking
   // ctnetlink could make the kernel load modules.
   if (access("/proc/sys/net/netfilter/nf_conntrack_count", F_OK) != 0) return result;
-  result.conntrack_present = true;
-  std::string what = absl::StrCat("conntrack entries of ", address.ToString());
+  for (auto& r : result) {
+    if (r.ok()) r->conntrack_present = true;
+  }
+  // Every valid address gets the error of a step that failed for all.
+  auto fail_all = [&](int err, absl::string_view step) {
+    for (size_t i = 0; i < addresses.size(); ++i) {
+      if (!result[i].ok()) continue;
+      result[i] = ErrnoStatus(
+          err, absl::StrCat(step, " conntrack entries of ", addresses[i].ToString()));
+    }
+  };
+  // One dump for the whole batch, however many addresses: the kernel walks
+  // every bucket of the table for each dump, however few entries match.
+  // Both families in one walk when both are asked for.
   nfct_handle* dump = nfct_open(CONNTRACK, 0);
-  if (dump == nullptr)
-    return ErrnoStatus(errno, absl::StrCat("open ctnetlink for ", what));
-  ConntrackMatch match{address, {}};
+  if (dump == nullptr) {
+    fail_all(errno, "open ctnetlink for");
+    return result;
+  }
   nfct_callback_register(dump, NFCT_T_ALL, CollectMatches, &match);
-  uint32_t family = address.is_v4() ? AF_INET : AF_INET6;
+  uint32_t family = v4 && v6 ? AF_UNSPEC : (v4 ? AF_INET : AF_INET6);
   int rc = nfct_query(dump, NFCT_Q_DUMP, &family);
   int dump_errno = errno;
   nfct_close(dump);
-  absl::Status status;
-  if (rc < 0) status = ErrnoStatus(dump_errno, absl::StrCat("dump ", what));
-  nfct_handle* del = status.ok() ? nfct_open(CONNTRACK, 0) : nullptr;
-  if (status.ok() && del == nullptr)
-    status = ErrnoStatus(errno, absl::StrCat("open ctnetlink for ", what));
-  for (nf_conntrack* ct : match.found) {
-    if (del != nullptr && status.ok()) {
+  nfct_handle* del = nullptr;
+  if (rc < 0) {
+    fail_all(dump_errno, "dump");
+  } else if (!match.found.empty() && (del = nfct_open(CONNTRACK, 0)) == nullptr) {
+    fail_all(errno, "open ctnetlink for");
+  }
+  for (auto& [ct, i] : match.found) {
+    // After a failure, an address's other entries stay (as they did when
+    // each address was its own call).
+    if (del != nullptr && result[i].ok()) {
       if (nfct_query(del, NFCT_Q_DESTROY, ct) == 0) {
-        ++result.deleted;
+        ++result[i]->deleted;
       } else if (errno != ENOENT) {  // gone meanwhile: what we wanted
-        status = ErrnoStatus(errno, absl::StrCat("delete ", what));
+        result[i] = ErrnoStatus(
+            errno, absl::StrCat("delete conntrack entries of ", addresses[i].ToString()));
       }
     }
     nfct_destroy(ct);
   }
   if (del != nullptr) nfct_close(del);
-  if (!status.ok()) return status;
   return result;
 }
 

@@ -543,23 +543,91 @@ TEST_F(NftKernelTest, DeleteConntrackRemovesOnlyTheAddressesEntries) {
   ASSERT_THAT(before, HasSubstr("src=198.51.100.201"));
   ASSERT_THAT(before, HasSubstr("dst=198.51.100.201"));
 
-  auto result = kernel_->DeleteConntrack(Ip("198.51.100.201"));
-  ASSERT_TRUE(result.ok()) << result.status();
-  EXPECT_TRUE(result->conntrack_present);
-  EXPECT_EQ(result->deleted, 2);
+  auto result = kernel_->DeleteConntrack({Ip("198.51.100.201")});
+  ASSERT_EQ(result.size(), 1u);
+  ASSERT_TRUE(result[0].ok()) << result[0].status();
+  EXPECT_TRUE(result[0]->conntrack_present);
+  EXPECT_EQ(result[0]->deleted, 2);
   std::string after = Sh("conntrack -L 2>/dev/null");
   EXPECT_THAT(after, Not(HasSubstr("198.51.100.201")));
   EXPECT_THAT(after, HasSubstr("src=198.51.100.9"));
   EXPECT_THAT(after, HasSubstr("src=2001:db8:1::201"));
 
-  result = kernel_->DeleteConntrack(Ip("2001:db8:1::201"));
-  ASSERT_TRUE(result.ok()) << result.status();
-  EXPECT_EQ(result->deleted, 1);
+  result = kernel_->DeleteConntrack({Ip("2001:db8:1::201")});
+  ASSERT_TRUE(result[0].ok()) << result[0].status();
+  EXPECT_EQ(result[0]->deleted, 1);
   EXPECT_THAT(Sh("conntrack -L 2>/dev/null"), Not(HasSubstr("2001:db8:1::201")));
   // Nothing left to delete: OK.
-  result = kernel_->DeleteConntrack(Ip("198.51.100.201"));
-  ASSERT_TRUE(result.ok());
-  EXPECT_EQ(result->deleted, 0);
+  result = kernel_->DeleteConntrack({Ip("198.51.100.201")});
+  ASSERT_TRUE(result[0].ok());
+  EXPECT_EQ(result[0]->deleted, 0);
+  Sh("conntrack -F 2>/dev/null");
+}
+
+// A UDP conntrack entry from src:sport to dst:2000 (its reply's source is
+// dst), inserted with `conntrack -I`.
+std::string InsertUdpEntry(const std::string& src, const std::string& dst, int sport) {
+  return absl::StrCat("conntrack -I -p udp -s ", src, " -d ", dst, " --sport ", sport,
+                      " --dport 2000 -t 120 >/dev/null 2>&1; ");
+}
+
+TEST_F(NftKernelTest, DeleteConntrackOfABatchRemovesEachAddressesEntriesInOneDump) {
+  Sh("conntrack -F 2>/dev/null");
+  ASSERT_EQ(Sh(InsertUdpEntry("198.51.100.201", "203.0.113.7", 1000) +     // original
+               InsertUdpEntry("203.0.113.7", "198.51.100.202", 1001) +     // reply
+               InsertUdpEntry("198.51.100.201", "198.51.100.202", 1002) +  // both
+               InsertUdpEntry("2001:db8:1::201", "2001:db8::7", 1003) +    // original
+               InsertUdpEntry("2001:db8::7", "2001:db8:1::202", 1004) +    // reply
+               // Another address's: they stay.
+               InsertUdpEntry("198.51.100.9", "203.0.113.7", 1005) +
+               InsertUdpEntry("203.0.113.7", "198.51.100.9", 1006) +
+               InsertUdpEntry("2001:db8:1::9", "2001:db8::7", 1007) +
+               InsertUdpEntry("2001:db8::7", "2001:db8:1::9", 1008) + "echo done"),
+            "done\n");
+  std::string before = Sh("conntrack -L 2>/dev/null");
+  for (const char* a : {"198.51.100.201", "198.51.100.202", "2001:db8:1::201",
+                        "2001:db8:1::202", "198.51.100.9", "2001:db8:1::9"}) {
+    ASSERT_THAT(before, HasSubstr(absl::StrCat("=", a, " "))) << before;
+  }
+
+  std::vector<IpAddress> batch = {Ip("198.51.100.201"),  Ip("2001:db8:1::201"),
+                                  IpAddress(),           Ip("198.51.100.202"),
+                                  Ip("2001:db8:1::202"), Ip("198.51.100.201"),
+                                  Ip("198.51.100.77")};
+  auto result = kernel_->DeleteConntrack(batch);
+  ASSERT_EQ(result.size(), batch.size());
+  // The entry of .201 to .202 counts for .201, the first of the two.
+  std::vector<int> deleted = {2, 1, -1, 1, 1, 0, 0};
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (deleted[i] < 0) {
+      EXPECT_TRUE(absl::IsInvalidArgument(result[i].status())) << result[i].status();
+      continue;
+    }
+    ASSERT_TRUE(result[i].ok()) << i << ": " << result[i].status();
+    EXPECT_TRUE(result[i]->conntrack_present) << i;
+    EXPECT_EQ(result[i]->deleted, deleted[i]) << batch[i].ToString() << " (" << i << ")";
+  }
+  std::string after = Sh("conntrack -L 2>/dev/null");
+  for (const char* gone :
+       {"198.51.100.201", "198.51.100.202", "2001:db8:1::201", "2001:db8:1::202"}) {
+    EXPECT_THAT(after, Not(HasSubstr(absl::StrCat("=", gone, " ")))) << after;
+  }
+  EXPECT_THAT(after, HasSubstr("src=198.51.100.9 dst=203.0.113.7"));
+  EXPECT_THAT(after, HasSubstr("src=203.0.113.7 dst=198.51.100.9"));
+  EXPECT_THAT(after, HasSubstr("src=2001:db8:1::9 dst=2001:db8::7"));
+  EXPECT_THAT(after, HasSubstr("src=2001:db8::7 dst=2001:db8:1::9"));
+  EXPECT_EQ(Sh("conntrack -L 2>/dev/null | grep -c udp"), "4\n") << after;
+
+  // Only IPv6 addresses (a dump of that family only); nothing left: OK.
+  result = kernel_->DeleteConntrack({Ip("2001:db8:1::201"), Ip("2001:db8:1::9")});
+  ASSERT_EQ(result.size(), 2u);
+  ASSERT_TRUE(result[0].ok() && result[1].ok());
+  EXPECT_EQ(result[0]->deleted, 0);
+  EXPECT_EQ(result[1]->deleted, 2);
+  EXPECT_THAT(Sh("conntrack -L 2>/dev/null"), Not(HasSubstr("2001:db8:1::9")));
+  EXPECT_THAT(Sh("conntrack -L 2>/dev/null"), HasSubstr("src=198.51.100.9 "));
+  // An empty batch asks nothing.
+  EXPECT_THAT(kernel_->DeleteConntrack({}), IsEmpty());
   Sh("conntrack -F 2>/dev/null");
 }
 

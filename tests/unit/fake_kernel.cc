@@ -366,10 +366,18 @@ std::vector<absl::Status> FakeKernel::Apply(absl::Span<const kernel::Write> writ
   }
   std::vector<absl::Status> done = port_security_.Apply(nft);
   for (size_t i = 0; i < nft.size(); ++i) out[nft_index[i]] = std::move(done[i]);
+  std::vector<IpAddress> conntrack;
+  std::vector<size_t> conntrack_index;
   for (size_t i = 0; i < writes.size(); ++i) {
     if (const auto* c = std::get_if<kernel::DeleteConntrack>(&writes[i])) {
-      auto deleted = port_security_.DeleteConntrack(c->address);
-      if (!deleted.ok()) out[i] = deleted.status();
+      conntrack.push_back(c->address);
+      conntrack_index.push_back(i);
+    }
+  }
+  if (!conntrack.empty()) {
+    auto deleted = port_security_.DeleteConntrack(conntrack);
+    for (size_t i = 0; i < conntrack_index.size(); ++i) {
+      if (!deleted[i].ok()) out[conntrack_index[i]] = deleted[i].status();
     }
   }
   return out;

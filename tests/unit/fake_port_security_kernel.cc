@@ -210,19 +210,24 @@ FakePortSecurityKernel::ReadDropCounters() {
   return out;
 }
 
-absl::StatusOr<kernel::ConntrackDeletion> FakePortSecurityKernel::DeleteConntrack(
-    const IpAddress& address) {
+std::vector<absl::StatusOr<kernel::ConntrackDeletion>>
+FakePortSecurityKernel::DeleteConntrack(absl::Span<const IpAddress> addresses) {
   MutexLock lock(&mu_);
-  kernel::ConntrackDeletion result;
-  if (!conntrack_present_) return result;
-  result.conntrack_present = true;
-  conntrack_deletions_.push_back(address);
-  auto it = conntrack_.find(address);
-  if (it != conntrack_.end()) {
-    result.deleted = it->second;
-    conntrack_.erase(it);
+  std::vector<absl::StatusOr<kernel::ConntrackDeletion>> results;
+  for (const IpAddress& address : addresses) {
+    kernel::ConntrackDeletion result;
+    if (conntrack_present_) {
+      result.conntrack_present = true;
+      conntrack_deletions_.push_back(address);
+      auto it = conntrack_.find(address);
+      if (it != conntrack_.end()) {
+        result.deleted = it->second;
+        conntrack_.erase(it);
+      }
+    }
+    results.push_back(result);
   }
-  return result;
+  return results;
 }
 
 void FakePortSecurityKernel::DeleteTable() {

@@ -29,8 +29,8 @@ class FakePortSecurityKernel : public kernel::PortSecurityKernel {
   int event_fd() const override { return event_fd_; }
   absl::Status ReadEvents(std::vector<kernel::NftEvent>* events) override;
   absl::StatusOr<std::vector<kernel::DropCounter>> ReadDropCounters() override;
-  absl::StatusOr<kernel::ConntrackDeletion> DeleteConntrack(
-      const IpAddress& address) override;
+  std::vector<absl::StatusOr<kernel::ConntrackDeletion>> DeleteConntrack(
+      absl::Span<const IpAddress> addresses) override;
 
   // Changes made by "someone else".
   void DeleteTable();                                     // nft delete table inet vmnet

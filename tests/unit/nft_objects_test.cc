@@ -86,9 +86,10 @@ TEST(FakePortSecurityKernel, AnswersLikeTheKernel) {
   EXPECT_THAT(events[0].what, HasSubstr("delete table"));
 
   k.SetConntrackPresent(false);
-  auto ct = k.DeleteConntrack(*IpAddress::Parse("198.51.100.201"));
-  ASSERT_TRUE(ct.ok());
-  EXPECT_FALSE(ct->conntrack_present);
+  auto ct = k.DeleteConntrack({*IpAddress::Parse("198.51.100.201")});
+  ASSERT_EQ(ct.size(), 1u);
+  ASSERT_TRUE(ct[0].ok());
+  EXPECT_FALSE(ct[0]->conntrack_present);
 }
 
 // The messages of `writes` fed to the dump parser as if the kernel had

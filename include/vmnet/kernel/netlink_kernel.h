@@ -102,7 +102,8 @@ class NetlinkKernel : public Kernel {
         events_(std::move(events)),
         nft_(std::move(nft)),
         epoll_fd_(epoll_fd) {}
-  // The nftables writes, in order, as one transaction; and conntrack.
+  // The nftables writes, in order, as one transaction; then the conntrack
+  // deletions, all in one DeleteConntrack call (one dump of the table).
   void ApplyNft(absl::Span<const Write> writes, std::vector<absl::Status>* result);
 
   void ApplyNetlink(absl::Span<const Write> writes, std::vector<absl::Status>* result);

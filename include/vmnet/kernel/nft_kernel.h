@@ -54,11 +54,17 @@ class PortSecurityKernel {
   // socket per call).
   virtual absl::StatusOr<std::vector<DropCounter>> ReadDropCounters() = 0;
 
-  // Deletes the conntrack entries whose original or reply source is
-  // `address` (so no flow or NAT binding follows an address to its next
-  // owner). When the kernel has no connection tracking in this namespace,
-  // does nothing (loads nothing) and says so in the result. Any thread.
-  virtual absl::StatusOr<ConntrackDeletion> DeleteConntrack(const IpAddress& address) = 0;
+  // Deletes the conntrack entries whose original or reply source is one of
+  // `addresses` (so no flow or NAT binding follows an address to its next
+  // owner), with one dump of the table for the whole batch. A result per
+  // address, in order: the entries deleted for it (an entry whose two
+  // sources are both in the batch counts for the first of them; a repeated
+  // address counts at its first occurrence), or the error of its own
+  // deletion or of the dump (an entry already gone is no error). When the
+  // kernel has no connection tracking in this namespace, does nothing
+  // (loads nothing) and says so in the results. Any thread.
+  virtual std::vector<absl::StatusOr<ConntrackDeletion>> DeleteConntrack(
+      absl::Span<const IpAddress> addresses) = 0;
 };
 
 class NftKernel : public PortSecurityKernel {
@@ -79,7 +85,8 @@ class NftKernel : public PortSecurityKernel {
   int event_fd() const override { return events_fd_; }
   absl::Status ReadEvents(std::vector<NftEvent>* events) override;
   absl::StatusOr<std::vector<DropCounter>> ReadDropCounters() override;
-  absl::StatusOr<ConntrackDeletion> DeleteConntrack(const IpAddress& address) override;
+  std::vector<absl::StatusOr<ConntrackDeletion>> DeleteConntrack(
+      absl::Span<const IpAddress> addresses) override;
 
   // The netlink port of the socket Apply writes on: events carrying it are
   // this process's own (NftEvent::own).
