@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <utility>
 
 #include "vmnet/log/log.h"
 
@@ -110,12 +111,13 @@ bool TrimPolicy::Check(size_t resident, size_t slack) {
   last_resident_ = resident;
   last_slack_ = slack;
   if (slack < floor_) floor_ = slack;
-  // What the last trim gave back was taken again, and freed, without RSS
-  // moving: a buffer the agent fills over and over, not a burst's leftover.
-  // Trimming it again would only have the kernel fault it back in.
-  if (!moving_ && given_back_ > 0 && slack >= floor_ + given_back_ - given_back_ / 4) {
+  // What the last trim gave back was taken again, and freed, by the next
+  // check without RSS moving: a buffer the agent fills over and over, not a
+  // burst's leftover. Trimming it again would only have the kernel fault it
+  // back in. (Later growth is new garbage, trimmed as usual.)
+  size_t given_back = std::exchange(given_back_, 0);
+  if (!moving_ && given_back > 0 && slack >= floor_ + given_back - given_back / 4) {
     floor_ = slack;
-    given_back_ = 0;
     return false;
   }
   return slack > floor_ + (moving_ ? busy_slack_bytes_ : settled_slack_bytes_);
@@ -123,7 +125,9 @@ bool TrimPolicy::Check(size_t resident, size_t slack) {
 
 void TrimPolicy::Trimmed(size_t resident, size_t slack) {
   last_resident_ = resident;
-  given_back_ = last_slack_ > slack ? last_slack_ - slack : 0;
+  // Only a trim while still can be of a buffer each pass refills; what a
+  // busy trim gave back is refilled by the burst itself.
+  given_back_ = !moving_ && last_slack_ > slack ? last_slack_ - slack : 0;
   floor_ = slack;  // what could not be given back does not count again
 }
 

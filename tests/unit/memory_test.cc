@@ -74,6 +74,24 @@ TEST(TrimPolicyTest, WhatComesBackRightAfterATrimIsNotTrimmedAgain) {
   EXPECT_TRUE(policy.Check(36 * kMiB + kMiB / 2, 12 * kMiB + kMiB / 2));
 }
 
+TEST(TrimPolicyTest, TheTailOfABurstIsTrimmedWhenItEnds) {
+  TrimPolicy policy = Policy();
+  EXPECT_TRUE(policy.Check(36 * kMiB, 15 * kMiB));  // moving, 5 MiB over
+  policy.Trimmed(31 * kMiB, 10 * kMiB);
+  // The burst's last 4 MiB of garbage, still at the next check.
+  EXPECT_TRUE(policy.Check(31 * kMiB + kMiB / 2, 14 * kMiB));
+}
+
+TEST(TrimPolicyTest, NewGarbageAfterATrimIsTrimmedToo) {
+  TrimPolicy policy = Policy();
+  EXPECT_TRUE(policy.Check(30 * kMiB, 12 * kMiB));
+  policy.Trimmed(28 * kMiB, 10 * kMiB);  // 2 MiB given back
+  EXPECT_FALSE(policy.Check(28 * kMiB, 10 * kMiB));
+  // A listing's 3 MiB, freed a few checks later.
+  EXPECT_FALSE(policy.Check(28 * kMiB + kMiB / 2, 10 * kMiB));
+  EXPECT_TRUE(policy.Check(28 * kMiB + kMiB / 2, 13 * kMiB));
+}
+
 // Sanitizers replace malloc: malloc_trim and the heap statistics the
 // trimmer reads are not theirs.
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)

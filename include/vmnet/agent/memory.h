@@ -30,8 +30,8 @@ void TuneAllocator();
 // `settled_slack_bytes`: what a burst freed is given back when the burst
 // ends, not kept up to the busy threshold for good. An idle agent frees
 // nothing, so its slack does not grow and it does not trim. What a trim gave
-// back and the agent takes again right away (a buffer each pass fills) is
-// left alone after that: trimming it again and again would cost a trim and
+// back and the agent took again by the next check (a buffer each pass
+// fills) is left alone after that: trimming it again and again would cost a trim and
 // the page faults each time.
 class TrimPolicy {
  public:
@@ -52,7 +52,7 @@ class TrimPolicy {
   size_t last_resident_;
   size_t last_slack_ = 0;
   size_t floor_;
-  size_t given_back_ = 0;  // by the last trim
+  size_t given_back_ = 0;  // by the trim just before this check
   bool moving_ = false;
 };
 
