@@ -11,9 +11,7 @@
 #include "vmnet/log/log.h"
 
 namespace vmnet {
-namespace {
 
-// Resident bytes, from /proc/self/statm (one short read).
 size_t ResidentBytes() {
   FILE* f = std::fopen("/proc/self/statm", "r");
   if (f == nullptr) return 0;
@@ -22,6 +20,8 @@ size_t ResidentBytes() {
   std::fclose(f);
   return n == 2 ? resident * static_cast<size_t>(sysconf(_SC_PAGESIZE)) : 0;
 }
+
+namespace {
 
 // What the process holds beyond the heap it uses: code, stacks, and the free
 // memory the allocator keeps. Only the last one grows.

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -95,15 +94,6 @@ TEST(TrimPolicyTest, NewGarbageAfterATrimIsTrimmedToo) {
 // Sanitizers replace malloc: malloc_trim and the heap statistics the
 // trimmer reads are not theirs.
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
-
-size_t ResidentBytes() {
-  FILE* f = std::fopen("/proc/self/statm", "r");
-  if (f == nullptr) return 0;
-  unsigned long size = 0, resident = 0;
-  int n = std::fscanf(f, "%lu %lu", &size, &resident);
-  std::fclose(f);
-  return n == 2 ? resident * static_cast<size_t>(sysconf(_SC_PAGESIZE)) : 0;
-}
 
 // Allocates and touches `bytes` in 4 KiB blocks, then frees all but one in
 // 1024: what stays keeps glibc from handing the freed memory back itself

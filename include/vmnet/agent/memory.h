@@ -20,6 +20,10 @@ namespace vmnet {
 // keep up to a megabyte each. Call once, before any thread starts.
 void TuneAllocator();
 
+// The process's resident bytes, from /proc/self/statm (one short read); 0
+// when it cannot be read.
+size_t ResidentBytes();
+
 // When to trim, from what each check reads: the process's RSS and its
 // "slack", RSS minus the heap in use (the free memory the allocator keeps,
 // over a floor of what no trim gives back: code, stacks). While RSS moves (a
