@@ -511,32 +511,7 @@ void NetlinkKernel::ApplyNft(absl::Span<const Write> writes,
     }
     return;
   }
-  std::vector<NftWrite> transaction;
-  std::vector<size_t> index;
-  for (size_t i = 0; i < writes.size(); ++i) {
-    if (auto w = AsNftWrite(writes[i])) {
-      transaction.push_back(std::move(*w));
-      index.push_back(i);
-    }
-  }
-  std::vector<absl::Status> done = nft_->Apply(transaction);
-  for (size_t i = 0; i < index.size(); ++i) (*result)[index[i]] = std::move(done[i]);
-  // Every conntrack deletion of the batch in one call: one dump of the
-  // table, however many addresses.
-  std::vector<IpAddress> addresses;
-  index.clear();
-  for (size_t i = 0; i < writes.size(); ++i) {
-    if (const auto* conntrack = std::get_if<DeleteConntrack>(&writes[i])) {
-      addresses.push_back(conntrack->address);
-      index.push_back(i);
-    }
-  }
-  if (addresses.empty()) return;
-  std::vector<absl::StatusOr<ConntrackDeletion>> deleted =
-      nft_->DeleteConntrack(addresses);
-  for (size_t i = 0; i < index.size(); ++i) {
-    if (!deleted[i].ok()) (*result)[index[i]] = deleted[i].status();
-  }
+  ApplyPortSecurityWrites(*nft_, writes, result);
 }
 
 absl::StatusOr<std::vector<DropCounter>> NetlinkKernel::ReadDropCounters() {

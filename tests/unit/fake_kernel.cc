@@ -350,36 +350,16 @@ std::vector<absl::Status> FakeKernel::Apply(absl::Span<const kernel::Write> writ
   // As NetlinkKernel: rtnetlink writes in order, then the nftables writes as
   // one transaction, then conntrack.
   std::vector<absl::Status> out(writes.size());
-  std::vector<kernel::NftWrite> nft;
-  std::vector<size_t> nft_index;
   {
     vmnet::MutexLock lock(&mu_);
     for (size_t i = 0; i < writes.size(); ++i) {
       const kernel::Write& w = writes[i];
-      if (auto x = kernel::AsNftWrite(w)) {
-        nft.push_back(std::move(*x));
-        nft_index.push_back(i);
-      } else if (!std::holds_alternative<kernel::DeleteConntrack>(w)) {
+      if (!kernel::IsNftWrite(w) && !std::holds_alternative<kernel::DeleteConntrack>(w)) {
         out[i] = ApplyOne(w);
       }
     }
   }
-  std::vector<absl::Status> done = port_security_.Apply(nft);
-  for (size_t i = 0; i < nft.size(); ++i) out[nft_index[i]] = std::move(done[i]);
-  std::vector<IpAddress> conntrack;
-  std::vector<size_t> conntrack_index;
-  for (size_t i = 0; i < writes.size(); ++i) {
-    if (const auto* c = std::get_if<kernel::DeleteConntrack>(&writes[i])) {
-      conntrack.push_back(c->address);
-      conntrack_index.push_back(i);
-    }
-  }
-  if (!conntrack.empty()) {
-    auto deleted = port_security_.DeleteConntrack(conntrack);
-    for (size_t i = 0; i < conntrack_index.size(); ++i) {
-      if (!deleted[i].ok()) out[conntrack_index[i]] = deleted[i].status();
-    }
-  }
+  kernel::ApplyPortSecurityWrites(port_security_, writes, &out);
   return out;
 }
 

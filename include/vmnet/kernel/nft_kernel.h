@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "vmnet/kernel/nft_objects.h"
+#include "vmnet/kernel/objects.h"
 
 namespace vmnet::kernel {
 
@@ -66,6 +67,14 @@ class PortSecurityKernel {
   virtual std::vector<absl::StatusOr<ConntrackDeletion>> DeleteConntrack(
       absl::Span<const IpAddress> addresses) = 0;
 };
+
+// The nftables writes of `writes` (AsNftWrite) applied as one Apply, then
+// its DeleteConntrack writes as one DeleteConntrack (one dump of the table),
+// each status put at its write's index in `result` (sized as `writes`); the
+// other writes' statuses are left as they are. NetlinkKernel's way, and the
+// fake kernel's.
+void ApplyPortSecurityWrites(PortSecurityKernel& kernel, absl::Span<const Write> writes,
+                             std::vector<absl::Status>* result);
 
 class NftKernel : public PortSecurityKernel {
  public:
