@@ -405,15 +405,22 @@ void KernelModel::ApplyWrite(const kernel::Write& write) {
   }
 }
 
-std::vector<IpAddress> KernelModel::ReplaceProxies(const std::vector<Neighbor>& proxies) {
-  SetByKey<Neighbor, NeighborKey> fresh;
+KernelModel::ProxySet KernelModel::MakeProxySet(const std::vector<Neighbor>& proxies) {
+  ProxySet set;
+  set.entries_.reserve(proxies.size());
   for (Neighbor n : proxies) {
     n.proxy = true;
-    Upsert(fresh, n);
+    Upsert(set.entries_, n);
   }
+  return set;
+}
+
+std::vector<IpAddress> KernelModel::ReplaceProxies(
+    const ProxySet& dump, const absl::flat_hash_set<IpAddress>& keep) {
+  const auto& fresh = dump.entries_;
   absl::flat_hash_set<IpAddress> changed;
   for (auto it = neighbors_.begin(); it != neighbors_.end();) {
-    if (!it->proxy) {
+    if (!it->proxy || keep.contains(it->address)) {
       ++it;
       continue;
     }
@@ -426,6 +433,7 @@ std::vector<IpAddress> KernelModel::ReplaceProxies(const std::vector<Neighbor>& 
     }
   }
   for (const Neighbor& n : fresh) {
+    if (keep.contains(n.address) || !links_.contains(n.ifindex)) continue;
     if (Upsert(neighbors_, n)) changed.insert(n.address);
   }
   return {changed.begin(), changed.end()};

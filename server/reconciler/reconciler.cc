@@ -28,6 +28,14 @@ constexpr milliseconds kMinResyncGap{1000};
 // interval up to this many VMs, and every ceil(n / 512) intervals beyond.
 constexpr size_t kLinkSettingsPerCheck = 512;
 
+// The proxy entry a write creates or deletes; null for any other write.
+const kernel::Neighbor* ProxyOf(const kernel::Write& write) {
+  const kernel::Neighbor* n = nullptr;
+  if (const auto* set = std::get_if<kernel::SetNeighbor>(&write)) n = &set->neighbor;
+  if (const auto* del = std::get_if<kernel::DeleteNeighbor>(&write)) n = &del->neighbor;
+  return n != nullptr && n->proxy ? n : nullptr;
+}
+
 absl::Status ShuttingDown() {
   return absl::UnavailableError("vmnetd is shutting down; retry");
 }
@@ -115,6 +123,7 @@ absl::Status Reconciler::Start() {
   observer_->EndPass();
   for (const auto& [id, r] : desired_->vms()) observer_->Seed(r.View());
   ready_ = true;
+  proxy_thread_ = std::thread([this] { RunProxyDumps(); });
   thread_ = std::thread([this] { Run(); });
   return absl::OkStatus();
 }
@@ -123,6 +132,7 @@ void Reconciler::Stop() {
   if (stopping_.exchange(true)) return;
   Wake();
   if (thread_.joinable()) thread_.join();
+  StopProxyDumps();
   // Answer what never reached the thread.
   std::deque<Command> left;
   {
@@ -151,10 +161,11 @@ void Reconciler::Post(Command command) {
   bool queued = false;
   {
     vmnet::MutexLock lock(&queue_mu_);
-    // A probe's result is never refused: it is the agent's own, and the VM
-    // waits for it.
+    // A probe's result or a proxy dump is never refused: it is the agent's
+    // own, and a VM or the next proxy check waits for it.
     if (queue_.size() < options_.max_pending_requests ||
-        std::holds_alternative<ProbeResult>(command)) {
+        std::holds_alternative<ProbeResult>(command) ||
+        std::holds_alternative<ProxyDump>(command)) {
       queue_.push_back(std::move(command));
       queued = true;
     }
@@ -218,7 +229,7 @@ void Reconciler::Iterate() {
   // Read the kernel.
   DrainKernelEvents();
   auto now = Now();
-  if (now >= next_proxy_check_) CheckProxies();
+  if (now >= next_proxy_check_) StartProxyCheck();
   if (now >= next_full_resync_ ||
       (resync_wanted_ && now >= last_resync_ + kMinResyncGap)) {
     if (auto s = FullResync(false); !s.ok()) {
@@ -306,18 +317,63 @@ void Reconciler::MarkDirty(const KernelModel::Touched& touched) {
   }
 }
 
-void Reconciler::CheckProxies() {
+void Reconciler::StartProxyCheck() {
   next_proxy_check_ = Now() + options_.proxy_check_interval;
-  auto proxies = kernel_->DumpProxyNeighbors();
-  if (!proxies.ok()) {
-    VMNET_LOG(Warning) << "event=proxy_dump_failed error=\"" << proxies.status().message()
-                       << "\"";
+  CheckLinkSettings();
+  if (proxy_check_running_) return;  // a slow dump: this round is skipped
+  proxy_check_running_ = true;
+  proxies_written_.clear();
+  {
+    std::lock_guard lock(proxy_mu_);
+    proxy_wanted_ = resync_generation_;
+  }
+  proxy_cv_.notify_one();
+}
+
+void Reconciler::RunProxyDumps() {
+  pthread_setname_np(pthread_self(), "vmnet-proxies");
+  for (;;) {
+    uint64_t generation;
+    {
+      std::unique_lock lock(proxy_mu_);
+      proxy_cv_.wait(lock, [this] { return proxy_stop_ || proxy_wanted_.has_value(); });
+      if (proxy_stop_) return;
+      generation = *proxy_wanted_;
+      proxy_wanted_.reset();
+    }
+    auto proxies = kernel_->DumpProxyNeighbors();
+    ProxyDump dump{generation, KernelModel::ProxySet()};
+    if (proxies.ok()) {
+      dump.proxies = KernelModel::MakeProxySet(*proxies);
+    } else {
+      dump.proxies = proxies.status();
+    }
+    Post(std::move(dump));
+  }
+}
+
+void Reconciler::StopProxyDumps() {
+  {
+    std::lock_guard lock(proxy_mu_);
+    proxy_stop_ = true;
+  }
+  proxy_cv_.notify_one();
+  if (proxy_thread_.joinable()) proxy_thread_.join();
+}
+
+void Reconciler::ProxyDumpDone(ProxyDump& dump) {
+  proxy_check_running_ = false;
+  if (!dump.proxies.ok()) {
+    VMNET_LOG(Warning) << "event=proxy_dump_failed error=\""
+                       << dump.proxies.status().message() << "\"";
     return;
   }
+  // Read before the last full re-read: the model is newer.
+  if (dump.generation != resync_generation_) return;
   KernelModel::Touched touched;
-  touched.addresses = model_.ReplaceProxies(*proxies);
+  touched.addresses = model_.ReplaceProxies(*dump.proxies, proxies_written_);
+  proxies_written_.clear();
   MarkDirty(touched);
-  CheckLinkSettings();
 }
 
 void Reconciler::CheckLinkSettings() {
@@ -351,6 +407,7 @@ void Reconciler::CheckLinkSettings() {
 }
 
 absl::Status Reconciler::FullResync(bool initial) {
+  ++resync_generation_;  // a proxy dump being read is older than this one
   last_resync_ = Now();
   next_full_resync_ = last_resync_ + options_.full_resync_interval;
   next_proxy_check_ = last_resync_ + options_.proxy_check_interval;
@@ -467,6 +524,10 @@ void Reconciler::TakeCommands(std::vector<Reply>* replies) {
   for (Command& command : commands) {
     if (auto* probe = std::get_if<ProbeResult>(&command)) {
       ProbeDone(*probe);
+      continue;
+    }
+    if (auto* dump = std::get_if<ProxyDump>(&command)) {
+      ProxyDumpDone(*dump);
       continue;
     }
     if (auto* c = std::get_if<DetachCommand>(&command)) {
@@ -663,6 +724,10 @@ std::vector<absl::Status> Reconciler::ApplyWrites(
   uint64_t failures = 0;
   for (size_t i = 0; i < writes.size(); ++i) {
     int kind = static_cast<int>(kernel::KindOf(writes[i]));
+    if (const kernel::Neighbor* proxy = ProxyOf(writes[i]);
+        proxy != nullptr && proxy_check_running_) {
+      proxies_written_.insert(proxy->address);
+    }
     if (results[i].ok()) {
       ++ok[kind];
       model_.ApplyWrite(writes[i]);

@@ -87,12 +87,22 @@ absl::StatusOr<std::vector<Link>> FakeKernel::ReadLinks(absl::Span<const int> if
 }
 
 absl::StatusOr<std::vector<Neighbor>> FakeKernel::DumpProxyNeighbors() {
-  vmnet::MutexLock lock(&mu_);
   std::vector<Neighbor> out;
-  for (const auto& [k, n] : neighbors_) {
-    if (n.proxy) out.push_back(n);
+  std::function<void()> hook;
+  {
+    vmnet::MutexLock lock(&mu_);
+    for (const auto& [k, n] : neighbors_) {
+      if (n.proxy) out.push_back(n);
+    }
+    hook = after_proxy_dump_read_;
   }
+  if (hook) hook();
   return out;
+}
+
+void FakeKernel::AfterProxyDumpRead(std::function<void()> hook) {
+  vmnet::MutexLock lock(&mu_);
+  after_proxy_dump_read_ = std::move(hook);
 }
 
 absl::Status FakeKernel::ReadEvents(std::vector<kernel::Event>* events) {

@@ -16,6 +16,7 @@
 // Tests change it "from outside" to simulate someone else.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -35,7 +36,8 @@ class FakeKernel : public kernel::Kernel {
   absl::StatusOr<kernel::Snapshot> Dump(const kernel::DumpSelection& what) override;
   absl::StatusOr<std::vector<kernel::Link>> DumpLinks() override;
   absl::StatusOr<std::vector<kernel::Neighbor>> DumpProxyNeighbors() override;
-  absl::StatusOr<std::vector<kernel::Link>> ReadLinks(absl::Span<const int> ifindexes) override;
+  absl::StatusOr<std::vector<kernel::Link>> ReadLinks(
+      absl::Span<const int> ifindexes) override;
   // Sets a link's counters (host's view).
   void SetStats(const std::string& name, const kernel::LinkStats& stats);
   std::vector<absl::Status> Apply(absl::Span<const kernel::Write> writes) override;
@@ -71,6 +73,10 @@ class FakeKernel : public kernel::Kernel {
   void DeleteRouteLosingEvents(const IpPrefix& destination);
   // Makes every write fail with this errno (0: succeed again).
   void FailWrites(int err);
+  // Runs `hook` in each proxy dump after it has read the entries and before
+  // it returns them, on the dumping thread (a hook that blocks holds the
+  // dump's result back, not the fake).
+  void AfterProxyDumpRead(std::function<void()> hook);
 
   // Inspection.
   int IfIndex(const std::string& name) const;
@@ -87,6 +93,7 @@ class FakeKernel : public kernel::Kernel {
   kernel::Link* FindLink(int ifindex) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable vmnet::Mutex mu_;
+  std::function<void()> after_proxy_dump_read_ ABSL_GUARDED_BY(mu_);
   int event_fd_ = -1;
   int epoll_fd_ = -1;
   FakePortSecurityKernel port_security_;

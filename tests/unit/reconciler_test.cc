@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "fake_clock.h"
@@ -516,6 +517,42 @@ TEST_F(ReconcilerClockTest, ProxyEntriesAreReadBackEveryInterval) {
   EXPECT_FALSE(HoldsVm(vme, "198.51.100.201"));
   clock_.Advance(std::chrono::milliseconds(100));
   EXPECT_TRUE(WaitFor([&] { return HoldsVm(vme, "198.51.100.201"); }));
+}
+
+// The proxy dump is read on its own thread while the reconciler goes on: an
+// entry the reconciler writes meanwhile is newer than the dump, and the
+// dump's result does not undo it (taken at its word, the dump would make
+// the VM look unpublished and its entry be written again).
+TEST_F(ReconcilerClockTest, AProxyDumpOlderThanAWriteDoesNotUndoIt) {
+  int vme = kernel_.AddLink("vme1a");
+  StartAgent();
+  std::atomic<int> dumps{0};
+  std::promise<void> first_read, release;
+  std::shared_future<void> released = release.get_future().share();
+  kernel_.AfterProxyDumpRead([&, released] {
+    if (++dumps == 1) {
+      first_read.set_value();
+      released.wait();
+    }
+  });
+  // Released on every way out, or the agent's proxy thread never stops.
+  auto unblock = absl::MakeCleanup([&] { release.set_value(); });
+  clock_.Advance(std::chrono::milliseconds(500));  // a check: its dump holds no entry
+  first_read.get_future().wait();
+  ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
+  ASSERT_TRUE(HoldsVm(vme, "198.51.100.201"));
+  const size_t writes = kernel_.writes_applied();
+  std::move(unblock).Invoke();
+  // A second check starts only once the first one's result was taken (and
+  // the pass that took it is over).
+  ASSERT_TRUE(WaitFor([&] {
+    clock_.Advance(std::chrono::milliseconds(500));
+    return dumps.load() >= 2;
+  }));
+  Sync();
+  EXPECT_EQ(kernel_.writes_applied(), writes);
+  EXPECT_TRUE(HoldsVm(vme, "198.51.100.201"));
+  kernel_.AfterProxyDumpRead(nullptr);
 }
 
 TEST_F(ReconcilerClockTest, TheFullResyncComesEveryInterval) {

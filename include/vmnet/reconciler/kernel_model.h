@@ -40,9 +40,16 @@ class KernelModel {
   void Reset(kernel::Snapshot snapshot);
   Touched Apply(const kernel::Event& event);
   void ApplyWrite(const kernel::Write& write);
-  // Replaces every proxy entry with the result of a proxy dump. Returns the
-  // addresses whose proxy entries differed.
-  std::vector<IpAddress> ReplaceProxies(const std::vector<kernel::Neighbor>& proxies);
+  // A proxy dump keyed as the model keys its entries (ProxySet, below),
+  // made on the thread that read the dump.
+  class ProxySet;
+  static ProxySet MakeProxySet(const std::vector<kernel::Neighbor>& proxies);
+  // Replaces the proxy entries with a proxy dump's, except those of the
+  // addresses in `keep` (written since the dump began: the model knows them
+  // better) and those on links the model no longer has (gone since).
+  // Returns the addresses whose proxy entries differed.
+  std::vector<IpAddress> ReplaceProxies(const ProxySet& dump,
+                                        const absl::flat_hash_set<IpAddress>& keep = {});
 
   // A link as the model keeps it: without its counters.
   const kernel::LinkInfo* LinkByName(absl::string_view name) const;
@@ -326,6 +333,11 @@ class KernelModel {
   // ifb name -> the VM link it was created for (CreateIfb), so that its
   // RTM_NEWLINK plans that VM again.
   absl::flat_hash_map<std::string, std::string> ifb_owner_;
+};
+
+class KernelModel::ProxySet {
+  friend class KernelModel;
+  SetByKey<kernel::Neighbor, NeighborKey> entries_;
 };
 
 }  // namespace vmnet
