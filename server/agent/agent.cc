@@ -103,7 +103,8 @@ absl::Status Agent::Start() {
     auto store = StateStore::Open(config_.state_dir);
     if (!store.ok()) return store.status();
     store_ = std::make_unique<StateStore>(std::move(*store));
-    events_ = std::make_unique<EventLog>(EpochNow(), config_.watch_history);
+    events_ = std::make_unique<EventLog>(EpochNow(), config_.watch_history, nullptr,
+                                         config_.watch_send_interval);
     reconciler_ =
         std::make_unique<Reconciler>(kernel_.get(), store_.get(), events_.get(), options);
 

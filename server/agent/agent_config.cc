@@ -134,6 +134,11 @@ absl::StatusOr<AgentConfig> AgentConfig::FromFlags(const RawFlags& flags) {
   config.netlink_rcvbuf = flags.netlink_rcvbuf;
   config.state_dir = flags.state_dir;
   config.watch_history = static_cast<size_t>(flags.watch_history);
+  if (flags.watch_send_interval < absl::ZeroDuration() ||
+      flags.watch_send_interval > absl::Seconds(1)) {
+    return absl::InvalidArgumentError("--watch-send-interval: give 0 to 1s");
+  }
+  config.watch_send_interval = absl::ToChronoMilliseconds(flags.watch_send_interval);
 
   config.service.rules = options.rules;
   config.service.route_protocol = options.host.protocol;

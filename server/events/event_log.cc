@@ -178,10 +178,12 @@ grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch) {
   return grpc::Slice(slice, grpc::Slice::STEAL_REF);
 }
 
-EventLog::EventLog(std::string epoch, size_t history, Clock* clock)
+EventLog::EventLog(std::string epoch, size_t history, Clock* clock,
+                   std::chrono::milliseconds send_interval)
     : epoch_(std::move(epoch)),
       history_limit_(history),
-      clock_(clock != nullptr ? clock : Clock::Real()) {}
+      clock_(clock != nullptr ? clock : Clock::Real()),
+      send_interval_(send_interval) {}
 
 EventLog::~EventLog() { StopSender(); }
 
@@ -434,8 +436,13 @@ Clock::TimePoint EventLog::OfferProgress(Clock::TimePoint now) {
 
 void EventLog::SenderLoop() {
   Clock::TimePoint next_progress = Clock::TimePoint::min();
+  // No flush round before this: send_interval_ after the last one that
+  // flushed a watcher. What is pushed meanwhile waits in the watchers'
+  // queues and goes out with the next round, in one write per watcher.
+  Clock::TimePoint next_round = Clock::TimePoint::min();
   for (;;) {
-    {
+    Clock::TimePoint now = clock_->Now();
+    if (now >= next_round) {
       // The watchers pushed to since the last round start their writes.
       vmnet::MutexLock round(&round_mu_);
       absl::flat_hash_set<Watcher*> flush;
@@ -444,24 +451,29 @@ void EventLog::SenderLoop() {
         flush.swap(flush_);
       }
       for (Watcher* w : flush) w->Flush();
+      if (!flush.empty()) next_round = now + send_interval_;
+      now = clock_->Now();
     }
-    Clock::TimePoint now = clock_->Now();
     if (now >= next_progress || progress_recheck_.exchange(false)) {
       vmnet::MutexLock lock(&mu_);
       next_progress =
           progress_watchers_ > 0 ? OfferProgress(now) : Clock::TimePoint::max();
     }
     std::unique_lock lock(wake_mu_);
-    auto woken = [&] { return wake_ || stop_ || !flush_.empty(); };
-    if (!woken()) {
+    for (;;) {
+      if (stop_) return;
+      if (wake_) break;
+      now = clock_->Now();
+      Clock::TimePoint due = next_progress;
+      if (!flush_.empty()) due = std::min(due, next_round);
+      if (due <= now) break;
       // The deadline is on `clock_`; a fake clock that jumps wakes us.
-      if (next_progress == Clock::TimePoint::max()) {
-        wake_cv_.wait(lock, woken);
+      if (due == Clock::TimePoint::max()) {
+        wake_cv_.wait(lock);
       } else {
-        wake_cv_.wait_for(lock, next_progress - now, woken);
+        wake_cv_.wait_for(lock, due - now);
       }
     }
-    if (stop_) return;
     if (wake_) progress_recheck_ = true;
     wake_ = false;
   }

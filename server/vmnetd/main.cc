@@ -101,6 +101,11 @@ ABSL_FLAG(int, watch_queue, Defaults().watch_queue,
           "takes the events of one reconcile pass).");
 ABSL_FLAG(int, watch_history, Defaults().watch_history,
           "Events retained for Watch resume.");
+ABSL_FLAG(absl::Duration, watch_send_interval, Defaults().watch_send_interval,
+          "Watch writes start at most once per this time (0 to 1s; 0: after every "
+          "reconcile pass): in a burst of changes, the passes that end within it go "
+          "to each watcher as one message. The first change after a quiet interval "
+          "is sent at once.");
 ABSL_FLAG(int, max_request_bytes, Defaults().max_request_bytes,
           "The largest gRPC request accepted.");
 ABSL_FLAG(
@@ -163,6 +168,7 @@ RawFlags ReadFlags() {
   f.max_watchers = absl::GetFlag(FLAGS_max_watchers);
   f.watch_queue = absl::GetFlag(FLAGS_watch_queue);
   f.watch_history = absl::GetFlag(FLAGS_watch_history);
+  f.watch_send_interval = absl::GetFlag(FLAGS_watch_send_interval);
   f.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   f.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   f.max_pending_requests = absl::GetFlag(FLAGS_max_pending_requests);

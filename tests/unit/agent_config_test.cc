@@ -52,6 +52,7 @@ TEST(AgentConfigTest, DefaultsAreAccepted) {
   EXPECT_EQ(config->netlink_rcvbuf, 0);
   EXPECT_EQ(config->state_dir, "/var/lib/vmnetd");
   EXPECT_EQ(config->watch_history, 65536u);
+  EXPECT_EQ(config->watch_send_interval, std::chrono::milliseconds(100));
   EXPECT_EQ(config->service.route_protocol, 237);
   EXPECT_EQ(config->service.max_watchers, 1024u);
   EXPECT_EQ(config->service.watch_queue, 4096u);
@@ -183,6 +184,21 @@ TEST(AgentConfigTest, RefusesAnAnnounceIntervalOutside10msTo1m) {
   flags.announce_interval = absl::Milliseconds(10);
   EXPECT_EQ(Refusal(flags), "");
   flags.announce_interval = absl::Minutes(1);
+  EXPECT_EQ(Refusal(flags), "");
+}
+
+TEST(AgentConfigTest, RefusesAWatchSendIntervalOutside0To1s) {
+  for (absl::Duration bad : {absl::Milliseconds(-1), absl::Milliseconds(1001)}) {
+    RawFlags flags;
+    flags.watch_send_interval = bad;
+    EXPECT_EQ(Refusal(flags), "--watch-send-interval: give 0 to 1s") << bad;
+  }
+  RawFlags flags;
+  flags.watch_send_interval = absl::ZeroDuration();
+  auto config = AgentConfig::FromFlags(flags);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->watch_send_interval, std::chrono::milliseconds(0));
+  flags.watch_send_interval = absl::Seconds(1);
   EXPECT_EQ(Refusal(flags), "");
 }
 

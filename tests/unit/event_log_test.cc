@@ -337,6 +337,37 @@ TEST(EventLogTest, PushedWatchersAreFlushed) {
   EXPECT_EQ(a.flushes.load(), 1);  // b's round came after a's, and did not flush a
 }
 
+// With a send interval, writes start at most once per interval: the first
+// pass after a quiet interval goes at once, the passes that follow within
+// the interval wait for its end and go together. A progress watcher shows
+// when the sender has looked (it flushes what is due before it offers
+// progress, in the same round).
+TEST(EventLogTest, PassesWithinTheSendIntervalAreFlushedTogether) {
+  FakeClock clock;
+  EventLog log("e", 10, &clock, std::chrono::milliseconds(100));
+  QueueWatcher w, marker;
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, false).ok());
+  ASSERT_TRUE(
+      log.Subscribe(&marker, "none", 0, false, std::chrono::milliseconds(50)).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  ASSERT_TRUE(WaitFor([&] { return w.flushes.load() == 1; }));
+  Publish(log, VmEventType::kAdded, Vm("b"), "");
+  Publish(log, VmEventType::kAdded, Vm("c"), "");
+  EXPECT_EQ(w.events.size(), 3u);  // queued at once; written later
+  clock.Advance(std::chrono::milliseconds(50));
+  ASSERT_TRUE(WaitFor([&] { return marker.progress_count() == 1; }));
+  EXPECT_EQ(w.flushes.load(), 1);
+  clock.Advance(std::chrono::milliseconds(50));
+  ASSERT_TRUE(WaitFor([&] { return w.flushes.load() == 2; }));
+  // Quiet for a whole interval since: the next pass goes at once.
+  clock.Advance(std::chrono::milliseconds(100));
+  ASSERT_TRUE(WaitFor([&] { return marker.progress_count() == 3; }));
+  Publish(log, VmEventType::kAdded, Vm("d"), "");
+  ASSERT_TRUE(WaitFor([&] { return w.flushes.load() == 3; }));
+  log.Unsubscribe(&w);
+  log.Unsubscribe(&marker);
+}
+
 TEST(EventLogTest, TooOldSaysCompacted) {
   EventLog log("e", 2);
   for (int i = 0; i < 5; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");

@@ -48,6 +48,7 @@ struct RawFlags {
   int max_watchers = static_cast<int>(ServiceOptions{}.max_watchers);
   int watch_queue = static_cast<int>(ServiceOptions{}.watch_queue);
   int watch_history = 65536;
+  absl::Duration watch_send_interval = absl::Milliseconds(100);
   int max_request_bytes = ListenerConfig{}.max_request_bytes;
   int max_concurrent_streams = ListenerConfig{}.max_concurrent_streams;
   int max_pending_requests = static_cast<int>(ReconcilerOptions{}.max_pending_requests);
@@ -75,6 +76,7 @@ struct AgentConfig {
   int netlink_rcvbuf = 0;  // 0: the kernel layer's default
   std::string state_dir;
   size_t watch_history = 0;
+  std::chrono::milliseconds watch_send_interval{0};
   ServiceOptions service;
   ListenerConfig listeners;
   std::string listen;          // --listen as given, for the log

@@ -187,8 +187,14 @@ grpc::Slice ProgressMessage(uint64_t revision, const std::string& epoch);
 
 class EventLog : public VmObserver {
  public:
-  // `clock` (null: the real one) times progress messages.
-  EventLog(std::string epoch, size_t history, Clock* clock = nullptr);
+  // `clock` (null: the real one) times progress messages and the send
+  // interval. With a `send_interval` above zero, the sender thread starts
+  // writes at most once per interval: the passes that end within it go to
+  // each watcher together, in fewer and larger messages. The first pass
+  // after a quiet interval goes at once; a watcher still writing when its
+  // events are queued sends them when that write is done, as without it.
+  EventLog(std::string epoch, size_t history, Clock* clock = nullptr,
+           std::chrono::milliseconds send_interval = std::chrono::milliseconds(0));
   ~EventLog() override;
 
   void StartRevisionsAt(uint64_t first) override;
@@ -240,8 +246,9 @@ class EventLog : public VmObserver {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Every event up to this revision was queued to the watchers it concerns.
   uint64_t QueuedRevision() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The sender thread: flushes the watchers pushed to, offers progress to
-  // the watchers due, sleeps until the next is due or it is woken.
+  // The sender thread: flushes the watchers pushed to (at most once per
+  // send interval), offers progress to the watchers due, sleeps until the
+  // next of these is due or it is woken.
   void SenderLoop();
   // Offers progress to every watcher due at `now`; returns when the next is.
   Clock::TimePoint OfferProgress(Clock::TimePoint now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -251,6 +258,7 @@ class EventLog : public VmObserver {
   const std::string epoch_;
   const size_t history_limit_;
   Clock* const clock_;
+  const std::chrono::milliseconds send_interval_;
   mutable vmnet::Mutex mu_;
   // Watchers with a progress interval: Publish reads the clock only then.
   size_t progress_watchers_ ABSL_GUARDED_BY(mu_) = 0;
