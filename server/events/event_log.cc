@@ -291,6 +291,7 @@ void EventLog::EndPassLocked(std::vector<Watcher*>* cut_off) {
     // that Unsubscribe has taken out of watchers_ is never queued again.
     std::lock_guard wake(wake_mu_);
     for (Watcher* w : pushed) flush_.insert(w);
+    unflushed_events_ += pass.size();
     wake_cv_.notify_one();
   }
 }
@@ -438,17 +439,28 @@ void EventLog::SenderLoop() {
   Clock::TimePoint next_progress = Clock::TimePoint::min();
   // No flush round before this: send_interval_ after the last one that
   // flushed a watcher. What is pushed meanwhile waits in the watchers'
-  // queues and goes out with the next round, in one write per watcher.
+  // queues and goes out with the next round, in one write per watcher;
+  // unless it is a message's worth already (kMaxPassEvents): waiting longer
+  // would only fill the watchers' queues, which cut a watcher off when full.
   Clock::TimePoint next_round = Clock::TimePoint::min();
+  auto round_due = [&](Clock::TimePoint now) {  // under wake_mu_
+    return !flush_.empty() && (now >= next_round || unflushed_events_ >= kMaxPassEvents);
+  };
   for (;;) {
     Clock::TimePoint now = clock_->Now();
-    if (now >= next_round) {
+    bool due;
+    {
+      std::lock_guard lock(wake_mu_);
+      due = round_due(now);
+    }
+    if (due) {
       // The watchers pushed to since the last round start their writes.
       vmnet::MutexLock round(&round_mu_);
       absl::flat_hash_set<Watcher*> flush;
       {
         std::lock_guard lock(wake_mu_);
         flush.swap(flush_);
+        unflushed_events_ = 0;
       }
       for (Watcher* w : flush) w->Flush();
       if (!flush.empty()) next_round = now + send_interval_;
@@ -464,14 +476,14 @@ void EventLog::SenderLoop() {
       if (stop_) return;
       if (wake_) break;
       now = clock_->Now();
-      Clock::TimePoint due = next_progress;
-      if (!flush_.empty()) due = std::min(due, next_round);
-      if (due <= now) break;
+      if (round_due(now) || now >= next_progress) break;
+      Clock::TimePoint wake_at = next_progress;
+      if (!flush_.empty()) wake_at = std::min(wake_at, next_round);
       // The deadline is on `clock_`; a fake clock that jumps wakes us.
-      if (due == Clock::TimePoint::max()) {
+      if (wake_at == Clock::TimePoint::max()) {
         wake_cv_.wait(lock);
       } else {
-        wake_cv_.wait_for(lock, due - now);
+        wake_cv_.wait_for(lock, wake_at - now);
       }
     }
     if (wake_) progress_recheck_ = true;

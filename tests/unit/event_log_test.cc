@@ -368,6 +368,21 @@ TEST(EventLogTest, PassesWithinTheSendIntervalAreFlushedTogether) {
   log.Unsubscribe(&marker);
 }
 
+// A message's worth of events (1,024) does not wait for the interval's
+// end: waiting would only fill the watchers' queues.
+TEST(EventLogTest, ABigPassIsFlushedWithoutWaitingForTheSendInterval) {
+  FakeClock clock;
+  EventLog log("e", 2000, &clock, std::chrono::milliseconds(100));
+  QueueWatcher w(5000);
+  ASSERT_TRUE(log.Subscribe(&w, "", 0, false).ok());
+  Publish(log, VmEventType::kAdded, Vm("a"), "");
+  ASSERT_TRUE(WaitFor([&] { return w.flushes.load() == 1; }));
+  for (int i = 0; i < 1024; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "", false);
+  log.EndPass();
+  EXPECT_TRUE(WaitFor([&] { return w.flushes.load() == 2; }));  // the clock stood still
+  log.Unsubscribe(&w);
+}
+
 TEST(EventLogTest, TooOldSaysCompacted) {
   EventLog log("e", 2);
   for (int i = 0; i < 5; ++i) Publish(log, VmEventType::kChanged, Vm("a"), "");

@@ -191,7 +191,8 @@ class EventLog : public VmObserver {
   // interval. With a `send_interval` above zero, the sender thread starts
   // writes at most once per interval: the passes that end within it go to
   // each watcher together, in fewer and larger messages. The first pass
-  // after a quiet interval goes at once; a watcher still writing when its
+  // after a quiet interval goes at once, and so do 1,024 events (a
+  // message's worth) pushed within one; a watcher still writing when its
   // events are queued sends them when that write is done, as without it.
   EventLog(std::string epoch, size_t history, Clock* clock = nullptr,
            std::chrono::milliseconds send_interval = std::chrono::milliseconds(0));
@@ -270,6 +271,8 @@ class EventLog : public VmObserver {
   std::mutex wake_mu_;
   std::condition_variable wake_cv_;
   absl::flat_hash_set<Watcher*> flush_;  // guarded by wake_mu_
+  size_t unflushed_events_ = 0;          // guarded by wake_mu_: pushed since
+                                         // the last flush round
   bool wake_ = false;                    // guarded by wake_mu_
   bool stop_ = false;                    // guarded by wake_mu_
   std::atomic<bool> progress_recheck_{false};
