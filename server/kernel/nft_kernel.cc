@@ -461,12 +461,15 @@ std::vector<absl::StatusOr<ConntrackDeletion>> NftKernel::DeleteConntrack(
   for (auto& r : result) {
     if (r.ok()) r->conntrack_present = true;
   }
+  // Address i's error, from the step that failed for it.
+  auto failed = [&](size_t i, int err, absl::string_view step) {
+    return ErrnoStatus(
+        err, absl::StrCat(step, " conntrack entries of ", addresses[i].ToString()));
+  };
   // Every valid address gets the error of a step that failed for all.
   auto fail_all = [&](int err, absl::string_view step) {
     for (size_t i = 0; i < addresses.size(); ++i) {
-      if (!result[i].ok()) continue;
-      result[i] = ErrnoStatus(
-          err, absl::StrCat(step, " conntrack entries of ", addresses[i].ToString()));
+      if (result[i].ok()) result[i] = failed(i, err, step);
     }
   };
   // One dump for the whole batch, however many addresses: the kernel walks
@@ -495,8 +498,7 @@ std::vector<absl::StatusOr<ConntrackDeletion>> NftKernel::DeleteConntrack(
       if (nfct_query(del, NFCT_Q_DESTROY, ct) == 0) {
         ++result[i]->deleted;
       } else if (errno != ENOENT) {  // gone meanwhile: what we wanted
-        result[i] = ErrnoStatus(
-            errno, absl::StrCat("delete conntrack entries of ", addresses[i].ToString()));
+        result[i] = failed(i, errno, "delete");
       }
     }
     nfct_destroy(ct);
