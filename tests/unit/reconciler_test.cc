@@ -526,33 +526,44 @@ TEST_F(ReconcilerClockTest, ProxyEntriesAreReadBackEveryInterval) {
 TEST_F(ReconcilerClockTest, AProxyDumpOlderThanAWriteDoesNotUndoIt) {
   int vme = kernel_.AddLink("vme1a");
   StartAgent();
-  std::atomic<int> dumps{0};
-  std::promise<void> first_read, release;
-  std::shared_future<void> released = release.get_future().share();
-  kernel_.AfterProxyDumpRead([&, released] {
-    if (++dumps == 1) {
-      first_read.set_value();
-      released.wait();
+  // Shared with the hook, which runs on the agent's proxy thread and may
+  // outlive this function's locals.
+  struct Held {
+    std::atomic<int> dumps{0};
+    std::promise<void> first_read, release;
+    std::shared_future<void> released = release.get_future().share();
+    std::atomic<bool> let_go{false};
+    void LetGo() {
+      if (!let_go.exchange(true)) release.set_value();
+    }
+  };
+  auto held = std::make_shared<Held>();
+  kernel_.AfterProxyDumpRead([held] {
+    if (++held->dumps == 1) {
+      held->first_read.set_value();
+      held->released.wait();
     }
   });
-  // Released on every way out, or the agent's proxy thread never stops.
-  auto unblock = absl::MakeCleanup([&] { release.set_value(); });
+  // On every way out, or the agent's proxy thread never stops.
+  auto cleanup = absl::MakeCleanup([this, held] {
+    kernel_.AfterProxyDumpRead(nullptr);
+    held->LetGo();
+  });
   clock_.Advance(std::chrono::milliseconds(500));  // a check: its dump holds no entry
-  first_read.get_future().wait();
+  held->first_read.get_future().wait();
   ASSERT_TRUE(Attach("vm-1", "vme1a", {"198.51.100.201"}).ok());
   ASSERT_TRUE(HoldsVm(vme, "198.51.100.201"));
   const size_t writes = kernel_.writes_applied();
-  std::move(unblock).Invoke();
+  held->LetGo();
   // A second check starts only once the first one's result was taken (and
   // the pass that took it is over).
   ASSERT_TRUE(WaitFor([&] {
     clock_.Advance(std::chrono::milliseconds(500));
-    return dumps.load() >= 2;
+    return held->dumps.load() >= 2;
   }));
   Sync();
   EXPECT_EQ(kernel_.writes_applied(), writes);
   EXPECT_TRUE(HoldsVm(vme, "198.51.100.201"));
-  kernel_.AfterProxyDumpRead(nullptr);
 }
 
 TEST_F(ReconcilerClockTest, TheFullResyncComesEveryInterval) {
