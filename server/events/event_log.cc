@@ -471,21 +471,24 @@ void EventLog::SenderLoop() {
       next_progress =
           progress_watchers_ > 0 ? OfferProgress(now) : Clock::TimePoint::max();
     }
+    // Read before wake_mu_: a fake clock calls WakeSender (which takes
+    // wake_mu_) under its own lock.
+    now = clock_->Now();
     std::unique_lock lock(wake_mu_);
-    for (;;) {
-      if (stop_) return;
-      if (wake_) break;
-      now = clock_->Now();
-      if (round_due(now) || now >= next_progress) break;
+    if (!stop_ && !wake_ && !round_due(now) && now < next_progress) {
       Clock::TimePoint wake_at = next_progress;
       if (!flush_.empty()) wake_at = std::min(wake_at, next_round);
+      // Any push wakes the loop, which then waits for the round it is in.
+      const size_t unflushed = unflushed_events_;
+      auto woken = [&] { return wake_ || stop_ || unflushed_events_ != unflushed; };
       // The deadline is on `clock_`; a fake clock that jumps wakes us.
       if (wake_at == Clock::TimePoint::max()) {
-        wake_cv_.wait(lock);
+        wake_cv_.wait(lock, woken);
       } else {
-        wake_cv_.wait_for(lock, wake_at - now);
+        wake_cv_.wait_for(lock, wake_at - now, woken);
       }
     }
+    if (stop_) return;
     if (wake_) progress_recheck_ = true;
     wake_ = false;
   }
