@@ -166,10 +166,13 @@ ObjectKind KindOf(const Write& write) {
       std::holds_alternative<DeleteRoute>(write)) {
     return ObjectKind::kRoute;
   }
-  const Neighbor& n = std::holds_alternative<SetNeighbor>(write)
-                          ? std::get<SetNeighbor>(write).neighbor
-                          : std::get<DeleteNeighbor>(write).neighbor;
-  return n.proxy ? ObjectKind::kProxyNeighbor : ObjectKind::kNeighbor;
+  return NeighborOf(write)->proxy ? ObjectKind::kProxyNeighbor : ObjectKind::kNeighbor;
+}
+
+const Neighbor* NeighborOf(const Write& write) {
+  if (const auto* set = std::get_if<SetNeighbor>(&write)) return &set->neighbor;
+  if (const auto* del = std::get_if<DeleteNeighbor>(&write)) return &del->neighbor;
+  return nullptr;
 }
 
 const char* ObjectKindName(ObjectKind kind) {

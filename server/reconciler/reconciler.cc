@@ -28,14 +28,6 @@ constexpr milliseconds kMinResyncGap{1000};
 // interval up to this many VMs, and every ceil(n / 512) intervals beyond.
 constexpr size_t kLinkSettingsPerCheck = 512;
 
-// The proxy entry a write creates or deletes; null for any other write.
-const kernel::Neighbor* ProxyOf(const kernel::Write& write) {
-  const kernel::Neighbor* n = nullptr;
-  if (const auto* set = std::get_if<kernel::SetNeighbor>(&write)) n = &set->neighbor;
-  if (const auto* del = std::get_if<kernel::DeleteNeighbor>(&write)) n = &del->neighbor;
-  return n != nullptr && n->proxy ? n : nullptr;
-}
-
 absl::Status ShuttingDown() {
   return absl::UnavailableError("vmnetd is shutting down; retry");
 }
@@ -723,10 +715,10 @@ std::vector<absl::Status> Reconciler::ApplyWrites(
   std::array<uint64_t, kernel::kObjectKinds> ok{}, failed{};
   uint64_t failures = 0;
   for (size_t i = 0; i < writes.size(); ++i) {
-    int kind = static_cast<int>(kernel::KindOf(writes[i]));
-    if (const kernel::Neighbor* proxy = ProxyOf(writes[i]);
-        proxy != nullptr && proxy_check_running_) {
-      proxies_written_.insert(proxy->address);
+    kernel::ObjectKind object = kernel::KindOf(writes[i]);
+    int kind = static_cast<int>(object);
+    if (object == kernel::ObjectKind::kProxyNeighbor && proxy_check_running_) {
+      proxies_written_.insert(kernel::NeighborOf(writes[i])->address);
     }
     if (results[i].ok()) {
       ++ok[kind];

@@ -210,6 +210,9 @@ bool IsTcWrite(const Write& write);
 // write as the nftables layer takes it.
 bool IsNftWrite(const Write& write);
 std::optional<NftWrite> AsNftWrite(const Write& write);
+// The neighbour (or proxy) entry a SetNeighbor or DeleteNeighbor is about;
+// null for any other write.
+const Neighbor* NeighborOf(const Write& write);
 
 std::string ToString(const Write& write);
 
