@@ -464,16 +464,15 @@ void EventLog::SenderLoop() {
       }
       for (Watcher* w : flush) w->Flush();
       if (!flush.empty()) next_round = now + send_interval_;
-      now = clock_->Now();
     }
+    // Read again after the round, and before wake_mu_: a fake clock calls
+    // WakeSender (which takes wake_mu_) under its own lock.
+    now = clock_->Now();
     if (now >= next_progress || progress_recheck_.exchange(false)) {
       vmnet::MutexLock lock(&mu_);
       next_progress =
           progress_watchers_ > 0 ? OfferProgress(now) : Clock::TimePoint::max();
     }
-    // Read before wake_mu_: a fake clock calls WakeSender (which takes
-    // wake_mu_) under its own lock.
-    now = clock_->Now();
     std::unique_lock lock(wake_mu_);
     if (!stop_ && !wake_ && !round_due(now) && now < next_progress) {
       Clock::TimePoint wake_at = next_progress;
