@@ -21,6 +21,7 @@
 #include "vmnet/agent/agent.h"
 #include "vmnet/agent/agent_config.h"
 #include "vmnet/agent/memory.h"
+#include "vmnet/base/lock_graph.h"
 #include "vmnet/log/log.h"
 
 namespace {
@@ -191,6 +192,7 @@ int Fail(absl::string_view message) {
 
 int Run() {
   TuneAllocator();
+  SkipAbslLockGraph();
   absl::StatusOr<AgentConfig> config = AgentConfig::FromFlags(ReadFlags());
   if (!config.ok()) return Fail(config.status().message());
   SetLogLevel(config->log_level);
